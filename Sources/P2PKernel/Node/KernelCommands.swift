@@ -1,0 +1,71 @@
+import NIOCore
+
+/// The wire ids of the kernel's own commands, derived from their names like any plugin's.
+struct KernelCommandIDs: Sendable {
+    let ping = CommandID.derive(from: KernelCommands.ping)
+    let neighbors = CommandID.derive(from: KernelCommands.neighbors)
+    let quit = CommandID.derive(from: KernelCommands.quit)
+    let discover = CommandID.derive(from: KernelCommands.discover)
+}
+
+/// The commands every node answers. They go through the registry like any plugin's.
+public enum KernelCommands {
+    public static let ping = "kernel.ping"
+    public static let neighbors = "kernel.neighbors"
+    public static let quit = "kernel.quit"
+    public static let discover = "kernel.discover"
+
+    static let handlers: [any CommandHandler] = [Ping(), Neighbors(), Quit(), Discover()]
+
+    /// Answers `ok`: the sender learns we are alive (and, from the reply header, our id).
+    struct Ping: CommandHandler {
+        let name = KernelCommands.ping
+        func handle(_ request: Message, context: CommandContext) -> CommandResult { .reply(Reply()) }
+    }
+
+    /// Answers with the k verified peers closest to the key in the first key section.
+    struct Neighbors: CommandHandler {
+        let name = KernelCommands.neighbors
+        func handle(_ request: Message, context: CommandContext) -> CommandResult {
+            guard let key = request.firstKeys?.first else { return .reply(.error(.badRequest, "neighbors needs a key")) }
+            let k = context.node.config.routing.resultSize
+            var peers = context.node.peerMap.closest(to: key, count: k + 1)
+            peers.removeAll { $0.id == request.sender.id }
+            if peers.count > k { peers.removeLast(peers.count - k) }
+            return .reply(Reply(payload: [.peers(peers)]))
+        }
+    }
+
+    /// The sender leaves: remove it from the map at once.
+    struct Quit: CommandHandler {
+        let name = KernelCommands.quit
+        func handle(_ request: Message, context: CommandContext) -> CommandResult {
+            context.node.peerMap.peerFailed(request.sender.id, reason: .quit)
+            return .reply(Reply())
+        }
+    }
+
+    /// Tells the sender the address it was seen from, after probing it back over UDP and TCP on
+    /// its announced ports at that IP. Result integer: bit 0 UDP probe answered, bit 1 TCP.
+    struct Discover: CommandHandler {
+        let name = KernelCommands.discover
+        func handle(_ request: Message, context: CommandContext) -> CommandResult {
+            let node = context.node
+            let sender = request.sender
+            var observed = sender.socket
+            if context.transport == .udp { observed.udpPort = context.sourcePort }
+            let probeTimeout = min(node.config.requestTimeout / 2, .seconds(2))
+            let probe = PeerSocketAddress(ip: sender.ip, tcpPort: sender.tcpPort, udpPort: sender.udpPort)
+            let udp = node.request(to: probe, expectedID: sender.id, command: node.kernelCommands.ping,
+                                   transport: .udp, timeout: probeTimeout)
+                .map { _ in 1 as Int64 }.recover { _ in 0 }
+            let tcp = node.request(to: probe, expectedID: sender.id, command: node.kernelCommands.ping,
+                                   transport: .tcp, timeout: probeTimeout)
+                .map { _ in 2 as Int64 }.recover { _ in 0 }
+            let reply = udp.and(tcp).map { u, t in
+                Reply(payload: [.peers([PeerAddress(id: sender.id, socket: observed, flags: sender.flags)]), .integer(u | t)])
+            }
+            return .future(reply)
+        }
+    }
+}

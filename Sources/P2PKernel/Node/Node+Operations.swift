@@ -1,0 +1,110 @@
+import NIOCore
+
+/// What bootstrapping found.
+public struct BootstrapResult: Sendable {
+    /// The seed that answered.
+    public var seed: PeerAddress
+    /// The lookup of our own id that filled the peer map.
+    public var lookup: RoutingResult
+    /// Verified peers in the map afterwards.
+    public var verifiedPeers: Int
+}
+
+/// How the outside sees this node.
+public struct DiscoverResult: Sendable, Equatable {
+    public enum Reachability: Sendable, Equatable {
+        /// The peer reached us back over UDP and TCP at the address it saw.
+        case reachable
+        /// The peer could not reach us back on our announced ports: we are behind a NAT or
+        /// firewall, seen from outside as `outside`.
+        case behindNAT(outside: PeerSocketAddress)
+    }
+    /// The address the peer saw our request come from (its UDP port is the outside port).
+    public var observed: PeerSocketAddress
+    public var udpReachable: Bool
+    public var tcpReachable: Bool
+    public var reachability: Reachability
+}
+
+/// Why bootstrapping failed.
+public enum BootstrapError: Error, CustomStringConvertible {
+    case noSeedAnswered([String])
+    public var description: String {
+        switch self {
+        case .noSeedAnswered(let reasons): "no seed answered: " + reasons.joined(separator: "; ")
+        }
+    }
+}
+
+extension Node {
+    /// Pings an address and returns the peer that answered.
+    public func ping(_ target: PeerSocketAddress, over transport: TransportKind = .udp) async throws -> PeerAddress {
+        let reply = try await request(to: target, command: kernelCommands.ping,
+                                      transport: transport == .udp ? .udp : .tcp).get()
+        if let error = RPCError.from(reply: reply) { throw error }
+        return reply.sender
+    }
+
+    /// The k peers closest to `key` in the whole overlay, found by iterative lookup.
+    public func closestPeers(to key: Number160, config: RoutingConfig? = nil) async throws -> RoutingResult {
+        try await lookup(key, config: config).get()
+    }
+
+    /// The lookup as a future, for callers already on event loops (simulations, plugins).
+    public func lookup(_ key: Number160, config: RoutingConfig? = nil) -> EventLoopFuture<RoutingResult> {
+        let cfg = config ?? self.config.routing
+        return eventLoop.flatSubmit { [self] in
+            guard running else { return eventLoop.makeFailedFuture(RPCError.shutDown) }
+            return IterativeLookup(node: self, key: key, config: cfg).start()
+        }
+    }
+
+    /// Joins the overlay: pings the seeds until one answers, then looks up our own id, which fills
+    /// our peer map and announces us to the peers closest to us.
+    @discardableResult
+    public func bootstrap(to seeds: [PeerSocketAddress]) async throws -> BootstrapResult {
+        var reasons: [String] = []
+        for seed in seeds {
+            do {
+                let peer = try await ping(seed)
+                let lookup = try await closestPeers(to: peerID)
+                return BootstrapResult(seed: peer, lookup: lookup, verifiedPeers: peerMap.counts.verified)
+            } catch {
+                reasons.append("\(seed): \(error)")
+            }
+        }
+        throw BootstrapError.noSeedAnswered(reasons)
+    }
+
+    /// Joins through one seed.
+    @discardableResult
+    public func bootstrap(to seed: PeerSocketAddress) async throws -> BootstrapResult {
+        try await bootstrap(to: [seed])
+    }
+
+    /// Asks a peer how it sees us and to probe us back over UDP and TCP.
+    public func discover(via peer: PeerSocketAddress) async throws -> DiscoverResult {
+        let reply = try await request(to: peer, command: kernelCommands.discover, transport: .udp).get()
+        if let error = RPCError.from(reply: reply) { throw error }
+        guard let observed = reply.firstPeers?.first?.socket, let bits = reply.firstInteger else {
+            throw RPCError.malformedReply("discover reply without observed address and probe result")
+        }
+        let udp = bits & 1 != 0, tcp = bits & 2 != 0
+        let reachable = udp && tcp && observed.udpPort == address.udpPort
+        return DiscoverResult(observed: observed, udpReachable: udp, tcpReachable: tcp,
+                              reachability: reachable ? .reachable : .behindNAT(outside: observed))
+    }
+
+    /// Pings the peers due for a check (by how long they have been up); a peer that fails often
+    /// enough is removed by the RPC layer's failure accounting.
+    func startMaintenance() {
+        guard let interval = config.maintenanceInterval, running else { return }
+        let t = TimeAmount(interval)
+        maintenanceTask = eventLoop.scheduleRepeatedTask(initialDelay: t, delay: t) { [self] _ in
+            for peer in peerMap.dueForCheck(limit: config.maintenancePingsPerRound) {
+                _ = requestOnLoop(target: peer.socket, expectedID: peer.id, command: kernelCommands.ping,
+                                  payload: [], transport: .udp, timeout: nil)
+            }
+        }
+    }
+}

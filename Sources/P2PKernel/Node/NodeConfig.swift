@@ -1,0 +1,93 @@
+import Logging
+import NIOCore
+import NIOPosix
+
+/// Everything a node is built from. Every knob has a default; `Node.builder()` sets them fluently.
+public struct NodeConfig: Sendable {
+    /// Where to listen: UDP and TCP bind the same port (0 picks a free one).
+    public var host = "0.0.0.0"
+    public var port: UInt16 = 0
+    /// Messages carrying another network id are dropped: two overlays can share hosts and ports.
+    public var networkID: UInt32 = 1
+    /// The node's key pair; its id is SHA-1 of the public key unless `peerID` is set.
+    public var keyPair: PeerKeyPair?
+    /// A fixed id (simulations and tests); overrides the key-derived one.
+    public var peerID: Number160?
+    /// Announced reachability flags.
+    public var flags: PeerFlags = []
+    public var peerMap = PeerMapConfig()
+    /// Default routing knobs for lookups this node starts.
+    public var routing = RoutingConfig()
+    /// How long a request waits for its reply before failing with `.timeout`.
+    public var requestTimeout: Duration = .seconds(3)
+    /// A UDP request with no reply after this long is sent once more (loss is common on UDP).
+    public var udpRetryAfter: Duration = .milliseconds(1_000)
+    /// Most requests waiting for replies at once on this node; more fail fast with
+    /// `.tooManyInFlight` rather than queue without bound.
+    public var maxInFlight = 4_096
+    /// Most pooled outgoing TCP connections; beyond it the least recently opened one is closed.
+    public var maxTCPConnections = 64
+    /// A TCP connection with no traffic for this long is closed.
+    public var tcpIdleTimeout: Duration = .seconds(30)
+    /// How often maintenance runs; `nil` disables it (simulations that measure other things).
+    public var maintenanceInterval: Duration? = .seconds(1)
+    /// Most peers one maintenance round pings.
+    public var maintenancePingsPerRound = 2
+    /// The event loops the node runs on; every node in a process shares the singleton by default.
+    public var eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
+    public var logger = Logger(label: "swiftp2p.node")
+
+    public init() {}
+}
+
+/// Assembles and starts a node.
+///
+/// ```swift
+/// let node = try await Node.builder().port(0).start()
+/// ```
+public struct NodeBuilder: Sendable {
+    public var config = NodeConfig()
+    var handlers: [any CommandHandler] = []
+
+    public init() {}
+
+    public func host(_ h: String) -> NodeBuilder { with { $0.config.host = h } }
+    public func port(_ p: UInt16) -> NodeBuilder { with { $0.config.port = p } }
+    public func networkID(_ n: UInt32) -> NodeBuilder { with { $0.config.networkID = n } }
+    public func peerID(_ id: Number160) -> NodeBuilder { with { $0.config.peerID = id } }
+    public func keyPair(_ k: PeerKeyPair) -> NodeBuilder { with { $0.config.keyPair = k } }
+    public func routing(_ r: RoutingConfig) -> NodeBuilder { with { $0.config.routing = r } }
+    public func peerMap(_ p: PeerMapConfig) -> NodeBuilder { with { $0.config.peerMap = p } }
+    public func requestTimeout(_ d: Duration) -> NodeBuilder { with { $0.config.requestTimeout = d } }
+    public func maintenance(_ interval: Duration?) -> NodeBuilder { with { $0.config.maintenanceInterval = interval } }
+    public func eventLoopGroup(_ g: any EventLoopGroup) -> NodeBuilder { with { $0.config.eventLoopGroup = g } }
+    public func logger(_ l: Logger) -> NodeBuilder { with { $0.config.logger = l } }
+    /// Adds a command handler, registered when the node starts.
+    public func command(_ h: any CommandHandler) -> NodeBuilder { with { $0.handlers.append(h) } }
+    /// Changes any other setting.
+    public func configure(_ change: (inout NodeConfig) -> Void) -> NodeBuilder { with { change(&$0.config) } }
+
+    private func with(_ change: (inout NodeBuilder) -> Void) -> NodeBuilder {
+        var copy = self
+        change(&copy)
+        return copy
+    }
+
+    /// Binds UDP and TCP, registers the kernel's commands and the added ones, and starts
+    /// maintenance.
+    public func start() async throws -> Node {
+        try await Node.start(config: config, handlers: handlers)
+    }
+}
+
+/// Why a node did not start.
+public enum NodeStartError: Error, CustomStringConvertible {
+    case bindFailed(host: String, port: UInt16, reason: String)
+    case registry(RegistryError)
+    public var description: String {
+        switch self {
+        case .bindFailed(let h, let p, let r): "cannot listen on \(h):\(p): \(r)"
+        case .registry(let e): "\(e)"
+        }
+    }
+}

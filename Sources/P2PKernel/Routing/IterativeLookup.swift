@@ -1,0 +1,142 @@
+import NIOCore
+
+/// One iterative lookup: asks the closest unasked peers for their neighbors of `key`, α at a time,
+/// until the k closest peers it knows have all answered or a cap is reached.
+///
+/// Confined to the node's event loop: every reply callback runs there, so the state needs no lock.
+final class IterativeLookup {
+    private enum State: UInt8 { case new, inFlight, answered, failed }
+    private struct Candidate {
+        let distance: Number160
+        let peer: PeerAddress
+        var state: State
+        let depth: Int
+    }
+
+    private let node: Node
+    private let key: Number160
+    private let config: RoutingConfig
+    private let promise: EventLoopPromise<RoutingResult>
+    private var candidates: [Candidate] = []
+    private var seen: Set<Number160> = []
+    private var inFlight = 0
+    private var messages = 0
+    private var answered = 0
+    private var failures = 0
+    private var noNewInfo = 0
+    private var directHits = 0
+    private var finished = false
+
+    init(node: Node, key: Number160, config: RoutingConfig) {
+        self.node = node
+        self.key = key
+        self.config = config
+        self.promise = node.eventLoop.makePromise()
+    }
+
+    /// Starts from the closest peers in the local map (verified and overflow).
+    func start() -> EventLoopFuture<RoutingResult> {
+        node.eventLoop.assertInEventLoop()
+        seen.insert(node.peerID)
+        for p in node.peerMap.closest(to: key, count: config.resultSize * 2, includeOverflow: true) {
+            _ = insert(p, depth: 1)
+        }
+        if candidates.isEmpty {
+            finish(.noPeers)
+        } else {
+            step()
+        }
+        return promise.futureResult
+    }
+
+    /// Inserts a candidate in distance order; returns its position, or nil if known or dropped.
+    private func insert(_ peer: PeerAddress, depth: Int) -> Int? {
+        guard seen.insert(peer.id).inserted else { return nil }
+        let d = peer.id ^ key
+        var lo = 0, hi = candidates.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if candidates[mid].distance < d { lo = mid + 1 } else { hi = mid }
+        }
+        if lo >= config.maxCandidates { return nil }
+        candidates.insert(Candidate(distance: d, peer: peer, state: .new, depth: depth), at: lo)
+        if candidates.count > config.maxCandidates {
+            // Never drop a request in flight: its reply still has to find its entry.
+            if let last = candidates.lastIndex(where: { $0.state != .inFlight }), last > lo { candidates.remove(at: last) }
+        }
+        return lo
+    }
+
+    private func step() {
+        guard !finished else { return }
+        if directHits >= config.maxDirectHits { return finish(.maxDirectHits) }
+        if noNewInfo >= config.maxNoNewInfo { return finish(.maxNoNewInfo) }
+        if failures >= config.maxFailures { return finish(.maxFailures) }
+        if answered >= config.maxSuccess { return finish(.maxSuccess) }
+        var live = 0
+        var i = 0
+        while i < candidates.count, live < config.resultSize, inFlight < config.parallel {
+            if candidates[i].state == .failed {
+                i += 1
+                continue
+            }
+            live += 1
+            if candidates[i].state == .new { ask(i) }
+            i += 1
+        }
+        if inFlight == 0 { finish(.converged) }
+    }
+
+    private func ask(_ index: Int) {
+        candidates[index].state = .inFlight
+        inFlight += 1
+        messages += 1
+        let peer = candidates[index].peer
+        let depth = candidates[index].depth
+        node.requestOnLoop(target: peer.socket, expectedID: peer.id, command: node.kernelCommands.neighbors,
+                           payload: [.keys([key])], transport: .auto, timeout: nil)
+            .whenComplete { [self] result in
+                inFlight -= 1
+                guard !finished else { return }
+                switch result {
+                case .success(let reply) where reply.type == .ok:
+                    mark(peer.id, .answered)
+                    answered += 1
+                    if peer.id == key { directHits += 1 }
+                    var improved = false
+                    for p in reply.firstPeers ?? [] {
+                        if let at = insert(p, depth: depth + 1), at < config.resultSize { improved = true }
+                    }
+                    noNewInfo = improved ? 0 : noNewInfo + 1
+                default:
+                    mark(peer.id, .failed)
+                    failures += 1
+                }
+                step()
+            }
+    }
+
+    private func mark(_ id: Number160, _ state: State) {
+        let d = id ^ key
+        // Candidates are sorted by distance, so binary search finds the entry.
+        var lo = 0, hi = candidates.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if candidates[mid].distance < d { lo = mid + 1 } else { hi = mid }
+        }
+        if lo < candidates.count, candidates[lo].distance == d { candidates[lo].state = state }
+    }
+
+    private func finish(_ reason: RoutingResult.StopReason) {
+        guard !finished else { return }
+        finished = true
+        var peers: [PeerAddress] = []
+        var hops = 0
+        for c in candidates where c.state == .answered {
+            peers.append(c.peer)
+            hops = max(hops, c.depth)
+            if peers.count == config.resultSize { break }
+        }
+        promise.succeed(RoutingResult(peers: peers, hops: hops, messages: messages, failures: failures, stop: reason))
+    }
+}

@@ -1,0 +1,36 @@
+/// The peer map's bounds and timings.
+public struct PeerMapConfig: Sendable {
+    /// k: verified peers per bucket (Kademlia's and TomP2P's 20).
+    public var bucketSize = 20
+    /// Peers only heard of, kept per bucket as replacements for verified ones that fail. Smaller
+    /// than k: they are hints, and each costs memory in every peer of a large simulation.
+    public var overflowSize = 5
+    /// Failures in a row after which a verified peer counts as offline and is removed.
+    public var offlineAfterFailures = 3
+    /// How long an offline peer is ignored when others mention it (it is let back at once when it
+    /// contacts us itself).
+    public var banDuration: Duration = .seconds(60)
+    /// Most banned ids remembered; the oldest ban is forgotten first.
+    public var maxBanned = 1_000
+    /// When a verified peer is checked again, by how many checks it has passed: a peer up for long
+    /// is likely to stay up (Kademlia's observation), so it is pinged less and less often.
+    public var checkIntervals: [Duration] = [.seconds(10), .seconds(20), .seconds(40), .seconds(80), .seconds(160), .seconds(320)]
+
+    public init() {}
+}
+
+/// What changed in a peer map.
+public enum PeerMapEvent: Sendable, Equatable {
+    /// A peer was added; `verified` tells whether it talked to us or was only mentioned.
+    case inserted(PeerAddress, verified: Bool)
+    /// A peer was removed.
+    case removed(PeerAddress, reason: RemovalReason)
+}
+
+/// Why a peer left the map.
+public enum RemovalReason: Sendable, Equatable {
+    /// It announced that it is shutting down.
+    case quit
+    /// It failed `offlineAfterFailures` times in a row (or once, if only heard of).
+    case offline
+}
