@@ -1,0 +1,83 @@
+import ArgumentParser
+import Dispatch
+import Foundation
+import P2PKernel
+
+struct NodeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "node",
+        abstract: "Run a peer until SIGINT or SIGTERM, then leave gracefully."
+    )
+
+    @Option(help: "UDP and TCP port to listen on (0 picks one).")
+    var port: UInt16 = 4000
+
+    @Option(help: "Address to listen on.")
+    var host: String = "0.0.0.0"
+
+    @Option(name: .customLong("bootstrap"), help: "A peer to join through, HOST:PORT (repeatable).", transform: parseAddress)
+    var seeds: [PeerSocketAddress] = []
+
+    @Option(name: .customLong("network-id"), help: "Overlay id; messages of other overlays are dropped.")
+    var networkID: UInt32 = 1
+
+    func run() async throws {
+        let node = try await startNode(Node.builder().host(host).port(port).networkID(networkID))
+        say("node \(node.peerID) listening on \(host):\(node.address.udpPort) (udp+tcp)")
+        node.peerMap.onChange { event in
+            switch event {
+            case .inserted(let p, let verified) where verified:
+                say("peer joined: \(p.id) at \(p.socket)")
+            case .removed(let p, let reason):
+                say("peer left: \(p.id) at \(p.socket) (\(reason == .quit ? "quit" : "offline"))")
+            default:
+                break
+            }
+        }
+        let stop = SignalWaiter()
+        if !seeds.isEmpty {
+            Task {
+                // Keep trying: the seed may start after us.
+                while await node.isRunning {
+                    do {
+                        let r = try await node.bootstrap(to: seeds)
+                        say("bootstrapped via \(r.seed.socket): \(r.verifiedPeers) verified peers, \(r.lookup.hops) hops")
+                        return
+                    } catch {
+                        note("bootstrap failed, retrying in 2 s: \(error)")
+                        try? await Task.sleep(for: .seconds(2))
+                    }
+                }
+            }
+        }
+        let signal = await stop.wait()
+        say("received \(signal), leaving: telling \(node.peerMap.counts.verified) peers")
+        await node.shutdown()
+        say("stopped")
+    }
+}
+
+/// Waits for SIGINT or SIGTERM.
+final class SignalWaiter: @unchecked Sendable {
+    private var sources: [DispatchSourceSignal] = []
+    private let queue = DispatchQueue(label: "p2p.signals")
+
+    func wait() async -> String {
+        await withCheckedContinuation { (continuation: CheckedContinuation<String, Never>) in
+            queue.sync {
+                var resumed = false
+                for (sig, name) in [(SIGINT, "SIGINT"), (SIGTERM, "SIGTERM")] {
+                    signal(sig, SIG_IGN)
+                    let source = DispatchSource.makeSignalSource(signal: sig, queue: queue)
+                    source.setEventHandler {
+                        guard !resumed else { return }
+                        resumed = true
+                        continuation.resume(returning: name)
+                    }
+                    source.resume()
+                    sources.append(source)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,154 @@
+import ArgumentParser
+import Foundation
+import NIOCore
+import P2PKernel
+import P2PTesting
+
+struct SimCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sim",
+        abstract: "Start N peers in this process, bootstrap them, run lookups and compare each with the true k closest."
+    )
+
+    @Option(help: "How many peers.")
+    var peers: Int = 500
+
+    @Option(help: "How many lookups for random keys, from random peers, one after another.")
+    var lookups: Int = 1000
+
+    @Flag(help: "Fill every peer map with every peer instead of bootstrapping.")
+    var perfect = false
+
+    @Option(help: "How many peers bootstrap at once.")
+    var joinConcurrency: Int = 16
+
+    @Flag(help: "Print one JSON object instead of a summary.")
+    var json = false
+
+    func validate() throws {
+        guard peers >= 1 else { throw ValidationError("--peers must be at least 1, got \(peers)") }
+        guard lookups >= 0 else { throw ValidationError("--lookups must not be negative, got \(lookups)") }
+        guard joinConcurrency >= 1 else { throw ValidationError("--join-concurrency must be at least 1") }
+    }
+
+    func run() async throws {
+        raiseOpenFileLimit()
+        let rssBefore = residentMemoryBytes() ?? 0
+        note("starting \(peers) peers…")
+        let net: Testnet
+        do {
+            net = try await Testnet.start(peers: peers, routing: perfect ? .perfect : .bootstrap,
+                                          joinConcurrency: joinConcurrency,
+                                          progress: { phase, done, total in note("  \(phase): \(done)/\(total)") })
+        } catch {
+            throw CLIError.failed("could not start the network: \(error)")
+        }
+        let rssAfter = residentMemoryBytes() ?? 0
+        let memoryPerPeerKiB = Double(max(0, rssAfter - rssBefore)) / Double(peers) / 1024
+        note("bootstrapped \(peers) peers in \(String(format: "%.2f", net.bootstrapSeconds)) s; running \(lookups) lookups…")
+
+        var latencies: [Double] = []
+        var recalls: [Double] = []
+        var hops = 0, messages = 0, failedLookups = 0
+        latencies.reserveCapacity(lookups)
+        var rng = SystemRandomNumberGenerator()
+        let clock = ContinuousClock()
+        if peers > 1 {
+            for i in 0..<lookups {
+                let asker = net.nodes[Int.random(in: 0..<peers, using: &rng)]
+                let key = Number160.random(using: &rng)
+                let start = clock.now
+                do {
+                    let result = try await asker.closestPeers(to: key)
+                    latencies.append((clock.now - start).milliseconds)
+                    recalls.append(net.recall(of: result, key: key, asker: asker.peerID))
+                    hops += result.hops
+                    messages += result.messages
+                } catch {
+                    failedLookups += 1
+                }
+                if lookups >= 1000, (i + 1) % (lookups / 4) == 0 { note("  lookups: \(i + 1)/\(lookups)") }
+            }
+        }
+        let verified = net.nodes.map { $0.peerMap.counts.verified }
+        note("shutting down…")
+        await net.shutdown()
+
+        latencies.sort()
+        let sortedRecalls = recalls.sorted()
+        let n = max(1, latencies.count)
+        let report = SimReport(
+            peers: peers,
+            bootstrapSeconds: net.bootstrapSeconds,
+            lookups: latencies.count,
+            failedLookups: failedLookups,
+            p50: percentile(latencies, 0.50), p95: percentile(latencies, 0.95), p99: percentile(latencies, 0.99),
+            hopsMean: Double(hops) / Double(n),
+            messagesMean: Double(messages) / Double(n),
+            recall: recalls.isEmpty ? 0 : recalls.reduce(0, +) / Double(recalls.count),
+            recallMin: sortedRecalls.first ?? 0,
+            recallMedian: percentile(sortedRecalls, 0.5),
+            memoryPerPeerKiB: memoryPerPeerKiB,
+            rssMiB: Double(rssAfter) / 1_048_576,
+            verifiedMean: Double(verified.reduce(0, +)) / Double(max(1, verified.count))
+        )
+        if json {
+            print(report.json())
+        } else {
+            print(report.summary())
+        }
+    }
+}
+
+func percentile(_ sorted: [Double], _ p: Double) -> Double {
+    guard !sorted.isEmpty else { return 0 }
+    let i = min(sorted.count - 1, max(0, Int((Double(sorted.count) * p).rounded(.up)) - 1))
+    return sorted[i]
+}
+
+struct SimReport {
+    var peers: Int
+    var bootstrapSeconds: Double
+    var lookups: Int
+    var failedLookups: Int
+    var p50: Double, p95: Double, p99: Double
+    var hopsMean: Double
+    var messagesMean: Double
+    var recall: Double, recallMin: Double, recallMedian: Double
+    var memoryPerPeerKiB: Double
+    var rssMiB: Double
+    var verifiedMean: Double
+
+    func json() -> String {
+        func r(_ v: Double, _ digits: Int = 4) -> Double { (v * pow(10, Double(digits))).rounded() / pow(10, Double(digits)) }
+        let object: [String: Any] = [
+            "peers": peers,
+            "bootstrap_s": r(bootstrapSeconds, 3),
+            "lookup": [
+                "count": lookups, "failed": failedLookups,
+                "p50_ms": r(p50), "p95_ms": r(p95), "p99_ms": r(p99),
+                "hops_mean": r(hopsMean, 3), "messages_mean": r(messagesMean, 2),
+                "recall": r(recall), "recall_min": r(recallMin), "recall_median": r(recallMedian),
+            ] as [String: Any],
+            "memory_per_peer_kib": r(memoryPerPeerKiB, 2),
+            "rss_mib": r(rssMiB, 1),
+            "verified_peers_mean": r(verifiedMean, 1),
+        ]
+        let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    func summary() -> String {
+        func f(_ v: Double, _ d: Int = 3) -> String { String(format: "%.\(d)f", v) }
+        return """
+        SwiftP2P simulation: \(peers) peers in one process
+          bootstrap     \(f(bootstrapSeconds, 2)) s (every peer pinged the seed and looked up its own id)
+          peer maps     \(f(verifiedMean, 1)) verified peers each on average
+          lookups       \(lookups) done, \(failedLookups) failed
+          latency       p50 \(f(p50)) ms · p95 \(f(p95)) ms · p99 \(f(p99)) ms
+          per lookup    \(f(hopsMean, 2)) hops · \(f(messagesMean, 1)) messages
+          recall        \(f(recall, 4)) of the true 20 closest on average (median \(f(recallMedian, 2)), worst \(f(recallMin, 2)))
+          memory        \(f(memoryPerPeerKiB, 1)) KiB per peer (RSS \(f(rssMiB, 1)) MiB)
+        """
+    }
+}
