@@ -22,12 +22,16 @@ struct SimCommand: AsyncParsableCommand {
     @Option(help: "How many peers bootstrap at once.")
     var joinConcurrency: Int = 16
 
+    @Option(help: "α: lookup requests in flight at once.")
+    var parallel: Int = RoutingConfig().parallel
+
     @Flag(help: "Print one JSON object instead of a summary.")
     var json = false
 
     func validate() throws {
         guard peers >= 1 else { throw ValidationError("--peers must be at least 1, got \(peers)") }
         guard lookups >= 0 else { throw ValidationError("--lookups must not be negative, got \(lookups)") }
+        guard (1...64).contains(parallel) else { throw ValidationError("--parallel must be from 1 to 64, got \(parallel)") }
         guard joinConcurrency >= 1 else { throw ValidationError("--join-concurrency must be at least 1") }
     }
 
@@ -52,6 +56,8 @@ struct SimCommand: AsyncParsableCommand {
         var hops = 0, messages = 0, failedLookups = 0
         latencies.reserveCapacity(lookups)
         var rng = SystemRandomNumberGenerator()
+        var routing = RoutingConfig()
+        routing.parallel = parallel
         let clock = ContinuousClock()
         if peers > 1 {
             for i in 0..<lookups {
@@ -59,9 +65,10 @@ struct SimCommand: AsyncParsableCommand {
                 let key = Number160.random(using: &rng)
                 let start = clock.now
                 do {
-                    let result = try await asker.closestPeers(to: key)
+                    let result = try await asker.closestPeers(to: key, config: routing)
                     latencies.append((clock.now - start).milliseconds)
-                    recalls.append(net.recall(of: result, key: key, asker: asker.peerID))
+                    let r = net.recall(of: result, key: key, asker: asker.peerID)
+                    recalls.append(r)
                     hops += result.hops
                     messages += result.messages
                 } catch {

@@ -177,3 +177,19 @@ public struct Number160: Hashable, Comparable, Sendable, CustomStringConvertible
         return random(using: &g)
     }
 }
+
+extension Number160 {
+    /// A random number whose bit length is exactly `bitLength` (1…160): a random distance that
+    /// falls into bucket `bitLength - 1`.
+    public static func random<G: RandomNumberGenerator>(bitLength: Int, using generator: inout G) -> Number160 {
+        precondition((1...160).contains(bitLength), "bit length out of range")
+        var bytes = random(using: &generator).bytes
+        let top = bitLength - 1
+        let topByte = 19 - top / 8
+        for i in 0..<topByte { bytes[i] = 0 }
+        let bitInByte = top % 8
+        bytes[topByte] &= UInt8((1 << (bitInByte + 1)) - 1)
+        bytes[topByte] |= UInt8(1 << bitInByte)
+        return Number160(bytes: bytes) ?? .zero
+    }
+}

@@ -6,6 +6,8 @@ public struct BootstrapResult: Sendable {
     public var seed: PeerAddress
     /// The lookup of our own id that filled the peer map.
     public var lookup: RoutingResult
+    /// Lookups run to fill empty far buckets afterwards.
+    public var refreshLookups: Int
     /// Verified peers in the map afterwards.
     public var verifiedPeers: Int
 }
@@ -68,7 +70,8 @@ extension Node {
             do {
                 let peer = try await ping(seed)
                 let lookup = try await closestPeers(to: peerID)
-                return BootstrapResult(seed: peer, lookup: lookup, verifiedPeers: peerMap.counts.verified)
+                let refreshed = try await refreshBuckets()
+                return BootstrapResult(seed: peer, lookup: lookup, refreshLookups: refreshed, verifiedPeers: peerMap.counts.verified)
             } catch {
                 reasons.append("\(seed): \(error)")
             }
@@ -80,6 +83,26 @@ extension Node {
     @discardableResult
     public func bootstrap(to seed: PeerSocketAddress) async throws -> BootstrapResult {
         try await bootstrap(to: [seed])
+    }
+
+    /// Fills empty buckets farther than our nearest neighbour by looking up a random id in each.
+    ///
+    /// Looking up our own id only meets peers near us; without this, a peer can end up knowing
+    /// nobody in the other half of the id space, and lookups from it for keys there converge on
+    /// the wrong region (Kademlia's join does the same refresh). Returns how many lookups ran.
+    @discardableResult
+    public func refreshBuckets() async throws -> Int {
+        let occupancy = peerMap.bucketOccupancy
+        guard let nearest = occupancy.firstIndex(where: { $0 > 0 }) else { return 0 }
+        var rng = SystemRandomNumberGenerator()
+        var keys: [Number160] = []
+        for bucket in stride(from: 159, to: nearest, by: -1) where occupancy[bucket] == 0 {
+            keys.append(peerID ^ Number160.random(bitLength: bucket + 1, using: &rng))
+        }
+        guard !keys.isEmpty else { return 0 }
+        let lookups = keys.map { lookup($0) }
+        _ = try await EventLoopFuture.whenAllComplete(lookups, on: eventLoop).get()
+        return keys.count
     }
 
     /// Asks a peer how it sees us and to probe us back over UDP and TCP.

@@ -16,9 +16,66 @@ public final class PeerMap: @unchecked Sendable {
         var checks: UInt8
     }
 
+    /// One bucket. Its methods mutate in place (`buckets[b].found(…)`), so the arrays are never
+    /// copied on the per-message path.
     struct Bucket {
         var verified: [Entry] = []
         var overflow: [Entry] = []
+
+        /// Records a peer; returns the event and the change in (verified, overflow) counts.
+        mutating func found(_ address: PeerAddress, verified isVerified: Bool, now: UInt64,
+                            config: PeerMapConfig) -> (PeerMapEvent?, Int, Int) {
+            if let i = verified.firstIndex(where: { $0.address.id == address.id }) {
+                if isVerified {
+                    verified[i].address = address
+                    verified[i].lastSeen = now
+                    verified[i].failures = 0
+                }
+                return (nil, 0, 0)
+            }
+            let o = overflow.firstIndex(where: { $0.address.id == address.id })
+            if isVerified, verified.count < config.bucketSize {
+                if let o { overflow.remove(at: o) }
+                verified.append(Entry(address: address, lastSeen: now, failures: 0, checks: 0))
+                return (o == nil ? .inserted(address, verified: true) : nil, 1, o == nil ? 0 : -1)
+            }
+            // A full bucket keeps its long-lived peers (they are likelier to stay); the newcomer
+            // waits in overflow for a place.
+            if let o {
+                overflow[o].address = address
+                if isVerified { overflow[o].lastSeen = now }
+                return (nil, 0, 0)
+            }
+            guard config.overflowSize > 0 else { return (nil, 0, 0) }
+            var delta = 1
+            if overflow.count >= config.overflowSize {
+                overflow.removeFirst()
+                delta = 0
+            }
+            overflow.append(Entry(address: address, lastSeen: isVerified ? now : 0, failures: 0, checks: 0))
+            return (.inserted(address, verified: false), 0, delta)
+        }
+
+        /// Records a failure; returns the removed peer (if any) and the change in counts.
+        mutating func failed(_ id: Number160, reason: RemovalReason, config: PeerMapConfig) -> (PeerAddress?, Int, Int) {
+            if let i = verified.firstIndex(where: { $0.address.id == id }) {
+                verified[i].failures &+= 1
+                guard reason == .quit || Int(verified[i].failures) >= config.offlineAfterFailures else { return (nil, 0, 0) }
+                let gone = verified.remove(at: i)
+                // Promote the most recently seen overflow peer that talked to us into the free place.
+                if let j = overflow.indices.max(by: { overflow[$0].lastSeen < overflow[$1].lastSeen }), overflow[j].lastSeen > 0 {
+                    var e = overflow.remove(at: j)
+                    e.failures = 0
+                    verified.append(e)
+                    return (gone.address, 0, -1)
+                }
+                return (gone.address, -1, 0)
+            }
+            if let i = overflow.firstIndex(where: { $0.address.id == id }) {
+                return (overflow.remove(at: i).address, 0, -1)
+            }
+            return (nil, 0, 0)
+        }
     }
 
     /// Our own id; never stored.
@@ -68,43 +125,10 @@ public final class PeerMap: @unchecked Sendable {
                 if until > now && !verified { return nil }
                 banned[address.id] = nil
             }
-            var bucket = buckets[b]
-            defer { buckets[b] = bucket }
-            if let i = bucket.verified.firstIndex(where: { $0.address.id == address.id }) {
-                if verified {
-                    bucket.verified[i].address = address
-                    bucket.verified[i].lastSeen = now
-                    bucket.verified[i].failures = 0
-                }
-                return nil
-            }
-            let o = bucket.overflow.firstIndex(where: { $0.address.id == address.id })
-            if verified {
-                if bucket.verified.count < config.bucketSize {
-                    if let o {
-                        bucket.overflow.remove(at: o)
-                        overflowCount -= 1
-                    }
-                    bucket.verified.append(Entry(address: address, lastSeen: now, failures: 0, checks: 0))
-                    verifiedCount += 1
-                    return o == nil ? .inserted(address, verified: true) : nil
-                }
-                // A full bucket keeps its long-lived peers (they are likelier to stay); the newcomer
-                // waits in overflow for a place.
-            }
-            if let o {
-                bucket.overflow[o].address = address
-                if verified { bucket.overflow[o].lastSeen = now }
-                return nil
-            }
-            guard config.overflowSize > 0 else { return nil }
-            if bucket.overflow.count >= config.overflowSize {
-                bucket.overflow.removeFirst()
-                overflowCount -= 1
-            }
-            bucket.overflow.append(Entry(address: address, lastSeen: verified ? now : 0, failures: 0, checks: 0))
-            overflowCount += 1
-            return .inserted(address, verified: false)
+            let (event, dv, do_) = buckets[b].found(address, verified: verified, now: now, config: config)
+            verifiedCount += dv
+            overflowCount += do_
+            return event
         }
         if let event { emit(event) }
         return event != nil
@@ -117,32 +141,11 @@ public final class PeerMap: @unchecked Sendable {
     public func peerFailed(_ id: Number160, reason: RemovalReason = .offline) -> Bool {
         guard let b = bucketIndex(of: id) else { return false }
         let removed: PeerAddress? = lock.withLock {
-            var bucket = buckets[b]
-            defer { buckets[b] = bucket }
-            if let i = bucket.verified.firstIndex(where: { $0.address.id == id }) {
-                bucket.verified[i].failures &+= 1
-                guard reason == .quit || Int(bucket.verified[i].failures) >= config.offlineAfterFailures else { return nil }
-                let gone = bucket.verified.remove(at: i)
-                verifiedCount -= 1
-                // Promote the most recently seen overflow peer into the free place.
-                if let j = bucket.overflow.indices.max(by: { bucket.overflow[$0].lastSeen < bucket.overflow[$1].lastSeen }),
-                   bucket.overflow[j].lastSeen > 0 {
-                    var e = bucket.overflow.remove(at: j)
-                    overflowCount -= 1
-                    e.failures = 0
-                    bucket.verified.append(e)
-                    verifiedCount += 1
-                }
-                if reason == .offline { ban(id) }
-                return gone.address
-            }
-            if let i = bucket.overflow.firstIndex(where: { $0.address.id == id }) {
-                let gone = bucket.overflow.remove(at: i)
-                overflowCount -= 1
-                if reason == .offline { ban(id) }
-                return gone.address
-            }
-            return nil
+            let (gone, dv, do_) = buckets[b].failed(id, reason: reason, config: config)
+            verifiedCount += dv
+            overflowCount += do_
+            if gone != nil, reason == .offline { ban(id) }
+            return gone
         }
         guard let removed else { return false }
         emit(.removed(removed, reason: reason))
@@ -186,44 +189,54 @@ public final class PeerMap: @unchecked Sendable {
         lock.withLock { (verifiedCount, overflowCount) }
     }
 
+    /// Verified peers per bucket, index 0 (closest) to 159 (the far half of the id space).
+    public var bucketOccupancy: [Int] {
+        lock.withLock { buckets.map(\.verified.count) }
+    }
+
     /// All verified peers.
     public var verifiedPeers: [PeerAddress] {
         lock.withLock { buckets.flatMap { $0.verified.map(\.address) } }
     }
 
     /// The `count` peers closest to `key` by XOR, closest first; overflow peers only when asked.
+    ///
+    /// Relative to our id, the buckets form bands of strictly increasing distance from the key:
+    /// first the key's own bucket `b` (distances below 2^b), then every bucket below `b` together
+    /// (distances in [2^b, 2^(b+1))), then `b+1`, `b+2`, … So only the bands needed to reach
+    /// `count` are ranked, and only the winners' addresses are copied.
     public func closest(to key: Number160, count: Int, includeOverflow: Bool = false) -> [PeerAddress] {
         guard count > 0 else { return [] }
-        // Buckets nearer to the key's own bucket hold the closer peers, but XOR order across
-        // buckets is not monotonic in the index, so gather all and select; maps hold a few hundred.
-        var candidates: [(Number160, PeerAddress)] = []
-        lock.withLock {
-            candidates.reserveCapacity(verifiedCount + (includeOverflow ? overflowCount : 0))
-            for bucket in buckets {
-                for e in bucket.verified { candidates.append((e.address.id ^ key, e.address)) }
-                if includeOverflow {
-                    for e in bucket.overflow { candidates.append((e.address.id ^ key, e.address)) }
+        let b = bucketIndex(of: key) ?? 0
+        var bands: [ClosedRange<Int>] = [b...b]
+        if b > 0 { bands.append(0...(b - 1)) }
+        if b < 159 { for j in (b + 1)...159 { bands.append(j...j) } }
+        return lock.withLock {
+            var out: [PeerAddress] = []
+            out.reserveCapacity(count)
+            var band: [(distance: Number160, bucket: UInt8, index: UInt8, overflow: Bool)] = []
+            for range in bands {
+                band.removeAll(keepingCapacity: true)
+                for j in range {
+                    for (i, e) in buckets[j].verified.enumerated() {
+                        band.append((e.address.id ^ key, UInt8(j), UInt8(truncatingIfNeeded: i), false))
+                    }
+                    if includeOverflow {
+                        for (i, e) in buckets[j].overflow.enumerated() {
+                            band.append((e.address.id ^ key, UInt8(j), UInt8(truncatingIfNeeded: i), true))
+                        }
+                    }
+                }
+                guard !band.isEmpty else { continue }
+                band.sort { $0.distance < $1.distance }
+                for c in band {
+                    let bucket = buckets[Int(c.bucket)]
+                    out.append(c.overflow ? bucket.overflow[Int(c.index)].address : bucket.verified[Int(c.index)].address)
+                    if out.count == count { return out }
                 }
             }
+            return out
         }
-        if candidates.count > count {
-            // Partial selection: keep the `count` smallest distances.
-            var best: [(Number160, PeerAddress)] = []
-            best.reserveCapacity(count + 1)
-            for c in candidates {
-                if best.count == count, let last = best.last, !(c.0 < last.0) { continue }
-                var lo = 0, hi = best.count
-                while lo < hi {
-                    let mid = (lo + hi) / 2
-                    if best[mid].0 < c.0 { lo = mid + 1 } else { hi = mid }
-                }
-                best.insert(c, at: lo)
-                if best.count > count { best.removeLast() }
-            }
-            return best.map(\.1)
-        }
-        candidates.sort { $0.0 < $1.0 }
-        return candidates.map(\.1)
     }
 
     /// Verified peers due for a maintenance check, at most `limit`, least recently seen first;

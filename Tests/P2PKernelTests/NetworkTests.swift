@@ -1,0 +1,150 @@
+import NIOConcurrencyHelpers
+import Testing
+@testable import P2PKernel
+import P2PTesting
+
+@Suite("Overlay", .serialized)
+struct NetworkTests {
+    @Test("200 peers bootstrap through one seed and all know the network")
+    func bootstrap200() async throws {
+        let net = try await Testnet.start(peers: 200)
+        for node in net.nodes {
+            #expect(node.peerMap.counts.verified >= 20, "peer \(node.peerID) knows too few peers")
+        }
+        // The seed heard from every joiner first-hand.
+        #expect(net.nodes[0].peerMap.counts.verified + net.nodes[0].peerMap.counts.overflow >= 60)
+        await net.shutdown()
+    }
+
+    @Test("in a 500-peer network every lookup finds >= 95% of the true 20 closest, median 100%")
+    func recall500() async throws {
+        let net = try await Testnet.start(peers: 500)
+        var rng = SplitMix64(seed: 500)
+        var recalls: [Double] = []
+        for _ in 0..<100 {
+            let asker = net.nodes[Int(rng.next() % 500)]
+            let key = Number160.random(using: &rng)
+            let result = try await asker.closestPeers(to: key)
+            #expect(result.peers.count == 20)
+            recalls.append(net.recall(of: result, key: key, asker: asker.peerID))
+        }
+        recalls.sort()
+        #expect(recalls.first ?? 0 >= 0.95)
+        #expect(recalls[recalls.count / 2] == 1.0)
+        await net.shutdown()
+    }
+
+    @Test("a lookup for a peer's own id puts that peer first")
+    func lookupFindsExactPeer() async throws {
+        let net = try await Testnet.start(peers: 50, routing: .perfect)
+        let target = net.nodes[17].peerID
+        let result = try await net.nodes[3].closestPeers(to: target)
+        #expect(result.peers.first?.id == target)
+        #expect(result.stop == .converged)
+        await net.shutdown()
+    }
+
+    @Test("a peer that quits is removed from its neighbours' maps at once")
+    func quitRemovesAtOnce() async throws {
+        let net = try await Testnet.start(peers: 10, routing: .perfect)
+        let leaving = net.nodes[5]
+        let removed = NIOLockedValueBox([Number160]())
+        for n in net.nodes where n !== leaving {
+            n.peerMap.onChange { event in
+                if case .removed(let p, .quit) = event { removed.withLockedValue { $0.append(p.id) } }
+            }
+        }
+        await leaving.shutdown()
+        // The quit datagrams were flushed before shutdown returned; give the receivers' loops a moment.
+        for _ in 0..<50 where removed.withLockedValue({ $0.count }) < 9 { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(removed.withLockedValue { $0 }.allSatisfy { $0 == leaving.peerID })
+        for n in net.nodes where n !== leaving {
+            #expect(!n.peerMap.contains(leaving.peerID))
+        }
+        await net.shutdown()
+    }
+
+    @Test("three failures in a row mark a peer offline")
+    func threeFailuresOffline() async throws {
+        let gone = try await loopbackNode()
+        let dead = gone.address
+        await gone.shutdown()
+        let a = try await loopbackNode(timeout: .milliseconds(200))
+        a.peerMap.peerFound(dead, verified: true)
+        let events = NIOLockedValueBox([PeerMapEvent]())
+        a.peerMap.onChange { e in events.withLockedValue { $0.append(e) } }
+        for attempt in 1...3 {
+            await #expect(throws: RPCError.self) { try await a.request(to: dead, command: KernelCommands.ping) }
+            if attempt < 3 {
+                #expect(a.peerMap.failureCount(dead.id) == attempt)
+            }
+        }
+        #expect(!a.peerMap.contains(dead.id))
+        #expect(a.peerMap.isBanned(dead.id))
+        #expect(events.withLockedValue { $0 } == [.removed(dead, reason: .offline)])
+        // While banned, hearsay does not bring it back.
+        #expect(!a.peerMap.peerFound(dead, verified: false))
+        await a.shutdown()
+    }
+
+    @Test("discover reports a loopback peer as reachable at the address it was seen from")
+    func discoverReachable() async throws {
+        let a = try await loopbackNode(), b = try await loopbackNode()
+        let result = try await a.discover(via: b.address.socket)
+        #expect(result.udpReachable && result.tcpReachable)
+        #expect(result.observed.ip == .loopback)
+        #expect(result.observed.udpPort == a.address.udpPort)
+        #expect(result.reachability == .reachable)
+        await a.shutdown(); await b.shutdown()
+    }
+
+    @Test("maintenance pings peers that are due and drops the dead ones")
+    func maintenanceDropsDeadPeers() async throws {
+        let gone = try await loopbackNode()
+        let dead = gone.address
+        await gone.shutdown()
+        var cfg = PeerMapConfig()
+        cfg.checkIntervals = [.milliseconds(1)]
+        let a = try await loopbackNode(timeout: .milliseconds(100)) {
+            $0.peerMap(cfg).maintenance(.milliseconds(50))
+        }
+        a.peerMap.peerFound(dead, verified: true)
+        for _ in 0..<100 where a.peerMap.contains(dead.id) { try await Task.sleep(for: .milliseconds(20)) }
+        #expect(!a.peerMap.contains(dead.id))
+        await a.shutdown()
+    }
+}
+
+@Suite("Peer map")
+struct PeerMapTests {
+    @Test("verified peers fill buckets up to k; the rest wait in overflow")
+    func bucketsBounded() {
+        let me = Number160.zero
+        let map = PeerMap(selfID: me)
+        // All of these land in the top bucket (bit 159 set).
+        for i in 0..<40 {
+            let id = Number160(high: 1 << 63, middle: 0, low: UInt32(i))
+            map.peerFound(PeerAddress(id: id, socket: PeerSocketAddress(ip: .loopback, port: UInt16(1000 + i))), verified: true)
+        }
+        #expect(map.counts.verified == 20)
+        #expect(map.counts.overflow == 5)
+        #expect(map.bucketIndex(of: Number160(high: 1 << 63, middle: 0, low: 0)) == 159)
+        #expect(map.bucketIndex(of: Number160(1)) == 0)
+        #expect(map.bucketIndex(of: me) == nil)
+    }
+
+    @Test("closest returns peers in XOR order")
+    func closestInOrder() {
+        var rng = SplitMix64(seed: 9)
+        let map = PeerMap(selfID: .random(using: &rng))
+        var ids: [Number160] = []
+        for i in 0..<300 {
+            let id = Number160.random(using: &rng)
+            if map.peerFound(PeerAddress(id: id, socket: PeerSocketAddress(ip: .loopback, port: UInt16(i + 1))), verified: true) { ids.append(id) }
+        }
+        let key = Number160.random(using: &rng)
+        let verified = Set(map.verifiedPeers.map(\.id))
+        let expected = verified.sorted { ($0 ^ key) < ($1 ^ key) }.prefix(20)
+        #expect(map.closest(to: key, count: 20).map(\.id) == Array(expected))
+    }
+}

@@ -1,0 +1,137 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import Testing
+@testable import P2PKernel
+
+/// Starts a node on loopback with quick timeouts for tests.
+func loopbackNode(timeout: Duration = .milliseconds(600), network: UInt32 = 1,
+                  _ extra: (NodeBuilder) -> NodeBuilder = { $0 }) async throws -> Node {
+    try await extra(Node.builder().host("127.0.0.1").port(0).networkID(network).requestTimeout(timeout).maintenance(nil)).start()
+}
+
+/// Answers with as many bytes as the request's integer asks for: bigger than a datagram forces
+/// the UDP → TCP retry.
+struct Blob: CommandHandler {
+    let name = "test.blob"
+    func handle(_ request: Message, context: CommandContext) -> CommandResult {
+        let n = Int(request.firstInteger ?? 0)
+        return .reply(Reply(payload: [.bytes(Array(repeating: 7, count: n))]))
+    }
+}
+
+@Suite("Transport and RPC", .serialized)
+struct TransportTests {
+    @Test("ping over UDP and over TCP reaches the peer and learns its id")
+    func pingBothTransports() async throws {
+        let a = try await loopbackNode(), b = try await loopbackNode()
+        let overUDP = try await a.ping(b.address.socket, over: .udp)
+        let overTCP = try await a.ping(b.address.socket, over: .tcp)
+        #expect(overUDP.id == b.peerID)
+        #expect(overTCP.id == b.peerID)
+        // Both sides now know each other first-hand.
+        #expect(a.peerMap.verifiedPeer(b.peerID) != nil)
+        #expect(b.peerMap.verifiedPeer(a.peerID) != nil)
+        await a.shutdown(); await b.shutdown()
+    }
+
+    @Test("UDP and TCP share one port")
+    func samePort() async throws {
+        let a = try await loopbackNode()
+        #expect(a.address.udpPort == a.address.tcpPort)
+        #expect(a.address.udpPort != 0)
+        await a.shutdown()
+    }
+
+    @Test("a request to a closed port fails with a timeout error within its bound")
+    func closedPortTimesOut() async throws {
+        let gone = try await loopbackNode()
+        let closed = gone.address.socket
+        await gone.shutdown()
+        let a = try await loopbackNode(timeout: .milliseconds(400))
+        let clock = ContinuousClock()
+        let start = clock.now
+        await #expect {
+            try await a.ping(closed, over: .udp)
+        } throws: { error in
+            guard case RPCError.timeout(_, let ms) = error else { return false }
+            return ms == 400
+        }
+        let took = clock.now - start
+        #expect(took >= .milliseconds(400))
+        #expect(took < .milliseconds(1400))
+        // Over TCP the refused connection is reported at once, not as a timeout.
+        await #expect {
+            try await a.ping(closed, over: .tcp)
+        } throws: { error in
+            if case RPCError.unreachable = error { return true } else { return false }
+        }
+        await a.shutdown()
+    }
+
+    @Test("messages of another network are dropped")
+    func otherNetworkDropped() async throws {
+        let a = try await loopbackNode(timeout: .milliseconds(300), network: 1)
+        let b = try await loopbackNode(network: 2)
+        await #expect(throws: RPCError.self) { try await a.ping(b.address.socket) }
+        #expect(b.droppedMessages >= 1)
+        #expect(b.peerMap.counts.verified == 0)
+        await a.shutdown(); await b.shutdown()
+    }
+
+    @Test("a command the peer lacks gets a clear unknown-command reply")
+    func unknownCommand() async throws {
+        let a = try await loopbackNode(), b = try await loopbackNode()
+        let peer = try await a.ping(b.address.socket)
+        await #expect {
+            try await a.request(to: peer, command: "no.such.command")
+        } throws: { error in
+            guard case RPCError.unknownCommand(let reason) = error else { return false }
+            return reason.contains("no handler")
+        }
+        await a.shutdown(); await b.shutdown()
+    }
+
+    @Test("a reply too large for a datagram is fetched again over TCP")
+    func udpReplyTooLargeFallsBackToTCP() async throws {
+        let a = try await loopbackNode()
+        let b = try await loopbackNode { $0.command(Blob()) }
+        let peer = try await a.ping(b.address.socket)
+        let small = try await a.request(to: peer, command: "test.blob", payload: [.integer(100)], transport: .udp)
+        #expect(small.firstBytes?.count == 100)
+        let large = try await a.request(to: peer, command: "test.blob", payload: [.integer(200_000)], transport: .udp)
+        #expect(large.firstBytes?.count == 200_000)
+        await a.shutdown(); await b.shutdown()
+    }
+
+    @Test("registering a duplicate command name is refused")
+    func duplicateCommand() throws {
+        let registry = CommandRegistry()
+        try registry.register(Blob())
+        #expect(throws: RegistryError.duplicateName("test.blob")) { try registry.register(Blob()) }
+        #expect(CommandID.derive(from: "kernel.ping") == CommandID.derive(from: "kernel.ping"))
+    }
+
+    @Test("binding a port in use is a clear error")
+    func portInUse() async throws {
+        let a = try await loopbackNode()
+        await #expect {
+            try await Node.builder().host("127.0.0.1").port(a.address.udpPort).start()
+        } throws: { error in
+            guard case NodeStartError.bindFailed(_, let port, _) = error else { return false }
+            return port == a.address.udpPort
+        }
+        await a.shutdown()
+    }
+
+    @Test("too many requests in flight fail fast instead of queueing")
+    func boundedInFlight() async throws {
+        let gone = try await loopbackNode()
+        let closed = gone.address.socket
+        await gone.shutdown()
+        let a = try await loopbackNode(timeout: .milliseconds(300)) { $0.configure { $0.maxInFlight = 2 } }
+        let f1 = a.request(to: closed, command: 1), f2 = a.request(to: closed, command: 1)
+        await #expect(throws: RPCError.tooManyInFlight(limit: 2)) { try await a.request(to: closed, command: 1).get() }
+        _ = try? await f1.get(); _ = try? await f2.get()
+        await a.shutdown()
+    }
+}
