@@ -57,7 +57,9 @@ struct NetworkTests {
         await leaving.shutdown()
         // The quit datagrams were flushed before shutdown returned; give the receivers' loops a moment.
         for _ in 0..<50 where removed.withLockedValue({ $0.count }) < 9 { try await Task.sleep(for: .milliseconds(10)) }
-        #expect(removed.withLockedValue { $0 }.allSatisfy { $0 == leaving.peerID })
+        let seen = removed.withLockedValue { $0 }
+        #expect(seen.count == 9)
+        #expect(seen.allSatisfy { $0 == leaving.peerID })
         for n in net.nodes where n !== leaving {
             #expect(!n.peerMap.contains(leaving.peerID))
         }
