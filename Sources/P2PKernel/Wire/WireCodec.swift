@@ -392,8 +392,7 @@ struct ByteWriter {
     }
     mutating func bytes(_ v: [UInt8]) {
         v.withUnsafeBytes { src in
-            guard let s = src.baseAddress, !src.isEmpty else { return }
-            (base.baseAddress! + offset).copyMemory(from: s, byteCount: src.count)
+            UnsafeMutableRawBufferPointer(rebasing: base[offset..<offset + src.count]).copyMemory(from: src)
         }
         offset += v.count
     }
