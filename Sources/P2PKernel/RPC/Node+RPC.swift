@@ -101,13 +101,14 @@ extension Node {
         guard running else { return }
         var m = Message(networkID: config.networkID, id: request.id, type: reply.type, command: request.command,
                         sender: address, recipientID: request.sender.id, payload: reply.payload)
+        var size: Int
         do {
-            try WireCodec.validate(m)
+            size = try WireCodec.validate(m)
         } catch {
             m.type = .exception
             m.payload = [.bytes(Array("reply cannot be encoded: \(error)".utf8))]
+            size = WireCodec.encodedSize(m)
         }
-        var size = WireCodec.encodedSize(m)
         switch origin {
         case .udp(let remote):
             if size > WireLimits.udpPayloadLimit {
@@ -173,8 +174,8 @@ extension Node {
         let id = nextID()
         let m = Message(networkID: config.networkID, id: id, type: .request, command: command, sender: address,
                         recipientID: expectedID, payload: payload)
-        do { try WireCodec.validate(m) } catch { return eventLoop.makeFailedFuture(RPCError.encoding(error)) }
-        let size = WireCodec.encodedSize(m)
+        let size: Int
+        do { size = try WireCodec.validate(m) } catch { return eventLoop.makeFailedFuture(RPCError.encoding(error)) }
         let useUDP: Bool
         switch transport {
         case .auto: useUDP = size <= WireLimits.udpPayloadLimit

@@ -228,7 +228,20 @@ public final class PeerMap: @unchecked Sendable {
                     }
                 }
                 guard !band.isEmpty else { continue }
-                band.sort { $0.distance < $1.distance }
+                let need = count - out.count
+                if band.count > need * 2 {
+                    // Partial selection: keep only the `need` nearest, in order.
+                    var best = band.prefix(need).sorted { $0.distance < $1.distance }
+                    for c in band.dropFirst(need) where c.distance < best[need - 1].distance {
+                        var at = need - 1
+                        while at > 0, c.distance < best[at - 1].distance { at -= 1 }
+                        best.removeLast()
+                        best.insert(c, at: at)
+                    }
+                    band = best
+                } else {
+                    band.sort { $0.distance < $1.distance }
+                }
                 for c in band {
                     let bucket = buckets[Int(c.bucket)]
                     out.append(c.overflow ? bucket.overflow[Int(c.index)].address : bucket.verified[Int(c.index)].address)

@@ -41,9 +41,10 @@ public enum WireCodec {
         return n
     }
 
-    /// Checks every count against its limit; `encode` calls it, so an oversized message is an error,
-    /// never a frame the peer will refuse.
-    public static func validate(_ m: Message) throws(WireError) {
+    /// Checks every count against its limit and returns the encoded size; `encode` calls it, so an
+    /// oversized message is an error, never a frame the peer will refuse.
+    @discardableResult
+    public static func validate(_ m: Message) throws(WireError) -> Int {
         guard m.payload.count <= WireLimits.maxSections else {
             throw .limitExceeded(what: "section count", value: m.payload.count, limit: WireLimits.maxSections)
         }
@@ -78,12 +79,12 @@ public enum WireCodec {
         guard size <= WireLimits.maxMessageBytes else {
             throw .limitExceeded(what: "message bytes", value: size, limit: WireLimits.maxMessageBytes)
         }
+        return size
     }
 
     /// Encodes a message into a new array of exactly `encodedSize(m)` bytes.
     public static func encode(_ m: Message) throws(WireError) -> [UInt8] {
-        try validate(m)
-        let size = encodedSize(m)
+        let size = try validate(m)
         return [UInt8](unsafeUninitializedCapacity: size) { buffer, count in
             var w = ByteWriter(UnsafeMutableRawBufferPointer(buffer))
             write(m, into: &w)
