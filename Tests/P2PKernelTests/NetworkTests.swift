@@ -68,9 +68,7 @@ struct NetworkTests {
 
     @Test("three failures in a row mark a peer offline")
     func threeFailuresOffline() async throws {
-        let gone = try await loopbackNode()
-        let dead = gone.address
-        await gone.shutdown()
+        let dead = try await deadPeerAddress()
         let a = try await loopbackNode(timeout: .milliseconds(200))
         a.peerMap.peerFound(dead, verified: true)
         let events = NIOLockedValueBox([PeerMapEvent]())
@@ -102,9 +100,7 @@ struct NetworkTests {
 
     @Test("maintenance pings peers that are due and drops the dead ones")
     func maintenanceDropsDeadPeers() async throws {
-        let gone = try await loopbackNode()
-        let dead = gone.address
-        await gone.shutdown()
+        let dead = try await deadPeerAddress()
         var cfg = PeerMapConfig()
         cfg.checkIntervals = [.milliseconds(1)]
         let a = try await loopbackNode(timeout: .milliseconds(100)) {

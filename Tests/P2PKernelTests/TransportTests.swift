@@ -9,6 +9,14 @@ func loopbackNode(timeout: Duration = .milliseconds(600), network: UInt32 = 1,
     try await extra(Node.builder().host("127.0.0.1").port(0).networkID(network).requestTimeout(timeout).maintenance(nil)).start()
 }
 
+/// The address of a peer that has just shut down: nothing listens on its port any more.
+func deadPeerAddress() async throws -> PeerAddress {
+    let gone = try await loopbackNode()
+    let address = gone.address
+    await gone.shutdown()
+    return address
+}
+
 /// Answers with as many bytes as the request's integer asks for: bigger than a datagram forces
 /// the UDP → TCP retry.
 struct Blob: CommandHandler {
@@ -44,9 +52,7 @@ struct TransportTests {
 
     @Test("a request to a closed port fails with a timeout error within its bound")
     func closedPortTimesOut() async throws {
-        let gone = try await loopbackNode()
-        let closed = gone.address.socket
-        await gone.shutdown()
+        let closed = try await deadPeerAddress().socket
         let a = try await loopbackNode(timeout: .milliseconds(400))
         let clock = ContinuousClock()
         let start = clock.now
@@ -125,9 +131,7 @@ struct TransportTests {
 
     @Test("too many requests in flight fail fast instead of queueing")
     func boundedInFlight() async throws {
-        let gone = try await loopbackNode()
-        let closed = gone.address.socket
-        await gone.shutdown()
+        let closed = try await deadPeerAddress().socket
         let a = try await loopbackNode(timeout: .milliseconds(300)) { $0.configure { $0.maxInFlight = 2 } }
         let f1 = a.request(to: closed, command: 1), f2 = a.request(to: closed, command: 1)
         await #expect(throws: RPCError.tooManyInFlight(limit: 2)) { try await a.request(to: closed, command: 1).get() }
