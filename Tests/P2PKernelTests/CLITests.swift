@@ -1,0 +1,132 @@
+import Foundation
+import Testing
+
+/// Runs the `p2p` binary built beside the test bundle (`scripts/test` builds every product).
+struct P2PTool {
+    static var path: String {
+        URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("p2p").path
+    }
+
+    /// Runs to completion (bounded by `timeout`) and returns exit code, stdout, stderr.
+    static func run(_ args: [String], timeout: Double = 60) throws -> (code: Int32, out: String, err: String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: path)
+        p.arguments = args
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        try p.run()
+        let deadline = Date().addingTimeInterval(timeout)
+        while p.isRunning, Date() < deadline { Thread.sleep(forTimeInterval: 0.02) }
+        if p.isRunning { p.terminate() }
+        p.waitUntilExit()
+        return (p.terminationStatus,
+                String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self),
+                String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self))
+    }
+}
+
+/// A `p2p node` process whose output is collected as it runs.
+final class NodeProcess: @unchecked Sendable {
+    let process = Process()
+    private let lock = NSLock()
+    private var text = ""
+
+    init(_ args: [String]) throws {
+        process.executableURL = URL(fileURLWithPath: P2PTool.path)
+        process.arguments = ["node", "--host", "127.0.0.1"] + args
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        process.standardError = pipe
+        pipe.fileHandleForReading.readabilityHandler = { [weak self] h in
+            let chunk = String(decoding: h.availableData, as: UTF8.self)
+            self?.lock.withLock { self?.text += chunk }
+        }
+        try process.run()
+    }
+
+    var output: String { lock.withLock { text } }
+
+    /// Waits (bounded) until the output contains `needle`.
+    func waitFor(_ needle: String, seconds: Double = 20) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if output.contains(needle) { return true }
+            Thread.sleep(forTimeInterval: 0.02)
+        }
+        return false
+    }
+
+    /// The port from "listening on HOST:PORT".
+    var port: String? {
+        guard let r = output.range(of: #"listening on [0-9.]+:(\d+)"#, options: .regularExpression) else { return nil }
+        return output[r].split(separator: ":").last.map(String.init)
+    }
+
+    func stop() {
+        if process.isRunning { process.terminate() }
+        let deadline = Date().addingTimeInterval(10)
+        while process.isRunning, Date() < deadline { Thread.sleep(forTimeInterval: 0.02) }
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+    }
+}
+
+@Suite("p2p tool", .serialized)
+struct CLITests {
+    @Test("bad arguments print one line and exit with code 2",
+          arguments: [["ping", "not-an-address"], ["sim", "--peers", "0"], ["--bogus"], ["ping", "1.2.3.4:99999"],
+                      ["lookup", "hello"], ["lookup", "--bootstrap", "127.0.0.1:1", "0x12"]])
+    func badArguments(args: [String]) throws {
+        let r = try P2PTool.run(args)
+        #expect(r.code == 2)
+        #expect(r.err.hasPrefix("p2p: "))
+        #expect(r.err.split(separator: "\n").count == 1)
+    }
+
+    @Test("two node processes: ping, lookup, a port in use, and a graceful quit the other sees")
+    func twoNodes() throws {
+        let a = try NodeProcess(["--port", "0"])
+        defer { a.stop() }
+        #expect(a.waitFor("listening on"))
+        let port = try #require(a.port)
+        let b = try NodeProcess(["--port", "0", "--bootstrap", "127.0.0.1:\(port)"])
+        defer { b.stop() }
+        #expect(b.waitFor("bootstrapped via"))
+        #expect(a.waitFor("peer joined"))
+        let bPort = try #require(b.port)
+
+        let ping = try P2PTool.run(["ping", "127.0.0.1:\(bPort)"])
+        #expect(ping.code == 0)
+        #expect(ping.out.contains("reply from"))
+        let tcp = try P2PTool.run(["ping", "--tcp", "127.0.0.1:\(port)"])
+        #expect(tcp.code == 0)
+        let lookup = try P2PTool.run(["lookup", "--bootstrap", "127.0.0.1:\(port)", "hello"])
+        #expect(lookup.code == 0)
+        #expect(lookup.out.contains("2 peers"))
+        let inUse = try P2PTool.run(["node", "--host", "127.0.0.1", "--port", port])
+        #expect(inUse.code == 2)
+        #expect(inUse.err.contains("cannot listen"))
+
+        b.stop()
+        #expect(b.process.terminationStatus == 0)
+        #expect(b.output.contains("stopped"))
+        #expect(a.waitFor("(quit)"))
+    }
+
+    @Test("sim --json reports every figure the issue names")
+    func simJSON() throws {
+        let r = try P2PTool.run(["sim", "--peers", "30", "--lookups", "20", "--json"])
+        #expect(r.code == 0)
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any])
+        #expect(object["peers"] as? Int == 30)
+        #expect(object["bootstrap_s"] is Double || object["bootstrap_s"] is Int)
+        #expect(object["memory_per_peer_kib"] != nil)
+        let lookup = try #require(object["lookup"] as? [String: Any])
+        for key in ["p50_ms", "p95_ms", "p99_ms", "hops_mean", "recall"] {
+            #expect(lookup[key] != nil, "missing lookup.\(key)")
+        }
+        #expect(lookup["count"] as? Int == 20)
+        #expect((lookup["recall"] as? Double ?? 0) >= 0.95)
+    }
+}
