@@ -1,5 +1,6 @@
 import NIOConcurrencyHelpers
 import NIOCore
+import NIOPosix
 import Testing
 @testable import P2PKernel
 
@@ -137,5 +138,35 @@ struct TransportTests {
         await #expect(throws: RPCError.tooManyInFlight(limit: 2)) { try await a.request(to: closed, command: 1).get() }
         _ = try? await f1.get(); _ = try? await f2.get()
         await a.shutdown()
+    }
+}
+
+/// A hostile TCP peer: accepts, reads the first bytes, and hangs up without answering.
+final class HangUpOnRead: ChannelInboundHandler, Sendable {
+    typealias InboundIn = ByteBuffer
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        context.close(promise: nil)
+    }
+}
+
+@Suite("Transport failures")
+struct TransportFailureTests {
+    @Test("a TCP request fails at once, not by timeout, when the peer hangs up")
+    func hangUpFailsRequest() async throws {
+        let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { ch in
+                ch.eventLoop.makeCompletedFuture { try ch.pipeline.syncOperations.addHandler(HangUpOnRead()) }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        let port = UInt16(server.localAddress?.port ?? 0)
+        let a = try await loopbackNode(timeout: .seconds(30))
+        await #expect {
+            try await a.request(to: PeerSocketAddress(ip: .loopback, port: port), command: 1, transport: .tcp).get()
+        } throws: { error in
+            guard case RPCError.unreachable(_, let reason) = error else { return false }
+            return reason.contains("connection closed")
+        }
+        await a.shutdown()
+        try await server.close()
     }
 }

@@ -22,6 +22,8 @@ struct PendingRequest {
     let command: UInt16
     let payload: [Payload]
     let timeout: Duration
+    /// The TCP connection the request went out on, so that its closing fails the request at once.
+    var connection: ObjectIdentifier?
 }
 
 /// How a request travels.
@@ -209,6 +211,8 @@ extension Node {
             connection(to: target).whenComplete { [self] result in
                 switch result {
                 case .success(let channel):
+                    guard pending[id] != nil else { return }
+                    pending[id]?.connection = ObjectIdentifier(channel)
                     channel.writeAndFlush(buffer, promise: nil)
                 case .failure(let error):
                     guard let p = pending.removeValue(forKey: id) else { return }
@@ -274,10 +278,24 @@ extension Node {
             case .failure:
                 forget(key, future)
             case .success(let ch):
-                ch.closeFuture.whenComplete { [self] _ in forget(key, future) }
+                ch.closeFuture.whenComplete { [self] _ in
+                    forget(key, future)
+                    failRequests(on: ObjectIdentifier(ch), target: target)
+                }
             }
         }
         return future
+    }
+
+    /// Fails every request still waiting on a connection that closed: its reply cannot come.
+    private func failRequests(on connection: ObjectIdentifier, target: PeerSocketAddress) {
+        let ids = pending.compactMap { $0.value.connection == connection ? $0.key : nil }
+        for id in ids {
+            guard let p = pending.removeValue(forKey: id) else { continue }
+            p.timer?.cancel()
+            if p.expected != .zero { peerMap.peerFailed(p.expected) }
+            p.promise.fail(RPCError.unreachable(peer: "\(target)", reason: "connection closed before the reply"))
+        }
     }
 
     private func forget(_ key: PeerSocketAddress, _ future: EventLoopFuture<any Channel>) {
