@@ -7,6 +7,10 @@ let package = Package(
     products: [
         .library(name: "P2PKernel", targets: ["P2PKernel"]),
         .library(name: "P2PTesting", targets: ["P2PTesting"]),
+        .library(name: "P2PDHT", targets: ["P2PDHT"]),
+        .library(name: "P2PMessaging", targets: ["P2PMessaging"]),
+        .library(name: "P2PEvaluation", targets: ["P2PEvaluation"]),
+        .library(name: "P2PPeerVote", targets: ["P2PPeerVote"]),
         .executable(name: "p2p", targets: ["p2p"]),
     ],
     dependencies: [
@@ -30,16 +34,25 @@ let package = Package(
             name: "P2PTesting",
             dependencies: ["P2PKernel"]
         ),
+        // Built-in plugins: each uses only the kernel's public registry API.
+        .target(name: "P2PDHT", dependencies: ["P2PKernel", .product(name: "NIOCore", package: "swift-nio")], path: "Plugins/DHT"),
+        .target(name: "P2PMessaging", dependencies: ["P2PKernel", .product(name: "NIOCore", package: "swift-nio")], path: "Plugins/Messaging"),
+        .target(name: "P2PEvaluation", dependencies: ["P2PKernel"], path: "Plugins/Evaluation"),
+        .target(name: "P2PPeerVote", dependencies: ["P2PKernel"], path: "Plugins/PeerVote"),
         .executableTarget(
             name: "p2p",
             dependencies: [
-                "P2PKernel", "P2PTesting",
+                "P2PKernel", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .testTarget(
             name: "P2PKernelTests",
             dependencies: ["P2PKernel", "P2PTesting"]
+        ),
+        .testTarget(
+            name: "P2PPluginsTests",
+            dependencies: ["P2PKernel", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote"]
         ),
     ]
 )

@@ -34,9 +34,11 @@ public final class Testnet: Sendable {
     /// - Parameters:
     ///   - routing: how the maps are filled.
     ///   - joinConcurrency: how many peers bootstrap at once.
+    ///   - plugins: the plugins of peer i (none by default: a bare kernel).
     ///   - configure: changes to each node's config (maintenance is off unless set here).
     ///   - progress: called with (phase, done, total) now and then during long phases.
     public static func start(peers: Int, routing: Routing = .bootstrap, joinConcurrency: Int = 16,
+                             plugins: @Sendable (Int) -> [any Plugin] = { _ in [] },
                              configure: @Sendable (Int, inout NodeConfig) -> Void = { _, _ in },
                              progress: (@Sendable (String, Int, Int) -> Void)? = nil) async throws -> Testnet {
         precondition(peers >= 1, "a testnet needs at least one peer")
@@ -45,7 +47,7 @@ public final class Testnet: Sendable {
         do {
             for i in 0..<peers {
                 var builder = Node.builder().host("127.0.0.1").port(0).maintenance(nil).requestTimeout(.seconds(2))
-                builder = builder.configure { configure(i, &$0) }
+                builder = builder.configure { configure(i, &$0) }.plugins(plugins(i))
                 nodes.append(try await builder.start())
                 if i % 500 == 499 { progress?("start", i + 1, peers) }
             }

@@ -114,14 +114,31 @@ extension Node {
         }
         let udp = bits & 1 != 0, tcp = bits & 2 != 0
         let reachable = udp && tcp && observed.udpPort == address.udpPort
-        return DiscoverResult(observed: observed, udpReachable: udp, tcpReachable: tcp,
-                              reachability: reachable ? .reachable : .behindNAT(outside: observed))
+        let result = DiscoverResult(observed: observed, udpReachable: udp, tcpReachable: tcp,
+                                    reachability: reachable ? .reachable : .behindNAT(outside: observed))
+        registry.publish(.reachability(result))
+        return result
     }
 
     /// Pings the peers due for a check (by how long they have been up); a peer that fails often
     /// enough is removed by the RPC layer's failure accounting.
     func startMaintenance() {
-        guard let interval = config.maintenanceInterval, running else { return }
+        guard running else { return }
+        if registry.storageBackend != nil {
+            let sweep = TimeAmount(config.storageSweepInterval)
+            backgroundTasks.append(eventLoop.scheduleRepeatedTask(initialDelay: sweep, delay: sweep) { [self] _ in
+                _ = registry.storageBackend?.sweepExpired(now: StoragePipeline.now())
+            })
+        }
+        for policy in registry.replicationPolicies {
+            guard let every = policy.timerInterval else { continue }
+            let t = TimeAmount(every)
+            backgroundTasks.append(eventLoop.scheduleRepeatedTask(initialDelay: t, delay: t) { [self] _ in
+                let context = ReplicationContext(node: self)
+                Task { await policy.handle(.timer, context: context) }
+            })
+        }
+        guard let interval = config.maintenanceInterval else { return }
         let t = TimeAmount(interval)
         maintenanceTask = eventLoop.scheduleRepeatedTask(initialDelay: t, delay: t) { [self] _ in
             for peer in peerMap.dueForCheck(limit: config.maintenancePingsPerRound) {

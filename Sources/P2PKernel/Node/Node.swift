@@ -29,7 +29,10 @@ public final class Node: @unchecked Sendable {
     /// The loop every channel and callback of this node runs on.
     public let eventLoop: any EventLoop
     public let peerMap: PeerMap
-    public let registry: CommandRegistry
+    /// What plugins registered: commands, storage, interceptors, handlers, schemes, policies.
+    public let registry: PluginRegistry
+    /// Storage requests through interceptors to the backend.
+    public let storage: StoragePipeline
     public let logger: Logger
     /// This node as others reach it (its bound address and announced flags).
     public private(set) var address: PeerAddress
@@ -42,7 +45,9 @@ public final class Node: @unchecked Sendable {
     var pool: [PeerSocketAddress: EventLoopFuture<any Channel>] = [:]
     var poolOrder: [PeerSocketAddress] = []
     var running = true
+    var stopping = false
     var maintenanceTask: RepeatedTask?
+    var backgroundTasks: [RepeatedTask] = []
     let kernelCommands: KernelCommandIDs
 
     /// Messages dropped because they did not decode (counted for operators and tests).
@@ -56,7 +61,8 @@ public final class Node: @unchecked Sendable {
         self.peerID = config.peerID ?? keys.peerID
         self.eventLoop = config.eventLoopGroup.next()
         self.peerMap = PeerMap(selfID: peerID, config: config.peerMap)
-        self.registry = CommandRegistry()
+        self.registry = PluginRegistry()
+        self.storage = StoragePipeline(registry: registry)
         var logger = config.logger
         logger[metadataKey: "peer"] = "\(peerID.hexString.prefix(8))"
         self.logger = logger
@@ -68,18 +74,64 @@ public final class Node: @unchecked Sendable {
     /// A builder with every default; see `NodeBuilder`.
     public static func builder() -> NodeBuilder { NodeBuilder() }
 
-    static func start(config: NodeConfig, handlers: [any CommandHandler]) async throws -> Node {
+    static func start(config: NodeConfig, handlers: [any CommandHandler], plugins: [any Plugin]) async throws -> Node {
         let kernel = KernelCommandIDs()
         let node = Node(config: config, kernelCommands: kernel)
         do {
-            for h in KernelCommands.handlers + handlers { try node.registry.register(h) }
+            for h in KernelCommands.handlers + handlers { try node.registry.commands.register(h) }
         } catch {
             throw NodeStartError.registry(error)
         }
+        for plugin in plugins {
+            do {
+                try node.registry.install(plugin)
+            } catch let error as PluginError {
+                throw NodeStartError.plugin(error)
+            } catch let error as RegistryError {
+                throw NodeStartError.plugin(.installFailed(plugin: plugin.name, reason: "\(error)"))
+            } catch {
+                throw NodeStartError.plugin(.installFailed(plugin: plugin.name, reason: "\(error)"))
+            }
+        }
         try await node.bind()
+        node.connectEvents()
+        for plugin in node.registry.plugins {
+            do {
+                try await plugin.start(node: node)
+            } catch {
+                await node.shutdown()
+                throw NodeStartError.plugin(.installFailed(plugin: plugin.name, reason: "start failed: \(error)"))
+            }
+        }
         node.eventLoop.execute { node.startMaintenance() }
         node.logger.debug("listening", metadata: ["address": "\(node.address.socket)"])
         return node
+    }
+
+    /// Forwards peer map changes to event subscribers and replication policies.
+    private func connectEvents() {
+        let registry = self.registry
+        let policies = registry.replicationPolicies
+        peerMap.onChange { [weak self] event in
+            switch event {
+            case .inserted(let p, let verified):
+                registry.publish(.peerInserted(p, verified: verified))
+                if verified, let self, !policies.isEmpty { self.replicate(.peerInserted(p)) }
+            case .removed(let p, let reason):
+                registry.publish(.peerRemoved(p, reason: reason))
+                if let self, !policies.isEmpty { self.replicate(.peerRemoved(p)) }
+            }
+        }
+    }
+
+    /// Hands an event to every replication policy (off the event loop: policies may do I/O).
+    public func replicate(_ event: ReplicationEvent) {
+        let policies = registry.replicationPolicies
+        guard !policies.isEmpty else { return }
+        let context = ReplicationContext(node: self)
+        Task {
+            for p in policies { await p.handle(event, context: context) }
+        }
     }
 
     /// Binds UDP, then TCP on the port UDP got. With port 0 a port free for UDP may be taken for
@@ -132,10 +184,19 @@ public final class Node: @unchecked Sendable {
     /// Announces that this node leaves (a quit to every verified peer), fails what is pending,
     /// and closes every socket. Safe to call more than once.
     public func shutdown() async {
+        let first: Bool = (try? await eventLoop.submit { [self] in
+            defer { stopping = true }
+            return running && !stopping
+        }.get()) ?? false
+        if first {
+            for plugin in registry.plugins.reversed() { await plugin.stop(node: self) }
+        }
         let closing: EventLoopFuture<Void> = eventLoop.flatSubmit { [self] in
             guard running else { return eventLoop.makeSucceededVoidFuture() }
             maintenanceTask?.cancel()
             maintenanceTask = nil
+            for t in backgroundTasks { t.cancel() }
+            backgroundTasks.removeAll()
             var writes: [EventLoopFuture<Void>] = []
             for peer in peerMap.verifiedPeers {
                 if let f = sendFireAndForget(to: peer, command: kernelCommands.quit) { writes.append(f) }

@@ -31,6 +31,8 @@ public struct NodeConfig: Sendable {
     public var tcpIdleTimeout: Duration = .seconds(30)
     /// How often maintenance runs; `nil` disables it (simulations that measure other things).
     public var maintenanceInterval: Duration? = .seconds(1)
+    /// How often expired values are swept from storage.
+    public var storageSweepInterval: Duration = .seconds(1)
     /// Most peers one maintenance round pings.
     public var maintenancePingsPerRound = 2
     /// The event loops the node runs on; every node in a process shares the singleton by default.
@@ -48,6 +50,7 @@ public struct NodeConfig: Sendable {
 public struct NodeBuilder: Sendable {
     public var config = NodeConfig()
     var handlers: [any CommandHandler] = []
+    var plugins: [any Plugin] = []
 
     public init() {}
 
@@ -64,6 +67,10 @@ public struct NodeBuilder: Sendable {
     public func logger(_ l: Logger) -> NodeBuilder { with { $0.config.logger = l } }
     /// Adds a command handler, registered when the node starts.
     public func command(_ h: any CommandHandler) -> NodeBuilder { with { $0.handlers.append(h) } }
+    /// Adds a plugin; plugins install and start in the order they are added.
+    public func plugin(_ p: any Plugin) -> NodeBuilder { with { $0.plugins.append(p) } }
+    /// Adds several plugins, in order.
+    public func plugins(_ ps: [any Plugin]) -> NodeBuilder { with { $0.plugins += ps } }
     /// Changes any other setting.
     public func configure(_ change: (inout NodeConfig) -> Void) -> NodeBuilder { with { change(&$0.config) } }
 
@@ -76,7 +83,7 @@ public struct NodeBuilder: Sendable {
     /// Binds UDP and TCP, registers the kernel's commands and the added ones, and starts
     /// maintenance.
     public func start() async throws -> Node {
-        try await Node.start(config: config, handlers: handlers)
+        try await Node.start(config: config, handlers: handlers, plugins: plugins)
     }
 }
 
@@ -84,8 +91,10 @@ public struct NodeBuilder: Sendable {
 public enum NodeStartError: Error, CustomStringConvertible {
     case bindFailed(host: String, port: UInt16, reason: String)
     case registry(RegistryError)
+    case plugin(PluginError)
     public var description: String {
         switch self {
+        case .plugin(let e): "\(e)"
         case .bindFailed(let h, let p, let r): "cannot listen on \(h):\(p): \(r)"
         case .registry(let e): "\(e)"
         }

@@ -78,7 +78,7 @@ extension Node {
         if request.command != kernelCommands.quit, request.sender.udpPort != 0 {
             peerMap.peerFound(request.sender, verified: true)
         }
-        guard let handler = registry.handler(for: request.command) else {
+        guard let handler = registry.commands.handler(for: request.command) else {
             if request.type == .request {
                 sendReply(.error(.unknownCommand, "no handler for command 0x\(String(request.command, radix: 16))"), to: request, origin: origin)
             }

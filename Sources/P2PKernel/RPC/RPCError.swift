@@ -40,7 +40,7 @@ public enum RPCError: Error, Equatable, Sendable, CustomStringConvertible {
     }
 
     /// The error a non-ok reply stands for; `nil` for `ok`.
-    static func from(reply: Message) -> RPCError? {
+    public static func from(reply: Message) -> RPCError? {
         let reason = reply.firstBytes.map { String(decoding: $0, as: UTF8.self) } ?? ""
         switch reply.type {
         case .ok: return nil

@@ -56,6 +56,11 @@ public final class CommandRegistry: Sendable {
         table.withLockedValue { $0[id]?.name }
     }
 
+    /// Removes every command whose name is not in `keep` (undoes a failed plugin install).
+    func removeAll(except keep: Set<String>) {
+        table.withLockedValue { t in t = t.filter { keep.contains($0.value.name) } }
+    }
+
     /// All registered names, sorted.
     public var names: [String] {
         table.withLockedValue { $0.values.map(\.name).sorted() }

@@ -1,0 +1,394 @@
+import NIOCore
+import P2PKernel
+
+/// Per-request knobs, with TomP2P's defaults.
+public struct DHTOptions: Sendable {
+    /// How many peers must answer (TomP2P's minimum results): a put lands on this many of the
+    /// peers closest to the key.
+    public var replicas = 3
+    /// Failed peers tolerated before giving up (each is replaced by the next closest).
+    public var maxFailures = 3
+    /// Extra requests sent in parallel beyond `replicas` (TomP2P's parallel difference).
+    public var parallelDifference = 0
+    /// Routing knobs; nil uses the node's, with `resultSize` sized for replicas and spares.
+    public var routing: RoutingConfig?
+    /// How several peers' answers become one (a registered `EvaluationScheme`'s name).
+    public var evaluation = "majority"
+    /// Time to live of stored values; nil keeps them until removed.
+    public var ttl: Duration?
+
+    public init(replicas: Int = 3, maxFailures: Int = 3, parallelDifference: Int = 0, routing: RoutingConfig? = nil,
+                evaluation: String = "majority", ttl: Duration? = nil) {
+        self.replicas = max(1, replicas)
+        self.maxFailures = max(0, maxFailures)
+        self.parallelDifference = max(0, parallelDifference)
+        self.routing = routing
+        self.evaluation = evaluation
+        self.ttl = ttl
+    }
+
+    var ttlSeconds: UInt32 {
+        guard let ttl else { return 0 }
+        return UInt32(clamping: max(1, ttl.components.seconds + (ttl.components.attoseconds > 0 ? 1 : 0)))
+    }
+}
+
+/// Why a DHT operation could not run.
+public enum DHTError: Error, Equatable, CustomStringConvertible {
+    case pluginNotInstalled
+    case unknownEvaluationScheme(String, available: [String])
+    case mixedLocations
+    case noPeers
+
+    public var description: String {
+        switch self {
+        case .pluginNotInstalled: "the DHT plugin is not installed on this node"
+        case .unknownEvaluationScheme(let n, let a): "no evaluation scheme named '\(n)' (registered: \(a.isEmpty ? "none" : a.joined(separator: ", ")))"
+        case .mixedLocations: "all keys of one request must share a location"
+        case .noPeers: "no peer answered and this node stores no replicas"
+        }
+    }
+}
+
+/// What one peer did with a request.
+public struct PeerOutcome: Sendable {
+    public let peer: PeerAddress
+    public let result: Result<StorageResult, any Error>
+    /// The peer's error, as text.
+    public var failure: String? {
+        if case .failure(let e) = result { return "\(e)" }
+        return nil
+    }
+}
+
+/// The answer of a put, putIfAbsent, add, confirm or putMeta.
+public struct PutResult: Sendable {
+    public let keys: [Number640]
+    public let outcomes: [PeerOutcome]
+
+    /// Statuses by peer (peers that answered).
+    public var statuses: [PeerAddress: [Number640: StorageStatus]] {
+        var out: [PeerAddress: [Number640: StorageStatus]] = [:]
+        for o in outcomes { if case .success(.statuses(let s)) = o.result { out[o.peer] = s } }
+        return out
+    }
+
+    /// Peers that failed, with why.
+    public var failures: [PeerAddress: String] {
+        var out: [PeerAddress: String] = [:]
+        for o in outcomes { if let f = o.failure { out[o.peer] = f } }
+        return out
+    }
+
+    /// One status per key over all peers: `ok` when every answering peer stored it; otherwise the
+    /// most telling problem (version fork, not absent, denied, not found, failed).
+    public func status(of key: Number640) -> StorageStatus {
+        let all = statuses.values.compactMap { $0[key] }
+        guard !all.isEmpty else { return failures.isEmpty ? .failed : .failed }
+        for s in [StorageStatus.versionFork, .failedNotAbsent, .denied, .notFound, .failed] where all.contains(s) { return s }
+        return .ok
+    }
+
+    /// Whether every key was stored (ok or forked) on at least one peer and on every peer that answered.
+    public var isSuccess: Bool {
+        !statuses.isEmpty && keys.allSatisfy { [.ok, .versionFork].contains(status(of: $0)) }
+    }
+}
+
+/// The answer of a get.
+public struct GetResult: Sendable {
+    /// The evaluated entries (by the request's scheme).
+    public let entries: [Number640: [UInt8]]
+    public let outcomes: [PeerOutcome]
+
+    /// What each peer returned.
+    public var perPeer: [PeerAddress: [Number640: StoredValue]] {
+        var out: [PeerAddress: [Number640: StoredValue]] = [:]
+        for o in outcomes { if case .success(.values(let v)) = o.result { out[o.peer] = v } }
+        return out
+    }
+
+    /// The value of the smallest key, for single-key gets.
+    public var value: [UInt8]? { entries.min { $0.key < $1.key }?.value }
+    public var isEmpty: Bool { entries.isEmpty }
+}
+
+/// The answer of a routed send.
+public struct SendResult: Sendable {
+    /// Replies by peer.
+    public let replies: [PeerAddress: [UInt8]]
+    /// The evaluated reply (by the request's scheme), if the scheme kept one.
+    public let reply: [UInt8]?
+    public let failures: [PeerAddress: String]
+}
+
+extension Node {
+    /// The DHT operations of this node (requires `DHTPlugin`).
+    public var dht: DHT { DHT(node: self) }
+}
+
+/// The DHT operations: put, putIfAbsent, add, get, getLatest, remove, digest, two-phase put,
+/// putMeta, routed send. Each routes to the peers closest to the key's location and fans out to
+/// `replicas` of them.
+public struct DHT: Sendable {
+    public let node: Node
+
+    // MARK: puts
+
+    /// Stores one value under a key.
+    @discardableResult
+    public func put(_ key: Number640, _ value: [UInt8], basedOn: [Number160] = [], options: DHTOptions = DHTOptions()) async throws -> PutResult {
+        try await put([key: StoredValue(value, ttlSeconds: options.ttlSeconds, basedOn: basedOn)], options: options)
+    }
+
+    /// Stores several values under one location at once.
+    @discardableResult
+    public func put(_ entries: [Number640: StoredValue], mode: PutMode = .overwrite, options: DHTOptions = DHTOptions()) async throws -> PutResult {
+        let location = try sharedLocation(Array(entries.keys))
+        let outcomes = try await routed(location, .put(entries, mode: mode), options: options)
+        return PutResult(keys: entries.keys.sorted(), outcomes: outcomes)
+    }
+
+    /// Stores a value only where the key holds nothing yet; `failedNotAbsent` otherwise.
+    @discardableResult
+    public func putIfAbsent(_ key: Number640, _ value: [UInt8], options: DHTOptions = DHTOptions()) async throws -> PutResult {
+        try await put([key: StoredValue(value, ttlSeconds: options.ttlSeconds)], mode: .ifAbsent, options: options)
+    }
+
+    /// Adds a value under location and domain: its content key is the SHA-1 of the value, or a
+    /// random key in list mode (so equal values are kept apart). Returns the key used.
+    @discardableResult
+    public func add(location: Number160, domain: Number160 = .zero, _ value: [UInt8], list: Bool = false,
+                    options: DHTOptions = DHTOptions()) async throws -> (key: Number640, result: PutResult) {
+        let content = list ? Number160.random() : Number160(sha1Of: value)
+        let key = Number640(location: location, domain: domain, content: content)
+        return (key, try await put(key, value, options: options))
+    }
+
+    /// First phase of a two-phase put: stored, but invisible to gets until `confirm`.
+    @discardableResult
+    public func prepare(_ key: Number640, _ value: [UInt8], options: DHTOptions = DHTOptions()) async throws -> PutResult {
+        try await put([key: StoredValue(value, ttlSeconds: options.ttlSeconds, prepared: true)], options: options)
+    }
+
+    /// Second phase of a two-phase put.
+    @discardableResult
+    public func confirm(_ keys: [Number640], options: DHTOptions = DHTOptions()) async throws -> PutResult {
+        let outcomes = try await routed(try sharedLocation(keys), .confirm(keys), options: options)
+        return PutResult(keys: keys, outcomes: outcomes)
+    }
+
+    /// Changes the TTL of stored values without sending them again (0 = keep forever).
+    @discardableResult
+    public func putMeta(_ keys: [Number640], ttl: Duration?, options: DHTOptions = DHTOptions()) async throws -> PutResult {
+        var o = options
+        o.ttl = ttl
+        let outcomes = try await routed(try sharedLocation(keys), .putMeta(keys, ttlSeconds: o.ttlSeconds), options: options)
+        return PutResult(keys: keys, outcomes: outcomes)
+    }
+
+    // MARK: gets
+
+    /// The value under one key.
+    public func get(_ key: Number640, options: DHTOptions = DHTOptions()) async throws -> GetResult {
+        try await get(.keys([key]), options: options)
+    }
+
+    /// Values matching a query: several keys, a range, everything under a location and domain
+    /// (`.all(location:domain:)`), or the latest versions (`.latest`).
+    public func get(_ query: StorageQuery, options: DHTOptions = DHTOptions()) async throws -> GetResult {
+        let outcomes = try await routed(try location(of: query), .get(query), options: options)
+        return GetResult(entries: try evaluate(outcomes, options: options), outcomes: outcomes)
+    }
+
+    /// The current heads of a versioned item.
+    public func getLatest(location: Number160, domain: Number160 = .zero, content: Number160 = .zero,
+                          options: DHTOptions = DHTOptions()) async throws -> GetResult {
+        var o = options
+        if o.evaluation == "majority" { o.evaluation = "union" }
+        return try await get(.latest(location: location, domain: domain, content: content), options: o)
+    }
+
+    /// Keys and their basedOn sets instead of values (union over the answering peers).
+    public func digest(_ query: StorageQuery, options: DHTOptions = DHTOptions()) async throws -> [Number640: [Number160]] {
+        let outcomes = try await routed(try location(of: query), .digest(query), options: options)
+        var out: [Number640: [Number160]] = [:]
+        for o in outcomes { if case .success(.digest(let d)) = o.result { out.merge(d) { a, _ in a } } }
+        return out
+    }
+
+    // MARK: removes
+
+    /// Removes what matches the query from the responsible peers; with `returnValues`, the result
+    /// holds what was removed.
+    public func remove(_ query: StorageQuery, returnValues: Bool = false, options: DHTOptions = DHTOptions()) async throws -> GetResult {
+        let outcomes = try await routed(try location(of: query), .remove(query, returnValues: returnValues), options: options)
+        var o = options
+        o.evaluation = "union"
+        return GetResult(entries: returnValues ? try evaluate(outcomes, options: o) : [:], outcomes: outcomes)
+    }
+
+    // MARK: routed send
+
+    /// Sends bytes to the peers closest to `key`; their raw reply handlers answer, and the
+    /// replies are evaluated by `options.evaluation`.
+    public func send(to key: Number160, _ bytes: [UInt8], options: DHTOptions = DHTOptions()) async throws -> SendResult {
+        let payload: [Payload] = [.keys([key]), .bytes(bytes)]
+        let answers = try await fanOut(key, options: options, remote: { peer in
+            node.request(to: peer, command: DHTPlugin.sendCommand, payload: payload).flatMapThrowing { reply in
+                if let e = RPCError.from(reply: reply) { throw e }
+                return reply.firstBytes ?? []
+            }
+        }, local: {
+            guard let handler = node.registry.rawReplyHandler else {
+                return node.eventLoop.makeFailedFuture(RPCError.denied("this peer has no raw reply handler"))
+            }
+            let me = node.address
+            return node.eventLoop.makeFutureWithTask { try await handler.reply(to: bytes, from: me) }
+        }).get()
+        var replies: [PeerAddress: [UInt8]] = [:]
+        var failures: [PeerAddress: String] = [:]
+        for (peer, r) in answers {
+            switch r {
+            case .success(let b): replies[peer] = b
+            case .failure(let e): failures[peer] = "\(e)"
+            }
+        }
+        let scheme = try scheme(options.evaluation)
+        let evaluated = scheme.evaluate(replies.map { PeerAnswer(peer: $0.key, entries: [.zero: $0.value]) })
+        return SendResult(replies: replies, reply: evaluated[.zero], failures: failures)
+    }
+
+    // MARK: the engine
+
+    /// Runs a storage request on this peer (through the interceptors) and tells replication
+    /// policies about stored data. Used for local replicas and by the `dht.storage` command.
+    static func executeLocally(_ request: StorageRequest, sender: PeerAddress?, node: Node) -> EventLoopFuture<StorageResult> {
+        node.storage.executeFuture(request, sender: sender, node: node).map { result in
+            if case .put = request, case .statuses(let s) = result {
+                let stored = s.filter { $0.value == .ok || $0.value == .versionFork }.map(\.key)
+                if !stored.isEmpty { node.replicate(.dataInserted(stored)) }
+            }
+            return result
+        }
+    }
+
+    private func routed(_ location: Number160, _ request: StorageRequest, options: DHTOptions) async throws -> [PeerOutcome] {
+        guard node.registry.plugin(DHTPlugin.self) != nil else { throw DHTError.pluginNotInstalled }
+        let payload = StorageCodec.encode(request)
+        let answers = try await fanOut(location, options: options, remote: { peer in
+            node.request(to: peer, command: DHTPlugin.storageCommand, payload: payload).flatMapThrowing { reply in
+                if let e = RPCError.from(reply: reply) { throw e }
+                return try StorageCodec.decodeResult(reply.payload)
+            }
+        }, local: {
+            DHT.executeLocally(request, sender: nil, node: node)
+        }).get()
+        return answers.map { PeerOutcome(peer: $0.0, result: $0.1) }
+    }
+
+    /// Looks up the peers closest to `location`, then asks `replicas` of them (closest first,
+    /// this node among them when it accepts replicas), replacing failed ones from the spares.
+    private func fanOut<T: Sendable>(_ location: Number160, options: DHTOptions,
+                                     remote: @escaping @Sendable (PeerAddress) -> EventLoopFuture<T>,
+                                     local: @escaping @Sendable () -> EventLoopFuture<T>) -> EventLoopFuture<[(PeerAddress, Result<T, any Error>)]> {
+        var routing = options.routing ?? node.config.routing
+        if options.routing == nil { routing.resultSize = options.replicas + options.parallelDifference + options.maxFailures }
+        let acceptsReplicas = node.registry.plugin(DHTPlugin.self)?.acceptsReplicas ?? false
+        let node = self.node
+        return node.lookup(location, config: routing).flatMap { result in
+            var candidates = result.peers
+            if acceptsReplicas {
+                let me = node.address
+                let at = candidates.firstIndex { location.isCloser(me.id, than: $0.id) } ?? candidates.count
+                candidates.insert(me, at: at)
+            }
+            let fan = FanOut<T>(node: node, candidates: candidates, options: options, remote: remote, local: local)
+            return fan.start()
+        }
+    }
+
+    private func scheme(_ name: String) throws -> any EvaluationScheme {
+        guard let s = node.registry.scheme(named: name) else {
+            throw DHTError.unknownEvaluationScheme(name, available: node.registry.schemeNames)
+        }
+        return s
+    }
+
+    private func evaluate(_ outcomes: [PeerOutcome], options: DHTOptions) throws -> [Number640: [UInt8]] {
+        let scheme = try scheme(options.evaluation)
+        let answers = outcomes.compactMap { o -> PeerAnswer? in
+            guard case .success(.values(let v)) = o.result else { return nil }
+            return PeerAnswer(peer: o.peer, entries: v.mapValues(\.value))
+        }
+        return scheme.evaluate(answers)
+    }
+
+    private func sharedLocation(_ keys: [Number640]) throws -> Number160 {
+        guard let first = keys.first else { throw DHTError.mixedLocations }
+        guard keys.allSatisfy({ $0.location == first.location }) else { throw DHTError.mixedLocations }
+        return first.location
+    }
+
+    private func location(of query: StorageQuery) throws -> Number160 {
+        switch query {
+        case .keys(let keys): return try sharedLocation(keys)
+        case .range(let from, let to, _, _):
+            guard from.location == to.location else { throw DHTError.mixedLocations }
+            return from.location
+        case .latest(let location, _, _): return location
+        }
+    }
+}
+
+/// Asks candidates in order until `replicas` answered, at most `replicas + parallelDifference`
+/// at once, giving up after `maxFailures` failures. Confined to the node's event loop.
+final class FanOut<T: Sendable>: @unchecked Sendable {
+    private let node: Node
+    private let candidates: [PeerAddress]
+    private let options: DHTOptions
+    private let remote: @Sendable (PeerAddress) -> EventLoopFuture<T>
+    private let local: @Sendable () -> EventLoopFuture<T>
+    private let promise: EventLoopPromise<[(PeerAddress, Result<T, any Error>)]>
+    private var next = 0, inFlight = 0, successes = 0, failures = 0
+    private var outcomes: [(PeerAddress, Result<T, any Error>)] = []
+    private var done = false
+
+    init(node: Node, candidates: [PeerAddress], options: DHTOptions,
+         remote: @escaping @Sendable (PeerAddress) -> EventLoopFuture<T>, local: @escaping @Sendable () -> EventLoopFuture<T>) {
+        self.node = node
+        self.candidates = candidates
+        self.options = options
+        self.remote = remote
+        self.local = local
+        self.promise = node.eventLoop.makePromise()
+    }
+
+    func start() -> EventLoopFuture<[(PeerAddress, Result<T, any Error>)]> {
+        pump()
+        return promise.futureResult
+    }
+
+    private func pump() {
+        guard !done else { return }
+        let width = options.replicas + options.parallelDifference
+        while next < candidates.count, inFlight < width, successes + inFlight < width {
+            let peer = candidates[next]
+            next += 1
+            inFlight += 1
+            let future = peer.id == node.peerID ? local() : remote(peer)
+            future.hop(to: node.eventLoop).whenComplete { [self] result in
+                inFlight -= 1
+                outcomes.append((peer, result))
+                if case .success = result { successes += 1 } else { failures += 1 }
+                pump()
+            }
+        }
+        if successes >= options.replicas || failures > options.maxFailures || (inFlight == 0 && next >= candidates.count) {
+            if inFlight == 0 || successes >= options.replicas || failures > options.maxFailures {
+                done = true
+                promise.succeed(outcomes)
+            }
+        }
+    }
+}

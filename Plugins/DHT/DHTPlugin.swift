@@ -1,0 +1,86 @@
+import NIOCore
+import P2PKernel
+
+/// Storage and the DHT operations as a plugin: a storage backend, the `dht.storage` command that
+/// serves other peers' storage requests, and `dht.send` for routed messages.
+///
+/// ```swift
+/// let node = try await Node.builder().plugin(DHTPlugin()).start()
+/// try await node.dht.put(Number640(location: Number160(hashing: "song")), Array("la la".utf8))
+/// ```
+public struct DHTPlugin: Plugin {
+    public let name = "dht"
+    public let version = "1.0.0"
+    /// Where values live on this peer.
+    public let backend: any StorageBackend
+    /// When set, only these domains are served; requests touching others are denied.
+    public let domains: Set<Number160>?
+    /// Whether this peer stores replicas for others (false for short-lived clients such as the
+    /// `p2p put` tool, whose data would leave with them).
+    public let acceptsReplicas: Bool
+
+    public init(backend: any StorageBackend = MemoryStorage(), domains: Set<Number160>? = nil, acceptsReplicas: Bool = true) {
+        self.backend = backend
+        self.domains = domains
+        self.acceptsReplicas = acceptsReplicas
+    }
+
+    public func install(into registry: PluginRegistry) throws {
+        try registry.setStorageBackend(backend)
+        try registry.register(command: StorageCommand(domains: domains))
+        try registry.register(command: RoutedSendCommand())
+    }
+
+    static let storageCommand = CommandID.derive(from: StorageCommand.commandName)
+    static let sendCommand = CommandID.derive(from: RoutedSendCommand.commandName)
+}
+
+/// Serves storage requests from other peers.
+struct StorageCommand: CommandHandler {
+    static let commandName = "dht.storage"
+    let name = StorageCommand.commandName
+    let domains: Set<Number160>?
+
+    func handle(_ request: Message, context: CommandContext) -> CommandResult {
+        let storageRequest: StorageRequest
+        do {
+            storageRequest = try StorageCodec.decodeRequest(request.payload)
+        } catch {
+            return .reply(.error(.badRequest, "\(error)"))
+        }
+        if let allowed = domains {
+            guard let touched = storageRequest.domains else { return .reply(.error(.denied, "ranges across domains are not served here")) }
+            if let unknown = touched.first(where: { !allowed.contains($0) }) {
+                return .reply(.error(.denied, "\(StorageError.unknownDomain(unknown))"))
+            }
+        }
+        let node = context.node
+        return .future(DHT.executeLocally(storageRequest, sender: context.sender, node: node).map { result in
+            Reply(payload: StorageCodec.encode(result))
+        }.flatMapErrorThrowing { error in
+            // A refused request is an answer, not a failure of the peer.
+            if let e = error as? StorageError {
+                if case .malformed = e { return Reply.error(.badRequest, "\(e)") }
+                return Reply.error(.denied, "\(e)")
+            }
+            throw error
+        })
+    }
+}
+
+/// Delivers a routed message to this peer's raw reply handler.
+struct RoutedSendCommand: CommandHandler {
+    static let commandName = "dht.send"
+    let name = RoutedSendCommand.commandName
+
+    func handle(_ request: Message, context: CommandContext) -> CommandResult {
+        guard let bytes = request.firstBytes else { return .reply(.error(.badRequest, "a routed send carries a byte section")) }
+        guard let handler = context.node.registry.rawReplyHandler else {
+            return .reply(.error(.denied, "this peer has no raw reply handler"))
+        }
+        let sender = context.sender
+        return .future(context.eventLoop.makeFutureWithTask {
+            Reply(payload: [.bytes(try await handler.reply(to: bytes, from: sender))])
+        })
+    }
+}

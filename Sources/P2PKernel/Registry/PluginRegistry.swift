@@ -1,0 +1,162 @@
+import NIOConcurrencyHelpers
+
+/// Everything plugins register into a node: commands, storage, interceptors, reply handlers,
+/// evaluation schemes, replication policies and event subscriptions. Registration happens while
+/// the node is assembled; lookups happen per request under an uncontended lock.
+public final class PluginRegistry: Sendable {
+    /// Commands by name and wire id.
+    public let commands = CommandRegistry()
+
+    private struct State: Sendable {
+        var plugins: [any Plugin] = []
+        var backend: (any StorageBackend)?
+        var interceptors: [any StorageInterceptor] = []
+        var rawReplyHandler: (any RawReplyHandler)?
+        var objectHandlers: [String: any AnyObjectReplyHandler] = [:]
+        var schemes: [String: any EvaluationScheme] = [:]
+        var policies: [any ReplicationPolicy] = []
+        var subscribers: [@Sendable (NodeEvent) -> Void] = []
+    }
+    private let state = NIOLockedValueBox(State())
+
+    public init() {}
+
+    // MARK: plugins
+
+    /// Installs a plugin: a duplicate name, or any error from its `install`, leaves the registry
+    /// as it was before the call.
+    public func install(_ plugin: any Plugin) throws {
+        let duplicate = state.withLockedValue { s in s.plugins.contains { $0.name == plugin.name } }
+        guard !duplicate else { throw PluginError.duplicatePlugin(plugin.name) }
+        let before = state.withLockedValue { $0 }
+        let commandsBefore = commands.names
+        do {
+            try plugin.install(into: self)
+        } catch {
+            state.withLockedValue { $0 = before }
+            commands.removeAll(except: Set(commandsBefore))
+            throw error
+        }
+        state.withLockedValue { $0.plugins.append(plugin) }
+    }
+
+    /// Installed plugins, in install order.
+    public var plugins: [any Plugin] { state.withLockedValue { $0.plugins } }
+
+    /// The installed plugin of a type, if any.
+    public func plugin<P: Plugin>(_ type: P.Type) -> P? {
+        state.withLockedValue { s in s.plugins.lazy.compactMap { $0 as? P }.first }
+    }
+
+    // MARK: commands
+
+    /// Registers a command handler (see `CommandRegistry.register`).
+    @discardableResult
+    public func register(command: any CommandHandler) throws -> UInt16 {
+        try commands.register(command)
+    }
+
+    // MARK: storage
+
+    /// Sets the node's storage backend; a node has one.
+    public func setStorageBackend(_ backend: any StorageBackend) throws {
+        try state.withLockedValue { s in
+            if let existing = s.backend {
+                throw PluginError.storageBackendAlreadySet(existing: existing.name, new: backend.name)
+            }
+            s.backend = backend
+        }
+    }
+
+    /// The storage backend, if a plugin set one.
+    public var storageBackend: (any StorageBackend)? { state.withLockedValue { $0.backend } }
+
+    /// Adds a storage interceptor; interceptors run in the order they were added, outermost first.
+    public func add(interceptor: any StorageInterceptor) {
+        state.withLockedValue { $0.interceptors.append(interceptor) }
+    }
+
+    /// The interceptors that cover any of `domains` (every one when nil), in install order.
+    public func interceptors(covering domains: Set<Number160>?) -> [any StorageInterceptor] {
+        state.withLockedValue { s in
+            guard let domains else { return s.interceptors }
+            return s.interceptors.filter { i in
+                switch i.scope {
+                case .all: true
+                case .domain(let d): domains.contains(d)
+                }
+            }
+        }
+    }
+
+    /// Whether any interceptor is registered at all (lets the storage path skip the lookup).
+    public var hasInterceptors: Bool { state.withLockedValue { !$0.interceptors.isEmpty } }
+
+    // MARK: direct-message handlers
+
+    /// Sets the handler for raw (bytes) direct messages; a later call replaces it.
+    public func setRawReplyHandler(_ handler: any RawReplyHandler) {
+        state.withLockedValue { $0.rawReplyHandler = handler }
+    }
+
+    public var rawReplyHandler: (any RawReplyHandler)? { state.withLockedValue { $0.rawReplyHandler } }
+
+    /// Registers a handler for `Codable` direct messages of one type (by its `typeName`).
+    public func register<H: ObjectReplyHandler>(objectHandler handler: H) throws {
+        let boxed = ObjectHandlerBox(handler)
+        try state.withLockedValue { s in
+            guard s.objectHandlers[boxed.typeName] == nil else { throw PluginError.duplicateObjectHandler(boxed.typeName) }
+            s.objectHandlers[boxed.typeName] = boxed
+        }
+    }
+
+    /// The object handler for a type name.
+    public func objectHandler(for typeName: String) -> (any AnyObjectReplyHandler)? {
+        state.withLockedValue { $0.objectHandlers[typeName] }
+    }
+
+    // MARK: evaluation
+
+    /// Registers an evaluation scheme under its name.
+    public func register(scheme: any EvaluationScheme) throws {
+        try state.withLockedValue { s in
+            guard s.schemes[scheme.name] == nil else { throw PluginError.duplicateEvaluationScheme(scheme.name) }
+            s.schemes[scheme.name] = scheme
+        }
+    }
+
+    /// The scheme registered under `name`.
+    public func scheme(named name: String) -> (any EvaluationScheme)? {
+        state.withLockedValue { $0.schemes[name] }
+    }
+
+    /// Names of every registered scheme, sorted.
+    public var schemeNames: [String] { state.withLockedValue { $0.schemes.keys.sorted() } }
+
+    // MARK: replication and events
+
+    /// Adds a replication policy; the node hands it every `ReplicationEvent`.
+    public func add(replicationPolicy: any ReplicationPolicy) {
+        state.withLockedValue { $0.policies.append(replicationPolicy) }
+    }
+
+    public var replicationPolicies: [any ReplicationPolicy] { state.withLockedValue { $0.policies } }
+
+    /// Subscribes to node events (peer map changes, reachability).
+    public func subscribe(_ subscriber: @escaping @Sendable (NodeEvent) -> Void) {
+        state.withLockedValue { $0.subscribers.append(subscriber) }
+    }
+
+    func publish(_ event: NodeEvent) {
+        let subscribers = state.withLockedValue { $0.subscribers }
+        for s in subscribers { s(event) }
+    }
+}
+
+/// What happens to a node that plugins may want to know.
+public enum NodeEvent: Sendable, Equatable {
+    case peerInserted(PeerAddress, verified: Bool)
+    case peerRemoved(PeerAddress, reason: RemovalReason)
+    /// The result of a discover: how the outside sees this node.
+    case reachability(DiscoverResult)
+}

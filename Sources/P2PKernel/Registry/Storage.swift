@@ -1,0 +1,189 @@
+/// A value as stored, with its metadata.
+public struct StoredValue: Sendable, Hashable {
+    /// The bytes.
+    public var value: [UInt8]
+    /// Seconds until the value expires; 0 keeps it until removed.
+    public var ttlSeconds: UInt32
+    /// The versions (version keys of the same location, domain and content) this one is based on.
+    public var basedOn: [Number160]
+    /// A prepared value (first phase of a two-phase put) is invisible to gets until confirmed.
+    public var prepared: Bool
+
+    public init(_ value: [UInt8], ttlSeconds: UInt32 = 0, basedOn: [Number160] = [], prepared: Bool = false) {
+        self.value = value
+        self.ttlSeconds = ttlSeconds
+        self.basedOn = basedOn
+        self.prepared = prepared
+    }
+}
+
+/// Which stored entries a request is about.
+public enum StorageQuery: Sendable, Hashable {
+    /// Exactly these keys.
+    case keys([Number640])
+    /// Every key from `from` to `to` inclusive, at most `limit`, ascending or descending.
+    case range(from: Number640, to: Number640, limit: Int, descending: Bool)
+    /// The current heads of one item: its versions that no other version is based on.
+    case latest(location: Number160, domain: Number160, content: Number160)
+
+    /// Everything under one location and domain.
+    public static func all(location: Number160, domain: Number160 = .zero, limit: Int = .max) -> StorageQuery {
+        .range(from: Number640(location: location, domain: domain),
+               to: Number640(location: location, domain: domain, content: .max, version: .max), limit: limit, descending: false)
+    }
+}
+
+/// How a put treats a key that already holds a value.
+public enum PutMode: UInt8, Sendable {
+    case overwrite = 0
+    /// Refuse with `failedNotAbsent` when the key exists.
+    case ifAbsent = 1
+}
+
+/// A request to storage: what the DHT sends to the responsible peers, and what interceptors see.
+public enum StorageRequest: Sendable, Hashable {
+    case put([Number640: StoredValue], mode: PutMode)
+    case get(StorageQuery)
+    case remove(StorageQuery, returnValues: Bool)
+    /// Keys and their basedOn sets instead of values.
+    case digest(StorageQuery)
+    /// Second phase of a two-phase put: makes prepared values visible.
+    case confirm([Number640])
+    /// Changes the TTL of stored values without sending them again.
+    case putMeta([Number640], ttlSeconds: UInt32)
+
+    /// The domains the request touches; nil when it may touch any (a range across domains).
+    public var domains: Set<Number160>? {
+        switch self {
+        case .put(let entries, _): return Set(entries.keys.map(\.domain))
+        case .get(let q), .remove(let q, _), .digest(let q): return q.domains
+        case .confirm(let keys), .putMeta(let keys, _): return Set(keys.map(\.domain))
+        }
+    }
+
+    /// Whether the request changes stored data.
+    public var isWrite: Bool {
+        switch self {
+        case .get, .digest: false
+        default: true
+        }
+    }
+}
+
+extension StorageQuery {
+    var domains: Set<Number160>? {
+        switch self {
+        case .keys(let keys): return Set(keys.map(\.domain))
+        case .range(let from, let to, _, _):
+            return from.location == to.location && from.domain == to.domain ? [from.domain] : nil
+        case .latest(_, let domain, _): return [domain]
+        }
+    }
+}
+
+/// The outcome for one key.
+public enum StorageStatus: UInt8, Sendable, Hashable, CustomStringConvertible {
+    case ok = 0
+    /// `putIfAbsent` found a value already there.
+    case failedNotAbsent = 1
+    /// The put's basedOn set does not cover the current heads: there are now several.
+    case versionFork = 2
+    case notFound = 3
+    case denied = 4
+    case failed = 5
+
+    public var description: String {
+        switch self {
+        case .ok: "ok"
+        case .failedNotAbsent: "failed-not-absent"
+        case .versionFork: "version-fork"
+        case .notFound: "not-found"
+        case .denied: "denied"
+        case .failed: "failed"
+        }
+    }
+}
+
+/// What storage answers.
+public enum StorageResult: Sendable, Hashable {
+    /// Per key (puts, confirms, putMeta, removes without values).
+    case statuses([Number640: StorageStatus])
+    /// Stored values (gets, removes with values).
+    case values([Number640: StoredValue])
+    /// Keys and their basedOn sets (digests).
+    case digest([Number640: [Number160]])
+}
+
+/// Why storage refused a whole request.
+public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
+    case valueTooLarge(bytes: Int, limit: Int)
+    case storageFull(bytes: Int, limit: Int)
+    case tooManyEntries(location: Number160, limit: Int)
+    case unknownDomain(Number160)
+    case denied(String)
+    case malformed(String)
+    /// No storage backend is installed on this node.
+    case noBackend
+
+    public var description: String {
+        switch self {
+        case .valueTooLarge(let b, let l): "value of \(b) bytes exceeds the \(l)-byte limit"
+        case .storageFull(let b, let l): "storing would take \(b) bytes, over the \(l)-byte limit of this peer"
+        case .tooManyEntries(let loc, let l): "location \(loc) already holds the limit of \(l) entries"
+        case .unknownDomain(let d): "domain \(d) is not served by this peer"
+        case .denied(let r): "denied: \(r)"
+        case .malformed(let r): "malformed storage request: \(r)"
+        case .noBackend: "this peer has no storage backend"
+        }
+    }
+}
+
+/// A storage backend: where values live on one peer. Synchronous on purpose: it is called on the
+/// event loop for every storage request without interceptors, so it must be fast and must not
+/// block; do slow work in an interceptor instead.
+public protocol StorageBackend: Sendable {
+    /// Shown by tools and in errors.
+    var name: String { get }
+    /// Carries out one request. `now` is the uptime clock in nanoseconds (for TTLs).
+    func execute(_ request: StorageRequest, now: UInt64) throws(StorageError) -> StorageResult
+    /// Removes expired values; returns how many.
+    func sweepExpired(now: UInt64) -> Int
+}
+
+/// Which requests an interceptor sees.
+public enum InterceptorScope: Sendable, Hashable {
+    /// Every storage request.
+    case all
+    /// Requests touching this domain.
+    case domain(Number160)
+
+}
+
+/// What an interceptor may use.
+public struct StorageContext: Sendable {
+    /// The peer that sent the request; nil when it comes from this node itself.
+    public let sender: PeerAddress?
+    public let node: Node
+    /// The backend, for reads an interceptor needs (e.g. the current value to add to).
+    public let backend: any StorageBackend
+}
+
+/// The rest of the chain after an interceptor.
+public typealias StorageNext = @Sendable (StorageRequest) async throws -> StorageResult
+
+/// Middleware around storage, scoped to a domain or to all. Interceptors of one node run one
+/// chain at a time, so a read-modify-write interceptor is atomic.
+///
+/// ```swift
+/// struct Uppercase: StorageInterceptor {
+///     let scope = InterceptorScope.domain(Number160(hashing: "shout"))
+///     func intercept(_ request: StorageRequest, context: StorageContext, next: StorageNext) async throws -> StorageResult {
+///         guard case .put(let entries, let mode) = request else { return try await next(request) }
+///         return try await next(.put(entries.mapValues { var v = $0; v.value = Array(String(decoding: v.value, as: UTF8.self).uppercased().utf8); return v }, mode: mode))
+///     }
+/// }
+/// ```
+public protocol StorageInterceptor: Sendable {
+    var scope: InterceptorScope { get }
+    func intercept(_ request: StorageRequest, context: StorageContext, next: StorageNext) async throws -> StorageResult
+}

@@ -1,0 +1,55 @@
+import P2PDHT
+import P2PEvaluation
+import P2PKernel
+import P2PMessaging
+import P2PPeerVote
+import P2PTesting
+
+/// Answers "hello" with "world".
+struct Greeter: ObjectReplyHandler {
+    func reply(to request: String, from sender: PeerAddress) async throws -> String {
+        request == "hello" ? "world" : "what?"
+    }
+}
+
+/// Echoes bytes back with a prefix.
+struct Echo: RawReplyHandler {
+    func reply(to bytes: [UInt8], from sender: PeerAddress) async throws -> [UInt8] {
+        Array("echo:".utf8) + bytes
+    }
+}
+
+/// Every built-in plugin, as `p2p node` installs them.
+func builtIns(backend: MemoryStorage = MemoryStorage(), domains: Set<Number160>? = nil) -> [any Plugin] {
+    [DHTPlugin(backend: backend, domains: domains), MessagingPlugin(raw: Echo(), objects: Greeter()), EvaluationPlugin(), PeerVotePlugin()]
+}
+
+func testnet(_ n: Int, routing: Testnet.Routing = .perfect) async throws -> Testnet {
+    try await Testnet.start(peers: n, routing: routing, plugins: { _ in builtIns() })
+}
+
+func key(_ text: String, domain: Number160 = .zero) -> Number640 {
+    Number640(location: Number160(hashing: text), domain: domain)
+}
+
+func text(_ bytes: [UInt8]?) -> String? { bytes.map { String(decoding: $0, as: UTF8.self) } }
+
+/// Whether this peer's own storage holds the key (read straight from its backend).
+func holds(_ node: Node, _ k: Number640) throws -> Bool {
+    guard let backend = node.registry.storageBackend,
+          case .values(let v) = try backend.execute(.get(.keys([k])), now: StoragePipeline.now()) else { return false }
+    return v[k] != nil
+}
+
+/// A deterministic generator for test data.
+struct SplitMix64: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
