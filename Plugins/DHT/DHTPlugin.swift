@@ -27,7 +27,7 @@ public struct DHTPlugin: Plugin {
 
     public func install(into registry: PluginRegistry) throws {
         try registry.setStorageBackend(backend)
-        try registry.register(command: StorageCommand(domains: domains))
+        try registry.register(command: StorageCommand(domains: domains, acceptsReplicas: acceptsReplicas))
         try registry.register(command: RoutedSendCommand())
     }
 
@@ -40,6 +40,7 @@ struct StorageCommand: CommandHandler {
     static let commandName = "dht.storage"
     let name = StorageCommand.commandName
     let domains: Set<Number160>?
+    let acceptsReplicas: Bool
 
     func handle(_ request: Message, context: CommandContext) -> CommandResult {
         let storageRequest: StorageRequest
@@ -47,6 +48,9 @@ struct StorageCommand: CommandHandler {
             storageRequest = try StorageCodec.decodeRequest(request.payload)
         } catch {
             return .reply(.error(.badRequest, "\(error)"))
+        }
+        if !acceptsReplicas, storageRequest.isWrite {
+            return .reply(.error(.denied, "this peer does not store replicas"))
         }
         if let allowed = domains {
             guard let touched = storageRequest.domains else { return .reply(.error(.denied, "ranges across domains are not served here")) }

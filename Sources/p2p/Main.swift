@@ -44,7 +44,8 @@ struct P2P: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "p2p",
         abstract: "SwiftP2P: run a peer, talk to peers, or simulate a whole overlay in one process.",
-        subcommands: [NodeCommand.self, PingCommand.self, LookupCommand.self, SimCommand.self, BenchCommand.self]
+        subcommands: [NodeCommand.self, PingCommand.self, LookupCommand.self, PutCommand.self, GetCommand.self,
+                      RemoveCommand.self, SendCommand.self, SimCommand.self, BenchCommand.self]
     )
 }
 

@@ -21,8 +21,16 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(name: .customLong("network-id"), help: "Overlay id; messages of other overlays are dropped.")
     var networkID: UInt32 = 1
 
+    @Option(help: "Built-in plugins to install, comma-separated (\(BuiltInPlugins.names.joined(separator: ",")); empty for a bare kernel).")
+    var plugins: String = BuiltInPlugins.names.joined(separator: ",")
+
     func run() async throws {
-        let node = try await startNode(Node.builder().host(host).port(port).networkID(networkID))
+        let names = plugins.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        let id = IDBox()
+        let list = try BuiltInPlugins.make(names, peerID: { id.value })
+        let node = try await startNode(Node.builder().host(host).port(port).networkID(networkID).plugins(list))
+        id.value = node.peerID.description
+        if !names.isEmpty { say("plugins: \(names.joined(separator: ", "))") }
         say("node \(node.peerID) listening on \(host):\(node.address.udpPort) (udp+tcp)")
         node.peerMap.onChange { event in
             switch event {
@@ -54,6 +62,16 @@ struct NodeCommand: AsyncParsableCommand {
         say("received \(signal), leaving: telling \(node.peerMap.counts.verified) peers")
         await node.shutdown()
         say("stopped")
+    }
+}
+
+/// Holds the node's id for handlers created before the node exists.
+final class IDBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stored = ""
+    var value: String {
+        get { lock.withLock { stored } }
+        set { lock.withLock { stored = newValue } }
     }
 }
 

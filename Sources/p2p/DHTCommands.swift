@@ -1,0 +1,152 @@
+import ArgumentParser
+import Foundation
+import P2PDHT
+import P2PKernel
+
+/// Options every DHT client command shares.
+struct DHTClientOptions: ParsableArguments {
+    @Option(name: .customLong("bootstrap"), help: "A peer to join through, HOST:PORT (repeatable).", transform: parseAddress)
+    var seeds: [PeerSocketAddress] = []
+
+    @Option(help: "Domain: hashed like KEY unless 0x and 40 hex digits (default: zero).")
+    var domain: String?
+
+    @Option(help: "How many of the closest peers to ask.")
+    var replicas: Int = 3
+
+    func validate() throws {
+        guard !seeds.isEmpty else { throw ValidationError("--bootstrap HOST:PORT is required") }
+        guard (1...20).contains(replicas) else { throw ValidationError("--replicas must be from 1 to 20, got \(replicas)") }
+    }
+
+    func domainKey() throws -> Number160 {
+        guard let domain else { return .zero }
+        return try parseKey(domain)
+    }
+
+    /// Starts a client node, joins, runs `body`, and always leaves.
+    func withClient<T: Sendable>(_ body: @Sendable (Node) async throws -> T) async throws -> T {
+        let node = try await startNode(Node.builder().host("0.0.0.0").port(0).plugins(BuiltInPlugins.client))
+        do {
+            try await node.bootstrap(to: seeds)
+            let value = try await body(node)
+            await node.shutdown()
+            return value
+        } catch {
+            await node.shutdown()
+            if error is CLIError || error is ExitCode { throw error }
+            throw CLIError.failed("\(error)")
+        }
+    }
+}
+
+struct PutCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "put", abstract: "Store a value under a key on the peers closest to it.")
+
+    @OptionGroup var dht: DHTClientOptions
+    @Option(help: "Seconds until the value expires (default: never).")
+    var ttl: Int?
+    @Argument(help: "The key: hashed with SHA-1, unless given as 0x and 40 hex digits.")
+    var key: String
+    @Argument(help: "The value (stored as its UTF-8 bytes).")
+    var value: String
+
+    func validate() throws {
+        if let ttl { guard ttl > 0 else { throw ValidationError("--ttl must be positive, got \(ttl)") } }
+    }
+
+    func run() async throws {
+        let k = Number640(location: try parseKey(key), domain: try dht.domainKey())
+        let options = DHTOptions(replicas: dht.replicas, ttl: ttl.map { .seconds($0) })
+        let bytes = Array(value.utf8)
+        let result = try await dht.withClient { node in try await node.dht.put(k, bytes, options: options) }
+        for (peer, statuses) in result.statuses.sorted(by: { $0.key.id < $1.key.id }) {
+            say("\(peer.socket)  \(statuses[k]?.description ?? "?")")
+        }
+        for (peer, why) in result.failures { note("\(peer.socket)  failed: \(why)") }
+        guard result.isSuccess else { throw CLIError.failed("put of \(k.location) did not succeed: \(result.status(of: k))") }
+        say("stored on \(result.statuses.count) peers")
+    }
+}
+
+struct GetCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "get",
+        abstract: "Fetch the value under a key: printed on stdout (exit 0), or a message on stderr when not found (exit 1).")
+
+    @OptionGroup var dht: DHTClientOptions
+    @Flag(help: "Every value under the key's location and domain.")
+    var all = false
+    @Flag(help: "Print JSON: {\"key\": …, \"values\": {content key: value}}.")
+    var json = false
+    @Argument(help: "The key: hashed with SHA-1, unless given as 0x and 40 hex digits.")
+    var key: String
+
+    func run() async throws {
+        let location = try parseKey(key)
+        let domain = try dht.domainKey()
+        let query: StorageQuery = all ? .all(location: location, domain: domain) : .keys([Number640(location: location, domain: domain)])
+        let options = DHTOptions(replicas: dht.replicas)
+        let result = try await dht.withClient { node in try await node.dht.get(query, options: options) }
+        guard !result.isEmpty else {
+            note("not found: \(key) (\(location)) on \(result.outcomes.count) peers")
+            throw ExitCode(1)
+        }
+        if json {
+            var values: [String: String] = [:]
+            for (k, v) in result.entries { values[k.content.description] = String(decoding: v, as: UTF8.self) }
+            let object: [String: Any] = ["key": location.description, "domain": domain.description, "values": values]
+            let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
+            say(String(decoding: data, as: UTF8.self))
+        } else if all {
+            for (k, v) in result.entries.sorted(by: { $0.key < $1.key }) { say("\(k.content)  \(String(decoding: v, as: UTF8.self))") }
+        } else {
+            say(String(decoding: result.value ?? [], as: UTF8.self))
+        }
+    }
+}
+
+struct RemoveCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "remove", abstract: "Remove the value under a key from the peers closest to it.")
+
+    @OptionGroup var dht: DHTClientOptions
+    @Flag(help: "Every value under the key's location and domain.")
+    var all = false
+    @Argument(help: "The key: hashed with SHA-1, unless given as 0x and 40 hex digits.")
+    var key: String
+
+    func run() async throws {
+        let location = try parseKey(key)
+        let domain = try dht.domainKey()
+        let query: StorageQuery = all ? .all(location: location, domain: domain) : .keys([Number640(location: location, domain: domain)])
+        let options = DHTOptions(replicas: dht.replicas)
+        let result = try await dht.withClient { node in try await node.dht.remove(query, returnValues: true, options: options) }
+        guard !result.isEmpty else {
+            note("not found: \(key) (\(location))")
+            throw ExitCode(1)
+        }
+        say("removed \(result.entries.count) value(s) from \(result.outcomes.filter { if case .success = $0.result { true } else { false } }.count) peers")
+    }
+}
+
+struct SendCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "send", abstract: "Send text to the peers closest to a key and print their replies.")
+
+    @OptionGroup var dht: DHTClientOptions
+    @Argument(help: "The key: hashed with SHA-1, unless given as 0x and 40 hex digits.")
+    var key: String
+    @Argument(help: "The text to send.")
+    var text: String
+
+    func run() async throws {
+        let target = try parseKey(key)
+        let options = DHTOptions(replicas: dht.replicas, evaluation: "union")
+        let bytes = Array(text.utf8)
+        let result = try await dht.withClient { node in try await node.dht.send(to: target, bytes, options: options) }
+        for (peer, reply) in result.replies.sorted(by: { $0.key.id < $1.key.id }) {
+            say("\(peer.socket)  \(String(decoding: reply, as: UTF8.self))")
+        }
+        for (peer, why) in result.failures { note("\(peer.socket)  failed: \(why)") }
+        guard !result.replies.isEmpty else { throw CLIError.failed("no peer replied") }
+    }
+}
