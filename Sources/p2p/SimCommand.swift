@@ -22,6 +22,15 @@ struct SimCommand: AsyncParsableCommand {
     @Option(help: "How many peers bootstrap at once.")
     var joinConcurrency: Int = 16
 
+    @Option(help: "DHT operations per phase: sequential puts, sequential gets, then puts and gets with --concurrency in flight (0 skips them).")
+    var ops: Int = 0
+
+    @Option(help: "Operations in flight in the concurrent put and get phases.")
+    var concurrency: Int = 32
+
+    @Option(help: "Bytes per stored value.")
+    var valueSize: Int = 100
+
     @Option(help: "α: lookup requests in flight at once.")
     var parallel: Int = RoutingConfig().parallel
 
@@ -31,6 +40,9 @@ struct SimCommand: AsyncParsableCommand {
     func validate() throws {
         guard peers >= 1 else { throw ValidationError("--peers must be at least 1, got \(peers)") }
         guard lookups >= 0 else { throw ValidationError("--lookups must not be negative, got \(lookups)") }
+        guard ops >= 0 else { throw ValidationError("--ops must not be negative, got \(ops)") }
+        guard (1...4096).contains(concurrency) else { throw ValidationError("--concurrency must be from 1 to 4096, got \(concurrency)") }
+        guard (0...(1 << 20)).contains(valueSize) else { throw ValidationError("--value-size must be from 0 to 1048576") }
         guard (1...64).contains(parallel) else { throw ValidationError("--parallel must be from 1 to 64, got \(parallel)") }
         guard joinConcurrency >= 1 else { throw ValidationError("--join-concurrency must be at least 1") }
     }
@@ -41,8 +53,10 @@ struct SimCommand: AsyncParsableCommand {
         note("starting \(peers) peers…")
         let net: Testnet
         do {
+            let withPlugins = ops > 0
             net = try await Testnet.start(peers: peers, routing: perfect ? .perfect : .bootstrap,
                                           joinConcurrency: joinConcurrency,
+                                          plugins: { _ in withPlugins ? (try? BuiltInPlugins.make(BuiltInPlugins.names, peerID: { "" })) ?? [] : [] },
                                           progress: { phase, done, total in note("  \(phase): \(done)/\(total)") })
         } catch {
             throw CLIError.failed("could not start the network: \(error)")
@@ -77,6 +91,14 @@ struct SimCommand: AsyncParsableCommand {
                 if lookups >= 1000, (i + 1) % (lookups / 4) == 0 { note("  lookups: \(i + 1)/\(lookups)") }
             }
         }
+        var phases: [String: PhaseReport] = [:]
+        if ops > 0 {
+            let workload = DHTWorkload(net: net, ops: ops, valueSize: valueSize)
+            for (name, concurrent, isPut) in [("seq_put", false, true), ("seq_get", false, false), ("put", true, true), ("get", true, false)] {
+                note("\(name): \(ops) operations\(concurrent ? ", \(concurrency) in flight" : ", one at a time")…")
+                phases[name] = await workload.run(isPut: isPut, concurrency: concurrent ? concurrency : 1, keySet: concurrent ? 1 : 0)
+            }
+        }
         let verified = net.nodes.map { $0.peerMap.counts.verified }
         note("shutting down…")
         await net.shutdown()
@@ -97,7 +119,8 @@ struct SimCommand: AsyncParsableCommand {
             recallMedian: percentile(sortedRecalls, 0.5),
             memoryPerPeerKiB: memoryPerPeerKiB,
             rssMiB: Double(rssAfter) / 1_048_576,
-            verifiedMean: Double(verified.reduce(0, +)) / Double(max(1, verified.count))
+            verifiedMean: Double(verified.reduce(0, +)) / Double(max(1, verified.count)),
+            phases: phases
         )
         if json {
             print(report.json())
@@ -125,10 +148,11 @@ struct SimReport {
     var memoryPerPeerKiB: Double
     var rssMiB: Double
     var verifiedMean: Double
+    var phases: [String: PhaseReport]
 
     func json() -> String {
         func r(_ v: Double, _ digits: Int = 4) -> Double { (v * pow(10, Double(digits))).rounded() / pow(10, Double(digits)) }
-        let object: [String: Any] = [
+        var object: [String: Any] = [
             "peers": peers,
             "bootstrap_s": r(bootstrapSeconds, 3),
             "lookup": [
@@ -141,6 +165,10 @@ struct SimReport {
             "rss_mib": r(rssMiB, 1),
             "verified_peers_mean": r(verifiedMean, 1),
         ]
+        for (name, p) in phases {
+            object[name] = ["ops": p.ops, "ops_per_s": r(p.opsPerSecond, 1), "p50_ms": r(p.p50), "p95_ms": r(p.p95),
+                            "p99_ms": r(p.p99), "success_rate": r(p.successRate, 5), "concurrency": p.concurrency] as [String: Any]
+        }
         let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
         return String(decoding: data, as: UTF8.self)
     }
@@ -156,6 +184,73 @@ struct SimReport {
           per lookup    \(f(hopsMean, 2)) hops · \(f(messagesMean, 1)) messages
           recall        \(f(recall, 4)) of the true 20 closest on average (median \(f(recallMedian, 2)), worst \(f(recallMin, 2)))
           memory        \(f(memoryPerPeerKiB, 1)) KiB per peer (RSS \(f(rssMiB, 1)) MiB)
-        """
+        """ + ["seq_put", "seq_get", "put", "get"].compactMap { name in
+            phases[name].map { p in
+                "\n  \(name.padding(toLength: 12, withPad: " ", startingAt: 0))  \(f(p.opsPerSecond, 0)) ops/s with \(p.concurrency) in flight · p50 \(f(p.p50)) ms · p95 \(f(p.p95)) ms · p99 \(f(p.p99)) ms · success \(f(p.successRate * 100, 2)) %"
+            }
+        }.joined()
+    }
+}
+
+/// One measured phase of DHT operations.
+struct PhaseReport: Sendable {
+    var ops: Int
+    var concurrency: Int
+    var opsPerSecond: Double
+    var p50: Double, p95: Double, p99: Double
+    var successRate: Double
+}
+
+/// Puts and gets of random keys with fixed-size values from random peers; gets read back what
+/// the put phase of the same kind wrote and count a wrong or missing value as a failure.
+final class DHTWorkload: @unchecked Sendable {
+    let net: Testnet
+    let ops: Int
+    let keys: [[Number640]]
+    let values: [[[UInt8]]]
+
+    init(net: Testnet, ops: Int, valueSize: Int) {
+        self.net = net
+        self.ops = ops
+        var rng = SystemRandomNumberGenerator()
+        keys = (0..<2).map { _ in (0..<ops).map { _ in Number640(location: .random(using: &rng)) } }
+        values = (0..<2).map { _ in (0..<ops).map { _ in (0..<valueSize).map { _ in UInt8.random(in: 0...255, using: &rng) } } }
+    }
+
+    func run(isPut: Bool, concurrency: Int, keySet: Int) async -> PhaseReport {
+        let clock = ContinuousClock()
+        let start = clock.now
+        let results = await withTaskGroup(of: (Double, Bool).self) { group in
+            var out: [(Double, Bool)] = []
+            out.reserveCapacity(ops)
+            var next = 0
+            func add() {
+                let i = next
+                next += 1
+                let node = net.nodes[Int.random(in: 0..<net.nodes.count)]
+                let key = keys[keySet][i], value = values[keySet][i]
+                group.addTask {
+                    let t0 = ContinuousClock.now
+                    let ok: Bool
+                    if isPut {
+                        ok = (try? await node.dht.put(key, value).isSuccess) ?? false
+                    } else {
+                        ok = (try? await node.dht.get(key).value) == value
+                    }
+                    return ((ContinuousClock.now - t0).milliseconds, ok)
+                }
+            }
+            while next < min(concurrency, ops) { add() }
+            while let r = await group.next() {
+                out.append(r)
+                if next < ops { add() }
+            }
+            return out
+        }
+        let seconds = (clock.now - start).milliseconds / 1000
+        let latencies = results.map(\.0).sorted()
+        return PhaseReport(ops: ops, concurrency: concurrency, opsPerSecond: Double(ops) / max(seconds, 1e-9),
+                           p50: percentile(latencies, 0.5), p95: percentile(latencies, 0.95), p99: percentile(latencies, 0.99),
+                           successRate: Double(results.filter(\.1).count) / Double(max(1, results.count)))
     }
 }
