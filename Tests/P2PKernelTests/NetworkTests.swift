@@ -68,7 +68,8 @@ struct NetworkTests {
 
     @Test("three failures in a row mark a peer offline")
     func threeFailuresOffline() async throws {
-        let dead = try await deadPeerAddress()
+        let silent = try await SilentPeer()
+        let dead = silent.address
         let a = try await loopbackNode(timeout: .milliseconds(200))
         a.peerMap.peerFound(dead, verified: true)
         let events = NIOLockedValueBox([PeerMapEvent]())
@@ -85,6 +86,7 @@ struct NetworkTests {
         // While banned, hearsay does not bring it back.
         #expect(!a.peerMap.peerFound(dead, verified: false))
         await a.shutdown()
+        await silent.close()
     }
 
     @Test("discover reports a loopback peer as reachable at the address it was seen from")
@@ -100,7 +102,8 @@ struct NetworkTests {
 
     @Test("maintenance pings peers that are due and drops the dead ones")
     func maintenanceDropsDeadPeers() async throws {
-        let dead = try await deadPeerAddress()
+        let silent = try await SilentPeer()
+        let dead = silent.address
         var cfg = PeerMapConfig()
         cfg.checkIntervals = [.milliseconds(1)]
         let a = try await loopbackNode(timeout: .milliseconds(100)) {
@@ -110,6 +113,7 @@ struct NetworkTests {
         for _ in 0..<100 where a.peerMap.contains(dead.id) { try await Task.sleep(for: .milliseconds(20)) }
         #expect(!a.peerMap.contains(dead.id))
         await a.shutdown()
+        await silent.close()
     }
 }
 

@@ -10,12 +10,20 @@ func loopbackNode(timeout: Duration = .milliseconds(600), network: UInt32 = 1,
     try await extra(Node.builder().host("127.0.0.1").port(0).networkID(network).requestTimeout(timeout).maintenance(nil)).start()
 }
 
-/// The address of a peer that has just shut down: nothing listens on its port any more.
-func deadPeerAddress() async throws -> PeerAddress {
-    let gone = try await loopbackNode()
-    let address = gone.address
-    await gone.shutdown()
-    return address
+/// A peer that never answers: its UDP port stays bound (so no other node in this process can be
+/// given it while the test runs) and nothing listens on TCP at that port (connections are refused).
+/// A shut-down node's port would not do: parallel tests start many nodes and one may get it.
+final class SilentPeer: Sendable {
+    let channel: any Channel
+    let address: PeerAddress
+
+    init() async throws {
+        channel = try await DatagramBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
+        let port = UInt16(channel.localAddress?.port ?? 0)
+        address = PeerAddress(id: .random(), socket: PeerSocketAddress(ip: .loopback, port: port))
+    }
+
+    func close() async { try? await channel.close() }
 }
 
 /// Answers with as many bytes as the request's integer asks for: bigger than a datagram forces
@@ -51,9 +59,10 @@ struct TransportTests {
         await a.shutdown()
     }
 
-    @Test("a request to a closed port fails with a timeout error within its bound")
+    @Test("a request to a silent port fails with a timeout error within its bound")
     func closedPortTimesOut() async throws {
-        let closed = try await deadPeerAddress().socket
+        let silent = try await SilentPeer()
+        let closed = silent.address.socket
         let a = try await loopbackNode(timeout: .milliseconds(400))
         let clock = ContinuousClock()
         let start = clock.now
@@ -73,6 +82,7 @@ struct TransportTests {
             if case RPCError.unreachable = error { return true } else { return false }
         }
         await a.shutdown()
+        await silent.close()
     }
 
     @Test("messages of another network are dropped")
@@ -132,12 +142,14 @@ struct TransportTests {
 
     @Test("too many requests in flight fail fast instead of queueing")
     func boundedInFlight() async throws {
-        let closed = try await deadPeerAddress().socket
+        let silent = try await SilentPeer()
+        let closed = silent.address.socket
         let a = try await loopbackNode(timeout: .milliseconds(300)) { $0.configure { $0.maxInFlight = 2 } }
         let f1 = a.request(to: closed, command: 1), f2 = a.request(to: closed, command: 1)
         await #expect(throws: RPCError.tooManyInFlight(limit: 2)) { try await a.request(to: closed, command: 1).get() }
         _ = try? await f1.get(); _ = try? await f2.get()
         await a.shutdown()
+        await silent.close()
     }
 }
 
