@@ -196,8 +196,13 @@ public struct DHT: Sendable {
 
     /// Values matching a query: several keys, a range, everything under a location and domain
     /// (`.all(location:domain:)`), or the latest versions (`.latest`).
+    ///
+    /// The get rides along the lookup (Kademlia's FIND_VALUE): peers on the way answer from their
+    /// storage, and the lookup stops once `replicas` of them had the data. Only when fewer did
+    /// (a missing key, an intercepted domain) are the closest peers asked afterwards, and a peer
+    /// that already answered during the lookup is not asked again.
     public func get(_ query: StorageQuery, options: DHTOptions = DHTOptions()) async throws -> GetResult {
-        let outcomes = try await routed(try location(of: query), .get(query), options: options)
+        let outcomes = try await routedGet(try location(of: query), .get(query), options: options)
         return GetResult(entries: try evaluate(outcomes, options: options), outcomes: outcomes)
     }
 
@@ -287,24 +292,82 @@ public struct DHT: Sendable {
         return answers.map { PeerOutcome(peer: $0.0, result: $0.1) }
     }
 
+    /// A get with the question carried in the lookup; see `get(_:options:)`.
+    private func routedGet(_ location: Number160, _ request: StorageRequest, options: DHTOptions) async throws -> [PeerOutcome] {
+        guard let plugin = node.registry.plugin(DHTPlugin.self) else { throw DHTError.pluginNotInstalled }
+        let node = self.node
+        let payload = StorageCodec.encode(request)
+        var known: [Number160: Result<StorageResult, any Error>] = [:]
+        var hits = 0
+        if plugin.acceptsReplicas, let mine = node.storage.executeImmediately(request) {
+            known[node.peerID] = mine.mapError { $0 as any Error }
+            if case .success(.values(let v)) = mine, !v.isEmpty { hits = 1 }
+        }
+        var routing = routingConfig(options)
+        routing.maxDirectHits = options.replicas
+        let question = RoutingQuestion(handlerName: GetQuestion.handlerName, payload: payload, isHit: GetQuestion.isHit)
+        let result = try await node.lookup(location, config: routing, question: question, initialHits: hits).get()
+        var hitOutcomes: [PeerOutcome] = []
+        if hits > 0, let mine = known[node.peerID] { hitOutcomes.append(PeerOutcome(peer: node.address, result: mine)) }
+        for answer in result.answers {
+            guard let decoded = try? StorageCodec.decodeResult(answer.payload) else { continue }
+            known[answer.peer.id] = .success(decoded)
+            if answer.isHit { hitOutcomes.append(PeerOutcome(peer: answer.peer, result: .success(decoded))) }
+        }
+        if hitOutcomes.count >= options.replicas { return hitOutcomes }
+        let answers = try await fanOut(location, candidates: candidates(result.peers, location: location), known: known, options: options,
+                                       remote: { peer in
+                                           node.request(to: peer, command: DHTPlugin.storageCommand, payload: payload).flatMapThrowing { reply in
+                                               if let e = RPCError.from(reply: reply) { throw e }
+                                               return try StorageCodec.decodeResult(reply.payload)
+                                           }
+                                       }, local: { DHT.executeLocally(request, sender: nil, node: node) }).get()
+        return answers.map { PeerOutcome(peer: $0.0, result: $0.1) }
+    }
+
+    private func routingConfig(_ options: DHTOptions) -> RoutingConfig {
+        var routing = options.routing ?? node.config.routing
+        if options.routing == nil { routing.resultSize = options.replicas + options.parallelDifference + options.maxFailures }
+        return routing
+    }
+
+    /// The lookup's peers, with this node inserted by distance when it accepts replicas.
+    private func candidates(_ peers: [PeerAddress], location: Number160) -> [PeerAddress] {
+        var candidates = peers
+        if node.registry.plugin(DHTPlugin.self)?.acceptsReplicas ?? false {
+            let me = node.address
+            let at = candidates.firstIndex { location.isCloser(me.id, than: $0.id) } ?? candidates.count
+            candidates.insert(me, at: at)
+        }
+        return candidates
+    }
+
     /// Looks up the peers closest to `location`, then asks `replicas` of them (closest first,
     /// this node among them when it accepts replicas), replacing failed ones from the spares.
     private func fanOut<T: Sendable>(_ location: Number160, options: DHTOptions,
                                      remote: @escaping @Sendable (PeerAddress) -> EventLoopFuture<T>,
                                      local: @escaping @Sendable () -> EventLoopFuture<T>) -> EventLoopFuture<[(PeerAddress, Result<T, any Error>)]> {
-        var routing = options.routing ?? node.config.routing
-        if options.routing == nil { routing.resultSize = options.replicas + options.parallelDifference + options.maxFailures }
-        let acceptsReplicas = node.registry.plugin(DHTPlugin.self)?.acceptsReplicas ?? false
+        let dht = self
+        return node.lookup(location, config: routingConfig(options)).flatMap { result in
+            dht.fanOut(location, candidates: dht.candidates(result.peers, location: location), known: [:], options: options,
+                       remote: remote, local: local)
+        }
+    }
+
+    /// Asks `replicas` of the candidates; a candidate with a `known` answer is not asked again.
+    private func fanOut<T: Sendable>(_ location: Number160, candidates: [PeerAddress], known: [Number160: Result<T, any Error>],
+                                     options: DHTOptions,
+                                     remote: @escaping @Sendable (PeerAddress) -> EventLoopFuture<T>,
+                                     local: @escaping @Sendable () -> EventLoopFuture<T>) -> EventLoopFuture<[(PeerAddress, Result<T, any Error>)]> {
         let node = self.node
-        return node.lookup(location, config: routing).flatMap { result in
-            var candidates = result.peers
-            if acceptsReplicas {
-                let me = node.address
-                let at = candidates.firstIndex { location.isCloser(me.id, than: $0.id) } ?? candidates.count
-                candidates.insert(me, at: at)
-            }
-            let fan = FanOut<T>(node: node, candidates: candidates, options: options, remote: remote, local: local)
-            return fan.start()
+        return node.eventLoop.flatSubmit {
+            FanOut<T>(node: node, candidates: candidates, options: options, remote: { peer in
+                if let answer = known[peer.id] { return node.eventLoop.makeCompletedFuture(answer) }
+                return remote(peer)
+            }, local: {
+                if let answer = known[node.peerID] { return node.eventLoop.makeCompletedFuture(answer) }
+                return local()
+            }).start()
         }
     }
 
@@ -353,6 +416,8 @@ final class FanOut<T: Sendable>: @unchecked Sendable {
     private var next = 0, inFlight = 0, successes = 0, failures = 0
     private var outcomes: [(PeerAddress, Result<T, any Error>)] = []
     private var done = false
+    private var pumping = false
+    private var again = false
 
     init(node: Node, candidates: [PeerAddress], options: DHTOptions,
          remote: @escaping @Sendable (PeerAddress) -> EventLoopFuture<T>, local: @escaping @Sendable () -> EventLoopFuture<T>) {
@@ -369,26 +434,37 @@ final class FanOut<T: Sendable>: @unchecked Sendable {
         return promise.futureResult
     }
 
+    /// Launches requests while there is room, and finishes when enough answered, too many
+    /// failed, or no candidate is left. Not reentrant: a future that is already complete runs its
+    /// callback inline, and that callback's `pump()` only asks the running one to go round again.
     private func pump() {
         guard !done else { return }
-        let width = options.replicas + options.parallelDifference
-        while next < candidates.count, inFlight < width, successes + inFlight < width {
-            let peer = candidates[next]
-            next += 1
-            inFlight += 1
-            let future = peer.id == node.peerID ? local() : remote(peer)
-            future.hop(to: node.eventLoop).whenComplete { [self] result in
-                inFlight -= 1
-                outcomes.append((peer, result))
-                if case .success = result { successes += 1 } else { failures += 1 }
-                pump()
-            }
+        if pumping {
+            again = true
+            return
         }
-        if successes >= options.replicas || failures > options.maxFailures || (inFlight == 0 && next >= candidates.count) {
-            if inFlight == 0 || successes >= options.replicas || failures > options.maxFailures {
+        pumping = true
+        defer { pumping = false }
+        let width = options.replicas + options.parallelDifference
+        repeat {
+            again = false
+            while !done, next < candidates.count, inFlight < width, successes + inFlight < width {
+                let peer = candidates[next]
+                next += 1
+                inFlight += 1
+                let future = peer.id == node.peerID ? local() : remote(peer)
+                future.hop(to: node.eventLoop).whenComplete { [self] result in
+                    inFlight -= 1
+                    guard !done else { return }
+                    outcomes.append((peer, result))
+                    if case .success = result { successes += 1 } else { failures += 1 }
+                    pump()
+                }
+            }
+            if !done, successes >= options.replicas || failures > options.maxFailures || (inFlight == 0 && next >= candidates.count) {
                 done = true
                 promise.succeed(outcomes)
             }
-        }
+        } while again && !done
     }
 }

@@ -29,6 +29,7 @@ public struct DHTPlugin: Plugin {
         try registry.setStorageBackend(backend)
         try registry.register(command: StorageCommand(domains: domains, acceptsReplicas: acceptsReplicas))
         try registry.register(command: RoutedSendCommand())
+        try registry.register(question: GetQuestion(domains: domains))
     }
 
     static let storageCommand = CommandID.derive(from: StorageCommand.commandName)
@@ -86,5 +87,28 @@ struct RoutedSendCommand: CommandHandler {
         return .future(context.eventLoop.makeFutureWithTask {
             Reply(payload: [.bytes(try await handler.reply(to: bytes, from: sender))])
         })
+    }
+}
+
+/// Answers a get carried in a routing step from local storage, when that needs no interceptor:
+/// the lookup for a value then stops as soon as enough holders have answered.
+struct GetQuestion: RoutingQuestionHandler {
+    static let handlerName = "dht.get"
+    let name = GetQuestion.handlerName
+    let domains: Set<Number160>?
+
+    func answer(_ question: [Payload], key: Number160, context: CommandContext) -> [Payload]? {
+        guard let request = try? StorageCodec.decodeRequest(question), case .get = request else { return nil }
+        if let allowed = domains {
+            guard let touched = request.domains, touched.isSubset(of: allowed) else { return nil }
+        }
+        guard case .success(let result)? = context.node.storage.executeImmediately(request) else { return nil }
+        return StorageCodec.encode(result)
+    }
+
+    /// Whether an answer holds at least one value.
+    static func isHit(_ answer: [Payload]) -> Bool {
+        guard case .values(let v)? = try? StorageCodec.decodeResult(answer) else { return false }
+        return !v.isEmpty
     }
 }

@@ -75,7 +75,17 @@ public final class Testnet: Sendable {
                 func add() {
                     let node = joiners[next]
                     next += 1
-                    group.addTask { try await node.bootstrap(to: seed) }
+                    group.addTask {
+                        // A busy seed may miss a ping (UDP): retry as a real node would.
+                        for attempt in 1...3 {
+                            do {
+                                try await node.bootstrap(to: seed)
+                                return
+                            } catch where attempt < 3 {
+                                continue
+                            }
+                        }
+                    }
                 }
                 while next < min(window, joiners.count) { add() }
                 while try await group.next() != nil {

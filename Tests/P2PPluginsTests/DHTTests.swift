@@ -60,6 +60,21 @@ struct DHTTests {
         await net.shutdown()
     }
 
+    @Test("with one replica, puts and gets work from every peer, the holder itself included")
+    func singleReplica() async throws {
+        let net = try await testnet(12)
+        let one = DHTOptions(replicas: 1)
+        for (i, node) in net.nodes.enumerated() {
+            let k = key("single \(i)")
+            #expect(try await node.dht.put(k, Array("v\(i)".utf8), options: one).isSuccess)
+            let holder = try #require(try net.nodes.first { try holds($0, k) })
+            #expect(text(try await holder.dht.get(k, options: one).value) == "v\(i)")
+            #expect(text(try await net.nodes[(i + 5) % 12].dht.get(k, options: one).value) == "v\(i)")
+            #expect(try net.nodes.filter { try holds($0, k) }.count == 1)
+        }
+        await net.shutdown()
+    }
+
     @Test("remove, then get returns nothing; remove can return what it removed")
     func removeThenGet() async throws {
         let net = try await testnet(12)

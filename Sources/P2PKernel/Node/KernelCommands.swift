@@ -32,6 +32,12 @@ public enum KernelCommands {
             var peers = context.node.peerMap.closest(to: key, count: k + 1)
             peers.removeAll { $0.id == request.sender.id }
             if peers.count > k { peers.removeLast(peers.count - k) }
+            // A plugin's question rides along: [keys, integer(question id), question sections…].
+            if request.payload.count > 1, case .integer(let q) = request.payload[1], let id = UInt16(exactly: q),
+               let handler = context.node.registry.questionHandler(for: id),
+               let answer = handler.answer(Array(request.payload.dropFirst(2)), key: key, context: context) {
+                return .reply(Reply(payload: [.peers(peers), .integer(q)] + answer))
+            }
             return .reply(Reply(payload: [.peers(peers)]))
         }
     }

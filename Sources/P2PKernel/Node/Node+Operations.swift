@@ -53,11 +53,21 @@ extension Node {
     }
 
     /// The lookup as a future, for callers already on event loops (simulations, plugins).
-    public func lookup(_ key: Number160, config: RoutingConfig? = nil) -> EventLoopFuture<RoutingResult> {
+    ///
+    /// - Parameters:
+    ///   - question: a plugin's question carried in every request; answers come back in
+    ///     `RoutingResult.answers`, and hits count towards `maxDirectHits`.
+    ///   - initialHits: hits already counted before the lookup (say, this node holds the data).
+    public func lookup(_ key: Number160, config: RoutingConfig? = nil, question: RoutingQuestion? = nil,
+                       initialHits: Int = 0) -> EventLoopFuture<RoutingResult> {
         let cfg = config ?? self.config.routing
+        if eventLoop.inEventLoop {
+            guard running else { return eventLoop.makeFailedFuture(RPCError.shutDown) }
+            return IterativeLookup(node: self, key: key, config: cfg, question: question, initialHits: initialHits).start()
+        }
         return eventLoop.flatSubmit { [self] in
             guard running else { return eventLoop.makeFailedFuture(RPCError.shutDown) }
-            return IterativeLookup(node: self, key: key, config: cfg).start()
+            return IterativeLookup(node: self, key: key, config: cfg, question: question, initialHits: initialHits).start()
         }
     }
 

@@ -16,6 +16,7 @@ public final class PluginRegistry: Sendable {
         var schemes: [String: any EvaluationScheme] = [:]
         var policies: [any ReplicationPolicy] = []
         var subscribers: [@Sendable (NodeEvent) -> Void] = []
+        var questions: [UInt16: any RoutingQuestionHandler] = [:]
     }
     private let state = NIOLockedValueBox(State())
 
@@ -54,6 +55,27 @@ public final class PluginRegistry: Sendable {
     @discardableResult
     public func register(command: any CommandHandler) throws -> UInt16 {
         try commands.register(command)
+    }
+
+    // MARK: routing questions
+
+    /// Registers a handler for questions carried in routing steps.
+    public func register(question handler: any RoutingQuestionHandler) throws {
+        let id = CommandID.derive(from: handler.name)
+        let error: RegistryError? = state.withLockedValue { s in
+            if let existing = s.questions[id] {
+                return existing.name == handler.name ? .duplicateName(handler.name)
+                    : .idCollision(name: handler.name, existing: existing.name, id: id)
+            }
+            s.questions[id] = handler
+            return nil
+        }
+        if let error { throw error }
+    }
+
+    /// The question handler for a wire id.
+    public func questionHandler(for id: UInt16) -> (any RoutingQuestionHandler)? {
+        state.withLockedValue { $0.questions[id] }
     }
 
     // MARK: storage

@@ -16,6 +16,9 @@ final class IterativeLookup {
     private let node: Node
     private let key: Number160
     private let config: RoutingConfig
+    private let question: RoutingQuestion?
+    private let request: [Payload]
+    private var answers: [RoutingAnswer] = []
     private let promise: EventLoopPromise<RoutingResult>
     private var candidates: [Candidate] = []
     private var seen: Set<Number160> = []
@@ -27,10 +30,17 @@ final class IterativeLookup {
     private var directHits = 0
     private var finished = false
 
-    init(node: Node, key: Number160, config: RoutingConfig) {
+    init(node: Node, key: Number160, config: RoutingConfig, question: RoutingQuestion? = nil, initialHits: Int = 0) {
         self.node = node
         self.key = key
         self.config = config
+        self.question = question
+        self.directHits = initialHits
+        if let question {
+            request = [.keys([key]), .integer(Int64(question.id))] + question.payload
+        } else {
+            request = [.keys([key])]
+        }
         self.promise = node.eventLoop.makePromise()
     }
 
@@ -75,7 +85,9 @@ final class IterativeLookup {
         if answered >= config.maxSuccess { return finish(.maxSuccess) }
         var live = 0
         var i = 0
-        while i < candidates.count, live < config.resultSize, inFlight < config.parallel {
+        // `ask` may complete inline (a request refused at once) and re-enter `step`; stop here if
+        // that finished the lookup.
+        while !finished, i < candidates.count, live < config.resultSize, inFlight < config.parallel {
             if candidates[i].state == .failed {
                 i += 1
                 continue
@@ -84,7 +96,7 @@ final class IterativeLookup {
             if candidates[i].state == .new { ask(i) }
             i += 1
         }
-        if inFlight == 0 { finish(.converged) }
+        if inFlight == 0, !finished { finish(.converged) }
     }
 
     private func ask(_ index: Int) {
@@ -94,7 +106,7 @@ final class IterativeLookup {
         let peer = candidates[index].peer
         let depth = candidates[index].depth
         node.requestOnLoop(target: peer.socket, expectedID: peer.id, command: node.kernelCommands.neighbors,
-                           payload: [.keys([key])], transport: .auto, timeout: nil)
+                           payload: request, transport: .auto, timeout: nil)
             .whenComplete { [self] result in
                 inFlight -= 1
                 guard !finished else { return }
@@ -102,7 +114,16 @@ final class IterativeLookup {
                 case .success(let reply) where reply.type == .ok:
                     mark(peer.id, .answered)
                     answered += 1
-                    if peer.id == key { directHits += 1 }
+                    if let question {
+                        if reply.payload.count > 1, case .integer(let q) = reply.payload[1], q == Int64(question.id) {
+                            let answer = Array(reply.payload.dropFirst(2))
+                            let hit = question.isHit(answer)
+                            answers.append(RoutingAnswer(peer: reply.sender, payload: answer, isHit: hit))
+                            if hit { directHits += 1 }
+                        }
+                    } else if peer.id == key {
+                        directHits += 1
+                    }
                     var improved = false
                     for p in reply.firstPeers ?? [] {
                         if let at = insert(p, depth: depth + 1), at < config.resultSize { improved = true }
@@ -137,6 +158,6 @@ final class IterativeLookup {
             hops = max(hops, c.depth)
             if peers.count == config.resultSize { break }
         }
-        promise.succeed(RoutingResult(peers: peers, hops: hops, messages: messages, failures: failures, stop: reason))
+        promise.succeed(RoutingResult(peers: peers, hops: hops, messages: messages, failures: failures, stop: reason, answers: answers))
     }
 }

@@ -9,8 +9,8 @@ public struct RoutingConfig: Sendable, Equatable {
     public var parallel = 3
     /// k: how many closest peers the result holds.
     public var resultSize = 20
-    /// Stop once this many answering peers have the exact key as id (for fetches that can stop at
-    /// the first holder). Unlimited by default.
+    /// Stop once this many peers were direct hits: peers whose id is the key, or, when the lookup
+    /// carries a question, peers whose answer is a hit (they have the data). Unlimited by default.
     public var maxDirectHits = Int.max
     /// Stop after this many replies in a row brought no peer into the k closest known.
     public var maxNoNewInfo = 30
@@ -44,6 +44,8 @@ public struct RoutingResult: Sendable {
     public var failures: Int
     /// Why the lookup stopped.
     public var stop: StopReason
+    /// Answers to the routing question, from the peers that answered it, in arrival order.
+    public var answers: [RoutingAnswer] = []
 
     public enum StopReason: String, Sendable {
         /// The k closest known peers all answered.
