@@ -79,14 +79,7 @@ struct RoutedSendCommand: CommandHandler {
     let name = RoutedSendCommand.commandName
 
     func handle(_ request: Message, context: CommandContext) -> CommandResult {
-        guard let bytes = request.firstBytes else { return .reply(.error(.badRequest, "a routed send carries a byte section")) }
-        guard let handler = context.node.registry.rawReplyHandler else {
-            return .reply(.error(.denied, "this peer has no raw reply handler"))
-        }
-        let sender = context.sender
-        return .future(context.eventLoop.makeFutureWithTask {
-            Reply(payload: [.bytes(try await handler.reply(to: bytes, from: sender))])
-        })
+        context.answerWithRawHandler(request)
     }
 }
 

@@ -51,14 +51,7 @@ struct RawCommand: CommandHandler {
     static let commandName = "messaging.raw"
     let name = RawCommand.commandName
     func handle(_ request: Message, context: CommandContext) -> CommandResult {
-        guard let bytes = request.firstBytes else { return .reply(.error(.badRequest, "a direct message carries a byte section")) }
-        guard let handler = context.node.registry.rawReplyHandler else {
-            return .reply(.error(.denied, "this peer has no raw reply handler"))
-        }
-        let sender = context.sender
-        return .future(context.eventLoop.makeFutureWithTask {
-            Reply(payload: [.bytes(try await handler.reply(to: bytes, from: sender))])
-        })
+        context.answerWithRawHandler(request)
     }
 }
 

@@ -19,6 +19,13 @@ struct DHTClientOptions: ParsableArguments {
         guard (1...20).contains(replicas) else { throw ValidationError("--replicas must be from 1 to 20, got \(replicas)") }
     }
 
+    /// The value under KEY, or with `all` every value under its location and domain.
+    func query(key: String, all: Bool) throws -> StorageQuery {
+        let location = try parseKey(key)
+        let domain = try domainKey()
+        return all ? .all(location: location, domain: domain) : .keys([Number640(location: location, domain: domain)])
+    }
+
     func domainKey() throws -> Number160 {
         guard let domain else { return .zero }
         return try parseKey(domain)
@@ -85,7 +92,7 @@ struct GetCommand: AsyncParsableCommand {
     func run() async throws {
         let location = try parseKey(key)
         let domain = try dht.domainKey()
-        let query: StorageQuery = all ? .all(location: location, domain: domain) : .keys([Number640(location: location, domain: domain)])
+        let query = try dht.query(key: key, all: all)
         let options = DHTOptions(replicas: dht.replicas)
         let result = try await dht.withClient { node in try await node.dht.get(query, options: options) }
         guard !result.isEmpty else {
@@ -116,13 +123,11 @@ struct RemoveCommand: AsyncParsableCommand {
     var key: String
 
     func run() async throws {
-        let location = try parseKey(key)
-        let domain = try dht.domainKey()
-        let query: StorageQuery = all ? .all(location: location, domain: domain) : .keys([Number640(location: location, domain: domain)])
+        let query = try dht.query(key: key, all: all)
         let options = DHTOptions(replicas: dht.replicas)
         let result = try await dht.withClient { node in try await node.dht.remove(query, returnValues: true, options: options) }
         guard !result.isEmpty else {
-            note("not found: \(key) (\(location))")
+            note("not found: \(key)")
             throw ExitCode(1)
         }
         say("removed \(result.entries.count) value(s) from \(result.outcomes.filter { if case .success = $0.result { true } else { false } }.count) peers")

@@ -1,3 +1,4 @@
+import P2PTesting
 import Testing
 @testable import P2PKernel
 

@@ -9,6 +9,21 @@ public protocol RawReplyHandler: Sendable {
     func reply(to bytes: [UInt8], from sender: PeerAddress) async throws -> [UInt8]
 }
 
+extension CommandContext {
+    /// Answers a request whose first byte section is for this peer's raw reply handler (direct
+    /// messages and routed sends): the handler's bytes, or `denied` when the peer has none.
+    public func answerWithRawHandler(_ request: Message) -> CommandResult {
+        guard let bytes = request.firstBytes else { return .reply(.error(.badRequest, "the message carries no byte section")) }
+        guard let handler = node.registry.rawReplyHandler else {
+            return .reply(.error(.denied, "this peer has no raw reply handler"))
+        }
+        let sender = self.sender
+        return .future(eventLoop.makeFutureWithTask {
+            Reply(payload: [.bytes(try await handler.reply(to: bytes, from: sender))])
+        })
+    }
+}
+
 /// Answers direct messages carrying one `Codable` type; the reply is `Codable` too.
 ///
 /// ```swift
