@@ -11,6 +11,7 @@ let package = Package(
         .library(name: "P2PMessaging", targets: ["P2PMessaging"]),
         .library(name: "P2PEvaluation", targets: ["P2PEvaluation"]),
         .library(name: "P2PPeerVote", targets: ["P2PPeerVote"]),
+        .library(name: "P2PLoader", targets: ["P2PLoader"]),
         .executable(name: "p2p", targets: ["p2p"]),
     ],
     dependencies: [
@@ -34,6 +35,18 @@ let package = Package(
             name: "P2PTesting",
             dependencies: ["P2PKernel"]
         ),
+        // The C ABI of loadable plugins: header only.
+        .target(name: "P2PPluginABI"),
+        // dlopen + ABI checks; adapts a loaded plugin's callbacks into registry conformances.
+        .target(
+            name: "P2PLoader",
+            dependencies: [
+                "P2PKernel", "P2PPluginABI",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // Built-in plugins: each uses only the kernel's public registry API.
         .target(name: "P2PDHT", dependencies: ["P2PKernel", .product(name: "NIOCore", package: "swift-nio")], path: "Plugins/DHT"),
         .target(name: "P2PMessaging", dependencies: ["P2PKernel", .product(name: "NIOCore", package: "swift-nio")], path: "Plugins/Messaging"),
@@ -42,13 +55,18 @@ let package = Package(
         .executableTarget(
             name: "p2p",
             dependencies: [
-                "P2PKernel", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote",
+                "P2PKernel", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote", "P2PLoader",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .testTarget(
             name: "P2PKernelTests",
             dependencies: ["P2PKernel", "P2PTesting"]
+        ),
+        .testTarget(
+            name: "P2PLoaderTests",
+            dependencies: ["P2PKernel", "P2PTesting", "P2PLoader", "P2PDHT", "P2PMessaging", "P2PEvaluation"],
+            exclude: ["Fixtures"]
         ),
         .testTarget(
             name: "P2PPluginsTests",

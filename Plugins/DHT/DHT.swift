@@ -238,18 +238,25 @@ public struct DHT: Sendable {
     /// Sends bytes to the peers closest to `key`; their raw reply handlers answer, and the
     /// replies are evaluated by `options.evaluation`.
     public func send(to key: Number160, _ bytes: [UInt8], options: DHTOptions = DHTOptions()) async throws -> SendResult {
-        let payload: [Payload] = [.keys([key]), .bytes(bytes)]
+        try await routedSend(key, command: DHTPlugin.sendCommand, payload: [.keys([key]), .bytes(bytes)], options: options)
+    }
+
+    /// Sends a request for a registered command (any plugin's, loaded ones included) to the peers
+    /// closest to `key`: the command gets `bytes` as its byte section and answers with one.
+    public func send(to key: Number160, command: String, _ bytes: [UInt8], options: DHTOptions = DHTOptions()) async throws -> SendResult {
+        try await routedSend(key, command: CommandID.derive(from: command), payload: [.bytes(bytes)], options: options)
+    }
+
+    private func routedSend(_ key: Number160, command: UInt16, payload: [Payload], options: DHTOptions) async throws -> SendResult {
+        let node = self.node
+        let answer: @Sendable (Message) throws -> [UInt8] = { reply in
+            if let e = RPCError.from(reply: reply) { throw e }
+            return reply.firstBytes ?? []
+        }
         let answers = try await fanOut(key, options: options, remote: { peer in
-            node.request(to: peer, command: DHTPlugin.sendCommand, payload: payload).flatMapThrowing { reply in
-                if let e = RPCError.from(reply: reply) { throw e }
-                return reply.firstBytes ?? []
-            }
+            node.request(to: peer, command: command, payload: payload).flatMapThrowing(answer)
         }, local: {
-            guard let handler = node.registry.rawReplyHandler else {
-                return node.eventLoop.makeFailedFuture(RPCError.denied("this peer has no raw reply handler"))
-            }
-            let me = node.address
-            return node.eventLoop.makeFutureWithTask { try await handler.reply(to: bytes, from: me) }
+            node.handleLocally(command: command, payload: payload).flatMapThrowing(answer)
         }).get()
         var replies: [PeerAddress: [UInt8]] = [:]
         var failures: [PeerAddress: String] = [:]

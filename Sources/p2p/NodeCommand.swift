@@ -2,6 +2,7 @@ import ArgumentParser
 import Dispatch
 import Foundation
 import P2PKernel
+import P2PLoader
 
 struct NodeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -24,12 +25,26 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(help: "Built-in plugins to install, comma-separated (\(BuiltInPlugins.names.joined(separator: ",")); empty for a bare kernel).")
     var plugins: String = BuiltInPlugins.names.joined(separator: ",")
 
+    @Option(name: .customLong("plugin"), help: "A plugin .so file to load (repeatable); one that fails to load is refused and the node runs without it.")
+    var pluginFiles: [String] = []
+
     func run() async throws {
+        var loaded: [any Plugin] = []
+        for file in pluginFiles {
+            do {
+                let plugin = try PluginLoader.load(file)
+                loaded.append(plugin)
+                say("plugin \(file): \(plugin.name) \(plugin.version) (ABI \(plugin.abiVersion))")
+            } catch {
+                say("plugin \(file) refused: \(error)")
+            }
+        }
         let names = plugins.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
         let id = IDBox()
         let list = try BuiltInPlugins.make(names, peerID: { id.value })
-        let node = try await startNode(Node.builder().host(host).port(port).networkID(networkID).plugins(list))
+        let node = try await startNode(Node.builder().host(host).port(port).networkID(networkID).plugins(list).plugins(loaded, optional: true))
         id.value = node.peerID.description
+        for (name, reason) in node.refusedPlugins { say("plugin \(name) refused: \(reason)") }
         if !names.isEmpty { say("plugins: \(names.joined(separator: ", "))") }
         say("node \(node.peerID) listening on \(host):\(node.address.udpPort) (udp+tcp)")
         node.peerMap.onChange { event in

@@ -50,6 +50,10 @@ public final class Node: @unchecked Sendable {
     var backgroundTasks: [RepeatedTask] = []
     let kernelCommands: KernelCommandIDs
 
+    /// Optional plugins that failed to install, with why; the node runs without them.
+    public var refusedPlugins: [(name: String, reason: String)] { refused.withLockedValue { $0 } }
+    let refused = NIOLockedValueBox([(name: String, reason: String)]())
+
     /// Messages dropped because they did not decode (counted for operators and tests).
     public var droppedMessages: Int { droppedCount.withLockedValue { $0 } }
     let droppedCount = NIOLockedValueBox(0)
@@ -74,7 +78,7 @@ public final class Node: @unchecked Sendable {
     /// A builder with every default; see `NodeBuilder`.
     public static func builder() -> NodeBuilder { NodeBuilder() }
 
-    static func start(config: NodeConfig, handlers: [any CommandHandler], plugins: [any Plugin]) async throws -> Node {
+    static func start(config: NodeConfig, handlers: [any CommandHandler], plugins: [(plugin: any Plugin, optional: Bool)]) async throws -> Node {
         let kernel = KernelCommandIDs()
         let node = Node(config: config, kernelCommands: kernel)
         do {
@@ -82,15 +86,14 @@ public final class Node: @unchecked Sendable {
         } catch {
             throw NodeStartError.registry(error)
         }
-        for plugin in plugins {
+        for (plugin, optional) in plugins {
             do {
                 try node.registry.install(plugin)
-            } catch let error as PluginError {
-                throw NodeStartError.plugin(error)
-            } catch let error as RegistryError {
-                throw NodeStartError.plugin(.installFailed(plugin: plugin.name, reason: "\(error)"))
             } catch {
-                throw NodeStartError.plugin(.installFailed(plugin: plugin.name, reason: "\(error)"))
+                let failure: PluginError = (error as? PluginError) ?? .installFailed(plugin: plugin.name, reason: "\(error)")
+                guard optional else { throw NodeStartError.plugin(failure) }
+                node.logger.error("plugin refused, running without it", metadata: ["plugin": "\(plugin.name)", "error": "\(failure)"])
+                node.refused.withLockedValue { $0.append((plugin.name, "\(failure)")) }
             }
         }
         try await node.bind()

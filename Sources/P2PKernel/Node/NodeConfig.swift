@@ -50,7 +50,7 @@ public struct NodeConfig: Sendable {
 public struct NodeBuilder: Sendable {
     public var config = NodeConfig()
     var handlers: [any CommandHandler] = []
-    var plugins: [any Plugin] = []
+    var plugins: [(plugin: any Plugin, optional: Bool)] = []
 
     public init() {}
 
@@ -67,10 +67,12 @@ public struct NodeBuilder: Sendable {
     public func logger(_ l: Logger) -> NodeBuilder { with { $0.config.logger = l } }
     /// Adds a command handler, registered when the node starts.
     public func command(_ h: any CommandHandler) -> NodeBuilder { with { $0.handlers.append(h) } }
-    /// Adds a plugin; plugins install and start in the order they are added.
-    public func plugin(_ p: any Plugin) -> NodeBuilder { with { $0.plugins.append(p) } }
+    /// Adds a plugin; plugins install and start in the order they are added. An optional plugin
+    /// that fails to install (a duplicate name or command, its own error) is left out and listed
+    /// in `Node.refusedPlugins`; a required one stops the node from starting.
+    public func plugin(_ p: any Plugin, optional: Bool = false) -> NodeBuilder { with { $0.plugins.append((p, optional)) } }
     /// Adds several plugins, in order.
-    public func plugins(_ ps: [any Plugin]) -> NodeBuilder { with { $0.plugins += ps } }
+    public func plugins(_ ps: [any Plugin], optional: Bool = false) -> NodeBuilder { with { $0.plugins += ps.map { ($0, optional) } } }
     /// Changes any other setting.
     public func configure(_ change: (inout NodeConfig) -> Void) -> NodeBuilder { with { change(&$0.config) } }
 

@@ -162,6 +162,27 @@ extension Node {
         return reply
     }
 
+    /// Runs a command of this node's registry as if the request had come from this node itself,
+    /// and returns the reply it would have sent (an `unknownCommand` reply when there is no handler).
+    public func handleLocally(command: UInt16, payload: [Payload]) -> EventLoopFuture<Message> {
+        let request = Message(networkID: config.networkID, id: 0, type: .request, command: command, sender: address,
+                              recipientID: peerID, payload: payload)
+        func message(_ reply: Reply) -> Message {
+            Message(networkID: config.networkID, id: 0, type: reply.type, command: command, sender: address,
+                    recipientID: peerID, payload: reply.payload)
+        }
+        guard let handler = registry.commands.handler(for: command) else {
+            return eventLoop.makeSucceededFuture(message(.error(.unknownCommand, "no handler for command 0x\(String(command, radix: 16))")))
+        }
+        return eventLoop.flatSubmit { [self] in
+            let context = CommandContext(node: self, sender: address, transport: .udp, sourcePort: address.udpPort)
+            switch handler.handle(request, context: context) {
+            case .reply(let r): return eventLoop.makeSucceededFuture(message(r))
+            case .future(let f): return f.hop(to: eventLoop).map(message)
+            }
+        }
+    }
+
     private func nextID() -> UInt32 {
         repeat { nextMessageID &+= 1 } while pending[nextMessageID] != nil
         return nextMessageID

@@ -1,0 +1,143 @@
+import P2PKernel
+import P2PPluginABI
+
+/// A command registered by a loaded plugin: the first byte section in, one byte section out.
+struct LoadedCommand: CommandHandler, @unchecked Sendable {
+    let name: String
+    let fn: p2p_command_fn
+    let user: UnsafeMutableRawPointer?
+
+    func handle(_ request: Message, context: CommandContext) -> CommandResult {
+        let (code, bytes) = call(fn, user: user, sender: context.sender.id, request: request.firstBytes ?? [])
+        return .reply(Reply(replyType(code), payload: [.bytes(bytes)]))
+    }
+}
+
+/// Calls a command-shaped C callback and takes its output.
+func call(_ fn: p2p_command_fn, user: UnsafeMutableRawPointer?, sender: Number160, request: [UInt8]) -> (Int32, [UInt8]) {
+    var key = p2p_key160(sender)
+    var out = p2p_bytes(data: nil, len: 0)
+    let code = withSlice(request) { slice in fn(user, &key, slice, &out) }
+    return (code, take(&out))
+}
+
+/// A loaded plugin's raw reply handler.
+struct LoadedReplyHandler: RawReplyHandler, @unchecked Sendable {
+    let fn: p2p_reply_fn
+    let user: UnsafeMutableRawPointer?
+
+    func reply(to bytes: [UInt8], from sender: PeerAddress) async throws -> [UInt8] {
+        let (code, out) = call(fn, user: user, sender: sender.id, request: bytes)
+        guard code == ABI.ok else { throw LoadedPluginError.refused(code: code, message: String(decoding: out, as: UTF8.self)) }
+        return out
+    }
+}
+
+/// An error a loaded plugin's callback reported.
+public enum LoadedPluginError: Error, CustomStringConvertible {
+    case refused(code: Int32, message: String)
+    case malformedOutput(String)
+    public var description: String {
+        switch self {
+        case .refused(let c, let m): "plugin refused (code \(c))\(m.isEmpty ? "" : ": \(m)")"
+        case .malformedOutput(let m): "plugin returned malformed output: \(m)"
+        }
+    }
+}
+
+/// A loaded plugin's put interceptor: for each value put into its domain, the plugin sees the
+/// new value and the current one and says what to store.
+struct LoadedPutInterceptor: StorageInterceptor, @unchecked Sendable {
+    let scope: InterceptorScope
+    let fn: p2p_put_interceptor_fn
+    let user: UnsafeMutableRawPointer?
+
+    func intercept(_ request: StorageRequest, context: StorageContext, next: StorageNext) async throws -> StorageResult {
+        guard case .put(let entries, let mode) = request else { return try await next(request) }
+        let covered: (Number640) -> Bool = { key in
+            if case .domain(let d) = scope { return key.domain == d }
+            return true
+        }
+        let keys = entries.keys.filter(covered)
+        guard !keys.isEmpty else { return try await next(request) }
+        guard case .values(let current) = try context.backend.execute(.get(.keys(keys)), now: StoragePipeline.now()) else {
+            return try await next(request)
+        }
+        var changed = entries
+        for key in keys {
+            guard let entry = entries[key] else { continue }
+            var k = p2p_key640(key)
+            var out = p2p_bytes(data: nil, len: 0)
+            let old = current[key]?.value
+            let code = withSlice(entry.value) { value in
+                if let old {
+                    return withSlice(old) { cur in fn(user, &k, value, cur, &out) }
+                }
+                return fn(user, &k, value, p2p_slice(data: nil, len: 0), &out)
+            }
+            let produced = out.data != nil
+            let bytes = take(&out)
+            guard code == ABI.ok else { throw StorageError.denied(String(decoding: bytes, as: UTF8.self)) }
+            if produced { changed[key]?.value = bytes }
+        }
+        return try await next(.put(changed, mode: mode))
+    }
+}
+
+/// A loaded plugin's evaluation scheme (answers encoded as the header describes).
+struct LoadedScheme: EvaluationScheme, @unchecked Sendable {
+    let name: String
+    let fn: p2p_evaluate_fn
+    let user: UnsafeMutableRawPointer?
+
+    func evaluate(_ answers: [PeerAnswer]) -> [Number640: [UInt8]] {
+        var input: [UInt8] = []
+        append(UInt32(answers.count), to: &input)
+        for a in answers {
+            input += a.peer.id.bytes
+            append(UInt32(a.entries.count), to: &input)
+            for (k, v) in a.entries.sorted(by: { $0.key < $1.key }) { appendEntry(k, v, to: &input) }
+        }
+        var out = p2p_bytes(data: nil, len: 0)
+        let code = withSlice(input) { fn(user, $0, &out) }
+        let bytes = take(&out)
+        guard code == ABI.ok else { return [:] }
+        return (try? decodeEntries(bytes)) ?? [:]
+    }
+}
+
+func append(_ v: UInt32, to out: inout [UInt8]) {
+    out += [UInt8(v >> 24), UInt8(v >> 16 & 0xFF), UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF)]
+}
+
+func appendEntry(_ k: Number640, _ v: [UInt8], to out: inout [UInt8]) {
+    out += k.location.bytes + k.domain.bytes + k.content.bytes + k.version.bytes
+    append(UInt32(v.count), to: &out)
+    out += v
+}
+
+/// Reads `u32 count, count × (80-byte key, u32 length, bytes)`; every length is checked.
+func decodeEntries(_ bytes: [UInt8]) throws -> [Number640: [UInt8]] {
+    var at = 0
+    func u32() throws -> Int {
+        guard at + 4 <= bytes.count else { throw LoadedPluginError.malformedOutput("truncated at byte \(at)") }
+        defer { at += 4 }
+        return Int(bytes[at]) << 24 | Int(bytes[at + 1]) << 16 | Int(bytes[at + 2]) << 8 | Int(bytes[at + 3])
+    }
+    func key160() throws -> Number160 {
+        guard at + 20 <= bytes.count, let n = Number160(bytes: bytes[at..<at + 20]) else { throw LoadedPluginError.malformedOutput("truncated key") }
+        at += 20
+        return n
+    }
+    let count = try u32()
+    guard count <= bytes.count / 84 else { throw LoadedPluginError.malformedOutput("\(count) entries in \(bytes.count) bytes") }
+    var out: [Number640: [UInt8]] = [:]
+    for _ in 0..<count {
+        let key = Number640(location: try key160(), domain: try key160(), content: try key160(), version: try key160())
+        let len = try u32()
+        guard at + len <= bytes.count else { throw LoadedPluginError.malformedOutput("value of \(len) bytes past the end") }
+        out[key] = Array(bytes[at..<at + len])
+        at += len
+    }
+    return out
+}
