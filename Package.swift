@@ -37,6 +37,8 @@ let package = Package(
         ),
         // The C ABI of loadable plugins: header only.
         .target(name: "P2PPluginABI"),
+        // What plugin authors link statically into their .so: Swift protocols over the C ABI.
+        .target(name: "P2PPluginSDK", dependencies: ["P2PPluginABI"]),
         // dlopen + ABI checks; adapts a loaded plugin's callbacks into registry conformances.
         .target(
             name: "P2PLoader",
