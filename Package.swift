@@ -35,6 +35,8 @@ let package = Package(
             name: "P2PTesting",
             dependencies: ["P2PKernel"]
         ),
+        // libffi (Debian's libffi-dev), for manifest-declared C functions.
+        .systemLibrary(name: "CFFI", pkgConfig: "libffi", providers: [.apt(["libffi-dev"])]),
         // The C ABI of loadable plugins: header only.
         .target(name: "P2PPluginABI"),
         // What plugin authors link statically into their .so: Swift protocols over the C ABI.
@@ -43,7 +45,7 @@ let package = Package(
         .target(
             name: "P2PLoader",
             dependencies: [
-                "P2PKernel", "P2PPluginABI",
+                "P2PKernel", "P2PPluginABI", "CFFI",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

@@ -11,25 +11,31 @@ public final class LoadedPlugin: Plugin, @unchecked Sendable {
     public let version: String
     /// The file it came from.
     public let path: String
-    /// The ABI version the plugin was built against.
-    public let abiVersion: UInt32
-    private let descriptor: UnsafePointer<p2p_plugin_descriptor>
+    /// The ABI version the plugin was built against; nil for a plain C library bound only
+    /// through its manifest.
+    public let abiVersion: UInt32?
+    /// Manifest-declared C functions, each installed as a command.
+    public let functions: [FFIFunction]
+    private let descriptor: UnsafePointer<p2p_plugin_descriptor>?
     private let context: HostContext
     private let table: UnsafeMutablePointer<p2p_host_api>
 
-    init(path: String, descriptor: UnsafePointer<p2p_plugin_descriptor>, name: String, version: String,
-         context: HostContext, table: UnsafeMutablePointer<p2p_host_api>) {
+    init(path: String, descriptor: UnsafePointer<p2p_plugin_descriptor>?, name: String, version: String,
+         functions: [FFIFunction], context: HostContext, table: UnsafeMutablePointer<p2p_host_api>) {
         self.path = path
         self.descriptor = descriptor
         self.name = name
         self.version = version
-        self.abiVersion = descriptor.pointee.abi_version
+        self.abiVersion = descriptor?.pointee.abi_version
+        self.functions = functions
         self.context = context
         self.table = table
     }
 
     /// Runs the plugin's `initialize`, which registers its callbacks into `registry`.
     public func install(into registry: PluginRegistry) throws {
+        for f in functions { try registry.register(command: FFICommand(function: f)) }
+        guard let descriptor else { return }
         guard let initialize = descriptor.pointee.initialize else {
             throw PluginLoadError.badDescriptor(path: path, reason: "no initialize function")
         }
@@ -50,7 +56,7 @@ public final class LoadedPlugin: Plugin, @unchecked Sendable {
     }
 
     public func stop(node: Node) async {
-        descriptor.pointee.shutdown?()
+        descriptor?.pointee.shutdown?()
         context.node = nil
     }
 }
@@ -69,10 +75,29 @@ public enum PluginLoader {
         guard let handle = dlopen(file, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE) else {
             throw .notASharedObject(path: path, reason: dlerror().map { String(cString: $0) } ?? "unknown dlopen error")
         }
-        guard let symbol = dlsym(handle, P2P_PLUGIN_ENTRY_SYMBOL) else { throw .noEntrySymbol(path: path) }
-        let entry = unsafeBitCast(symbol, to: p2p_plugin_entry_fn.self)
+        let manifestPath = ManifestReader.path(for: path)
+        let manifest = access(manifestPath, F_OK) == 0 ? try ManifestReader.read(manifestPath) : nil
+        var functions: [FFIFunction] = []
+        for declaration in manifest?.functions ?? [] {
+            guard let symbol = dlsym(handle, declaration.symbol) else {
+                throw .badManifest(path: manifestPath, reason: "\(declaration.command): symbol '\(declaration.symbol)' is not in \(path)")
+            }
+            do {
+                functions.append(try FFIFunction(declaration, function: symbol))
+            } catch {
+                throw .badManifest(path: manifestPath, reason: "\(error)")
+            }
+        }
         let context = HostContext(pluginName: path)
         let table = HostAPI.table(for: context)
+        guard let symbol = dlsym(handle, P2P_PLUGIN_ENTRY_SYMBOL) else {
+            // A plain C library: its manifest is all there is.
+            guard let manifest else { throw .noEntrySymbol(path: path) }
+            context.displayName = manifest.name
+            return LoadedPlugin(path: path, descriptor: nil, name: manifest.name, version: manifest.version,
+                                functions: functions, context: context, table: table)
+        }
+        let entry = unsafeBitCast(symbol, to: p2p_plugin_entry_fn.self)
         guard let descriptor = entry(table, ABI.version) else {
             throw .badDescriptor(path: path, reason: "the entry returned no descriptor")
         }
@@ -84,16 +109,10 @@ public enum PluginLoader {
             throw .badDescriptor(path: path, reason: "the name must be 1 to 128 bytes of UTF-8")
         }
         let version = descriptor.pointee.version.flatMap { String(validatingCString: $0) } ?? "?"
+        context.displayName = name
         let loaded = LoadedPlugin(path: path, descriptor: descriptor, name: name, version: version,
-                                  context: HostContext.renamed(context, to: name), table: table)
+                                  functions: functions, context: context, table: table)
         return loaded
     }
 }
 
-extension HostContext {
-    /// The same context, now known by the plugin's name (for logs).
-    static func renamed(_ c: HostContext, to name: String) -> HostContext {
-        c.displayName = name
-        return c
-    }
-}

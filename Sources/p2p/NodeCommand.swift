@@ -34,7 +34,7 @@ struct NodeCommand: AsyncParsableCommand {
             do {
                 let plugin = try PluginLoader.load(file)
                 loaded.append(plugin)
-                say("plugin \(file): \(plugin.name) \(plugin.version) (ABI \(plugin.abiVersion))")
+                say("plugin \(file): \(plugin.name) \(plugin.version) (\(plugin.abiVersion.map { "ABI \($0)" } ?? "manifest only"), \(plugin.functions.count) C functions)")
             } catch {
                 say("plugin \(file) refused: \(error)")
             }

@@ -35,7 +35,7 @@ struct InspectCommand: AsyncParsableCommand {
             throw CLIError.failed("plugin \(plugin.name) failed to initialise: \(error)")
         }
         say("file:          \(file)")
-        say("abi version:   \(plugin.abiVersion) (this host: \(PluginLoader.abiVersion))")
+        say("abi version:   \(plugin.abiVersion.map(String.init) ?? "none (a C library bound by its manifest)") (this host: \(PluginLoader.abiVersion))")
         say("name:          \(plugin.name)")
         say("version:       \(plugin.version)")
         let commands = registry.commands.names
@@ -49,6 +49,11 @@ struct InspectCommand: AsyncParsableCommand {
         say("interceptors:  \(interceptors.isEmpty ? "none" : interceptors.joined(separator: ", "))")
         say("reply handler: \(registry.rawReplyHandler == nil ? "none" : "raw")")
         say("schemes:       \(registry.schemeNames.isEmpty ? "none" : registry.schemeNames.joined(separator: ", "))")
+        let functions = plugin.functions.map { f in
+            let d = f.declaration
+            return "\(d.command) = \(d.symbol)(\(d.params.map(\.rawValue).joined(separator: ", "))) -> \(d.returns.rawValue)"
+        }
+        say("manifest:      \(functions.isEmpty ? "none" : functions.joined(separator: "; "))")
     }
 }
 
@@ -170,5 +175,51 @@ struct BuildPluginCommand: AsyncParsableCommand {
         let libraries = ((try? fm.contentsOfDirectory(atPath: folder.path)) ?? []).filter { $0.hasPrefix("lib") && $0.hasSuffix(".so") }.sorted()
         guard let library = libraries.first else { throw CLIError.failed("the build produced no lib*.so in \(folder.path)") }
         say(folder.appendingPathComponent(library).path)
+    }
+}
+
+struct CallCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "call",
+        abstract: "Call a manifest-declared C command on a peer: typed arguments in, the typed result printed."
+    )
+
+    @Option(name: .customLong("bootstrap"), help: "The peer to call, HOST:PORT.", transform: parseAddress)
+    var peer: PeerSocketAddress
+
+    @Argument(help: "The command, as its manifest names it.")
+    var command: String
+
+    @Argument(help: "The arguments, parsed by the command's declared types (bytes as hex).")
+    var arguments: [String] = []
+
+    func run() async throws {
+        let node = try await startNode(Node.builder().host("0.0.0.0").port(0))
+        do {
+            let target = try await node.ping(peer)
+            let id = CommandID.derive(from: command)
+            // Ask the command for its signature, then parse the arguments by it.
+            let described = try await node.request(to: target, command: id, payload: [.bytes([0xFF])]).get()
+            if let e = RPCError.from(reply: described) { throw CLIError.failed("\(command): \(e)") }
+            guard let signature = try? JSONDecoder().decode(FFIDeclaration.self, from: Data(described.firstBytes ?? [])) else {
+                throw CLIError.failed("\(command) is not a manifest-declared C command on \(peer)")
+            }
+            guard arguments.count == signature.params.count else {
+                throw CLIError.usage("\(command) takes \(signature.params.count) argument(s) (\(signature.params.map(\.rawValue).joined(separator: ", "))), got \(arguments.count)")
+            }
+            var values: [FFIValue] = []
+            for (text, type) in zip(arguments, signature.params) {
+                do { values.append(try FFIValue.parse(text, as: type)) } catch { throw CLIError.usage("\(error)") }
+            }
+            let reply = try await node.request(to: target, command: id, payload: [.bytes(FFIValue.encode(values))]).get()
+            if let e = RPCError.from(reply: reply) { throw CLIError.failed("\(command): \(e)") }
+            guard let result = try? FFIValue.decode(reply.firstBytes ?? []).first else { throw CLIError.failed("malformed result") }
+            say("\(result) (\(result.type.rawValue))")
+        } catch {
+            await node.shutdown()
+            if error is CLIError { throw error }
+            throw CLIError.failed("\(error)")
+        }
+        await node.shutdown()
     }
 }
