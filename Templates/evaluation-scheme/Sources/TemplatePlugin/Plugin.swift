@@ -16,7 +16,7 @@ struct Longest: PluginEvaluationScheme {
     }
 }
 
-struct TemplatePlugin: Plugin {
+struct Definition: Plugin {
     let name = "template-plugin"
     let version = "0.1.0"
     func register(into registrar: inout Registrar) throws {
@@ -27,5 +27,5 @@ struct TemplatePlugin: Plugin {
 /// The entry point the node looks for.
 @_cdecl("p2p_plugin_entry")
 public func p2pPluginEntry(_ host: UnsafePointer<p2p_host_api>?, _ abi: UInt32) -> UnsafePointer<p2p_plugin_descriptor>? {
-    PluginExport.entry(TemplatePlugin(), host: host, abi: abi)
+    PluginExport.entry(Definition(), host: host, abi: abi)
 }
