@@ -104,6 +104,35 @@ struct TemplateTests {
         await net.shutdown()
     }
 
+    @Test("the shipped examples: PeerVote as a .so counts votes in the vote domain; CMath's C functions answer typed calls")
+    func shippedExamples() async throws {
+        let votePath = try p2p(["plugin", "build", Fixture.root.appendingPathComponent("Plugins/PeerVoteLoadable").path]).out
+            .split(separator: "\n").last.map(String.init) ?? ""
+        let mathPath = try p2p(["plugin", "build", Fixture.root.appendingPathComponent("Plugins/CMath").path]).out
+            .split(separator: "\n").last.map(String.init) ?? ""
+        let net = try await Testnet.start(peers: 10, routing: .perfect, plugins: { _ in
+            [DHTPlugin(), EvaluationPlugin()] + [votePath, mathPath].compactMap { try? PluginLoader.load($0) }
+        })
+        let node = net.nodes[0]
+        #expect(node.registry.plugins.map(\.name).suffix(2) == ["peervote-loadable", "cmath"])
+        let scopes = node.registry.interceptors(covering: nil).map(\.scope)
+        #expect(scopes == [.domain(Number160(hashing: "vote"))])
+        let ballot = Number640(location: Number160(hashing: "ballot"), domain: Number160(hashing: "vote"))
+        for n in net.nodes { #expect(try await n.dht.put(ballot, Array("1".utf8)).isSuccess) }
+        #expect(try await net.nodes[3].dht.get(ballot).value == Array("10".utf8))
+
+        func call(_ command: String, _ args: [FFIValue]) async throws -> [FFIValue] {
+            let reply = try await net.nodes[1].request(to: net.nodes[2].address, command: CommandID.derive(from: command),
+                                                       payload: [.bytes(FFIValue.encode(args))]).get()
+            return try FFIValue.decode(reply.firstBytes ?? [])
+        }
+        #expect(try await call("cmath.gcd", [.uint(84, .u64), .uint(36, .u64)]) == [.uint(12, .u64)])
+        #expect(try await call("cmath.is_prime", [.uint(7919, .u32)]) == [.bool(true)])
+        #expect(try await call("cmath.hypot", [.double(3), .double(4)]) == [.double(5)])
+        #expect(try await call("cmath.repeat", [.string("ab"), .int(3, .i32)]) == [.string("ababab")])
+        await net.shutdown()
+    }
+
     @Test("a manifest with an unknown type is refused with the type named")
     func badManifest() throws {
         let dir = Fixture.dir.appendingPathComponent("badmanifest")
