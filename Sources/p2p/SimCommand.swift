@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import NIOCore
 import P2PKernel
+import P2PLoader
 import P2PTesting
 
 struct SimCommand: AsyncParsableCommand {
@@ -31,6 +32,18 @@ struct SimCommand: AsyncParsableCommand {
     @Option(help: "Bytes per stored value.")
     var valueSize: Int = 100
 
+    @Option(help: "Built-in plugins of every peer when --ops is given, comma-separated.")
+    var plugins: String = BuiltInPlugins.names.joined(separator: ",")
+
+    @Option(name: .customLong("plugin"), help: "A plugin .so every peer loads (repeatable).")
+    var pluginFiles: [String] = []
+
+    @Option(help: "Domain of the keys the operations use (hashed like a key; default zero).")
+    var domain: String?
+
+    @Option(help: "A fixed value for every put instead of random bytes (e.g. 1 for vote domains).")
+    var value: String?
+
     @Option(help: "α: lookup requests in flight at once.")
     var parallel: Int = RoutingConfig().parallel
 
@@ -53,11 +66,21 @@ struct SimCommand: AsyncParsableCommand {
         note("starting \(peers) peers…")
         let net: Testnet
         do {
-            let withPlugins = ops > 0
+            let names = ops > 0 ? plugins.split(separator: ",").map(String.init).filter { !$0.isEmpty } : []
+            _ = try BuiltInPlugins.make(names, peerID: { "" })
+            for file in pluginFiles {
+                do { _ = try PluginLoader.load(file) } catch { throw CLIError.usage("\(error)") }
+            }
+            let files = pluginFiles
             net = try await Testnet.start(peers: peers, routing: perfect ? .perfect : .bootstrap,
                                           joinConcurrency: joinConcurrency,
-                                          plugins: { _ in withPlugins ? (try? BuiltInPlugins.make(BuiltInPlugins.names, peerID: { "" })) ?? [] : [] },
+                                          plugins: { _ in
+                                              ((try? BuiltInPlugins.make(names, peerID: { "" })) ?? [])
+                                                  + files.compactMap { try? PluginLoader.load($0) }
+                                          },
                                           progress: { phase, done, total in note("  \(phase): \(done)/\(total)") })
+        } catch let error as CLIError {
+            throw error
         } catch {
             throw CLIError.failed("could not start the network: \(error)")
         }
@@ -93,7 +116,8 @@ struct SimCommand: AsyncParsableCommand {
         }
         var phases: [String: PhaseReport] = [:]
         if ops > 0 {
-            let workload = DHTWorkload(net: net, ops: ops, valueSize: valueSize)
+            let workload = DHTWorkload(net: net, ops: ops, valueSize: valueSize, domain: try domain.map(parseKey) ?? .zero,
+                                       fixedValue: value.map { Array($0.utf8) })
             for (name, concurrent, isPut) in [("seq_put", false, true), ("seq_get", false, false), ("put", true, true), ("get", true, false)] {
                 note("\(name): \(ops) operations\(concurrent ? ", \(concurrency) in flight" : ", one at a time")…")
                 phases[name] = await workload.run(isPut: isPut, concurrency: concurrent ? concurrency : 1, keySet: concurrent ? 1 : 0)
@@ -209,12 +233,12 @@ final class DHTWorkload: @unchecked Sendable {
     let keys: [[Number640]]
     let values: [[[UInt8]]]
 
-    init(net: Testnet, ops: Int, valueSize: Int) {
+    init(net: Testnet, ops: Int, valueSize: Int, domain: Number160 = .zero, fixedValue: [UInt8]? = nil) {
         self.net = net
         self.ops = ops
         var rng = SystemRandomNumberGenerator()
-        keys = (0..<2).map { _ in (0..<ops).map { _ in Number640(location: .random(using: &rng)) } }
-        values = (0..<2).map { _ in (0..<ops).map { _ in (0..<valueSize).map { _ in UInt8.random(in: 0...255, using: &rng) } } }
+        keys = (0..<2).map { _ in (0..<ops).map { _ in Number640(location: .random(using: &rng), domain: domain) } }
+        values = (0..<2).map { _ in (0..<ops).map { _ in fixedValue ?? (0..<valueSize).map { _ in UInt8.random(in: 0...255, using: &rng) } } }
     }
 
     func run(isPut: Bool, concurrency: Int, keySet: Int) async -> PhaseReport {
