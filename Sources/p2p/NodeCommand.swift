@@ -10,25 +10,38 @@ struct NodeCommand: AsyncParsableCommand {
         abstract: "Run a peer until SIGINT or SIGTERM, then leave gracefully."
     )
 
-    @Option(help: "UDP and TCP port to listen on (0 picks one).")
-    var port: UInt16 = 4000
+    @Option(help: "UDP and TCP port to listen on (0 picks one; default 4000).")
+    var port: UInt16?
 
-    @Option(help: "Address to listen on.")
-    var host: String = "0.0.0.0"
+    @Option(help: "Address to listen on (default 0.0.0.0).")
+    var host: String?
 
     @Option(name: .customLong("bootstrap"), help: "A peer to join through, HOST:PORT (repeatable).", transform: parseAddress)
     var seeds: [PeerSocketAddress] = []
 
-    @Option(name: .customLong("network-id"), help: "Overlay id; messages of other overlays are dropped.")
-    var networkID: UInt32 = 1
+    @Option(name: .customLong("network-id"), help: "Overlay id; messages of other overlays are dropped (default 1).")
+    var networkID: UInt32?
 
     @Option(help: "Built-in plugins to install, comma-separated (\(BuiltInPlugins.names.joined(separator: ",")); empty for a bare kernel).")
-    var plugins: String = BuiltInPlugins.names.joined(separator: ",")
+    var plugins: String?
 
     @Option(name: .customLong("plugin"), help: "A plugin .so file to load (repeatable); one that fails to load is refused and the node runs without it.")
     var pluginFiles: [String] = []
 
+    @Option(help: "A JSON config file: {\"port\", \"host\", \"network_id\", \"bootstrap\": [..], \"plugins\": [..], \"plugin_files\": [..]}; flags given here win.")
+    var config: String?
+
     func run() async throws {
+        let file = try config.map(NodeConfigFile.read) ?? NodeConfigFile()
+        let port = self.port ?? file.port ?? 4000
+        let host = self.host ?? file.host ?? "0.0.0.0"
+        let networkID = self.networkID ?? file.network_id ?? 1
+        var seeds = self.seeds
+        if seeds.isEmpty {
+            do { seeds = try (file.bootstrap ?? []).map(parseAddress) } catch { throw CLIError.usage("config \(config ?? ""): \(error)") }
+        }
+        let plugins = self.plugins ?? file.plugins?.joined(separator: ",") ?? BuiltInPlugins.names.joined(separator: ",")
+        let pluginFiles = self.pluginFiles + (file.plugin_files ?? [])
         var loaded: [any Plugin] = []
         for file in pluginFiles {
             do {
@@ -111,6 +124,26 @@ final class SignalWaiter: @unchecked Sendable {
                     sources.append(source)
                 }
             }
+        }
+    }
+}
+
+/// The node config file (`p2p node --config FILE`); every field is optional.
+struct NodeConfigFile: Decodable {
+    var port: UInt16?
+    var host: String?
+    var network_id: UInt32?
+    var bootstrap: [String]?
+    var plugins: [String]?
+    var plugin_files: [String]?
+
+    init() {}
+
+    static func read(_ path: String) throws -> NodeConfigFile {
+        let data: Data
+        do { data = try Data(contentsOf: URL(fileURLWithPath: path)) } catch { throw CLIError.usage("cannot read config \(path): \(error.localizedDescription)") }
+        do { return try JSONDecoder().decode(NodeConfigFile.self, from: data) } catch {
+            throw CLIError.usage("config \(path) is not valid: \(error)")
         }
     }
 }

@@ -114,6 +114,22 @@ struct CLITests {
         #expect(a.waitFor("(quit)"))
     }
 
+    @Test("a node takes its settings from a config file; a malformed one exits 2 naming the field")
+    func configFile() throws {
+        let dir = FileManager.default.temporaryDirectory
+        let good = dir.appendingPathComponent("p2p-node-\(getpid()).json")
+        try Data(#"{"port": 0, "host": "127.0.0.1", "plugins": ["dht", "evaluation"]}"#.utf8).write(to: good)
+        let node = try NodeProcess(["--config", good.path])
+        defer { node.stop() }
+        #expect(node.waitFor("listening on 127.0.0.1:"))
+        #expect(node.output.contains("plugins: dht, evaluation"))
+        let bad = dir.appendingPathComponent("p2p-bad-\(getpid()).json")
+        try Data(#"{"port": "four thousand"}"#.utf8).write(to: bad)
+        let r = try P2PTool.run(["node", "--config", bad.path])
+        #expect(r.code == 2)
+        #expect(r.err.contains("port"))
+    }
+
     @Test("sim --json reports every figure the issue names")
     func simJSON() throws {
         let r = try P2PTool.run(["sim", "--peers", "30", "--lookups", "20", "--json"])
