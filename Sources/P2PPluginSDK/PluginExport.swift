@@ -10,25 +10,28 @@ let ok = Int32(P2P_OK)
 /// Adapts a Swift `Plugin` to the C ABI. Its `entry` is all a plugin's exported function calls.
 public enum PluginExport {
     nonisolated(unsafe) private static var plugin: (any Plugin)?
-    nonisolated(unsafe) private static var descriptor = p2p_plugin_descriptor()
+    /// The descriptor the host reads: allocated once and never freed (plugins are never unloaded),
+    /// so the pointer handed out stays valid.
+    nonisolated(unsafe) private static var descriptor: UnsafeMutablePointer<p2p_plugin_descriptor>?
     nonisolated(unsafe) private static var registered: [AnyObject] = []
 
     /// Returns the plugin's descriptor. Runs no plugin code: the host checks the ABI version in the
     /// descriptor before it calls `initialize`, where `register` runs.
     public static func entry(_ plugin: any Plugin, host: UnsafePointer<p2p_host_api>?, abi: UInt32) -> UnsafePointer<p2p_plugin_descriptor>? {
-        if Self.plugin == nil {
-            Self.plugin = plugin
-            descriptor = p2p_plugin_descriptor(abi_version: UInt32(P2P_PLUGIN_ABI_VERSION), name: strdup(plugin.name),
-                                               version: strdup(plugin.version), initialize: initialize, shutdown: nil)
-        }
-        return withUnsafePointer(to: &descriptor) { $0 }
+        if let descriptor { return UnsafePointer(descriptor) }
+        Self.plugin = plugin
+        let d = UnsafeMutablePointer<p2p_plugin_descriptor>.allocate(capacity: 1)
+        d.initialize(to: p2p_plugin_descriptor(abi_version: UInt32(P2P_PLUGIN_ABI_VERSION), name: strdup(plugin.name),
+                                               version: strdup(plugin.version), initialize: initialize, shutdown: nil))
+        descriptor = d
+        return UnsafePointer(d)
     }
 
     private static let initialize: @convention(c) (UnsafePointer<p2p_host_api>?, UnsafeMutablePointer<p2p_bytes>?) -> Int32 = { host, failure in
         guard let host, let plugin = PluginExport.plugin else { return Int32(P2P_ERR_FAILED) }
         Host.api = host
         var registrar = Registrar()
-        do {
+        return guarded(failure) {
             try plugin.register(into: &registrar)
             let api = host.pointee
             for c in registrar.commands {
@@ -62,13 +65,7 @@ public enum PluginExport {
                 let code = s.name.withCString { api.register_evaluation_scheme?(api.context, $0, evaluateTrampoline, Unmanaged.passUnretained(box).toOpaque()) ?? -1 }
                 guard code == ok else { throw PluginFailure(.failed, "scheme '\(s.name)' was refused") }
             }
-            return Int32(P2P_OK)
-        } catch let f as PluginFailure {
-            failure?.pointee = out(Array(f.message.utf8))
-            return f.code.rawValue
-        } catch {
-            failure?.pointee = out(Array("\(error)".utf8))
-            return Int32(P2P_ERR_FAILED)
+            return nil
         }
     }
 }
