@@ -84,7 +84,7 @@ public struct PutResult: Sendable {
     /// most telling problem (version fork, not absent, denied, not found, failed).
     public func status(of key: Number640) -> StorageStatus {
         let all = statuses.values.compactMap { $0[key] }
-        guard !all.isEmpty else { return failures.isEmpty ? .failed : .failed }
+        guard !all.isEmpty else { return .failed }
         for s in [StorageStatus.versionFork, .failedNotAbsent, .denied, .notFound, .failed] where all.contains(s) { return s }
         return .ok
     }

@@ -67,7 +67,7 @@ extension Node {
         pending[reply.id] = nil
         p.timer?.cancel()
         if reply.type == .retryOverTCP, case .udp = origin {
-            retryOverTCP(reply: reply, pending: p)
+            retryOverTCP(p)
             return
         }
         peerMap.peerFound(reply.sender, verified: true)
@@ -258,7 +258,7 @@ extension Node {
 
     /// The peer answered a UDP request with "too large for UDP": ask again over TCP, completing
     /// the same promise.
-    private func retryOverTCP(reply: Message, pending p: PendingRequest) {
+    private func retryOverTCP(_ p: PendingRequest) {
         requestOnLoop(target: p.target, expectedID: p.expected, command: p.command, payload: p.payload,
                       transport: .tcp, timeout: p.timeout).cascade(to: p.promise)
     }

@@ -23,7 +23,7 @@ public final class StoragePipeline: Sendable {
     /// the async chain (`execute`).
     public func executeImmediately(_ request: StorageRequest) -> Result<StorageResult, StorageError>? {
         guard let backend = registry.storageBackend else { return .failure(.noBackend) }
-        guard !covered(request) else { return nil }
+        guard interceptors(for: request).isEmpty else { return nil }
         return Result { () throws(StorageError) -> StorageResult in try backend.execute(request, now: Self.now()) }
     }
 
@@ -53,11 +53,6 @@ public final class StoragePipeline: Sendable {
         return try await first.intercept(request, context: context) { next in
             try await self.run(next, rest, context: context, backend: backend)
         }
-    }
-
-    private func covered(_ request: StorageRequest) -> Bool {
-        guard registry.hasInterceptors else { return false }
-        return !interceptors(for: request).isEmpty
     }
 
     private func interceptors(for request: StorageRequest) -> [any StorageInterceptor] {

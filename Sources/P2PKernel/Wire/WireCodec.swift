@@ -215,15 +215,6 @@ public enum WireCodec {
         return try result.get()
     }
 
-    /// Reads the network id and message type of a buffer without decoding the rest, or `nil` when
-    /// it is too short; the transport uses this to answer or drop cheaply.
-    public static func peekHeader(_ bytes: UnsafeRawBufferPointer) -> (networkID: UInt32, id: UInt32, type: UInt8)? {
-        guard bytes.count >= WireLimits.headerBytes else { return nil }
-        var r = ByteReader(bytes)
-        guard let _ = try? r.u8(""), let n = try? r.u32(""), let i = try? r.u32(""), let t = try? r.u8("") else { return nil }
-        return (n, i, t)
-    }
-
     static func readSection(_ r: inout ByteReader) throws(WireError) -> Payload {
         let tag = try r.u8("section tag")
         switch tag {
