@@ -44,10 +44,12 @@ struct NetworkTests {
         await net.shutdown()
     }
 
-    @Test("a peer that quits is removed from its neighbours' maps at once")
+    @Test("a peer that quits is removed at once from the maps of the neighbours it talked to")
     func quitRemovesAtOnce() async throws {
         let net = try await Testnet.start(peers: 10, routing: .perfect)
         let leaving = net.nodes[5]
+        // Quit goes to the peers the leaving node has a session with: here, everyone it pinged.
+        for n in net.nodes where n !== leaving { _ = try await leaving.ping(n.address.socket) }
         let removed = NIOLockedValueBox([Number160]())
         for n in net.nodes where n !== leaving {
             n.peerMap.onChange { event in

@@ -59,6 +59,26 @@ public enum IPAddress: Hashable, Sendable, CustomStringConvertible {
     /// Whether this is an IPv4 address.
     public var isV4: Bool { if case .v4 = self { true } else { false } }
 
+    /// Whether packets may be sent here: not unspecified (0.0.0.0/8, ::), broadcast, multicast
+    /// (224/4, ff00::/8) or reserved (240/4). A peer record naming anything else is refused.
+    public var isUnicast: Bool {
+        switch self {
+        case .v4(let v):
+            let top = v >> 24
+            return top != 0 && top < 224
+        case .v6(let hi, let lo):
+            return !(hi == 0 && lo == 0) && hi >> 56 != 0xFF
+        }
+    }
+
+    /// 127.0.0.0/8 or ::1.
+    public var isLoopback: Bool {
+        switch self {
+        case .v4(let v): v >> 24 == 127
+        case .v6(let hi, let lo): hi == 0 && lo == 1
+        }
+    }
+
     public var description: String {
         switch self {
         case .v4(let v):
@@ -87,6 +107,12 @@ public struct PeerSocketAddress: Hashable, Sendable, CustomStringConvertible {
     /// An address whose TCP and UDP ports are the same.
     public init(ip: IPAddress, port: UInt16) {
         self.init(ip: ip, tcpPort: port, udpPort: port)
+    }
+
+    /// Whether a peer can be reached here: a unicast IP and both ports non-zero. Sending to port 0
+    /// fails in the kernel (and would close the socket), so such records are refused on arrival.
+    public var isValidPeerRecord: Bool {
+        ip.isUnicast && tcpPort != 0 && udpPort != 0
     }
 
     public var description: String {

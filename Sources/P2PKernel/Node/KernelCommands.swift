@@ -51,22 +51,31 @@ public enum KernelCommands {
         }
     }
 
-    /// Tells the sender the address it was seen from, after probing it back over UDP and TCP on
-    /// its announced ports at that IP. Result integer: bit 0 UDP probe answered, bit 1 TCP.
+    /// Tells the sender the address it was seen from, after probing it back there over UDP and
+    /// TCP. Result integer: bit 0 UDP probe answered, bit 1 TCP.
+    ///
+    /// The probes go only to the source of the request (its IP and source port; a node listens
+    /// for TCP on its UDP port), never to ports the sender names, so discover cannot aim traffic at
+    /// a third party; and each source gets a few discovers a second (`NodeLimits.discoversPerSecond`).
     struct Discover: CommandHandler {
         let name = KernelCommands.discover
         func handle(_ request: Message, context: CommandContext) -> CommandResult {
             let node = context.node
             let sender = request.sender
-            var observed = sender.socket
-            if context.transport == .udp { observed.udpPort = context.sourcePort }
+            guard context.transport == .udp else {
+                return .reply(.error(.badRequest, "discover runs over UDP: the probe goes back to the datagram's source"))
+            }
+            let source = SourceKey.of(sender.ip, port: context.sourcePort)
+            guard node.discoverBuckets.allow(source, nowNanoseconds: PeerMap.now()) else {
+                return .reply(.error(.denied, "busy: more than \(node.config.limits.discoversPerSecond) discovers a second from this source"))
+            }
+            let observed = PeerSocketAddress(ip: sender.ip, port: context.sourcePort)
             let probeTimeout = min(node.config.requestTimeout / 2, .seconds(2))
-            let probe = PeerSocketAddress(ip: sender.ip, tcpPort: sender.tcpPort, udpPort: sender.udpPort)
-            let udp = node.request(to: probe, expectedID: sender.id, command: node.kernelCommands.ping,
-                                   transport: .udp, timeout: probeTimeout)
+            let udp = node.requestOnLoop(target: observed, expectedID: sender.id, command: node.kernelCommands.ping, payload: [],
+                                         transport: .udp, timeout: probeTimeout)
                 .map { _ in 1 as Int64 }.recover { _ in 0 }
-            let tcp = node.request(to: probe, expectedID: sender.id, command: node.kernelCommands.ping,
-                                   transport: .tcp, timeout: probeTimeout)
+            let tcp = node.requestOnLoop(target: observed, expectedID: sender.id, command: node.kernelCommands.ping, payload: [],
+                                         transport: .tcp, timeout: probeTimeout)
                 .map { _ in 2 as Int64 }.recover { _ in 0 }
             let reply = udp.and(tcp).map { u, t in
                 Reply(payload: [.peers([PeerAddress(id: sender.id, socket: observed, flags: sender.flags)]), .integer(u | t)])

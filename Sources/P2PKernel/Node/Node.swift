@@ -41,8 +41,30 @@ public final class Node: @unchecked Sendable {
     var udpChannel: (any Channel)?
     var tcpServer: (any Channel)?
     var pending: [UInt32: PendingRequest] = [:]
-    var nextMessageID: UInt32
+    var randomIDs = RandomPool()
+    /// Whether the UDP socket is IPv4 (then IPv6 targets are refused before a send could fail).
+    var udpFamilyIsV4 = true
+    /// The handshake responder; nil in insecure mode.
+    let responder: HandshakeResponder?
+    var sessions: SessionTable
+    var handshakes: [UInt64: OutboundHandshake] = [:]
+    var handshakeKeys: [HandshakeKey: UInt64] = [:]
+    var handshakeBuckets: TokenBuckets
+    var discoverBuckets: TokenBuckets
+    var handshakesCompleted = 0
+    /// Times the UDP socket closed under the node and was bound again.
+    var udpRebinds = 0
+    var handlersInFlight = 0
+    var handlersPerPeer: [UInt64: Int] = [:]
+    let refusalLog: LogBudget
+    let tcpWaterMark: ChannelOptions.Types.WriteBufferWaterMark
     var pool: [PeerSocketAddress: EventLoopFuture<any Channel>] = [:]
+    var inboundConnections: [ObjectIdentifier: any Channel] = [:]
+    var inboundPerIP: [UInt64: Int] = [:]
+    var authenticatedConnections: Set<ObjectIdentifier> = []
+    var refusedConnections = 0
+    /// Bytes announced by TCP frames still arriving, over all connections.
+    var partialFrameBytes = 0
     var poolOrder: [PeerSocketAddress] = []
     var running = true
     var stopping = false
@@ -54,15 +76,20 @@ public final class Node: @unchecked Sendable {
     public var refusedPlugins: [(name: String, reason: String)] { refused.withLockedValue { $0 } }
     let refused = NIOLockedValueBox([(name: String, reason: String)]())
 
-    /// Messages dropped because they did not decode (counted for operators and tests).
+    /// Packets dropped: undecodable, unauthenticated, replayed, misdirected or over a rate
+    /// (counted for operators and tests).
     public var droppedMessages: Int { droppedCount.withLockedValue { $0 } }
     let droppedCount = NIOLockedValueBox(0)
+
+    /// Exchanges refused because one side runs insecure mode and the other does not.
+    public var securityRefusals: Int { securityRefusalCount.withLockedValue { $0 } }
+    let securityRefusalCount = NIOLockedValueBox(0)
 
     init(config: NodeConfig, kernelCommands: KernelCommandIDs) {
         self.config = config
         let keys = config.keyPair ?? PeerKeyPair()
         self.keyPair = keys
-        self.peerID = config.peerID ?? keys.peerID
+        self.peerID = config.security == .insecure ? (config.peerID ?? keys.peerID) : keys.peerID
         self.eventLoop = config.eventLoopGroup.next()
         self.peerMap = PeerMap(selfID: peerID, config: config.peerMap)
         self.registry = PluginRegistry()
@@ -71,14 +98,23 @@ public final class Node: @unchecked Sendable {
         logger[metadataKey: "peer"] = "\(peerID.hexString.prefix(8))"
         self.logger = logger
         self.address = PeerAddress(id: peerID, socket: PeerSocketAddress(ip: IPAddress(config.host) ?? .v4(0), port: config.port), flags: config.flags)
-        self.nextMessageID = UInt32.random(in: 0...UInt32.max)
         self.kernelCommands = kernelCommands
+        self.responder = config.security == .authenticated ? HandshakeResponder(identity: keys, network: config.networkID) : nil
+        self.sessions = SessionTable(capacity: config.limits.maxSessions)
+        let limits = config.limits
+        self.handshakeBuckets = TokenBuckets(rate: limits.handshakesPerSecond, burst: limits.handshakeBurst, maxSources: limits.maxRateLimitedSources)
+        self.discoverBuckets = TokenBuckets(rate: limits.discoversPerSecond, burst: limits.discoverBurst, maxSources: limits.maxRateLimitedSources)
+        self.refusalLog = LogBudget(perSecond: 2)
+        self.tcpWaterMark = .init(low: limits.tcpWriteLowWater, high: max(limits.tcpWriteLowWater + 1, limits.tcpWriteHighWater))
     }
 
     /// A builder with every default; see `NodeBuilder`.
     public static func builder() -> NodeBuilder { NodeBuilder() }
 
     static func start(config: NodeConfig, handlers: [any CommandHandler], plugins: [(plugin: any Plugin, optional: Bool)]) async throws -> Node {
+        if config.security == .authenticated, let fixed = config.peerID, fixed != config.keyPair?.peerID {
+            throw NodeStartError.unprovableID(fixed)
+        }
         let kernel = KernelCommandIDs()
         let node = Node(config: config, kernelCommands: kernel)
         do {
@@ -145,12 +181,7 @@ public final class Node: @unchecked Sendable {
         for _ in 0..<attempts {
             let udp: any Channel
             do {
-                udp = try await DatagramBootstrap(group: eventLoop)
-                    .channelOption(.maxMessagesPerRead, value: 16)
-                    .channelInitializer { [self] ch in
-                        ch.eventLoop.makeCompletedFuture { try ch.pipeline.syncOperations.addHandler(UDPHandler(node: self)) }
-                    }
-                    .bind(host: config.host, port: Int(config.port)).get()
+                udp = try await bindUDP(port: config.port)
             } catch {
                 throw NodeStartError.bindFailed(host: config.host, port: config.port, reason: "\(error)")
             }
@@ -159,12 +190,22 @@ public final class Node: @unchecked Sendable {
                 let tcp = try await ServerBootstrap(group: eventLoop)
                     .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                     .serverChannelOption(.backlog, value: 256)
-                    .childChannelInitializer { [self] ch in self.configureTCP(ch) }
+                    // At the file-descriptor limit accept() fails at once, again and again: pause
+                    // accepting for a moment instead of spinning a core.
+                    .serverChannelInitializer { ch in
+                        ch.eventLoop.makeCompletedFuture {
+                            try ch.pipeline.syncOperations.addHandler(AcceptBackoffHandler(backoffProvider: { _ in .milliseconds(250) }))
+                        }
+                    }
+                    .childChannelOption(.writeBufferWaterMark, value: tcpWaterMark)
+                    .childChannelInitializer { [self] ch in self.configureTCP(ch, inbound: true) }
                     .bind(host: config.host, port: Int(port)).get()
                 try await eventLoop.submit { [self] in
                     udpChannel = udp
+                    udpFamilyIsV4 = udp.localAddress?.protocol != .inet6
                     tcpServer = tcp
                     address.socket = PeerSocketAddress(ip: address.socket.ip, port: port)
+                    watch(udp)
                 }.get()
                 return
             } catch {
@@ -175,17 +216,48 @@ public final class Node: @unchecked Sendable {
         throw NodeStartError.bindFailed(host: config.host, port: config.port, reason: "\(lastError.map { "\($0)" } ?? "unknown")")
     }
 
-    func configureTCP(_ ch: any Channel) -> EventLoopFuture<Void> {
-        ch.eventLoop.makeCompletedFuture {
-            let ops = ch.pipeline.syncOperations
-            try ops.addHandler(IdleStateHandler(allTimeout: TimeAmount(config.tcpIdleTimeout)))
-            try ops.addHandler(ByteToMessageHandler(FrameDecoder()))
-            try ops.addHandler(TCPHandler(node: self))
+    private func bindUDP(port: UInt16) async throws -> any Channel {
+        try await DatagramBootstrap(group: eventLoop)
+            .channelOption(.maxMessagesPerRead, value: 16)
+            .channelInitializer { [self] ch in
+                ch.eventLoop.makeCompletedFuture { try ch.pipeline.syncOperations.addHandler(UDPHandler(node: self)) }
+            }
+            .bind(host: config.host, port: Int(port)).get()
+    }
+
+    /// SwiftNIO closes a UDP socket on most send errors (a route gone, a firewall's EPERM); a node
+    /// without its UDP socket is out of the overlay while looking alive. So a UDP socket that
+    /// closes while the node runs is bound again on the same port.
+    private func watch(_ udp: any Channel) {
+        udp.closeFuture.whenComplete { [self] _ in
+            eventLoop.execute { [self] in
+                guard running, !stopping, udpChannel === udp else { return }
+                udpChannel = nil
+                logger.error("UDP socket closed unexpectedly; binding it again", metadata: ["port": "\(address.udpPort)"])
+                rebindUDP(attempt: 1)
+            }
         }
     }
 
-    /// Announces that this node leaves (a quit to every verified peer), fails what is pending,
-    /// and closes every socket. Safe to call more than once.
+    private func rebindUDP(attempt: Int) {
+        guard running, !stopping else { return }
+        let port = address.udpPort
+        eventLoop.makeFutureWithTask { [self] in try await bindUDP(port: port) }.whenComplete { [self] result in
+            switch result {
+            case .success(let udp):
+                guard running, !stopping else { return udp.close(promise: nil) }
+                udpChannel = udp
+                udpRebinds += 1
+                watch(udp)
+            case .failure(let error):
+                logger.error("binding UDP again failed", metadata: ["attempt": "\(attempt)", "error": "\(error)"])
+                eventLoop.scheduleTask(in: .milliseconds(Int64(min(5_000, 100 * attempt)))) { [self] in rebindUDP(attempt: attempt + 1) }
+            }
+        }
+    }
+
+    /// Announces that this node leaves (a quit to every verified peer it has a session with),
+    /// fails what is pending, and closes every socket. Safe to call more than once.
     public func shutdown() async {
         let first: Bool = (try? await eventLoop.submit { [self] in
             defer { stopping = true }
@@ -201,21 +273,38 @@ public final class Node: @unchecked Sendable {
             for t in backgroundTasks { t.cancel() }
             backgroundTasks.removeAll()
             var writes: [EventLoopFuture<Void>] = []
-            for peer in peerMap.verifiedPeers {
+            // With sessions, quit goes to the peers we hold a session with: a peer we have no
+            // session with has not talked to us lately, and a handshake per peer at exit would
+            // cost more than the quit saves.
+            for peer in peerMap.verifiedPeers where !sessionsEnabled || sessions.slot(peer: peer.id) != nil {
                 if let f = sendFireAndForget(to: peer, command: kernelCommands.quit) { writes.append(f) }
             }
-            running = false
-            let waiting = pending
-            pending.removeAll()
-            for (_, p) in waiting {
-                p.timer?.cancel()
-                p.promise.fail(RPCError.shutDown)
-            }
-            return EventLoopFuture.whenAllComplete(writes, on: eventLoop).flatMap { [self] _ in
+            let grace = eventLoop.makePromise(of: Void.self)
+            EventLoopFuture.andAllComplete(writes, on: eventLoop).cascade(to: grace)
+            let limit = eventLoop.scheduleTask(in: TimeAmount(min(config.requestTimeout, .seconds(1)))) { grace.succeed(()) }
+            return grace.futureResult.flatMap { [self] in
+                limit.cancel()
+                running = false
+                let waiting = pending
+                pending.removeAll()
+                for (_, p) in waiting {
+                    p.timer?.cancel()
+                    p.promise.fail(RPCError.shutDown)
+                }
+                for index in Array(handshakes.keys) {
+                    if let h = handshakes.removeValue(forKey: index) {
+                        h.retransmit?.cancel()
+                        h.expiry?.cancel()
+                        for item in h.queue { item.written?.fail(RPCError.shutDown) }
+                    }
+                }
+                handshakeKeys.removeAll()
+                sessions.removeAll()
                 var closes: [EventLoopFuture<Void>] = []
                 for (_, f) in pool { closes.append(f.flatMap { $0.close() }.recover { _ in }) }
                 pool.removeAll()
                 poolOrder.removeAll()
+                for ch in inboundConnections.values { closes.append(ch.close().recover { _ in }) }
                 if let tcpServer { closes.append(tcpServer.close().recover { _ in }) }
                 if let udpChannel { closes.append(udpChannel.close().recover { _ in }) }
                 return EventLoopFuture.andAllComplete(closes, on: eventLoop)

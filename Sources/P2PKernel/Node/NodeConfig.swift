@@ -9,10 +9,16 @@ public struct NodeConfig: Sendable {
     public var port: UInt16 = 0
     /// Messages carrying another network id are dropped: two overlays can share hosts and ports.
     public var networkID: UInt32 = 1
-    /// The node's key pair; its id is SHA-1 of the public key unless `peerID` is set.
+    /// The node's key pair; its id is SHA-1 of the public key. A fresh one when nil.
     public var keyPair: PeerKeyPair?
-    /// A fixed id (simulations and tests); overrides the key-derived one.
+    /// A fixed id instead of the key's: insecure mode only (an id that is not SHA-1 of the key
+    /// cannot be proven, so a node in the default mode refuses to start with one).
     public var peerID: Number160?
+    /// Authenticated, encrypted sessions with every peer (the default), or plaintext messages for
+    /// comparison. The two modes refuse each other with a clear error on both sides.
+    public var security: SecurityMode = .authenticated
+    /// Everything a remote peer can make this node hold or do, bounded.
+    public var limits = NodeLimits()
     /// Announced reachability flags.
     public var flags: PeerFlags = []
     public var peerMap = PeerMapConfig()
@@ -59,6 +65,7 @@ public struct NodeBuilder: Sendable {
     public func networkID(_ n: UInt32) -> NodeBuilder { with { $0.config.networkID = n } }
     public func peerID(_ id: Number160) -> NodeBuilder { with { $0.config.peerID = id } }
     public func keyPair(_ k: PeerKeyPair) -> NodeBuilder { with { $0.config.keyPair = k } }
+    public func security(_ s: SecurityMode) -> NodeBuilder { with { $0.config.security = s } }
     public func routing(_ r: RoutingConfig) -> NodeBuilder { with { $0.config.routing = r } }
     public func peerMap(_ p: PeerMapConfig) -> NodeBuilder { with { $0.config.peerMap = p } }
     public func requestTimeout(_ d: Duration) -> NodeBuilder { with { $0.config.requestTimeout = d } }
@@ -92,6 +99,8 @@ public struct NodeBuilder: Sendable {
 /// Why a node did not start.
 public enum NodeStartError: Error, CustomStringConvertible {
     case bindFailed(host: String, port: UInt16, reason: String)
+    /// A fixed peer id in authenticated mode: no key proves it.
+    case unprovableID(Number160)
     case registry(RegistryError)
     case plugin(PluginError)
     public var description: String {
@@ -99,6 +108,57 @@ public enum NodeStartError: Error, CustomStringConvertible {
         case .plugin(let e): "\(e)"
         case .bindFailed(let h, let p, let r): "cannot listen on \(h):\(p): \(r)"
         case .registry(let e): "\(e)"
+        case .unprovableID(let id): "peer id \(id) is not SHA-1 of the node's key, so no peer would accept it; fixed ids need SecurityMode.insecure"
         }
     }
+}
+
+/// How a node talks to its peers.
+public enum SecurityMode: Sendable, Equatable {
+    /// Every peer proves its id in a handshake and every datagram and frame is sealed (AEAD).
+    case authenticated
+    /// Plaintext messages, claimed ids: only for comparison and trusted test networks.
+    case insecure
+}
+
+/// The bounds on what remote peers can make a node hold or do. Each says why it has its value.
+public struct NodeLimits: Sendable {
+    /// Sessions kept at once; beyond it the least recently used goes (its peer handshakes again,
+    /// one round trip). A node talks to a few hundred peers in a large overlay.
+    public var maxSessions = 1_024
+    /// Handshakes this node has started and not finished; each holds queued messages.
+    public var maxHandshakesInProgress = 256
+    /// Messages waiting for one handshake to finish; a lookup sends at most a few to one peer.
+    public var maxQueuedPerHandshake = 64
+    /// INIT and FINISH packets accepted per source per second (each costs a signature or a
+    /// verification, ~60 µs), and the burst allowed: a peer handshakes once per session.
+    public var handshakesPerSecond = 20.0
+    public var handshakeBurst = 40.0
+    /// Discover requests answered per source per second (each sends two probes).
+    public var discoversPerSecond = 1.0
+    public var discoverBurst = 4.0
+    /// Sources whose token buckets are remembered; newer sources beyond it share one bucket.
+    public var maxRateLimitedSources = 4_096
+    /// Inbound TCP connections at once, and from one IP (loopback is exempt from the per-IP
+    /// bound, or simulations of many peers on 127.0.0.1 could not connect): each holds buffers.
+    public var maxInboundTCP = 512
+    public var maxInboundTCPPerIP = 16
+    /// Bytes held in partially received TCP frames, over all connections: a frame may be 4 MiB,
+    /// and a peer that starts many and finishes none must not hold more than this.
+    public var maxPartialFrameBytes = 64 << 20
+    /// A TCP frame must arrive within this after its first byte (a 4 MiB frame at 0.5 MiB/s).
+    public var frameDeadline: Duration = .seconds(8)
+    /// Above this many bytes queued for a TCP peer, the node stops reading from it until it reads
+    /// its replies (back-pressure); below the low mark it reads again.
+    public var tcpWriteHighWater = 4 << 20
+    public var tcpWriteLowWater = 1 << 20
+    /// Requests whose handler answers later (a future) in progress at once, and from one peer.
+    public var maxHandlersInFlight = 1_024
+    public var maxHandlersInFlightPerPeer = 64
+    /// Storage requests waiting for the interceptor chain (which runs one request at a time).
+    public var maxInterceptorQueue = 256
+    /// Peer joins and leaves logged per second; the rest are counted and summarised.
+    public var peerEventLogsPerSecond = 10.0
+
+    public init() {}
 }

@@ -17,13 +17,21 @@ struct PendingRequest {
     var timer: Scheduled<Void>?
     /// The id the reply must come from; zero when we do not know it yet (pinging an address).
     let expected: Number160
+    /// The reply must come from here (UDP) or on the connection the request went out on (TCP).
     let target: PeerSocketAddress
     /// Kept so that a "retry over TCP" reply can re-send the same request.
     let command: UInt16
     let payload: [Payload]
     let timeout: Duration
-    /// The TCP connection the request went out on, so that its closing fails the request at once.
+    /// The encoded request, re-sent (sealed under a new counter) when a datagram is lost or the
+    /// peer lost our session.
+    let plaintext: ByteBuffer
+    let transport: TransportKind
+    /// The TCP connection the request went out on: its reply must come back on it, and its
+    /// closing fails the request at once.
     var connection: ObjectIdentifier?
+    /// Our index of the session the request went out in (zero: none yet, or insecure mode).
+    var session: UInt64 = 0
 }
 
 /// How a request travels.
@@ -37,8 +45,19 @@ public enum TransportChoice: Sendable {
 extension Node {
     // MARK: inbound
 
+    /// Every datagram and TCP frame starts here, on the node's event loop.
     func received(_ buffer: ByteBuffer, from remote: SocketAddress, origin: Origin) {
-        guard let ip = IPAddress(remote) else { return }
+        guard running, let ip = IPAddress(remote), let first = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) else { return }
+        if first == PacketKind.plaintext.rawValue {
+            receivedPlaintext(buffer, ip: ip, remote: remote, origin: origin)
+        } else if sessionsEnabled {
+            receivedSessionPacket(buffer, ip: ip, remote: remote, origin: origin)
+        } else {
+            refuseHandshake(buffer, remote: remote, origin: origin)
+        }
+    }
+
+    private func receivedPlaintext(_ buffer: ByteBuffer, ip: IPAddress, remote: SocketAddress, origin: Origin) {
         let networkID = config.networkID
         let decoded = buffer.withUnsafeReadableBytes { raw in
             Result { () throws(WireError) -> Message in try WireCodec.decode(raw, senderIP: ip, networkID: networkID) }
@@ -47,59 +66,111 @@ extension Node {
         switch decoded {
         case .success(let m): message = m
         case .failure(let error):
-            droppedCount.withLockedValue { $0 += 1 }
-            logger.trace("dropped message", metadata: ["from": "\(remote)", "error": "\(error)"])
+            countDrop("undecodable message from \(remote): \(error)")
+            closeIfStream(origin)
             return
         }
-        guard running, message.sender.id != peerID else { return }
-        if message.type.isReply {
-            completePending(message, origin: origin)
+        if sessionsEnabled {
+            refusePlaintext(message, remote: remote, origin: origin)
         } else {
-            handleRequest(message, origin: origin, sourcePort: UInt16(remote.port ?? 0))
+            dispatch(message, origin: origin, remote: remote, session: 0)
         }
     }
 
-    private func completePending(_ reply: Message, origin: Origin) {
+    /// A decoded message: from an authenticated session (`session` is our index of it) or, in
+    /// insecure mode, in the clear.
+    func dispatch(_ message: Message, origin: Origin, remote: SocketAddress, session: UInt64) {
+        guard message.sender.id != peerID else { return }
+        authenticated(origin)
+        if message.type.isReply {
+            completePending(message, origin: origin, remote: remote, session: session)
+        } else {
+            // A request names us or nobody (a ping to an address); anything else was meant for
+            // another peer and is not answered.
+            guard message.recipientID == peerID || message.recipientID == .zero else {
+                countDrop("request for peer \(message.recipientID) from \(remote)")
+                return
+            }
+            handleRequest(message, origin: origin, session: session)
+        }
+    }
+
+    /// A reply completes its request only if it names us, comes from the peer asked (its proven
+    /// id, in secure mode), and arrives from the address the request went to — or on the TCP
+    /// connection it went out on. Anything else is dropped, so a guessed message id is not
+    /// enough to answer someone else's request.
+    private func completePending(_ reply: Message, origin: Origin, remote: SocketAddress, session: UInt64) {
         guard let p = pending[reply.id] else { return }
-        // A reply must come from the peer we asked (when we know its id): a guessed message id
-        // from elsewhere does not complete someone else's request.
-        guard p.expected == .zero || p.expected == reply.sender.id else { return }
+        guard reply.recipientID == peerID, p.expected == .zero || p.expected == reply.sender.id else {
+            countDrop("reply \(reply.id) from \(remote) names the wrong peers")
+            return
+        }
+        switch origin {
+        case .udp:
+            guard p.transport == .udp, remote.port.map(UInt16.init) == p.target.udpPort, IPAddress(remote) == p.target.ip else {
+                countDrop("reply \(reply.id) from \(remote), but the request went to \(p.target)")
+                return
+            }
+        case .tcp(let channel):
+            guard p.connection == ObjectIdentifier(channel) else {
+                countDrop("reply \(reply.id) on another connection than its request")
+                return
+            }
+        }
         pending[reply.id] = nil
         p.timer?.cancel()
         if reply.type == .retryOverTCP, case .udp = origin {
             retryOverTCP(p)
             return
         }
+        if reply.type == .sessionRequired {
+            logRefusal("\(remote) requires authenticated sessions; this node runs insecure")
+            p.promise.fail(RPCError.securityMismatch(peer: "\(p.target)", reason: "the peer requires authenticated sessions and this node runs insecure"))
+            return
+        }
         peerMap.peerFound(reply.sender, verified: true)
         p.promise.succeed(reply)
     }
 
-    private func handleRequest(_ request: Message, origin: Origin, sourcePort: UInt16) {
-        if request.command != kernelCommands.quit, request.sender.udpPort != 0 {
+    private func handleRequest(_ request: Message, origin: Origin, session: UInt64) {
+        if request.command != kernelCommands.quit {
             peerMap.peerFound(request.sender, verified: true)
         }
         guard let handler = registry.commands.handler(for: request.command) else {
             if request.type == .request {
-                sendReply(.error(.unknownCommand, "no handler for command 0x\(String(request.command, radix: 16))"), to: request, origin: origin)
+                sendReply(.error(.unknownCommand, "no handler for command 0x\(String(request.command, radix: 16))"), to: request, origin: origin, session: session)
             }
             return
         }
-        let context = CommandContext(node: self, sender: request.sender, transport: origin.kind, sourcePort: sourcePort)
+        // A handler that answers later holds a place until it does: bounded per node and per peer.
+        let sender = request.sender.id
+        let perPeer = handlersPerPeer[sender.high] ?? 0
+        guard handlersInFlight < config.limits.maxHandlersInFlight, perPeer < config.limits.maxHandlersInFlightPerPeer else {
+            if request.type == .request {
+                sendReply(.error(.denied, "busy: too many requests in progress"), to: request, origin: origin, session: session)
+            }
+            return
+        }
+        let context = CommandContext(node: self, sender: request.sender, transport: origin.kind, sourcePort: origin.sourcePort)
         switch handler.handle(request, context: context) {
         case .reply(let reply):
-            if request.type == .request { sendReply(reply, to: request, origin: origin) }
+            if request.type == .request { sendReply(reply, to: request, origin: origin, session: session) }
         case .future(let future):
-            guard request.type == .request else { return }
+            handlersInFlight += 1
+            handlersPerPeer[sender.high] = perPeer + 1
             future.hop(to: eventLoop).whenComplete { [self] result in
+                handlersInFlight -= 1
+                if let n = handlersPerPeer[sender.high] { handlersPerPeer[sender.high] = n > 1 ? n - 1 : nil }
+                guard request.type == .request else { return }
                 switch result {
-                case .success(let reply): sendReply(reply, to: request, origin: origin)
-                case .failure(let error): sendReply(.error(.exception, "\(error)"), to: request, origin: origin)
+                case .success(let reply): sendReply(reply, to: request, origin: origin, session: session)
+                case .failure(let error): sendReply(.error(.exception, "\(error)"), to: request, origin: origin, session: session)
                 }
             }
         }
     }
 
-    private func sendReply(_ reply: Reply, to request: Message, origin: Origin) {
+    func sendReply(_ reply: Reply, to request: Message, origin: Origin, session: UInt64) {
         guard running else { return }
         var m = Message(networkID: config.networkID, id: request.id, type: reply.type, command: request.command,
                         sender: address, recipientID: request.sender.id, payload: reply.payload)
@@ -111,21 +182,27 @@ extension Node {
             m.payload = [.bytes(Array("reply cannot be encoded: \(error)".utf8))]
             size = WireCodec.encodedSize(m)
         }
+        if case .udp = origin, size > WireLimits.udpPayloadLimit {
+            m.type = .retryOverTCP
+            m.payload = []
+            size = WireCodec.encodedSize(m)
+        }
+        var plain = ByteBufferAllocator().buffer(capacity: size)
+        plain.writeMessage(m, size: size, framed: false)
+        if sessionsEnabled {
+            sendInSession(plain, replyTo: request.sender.id, session: session, origin: origin)
+        } else {
+            write(plain, origin: origin)
+        }
+    }
+
+    /// Writes bytes as they are: one datagram back to `origin`'s address, or one frame on its connection.
+    func write(_ packet: ByteBuffer, origin: Origin) {
         switch origin {
         case .udp(let remote):
-            if size > WireLimits.udpPayloadLimit {
-                m.type = .retryOverTCP
-                m.payload = []
-                size = WireCodec.encodedSize(m)
-            }
-            guard let udp = udpChannel else { return }
-            var buffer = udp.allocator.buffer(capacity: size)
-            buffer.writeMessage(m, size: size, framed: false)
-            udp.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: buffer), promise: nil)
+            udpChannel?.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: packet), promise: nil)
         case .tcp(let channel):
-            var buffer = channel.allocator.buffer(capacity: size + 4)
-            buffer.writeMessage(m, size: size, framed: true)
-            channel.writeAndFlush(buffer, promise: nil)
+            channel.writeAndFlush(packet.framed(), promise: nil)
         }
     }
 
@@ -183,9 +260,12 @@ extension Node {
         }
     }
 
+    /// A message id no pending request uses: random, so that an off-path peer cannot predict the
+    /// ids of our requests (in insecure mode the id and the source address are all a reply has).
     private func nextID() -> UInt32 {
-        repeat { nextMessageID &+= 1 } while pending[nextMessageID] != nil
-        return nextMessageID
+        var id: UInt32
+        repeat { id = randomIDs.next() } while id == 0 || pending[id] != nil
+        return id
     }
 
     func requestOnLoop(target: PeerSocketAddress, expectedID: Number160, command: UInt16, payload: [Payload],
@@ -199,49 +279,35 @@ extension Node {
                         recipientID: expectedID, payload: payload)
         let size: Int
         do { size = try WireCodec.validate(m) } catch { return eventLoop.makeFailedFuture(RPCError.encoding(error)) }
-        let useUDP: Bool
+        let kind: TransportKind
         switch transport {
-        case .auto: useUDP = size <= WireLimits.udpPayloadLimit
+        case .auto: kind = size <= WireLimits.udpPayloadLimit ? .udp : .tcp
         case .udp:
             guard size <= WireLimits.udpPayloadLimit else {
                 return eventLoop.makeFailedFuture(RPCError.encoding(.limitExceeded(what: "UDP request bytes", value: size, limit: WireLimits.udpPayloadLimit)))
             }
-            useUDP = true
-        case .tcp: useUDP = false
+            kind = .udp
+        case .tcp: kind = .tcp
         }
+        if let problem = unsendable(target, kind) { return eventLoop.makeFailedFuture(RPCError.invalidAddress(problem)) }
+        var plain = ByteBufferAllocator().buffer(capacity: size)
+        plain.writeMessage(m, size: size, framed: false)
         let promise = eventLoop.makePromise(of: Message.self)
         let total = timeout ?? config.requestTimeout
-        pending[id] = PendingRequest(promise: promise, timer: nil, expected: expectedID, target: target,
-                                     command: command, payload: payload, timeout: total)
-        if useUDP, let udp = udpChannel {
-            var buffer = udp.allocator.buffer(capacity: size)
-            buffer.writeMessage(m, size: size, framed: false)
-            let remote = target.udpSocketAddress
-            udp.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: buffer), promise: nil)
+        pending[id] = PendingRequest(promise: promise, timer: nil, expected: expectedID, target: target, command: command,
+                                     payload: payload, timeout: total, plaintext: plain, transport: kind)
+        transmit(plain, to: target, expected: expectedID, over: kind, requestID: id)
+        if kind == .udp {
+            // One re-send on loss; a re-sent request is sealed anew, so the peer answers it again.
             let retryAfter = min(config.udpRetryAfter, total / 2)
             pending[id]?.timer = eventLoop.scheduleTask(in: TimeAmount(retryAfter)) { [self] in
-                guard pending[id] != nil, running else { return }
-                udp.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: buffer), promise: nil)
+                guard let p = pending[id], running else { return }
+                transmit(p.plaintext, to: target, expected: expectedID, over: .udp, requestID: id)
                 pending[id]?.timer = eventLoop.scheduleTask(in: TimeAmount(total - retryAfter)) { [self] in
                     timedOut(id, after: total)
                 }
             }
         } else {
-            var buffer = ByteBufferAllocator().buffer(capacity: size + 4)
-            buffer.writeMessage(m, size: size, framed: true)
-            connection(to: target).whenComplete { [self] result in
-                switch result {
-                case .success(let channel):
-                    guard pending[id] != nil else { return }
-                    pending[id]?.connection = ObjectIdentifier(channel)
-                    channel.writeAndFlush(buffer, promise: nil)
-                case .failure(let error):
-                    guard let p = pending.removeValue(forKey: id) else { return }
-                    p.timer?.cancel()
-                    if expectedID != .zero { peerMap.peerFailed(expectedID) }
-                    p.promise.fail(RPCError.unreachable(peer: "\(target)", reason: "\(error)"))
-                }
-            }
             pending[id]?.timer = eventLoop.scheduleTask(in: TimeAmount(total)) { [self] in
                 timedOut(id, after: total)
             }
@@ -249,11 +315,29 @@ extension Node {
         return promise.futureResult
     }
 
-    private func timedOut(_ id: UInt32, after total: Duration) {
+    /// Why `target` cannot be sent to over `kind`, or nil. A peer can announce anything; sending
+    /// to port 0, a broadcast or multicast address, or an address family our socket lacks fails
+    /// in the kernel, and SwiftNIO closes a UDP socket on such an error.
+    func unsendable(_ target: PeerSocketAddress, _ kind: TransportKind) -> String? {
+        let port = kind == .udp ? target.udpPort : target.tcpPort
+        if port == 0 { return "\(target): port 0" }
+        if !target.ip.isUnicast { return "\(target): not a unicast address" }
+        if !target.ip.isV4, udpFamilyIsV4 { return "\(target): IPv6, and this node listens on IPv4 only" }
+        return nil
+    }
+
+    /// Fails a pending request now.
+    func failRequest(_ id: UInt32, _ error: RPCError, peerFailed: Bool = false) {
         guard let p = pending.removeValue(forKey: id) else { return }
-        if p.expected != .zero { peerMap.peerFailed(p.expected) }
+        p.timer?.cancel()
+        if peerFailed, p.expected != .zero { peerMap.peerFailed(p.expected) }
+        p.promise.fail(error)
+    }
+
+    private func timedOut(_ id: UInt32, after total: Duration) {
+        guard let p = pending[id] else { return }
         let ms = Int(total.components.seconds * 1000 + total.components.attoseconds / 1_000_000_000_000_000)
-        p.promise.fail(RPCError.timeout(peer: "\(p.target)", milliseconds: ms))
+        failRequest(id, .timeout(peer: "\(p.target)", milliseconds: ms), peerFailed: true)
     }
 
     /// The peer answered a UDP request with "too large for UDP": ask again over TCP, completing
@@ -266,15 +350,52 @@ extension Node {
     /// Sends a message that expects no reply; returns the write's future, or nil if not running.
     @discardableResult
     func sendFireAndForget(to peer: PeerAddress, command: UInt16, payload: [Payload] = []) -> EventLoopFuture<Void>? {
-        guard running, let udp = udpChannel else { return nil }
+        guard running, unsendable(peer.socket, .udp) == nil else { return nil }
         let m = Message(networkID: config.networkID, id: nextID(), type: .fireAndForget, command: command,
                         sender: address, recipientID: peer.id, payload: payload)
-        guard (try? WireCodec.validate(m)) != nil else { return nil }
-        let size = WireCodec.encodedSize(m)
-        guard size <= WireLimits.udpPayloadLimit else { return nil }
-        var buffer = udp.allocator.buffer(capacity: size)
-        buffer.writeMessage(m, size: size, framed: false)
-        return udp.writeAndFlush(AddressedEnvelope(remoteAddress: peer.socket.udpSocketAddress, data: buffer))
+        guard let size = try? WireCodec.validate(m), size <= WireLimits.udpPayloadLimit else { return nil }
+        var plain = ByteBufferAllocator().buffer(capacity: size)
+        plain.writeMessage(m, size: size, framed: false)
+        let written = eventLoop.makePromise(of: Void.self)
+        transmit(plain, to: peer.socket, expected: peer.id, over: .udp, requestID: nil, written: written)
+        return written.futureResult
+    }
+
+    /// Sends one encoded message: in the clear in insecure mode, otherwise sealed in the peer's
+    /// session, handshaking first when there is none.
+    func transmit(_ plain: ByteBuffer, to target: PeerSocketAddress, expected: Number160, over kind: TransportKind,
+                  requestID: UInt32?, written: EventLoopPromise<Void>? = nil) {
+        switch kind {
+        case .udp:
+            guard let udp = udpChannel else {
+                written?.fail(RPCError.shutDown)
+                return
+            }
+            if !sessionsEnabled {
+                udp.writeAndFlush(AddressedEnvelope(remoteAddress: target.udpSocketAddress, data: plain), promise: written)
+            } else {
+                sendSecure(QueuedMessage(plain: plain, requestID: requestID, written: written), to: target, expected: expected, over: .udp, connection: nil)
+            }
+        case .tcp:
+            connection(to: target).whenComplete { [self] result in
+                switch result {
+                case .failure(let error):
+                    written?.fail(error)
+                    if let id = requestID { failRequest(id, .unreachable(peer: "\(target)", reason: "\(error)"), peerFailed: true) }
+                case .success(let channel):
+                    if let id = requestID {
+                        guard pending[id] != nil else { return }
+                        pending[id]?.connection = ObjectIdentifier(channel)
+                    }
+                    if !sessionsEnabled {
+                        channel.writeAndFlush(plain.framed(), promise: written)
+                    } else {
+                        sendSecure(QueuedMessage(plain: plain, requestID: requestID, written: written), to: target, expected: expected,
+                                   over: .tcp, connection: channel)
+                    }
+                }
+            }
+        }
     }
 
     // MARK: TCP pool
@@ -283,6 +404,7 @@ extension Node {
     func connection(to target: PeerSocketAddress) -> EventLoopFuture<any Channel> {
         let key = PeerSocketAddress(ip: target.ip, tcpPort: target.tcpPort, udpPort: 0)
         if let existing = pool[key] { return existing }
+        if let problem = unsendable(target, .tcp) { return eventLoop.makeFailedFuture(RPCError.invalidAddress(problem)) }
         if pool.count >= config.maxTCPConnections, let oldest = poolOrder.first {
             poolOrder.removeFirst()
             pool.removeValue(forKey: oldest)?.whenSuccess { $0.close(promise: nil) }
@@ -290,7 +412,8 @@ extension Node {
         let future = ClientBootstrap(group: eventLoop)
             .connectTimeout(TimeAmount(config.requestTimeout))
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
-            .channelInitializer { [self] ch in configureTCP(ch) }
+            .channelOption(.writeBufferWaterMark, value: tcpWaterMark)
+            .channelInitializer { [self] ch in configureTCP(ch, inbound: false) }
             .connect(to: target.tcpSocketAddress)
         pool[key] = future
         poolOrder.append(key)
@@ -312,10 +435,7 @@ extension Node {
     private func failRequests(on connection: ObjectIdentifier, target: PeerSocketAddress) {
         let ids = pending.compactMap { $0.value.connection == connection ? $0.key : nil }
         for id in ids {
-            guard let p = pending.removeValue(forKey: id) else { continue }
-            p.timer?.cancel()
-            if p.expected != .zero { peerMap.peerFailed(p.expected) }
-            p.promise.fail(RPCError.unreachable(peer: "\(target)", reason: "connection closed before the reply"))
+            failRequest(id, .unreachable(peer: "\(target)", reason: "connection closed before the reply"), peerFailed: true)
         }
     }
 
@@ -324,5 +444,45 @@ extension Node {
             pool[key] = nil
             poolOrder.removeAll { $0 == key }
         }
+    }
+
+    /// Counts a dropped packet and says why at trace level.
+    func countDrop(_ why: @autoclosure () -> String) {
+        droppedCount.withLockedValue { $0 += 1 }
+        logger.trace("dropped", metadata: ["why": "\(why())"])
+    }
+}
+
+extension Origin {
+    /// The source port of a datagram; zero for TCP (a connection's port says nothing about the peer).
+    var sourcePort: UInt16 {
+        if case .udp(let remote) = self { return UInt16(remote.port ?? 0) }
+        return 0
+    }
+}
+
+extension ByteBuffer {
+    /// This packet behind a 4-byte length: one TCP frame.
+    func framed() -> ByteBuffer {
+        var out = ByteBufferAllocator().buffer(capacity: readableBytes + 4)
+        out.writeInteger(UInt32(readableBytes))
+        out.writeImmutableBuffer(self)
+        return out
+    }
+}
+
+/// Random 32-bit numbers from the system generator, two per draw.
+struct RandomPool {
+    private var spare: UInt32?
+
+    mutating func next() -> UInt32 {
+        if let v = spare {
+            spare = nil
+            return v
+        }
+        var rng = SystemRandomNumberGenerator()
+        let v: UInt64 = rng.next()
+        spare = UInt32(truncatingIfNeeded: v >> 32)
+        return UInt32(truncatingIfNeeded: v)
     }
 }

@@ -22,6 +22,16 @@ public enum RPCError: Error, Equatable, Sendable, CustomStringConvertible {
     case encoding(WireError)
     /// The reply arrived but did not have the expected shape.
     case malformedReply(String)
+    /// The address cannot be sent to: port 0, or not a unicast address of a family this node speaks.
+    case invalidAddress(String)
+    /// The peer at the address proved another id than the one asked for.
+    case identityMismatch(peer: String, expected: Number160, got: Number160?)
+    /// One side runs authenticated sessions and the other plaintext (`SecurityMode`).
+    case securityMismatch(peer: String, reason: String)
+    /// The peer refused the handshake.
+    case handshakeRefused(peer: String, reason: String)
+    /// The peer (or this node) is over a bound and refused the work; try again later.
+    case busy(String)
 
     public var description: String {
         switch self {
@@ -36,6 +46,12 @@ public enum RPCError: Error, Equatable, Sendable, CustomStringConvertible {
         case .shutDown: "the node is shut down"
         case .encoding(let e): "cannot encode request: \(e)"
         case .malformedReply(let r): "malformed reply: \(r)"
+        case .invalidAddress(let r): "invalid address: \(r)"
+        case .identityMismatch(let p, let e, let g):
+            "\(p) is not peer \(e.hexString.prefix(10))…" + (g.map { ": it proved id \($0.hexString.prefix(10))…" } ?? "")
+        case .securityMismatch(let p, let r): "cannot talk to \(p): \(r)"
+        case .handshakeRefused(let p, let r): "\(p) refused the handshake: \(r)"
+        case .busy(let r): "busy: \(r)"
         }
     }
 
@@ -50,6 +66,8 @@ public enum RPCError: Error, Equatable, Sendable, CustomStringConvertible {
         case .unknownCommand: return .unknownCommand(reason)
         case .badRequest: return .badRequest(reason)
         case .retryOverTCP: return .malformedReply("a UDP-only reply that did not fit a datagram")
+        case .sessionRequired:
+            return .securityMismatch(peer: "\(reply.sender.socket)", reason: "the peer requires authenticated sessions and this node runs insecure")
         case .request, .fireAndForget: return .malformedReply("a \(reply.type) where a reply was expected")
         }
     }

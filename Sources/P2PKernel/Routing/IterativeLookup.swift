@@ -125,7 +125,7 @@ final class IterativeLookup {
                         directHits += 1
                     }
                     var improved = false
-                    for p in reply.firstPeers ?? [] {
+                    for p in reply.firstPeers ?? [] where p.socket.isValidPeerRecord {
                         if let at = insert(p, depth: depth + 1), at < config.resultSize { improved = true }
                     }
                     noNewInfo = improved ? 0 : noNewInfo + 1

@@ -118,7 +118,8 @@ public final class PeerMap: @unchecked Sendable {
     /// was only mentioned by someone. Returns whether the peer is new to the map.
     @discardableResult
     public func peerFound(_ address: PeerAddress, verified: Bool) -> Bool {
-        guard let b = bucketIndex(of: address.id) else { return false }
+        // A record we could not send to (port 0, broadcast, multicast…) never enters the map.
+        guard address.socket.isValidPeerRecord, let b = bucketIndex(of: address.id) else { return false }
         let now = PeerMap.now()
         let event: PeerMapEvent? = lock.withLock {
             if let until = banned[address.id] {

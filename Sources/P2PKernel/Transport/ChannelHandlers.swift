@@ -20,16 +20,32 @@ final class UDPHandler: ChannelInboundHandler, @unchecked Sendable {
 }
 
 /// Hands every TCP frame to the node; closes the connection when it has been idle too long or
-/// sent a frame over the size limit.
+/// broke a framing bound. On inbound connections it stops reading while the peer does not read
+/// its replies, and starts again once the replies drain.
 final class TCPHandler: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     let node: Node
+    let inbound: Bool
 
-    init(node: Node) { self.node = node }
+    init(node: Node, inbound: Bool) {
+        self.node = node
+        self.inbound = inbound
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard let remote = context.remoteAddress else { return }
         node.received(unwrapInboundIn(data), from: remote, origin: .tcp(context.channel))
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if inbound {
+            let writable = context.channel.isWritable
+            context.channel.setOption(.autoRead, value: writable).whenFailure { _ in }
+            // Frames held back while paused are still buffered in the decoder: a read of nothing
+            // runs its loop again.
+            if writable { context.pipeline.fireChannelRead(NIOAny(context.channel.allocator.buffer(capacity: 0))) }
+        }
+        context.fireChannelWritabilityChanged()
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {

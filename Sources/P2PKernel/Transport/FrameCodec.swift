@@ -1,21 +1,74 @@
 import NIOCore
 
-/// Splits a TCP byte stream into messages: each frame is a 4-byte big-endian length, then that
-/// many bytes of one message. A length over `WireLimits.maxMessageBytes` closes the connection
-/// before any of it is buffered.
+/// Splits a TCP byte stream into packets: each frame is a 4-byte big-endian length, then that
+/// many bytes of one packet.
+///
+/// A frame still arriving holds its announced length against the node's budget of bytes in
+/// partial frames (`NodeLimits.maxPartialFrameBytes`, over all connections) and must complete
+/// within `NodeLimits.frameDeadline`; a length over the limit, an exhausted budget or a missed
+/// deadline closes the connection. On inbound connections, frames are not handed on while the
+/// connection cannot take more writes (the peer is not reading its replies): back-pressure.
 struct FrameDecoder: ByteToMessageDecoder {
     typealias InboundOut = ByteBuffer
 
+    /// The largest frame: a maximum-size message sealed in a FINISH.
+    static let maxFrameBytes = WireLimits.maxMessageBytes + SessionWire.finishHeaderBytes + SessionWire.tagBytes
+
+    let node: Node
+    let pauseWhenUnwritable: Bool
+    /// Budget held for the frame in progress.
+    private var reserved = 0
+    private var deadline: Scheduled<Void>?
+
+    init(node: Node, pauseWhenUnwritable: Bool) {
+        self.node = node
+        self.pauseWhenUnwritable = pauseWhenUnwritable
+    }
+
     mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
+        if pauseWhenUnwritable, !context.channel.isWritable { return .needMoreData }
         guard let length = buffer.getInteger(at: buffer.readerIndex, as: UInt32.self) else { return .needMoreData }
-        guard length <= WireLimits.maxMessageBytes else {
-            throw WireError.limitExceeded(what: "TCP frame bytes", value: Int(length), limit: WireLimits.maxMessageBytes)
+        guard length <= FrameDecoder.maxFrameBytes else {
+            throw WireError.limitExceeded(what: "TCP frame bytes", value: Int(length), limit: FrameDecoder.maxFrameBytes)
         }
-        guard buffer.readableBytes >= 4 + Int(length) else { return .needMoreData }
+        let total = 4 + Int(length)
+        guard buffer.readableBytes >= total else {
+            if reserved == 0 {
+                guard node.reserveFrameBytes(total) else {
+                    throw WireError.limitExceeded(what: "bytes held in partial TCP frames", value: node.partialFrameBytes + total,
+                                                  limit: node.config.limits.maxPartialFrameBytes)
+                }
+                reserved = total
+                let channel = context.channel
+                deadline = context.eventLoop.scheduleTask(in: TimeAmount(node.config.limits.frameDeadline)) {
+                    channel.close(promise: nil)
+                }
+            }
+            return .needMoreData
+        }
+        release()
         buffer.moveReaderIndex(forwardBy: 4)
         guard let frame = buffer.readSlice(length: Int(length)) else { return .needMoreData }
         context.fireChannelRead(wrapInboundOut(frame))
         return .continue
+    }
+
+    mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws -> DecodingState {
+        release()
+        return .needMoreData
+    }
+
+    mutating func decoderRemoved(context: ChannelHandlerContext) {
+        release()
+    }
+
+    private mutating func release() {
+        if reserved > 0 {
+            node.releaseFrameBytes(reserved)
+            reserved = 0
+        }
+        deadline?.cancel()
+        deadline = nil
     }
 }
 

@@ -18,6 +18,8 @@ public enum MessageType: UInt8, Sendable, CaseIterable {
     case badRequest = 7
     /// The reply does not fit one datagram: the requester sends the request again over TCP.
     case retryOverTCP = 8
+    /// The peer only talks in authenticated sessions and refuses this plaintext request.
+    case sessionRequired = 9
 
     /// Whether this type answers a request.
     public var isReply: Bool { rawValue >= MessageType.ok.rawValue }

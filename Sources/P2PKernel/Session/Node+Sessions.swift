@@ -1,0 +1,404 @@
+import Foundation
+import NIOCore
+
+/// A message waiting to be sealed: for a request (by id), or fire-and-forget (with a write promise).
+struct QueuedMessage {
+    let plain: ByteBuffer
+    let requestID: UInt32?
+    let written: EventLoopPromise<Void>?
+}
+
+/// Which handshake a message waits for: one per address, expected id and transport at a time.
+struct HandshakeKey: Hashable {
+    let ip: IPAddress
+    let port: UInt16
+    let expected: Number160
+    let transport: TransportKind
+}
+
+/// A handshake this node started and is waiting on.
+struct OutboundHandshake {
+    let crypto: InitiatorHandshake
+    let key: HandshakeKey
+    let target: PeerSocketAddress
+    let transport: TransportKind
+    /// The TCP connection the INIT went out on (the RESPONSE must come back on it).
+    let connection: (any Channel)?
+    var queue: [QueuedMessage]
+    var retransmit: Scheduled<Void>?
+    var expiry: Scheduled<Void>?
+}
+
+/// The session layer of a node, between the wire codec and the sockets:
+///
+/// ```
+///  send:    message ─ encode ─┬─ session with the peer? ── seal ──────────────────── socket
+///                             └─ no: queue ─ INIT ⇢ RESPONSE ─ session ─ FINISH+seal ─ socket
+///  receive: packet ─┬─ SEALED / FINISH ─ session by index ─ open ─ replay check ─ decode ─ dispatch
+///                   ├─ INIT ─ rate limit ─ stateless RESPONSE
+///                   └─ SESSION_UNKNOWN / REFUSED ─ the handshake or requests they concern
+/// ```
+/// Everything here runs on the node's event loop and touches only loop-confined state.
+extension Node {
+    var sessionsEnabled: Bool { responder != nil }
+
+    /// Uptime seconds, the clock sessions age by.
+    static func nowSeconds() -> UInt32 { UInt32(truncatingIfNeeded: PeerMap.now() / 1_000_000_000) }
+
+    // MARK: sending
+
+    /// Seals `item` in the session with `expected`, or queues it behind a handshake.
+    func sendSecure(_ item: QueuedMessage, to target: PeerSocketAddress, expected: Number160, over kind: TransportKind,
+                    connection: (any Channel)?) {
+        if expected != .zero, let slot = sessions.slot(peer: expected) {
+            seal(item, slot: slot, to: target, over: kind, connection: connection)
+        } else {
+            enqueue(item, target: target, expected: expected, over: kind, connection: connection)
+        }
+    }
+
+    /// Seals one message in the session in `slot` and writes it.
+    private func seal(_ item: QueuedMessage, slot: Int, to target: PeerSocketAddress, over kind: TransportKind, connection: (any Channel)?) {
+        if let id = item.requestID {
+            guard pending[id] != nil else { return }
+            pending[id]?.session = sessions[slot].localIndex
+        }
+        guard let packet = sealed(item.plain, slot: slot, over: kind) else {
+            reject(item, .encoding(.limitExceeded(what: "sealed message bytes", value: item.plain.readableBytes, limit: WireLimits.maxMessageBytes)))
+            return
+        }
+        switch kind {
+        case .udp:
+            guard let udp = udpChannel else { return reject(item, .shutDown) }
+            udp.writeAndFlush(AddressedEnvelope(remoteAddress: target.udpSocketAddress, data: packet), promise: item.written)
+        case .tcp:
+            guard let connection else { return reject(item, .shutDown) }
+            connection.writeAndFlush(packet, promise: item.written)
+        }
+    }
+
+    /// The sealed packet carrying `plain` (a TCP frame, length first, for TCP).
+    private func sealed(_ plain: ByteBuffer, slot: Int, over kind: TransportKind) -> ByteBuffer? {
+        let size = sessions[slot].sealedSize(plain.readableBytes)
+        var out = ByteBufferAllocator().buffer(capacity: size + 4)
+        if kind == .tcp { out.writeInteger(UInt32(size)) }
+        do {
+            try plain.withUnsafeReadableBytes { try sessions[slot].seal($0, transport: kind, into: &out) }
+        } catch {
+            logger.error("sealing failed", metadata: ["error": "\(error)"])
+            return nil
+        }
+        sessions[slot].lastUsed = Node.nowSeconds()
+        return out
+    }
+
+    /// Sends a reply in the session its request came in (or the peer's newest, if that one was
+    /// dropped meanwhile); with neither, the reply is dropped and the requester times out.
+    func sendInSession(_ plain: ByteBuffer, replyTo peer: Number160, session: UInt64, origin: Origin) {
+        guard let slot = sessions.slot(index: session) ?? sessions.slot(peer: peer),
+              let packet = sealed(plain, slot: slot, over: origin.kind) else { return }
+        switch origin {
+        case .udp(let remote): udpChannel?.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: packet), promise: nil)
+        case .tcp(let channel): channel.writeAndFlush(packet, promise: nil)
+        }
+    }
+
+    private func reject(_ item: QueuedMessage, _ error: RPCError, peerFailed: Bool = false) {
+        item.written?.fail(error)
+        if let id = item.requestID { failRequest(id, error, peerFailed: peerFailed) }
+    }
+
+    // MARK: handshakes we start
+
+    private func enqueue(_ item: QueuedMessage, target: PeerSocketAddress, expected: Number160, over kind: TransportKind,
+                         connection: (any Channel)?) {
+        let key = HandshakeKey(ip: target.ip, port: kind == .udp ? target.udpPort : target.tcpPort, expected: expected, transport: kind)
+        if let index = handshakeKeys[key], handshakes[index] != nil {
+            if let id = item.requestID, handshakes[index]?.queue.contains(where: { $0.requestID == id }) == true { return }
+            guard (handshakes[index]?.queue.count ?? 0) < config.limits.maxQueuedPerHandshake else {
+                return reject(item, .busy("more than \(config.limits.maxQueuedPerHandshake) messages wait for the handshake with \(target)"))
+            }
+            handshakes[index]?.queue.append(item)
+            return
+        }
+        guard handshakes.count < config.limits.maxHandshakesInProgress else {
+            return reject(item, .busy("more than \(config.limits.maxHandshakesInProgress) handshakes in progress"))
+        }
+        var index: UInt64
+        repeat { index = UInt64(randomIDs.next()) << 32 | UInt64(randomIDs.next()) } while index == 0 || handshakes[index] != nil || sessions.slot(index: index) != nil
+        let crypto = InitiatorHandshake(network: config.networkID, index: index, expected: expected)
+        handshakes[index] = OutboundHandshake(crypto: crypto, key: key, target: target, transport: kind, connection: connection, queue: [item])
+        handshakeKeys[key] = index
+        sendINIT(index, retry: min(config.udpRetryAfter / 2, config.requestTimeout / 4))
+        // No RESPONSE within a request's time: the peer did not answer, which counts against it.
+        handshakes[index]?.expiry = eventLoop.scheduleTask(in: TimeAmount(config.requestTimeout)) { [self] in
+            failHandshake(index, .timeout(peer: "\(target)", milliseconds: Int(config.requestTimeout.components.seconds * 1000
+                + config.requestTimeout.components.attoseconds / 1_000_000_000_000_000)), peerFailed: true)
+        }
+    }
+
+    /// Sends (or re-sends) an INIT; over UDP, again after `retry`, doubling, until the handshake
+    /// finishes or expires.
+    private func sendINIT(_ index: UInt64, retry: Duration) {
+        guard let h = handshakes[index], running else { return }
+        var packet = ByteBufferAllocator().buffer(capacity: SessionWire.initBytes + 4)
+        switch h.transport {
+        case .udp:
+            packet.writeBytes(h.crypto.initPacket)
+            udpChannel?.writeAndFlush(AddressedEnvelope(remoteAddress: h.target.udpSocketAddress, data: packet), promise: nil)
+            handshakes[index]?.retransmit = eventLoop.scheduleTask(in: TimeAmount(retry)) { [self] in
+                sendINIT(index, retry: retry * 2)
+            }
+        case .tcp:
+            packet.writeInteger(UInt32(SessionWire.initBytes))
+            packet.writeBytes(h.crypto.initPacket)
+            h.connection?.writeAndFlush(packet, promise: nil)
+        }
+    }
+
+    private func removeHandshake(_ index: UInt64) -> OutboundHandshake? {
+        guard let h = handshakes.removeValue(forKey: index) else { return nil }
+        h.retransmit?.cancel()
+        h.expiry?.cancel()
+        if handshakeKeys[h.key] == index { handshakeKeys[h.key] = nil }
+        return h
+    }
+
+    private func failHandshake(_ index: UInt64, _ error: RPCError, peerFailed: Bool = false) {
+        guard let h = removeHandshake(index) else { return }
+        for item in h.queue { reject(item, error, peerFailed: peerFailed) }
+    }
+
+    /// Whether a handshake packet came back the way the handshake went out.
+    private func cameBack(_ h: OutboundHandshake, origin: Origin, remote: SocketAddress) -> Bool {
+        switch origin {
+        case .udp: return h.transport == .udp && IPAddress(remote) == h.target.ip && remote.port.map(UInt16.init) == h.target.udpPort
+        case .tcp(let channel): return h.connection.map { ObjectIdentifier($0) == ObjectIdentifier(channel) } ?? false
+        }
+    }
+
+    private func completeHandshake(_ r: HandshakeResponse, origin: Origin, remote: SocketAddress) {
+        guard let h = handshakes[r.initiatorIndex], cameBack(h, origin: origin, remote: remote) else {
+            countDrop("RESPONSE from \(remote) for no handshake of ours")
+            return
+        }
+        let session: Session
+        do {
+            session = try h.crypto.complete(r, network: config.networkID, identity: keyPair, now: Node.nowSeconds())
+        } catch .identityMismatch(let expected, let got) {
+            failHandshake(r.initiatorIndex, .identityMismatch(peer: "\(h.target)", expected: expected, got: got), peerFailed: true)
+            return
+        } catch {
+            // A forged RESPONSE (it needed our random index): keep waiting for the real one.
+            countDrop("RESPONSE from \(remote): \(error)")
+            return
+        }
+        _ = removeHandshake(r.initiatorIndex)
+        let slot = sessions.insert(session)
+        handshakesCompleted += 1
+        let local = sessions[slot].localIndex
+        for item in h.queue {
+            // A slot moves when another session is removed; find ours again by its index.
+            guard let s = sessions.slot(index: local) else { return reject(item, .shutDown) }
+            seal(item, slot: s, to: h.target, over: h.transport, connection: h.connection)
+        }
+    }
+
+    private func handshakeRefused(_ reason: RefusalReason, index: UInt64, origin: Origin, remote: SocketAddress) {
+        guard let h = handshakes[index], cameBack(h, origin: origin, remote: remote) else { return }
+        let peer = "\(h.target)"
+        switch reason {
+        case .insecurePeer:
+            logRefusal("\(remote) runs without authenticated sessions (insecure mode); this node requires them")
+            failHandshake(index, .securityMismatch(peer: peer, reason: "the peer runs without authenticated sessions (insecure mode); this node requires them"))
+        case .notThisPeer:
+            failHandshake(index, .identityMismatch(peer: peer, expected: h.crypto.expected, got: nil), peerFailed: true)
+        case .unsupportedVersion, .otherNetwork:
+            failHandshake(index, .handshakeRefused(peer: peer, reason: "\(reason)"))
+        }
+    }
+
+    /// The peer says it has no session with the index we used: it restarted or dropped it. If we
+    /// have requests in that session waiting on exactly that address, forget the session and send
+    /// them again (a new handshake first), so a restarted peer answers within one request timeout.
+    private func sessionLost(_ index: UInt64, origin: Origin, remote: SocketAddress) {
+        guard let slot = sessions.sessions.firstIndex(where: { $0.remoteIndex == index }) else { return }
+        let local = sessions[slot].localIndex
+        let affected = pending.filter { _, p in
+            guard p.session == local else { return false }
+            switch origin {
+            case .udp: return p.transport == .udp && IPAddress(remote) == p.target.ip && remote.port.map(UInt16.init) == p.target.udpPort
+            case .tcp(let channel): return p.connection == ObjectIdentifier(channel)
+            }
+        }
+        guard !affected.isEmpty else { return }
+        sessions.remove(slot: slot)
+        for (id, p) in affected {
+            pending[id]?.session = 0
+            transmit(p.plaintext, to: p.target, expected: p.expected, over: p.transport, requestID: id)
+        }
+    }
+
+    // MARK: receiving
+
+    func receivedSessionPacket(_ buffer: ByteBuffer, ip: IPAddress, remote: SocketAddress, origin: Origin) {
+        buffer.withUnsafeReadableBytes { raw in
+            let packet: SessionPacket
+            do {
+                packet = try SessionCodec.decode(raw)
+            } catch {
+                countDrop("undecodable session packet from \(remote): \(error)")
+                closeIfStream(origin)
+                return
+            }
+            let source = SourceKey.of(ip, port: UInt16(remote.port ?? 0))
+            switch packet {
+            case .sealed(let header):
+                guard let slot = sessions.slot(index: header.receiverIndex) else {
+                    // The peer holds a session we do not (we restarted, or dropped it): say so, so it
+                    // handshakes again. Nine bytes, for at least 33 received: no amplification.
+                    if handshakeBuckets.allow(source, nowNanoseconds: PeerMap.now()) {
+                        var notice = ByteBufferAllocator().buffer(capacity: SessionWire.sessionUnknownBytes)
+                        notice.writeBytes(SessionCodec.encodeSessionUnknown(index: header.receiverIndex))
+                        write(notice, origin: origin)
+                    }
+                    return
+                }
+                open(raw, headerBytes: SessionWire.sealedHeaderBytes, counter: header.counter, slot: slot, ip: ip, remote: remote, origin: origin)
+            case .handshakeFinish(let finish, let bodyOffset):
+                acceptFinish(raw, finish, bodyOffset: bodyOffset, source: source, ip: ip, remote: remote, origin: origin)
+            case .handshakeInit(let i):
+                answerInit(i, source: source, ip: ip, origin: origin)
+            case .handshakeResponse(let r):
+                completeHandshake(r, origin: origin, remote: remote)
+            case .sessionUnknown(let index):
+                sessionLost(index, origin: origin, remote: remote)
+            case .refused(let reason, let index):
+                handshakeRefused(reason, index: index, origin: origin, remote: remote)
+            }
+        }
+    }
+
+    private func answerInit(_ i: HandshakeInit, source: UInt64, ip: IPAddress, origin: Origin) {
+        guard let responder, handshakeBuckets.allow(source, nowNanoseconds: PeerMap.now()) else {
+            countDrop("INIT over the handshake rate of its source")
+            return
+        }
+        let refusal: RefusalReason? = i.networkID != config.networkID ? .otherNetwork
+            : (i.responderHint != .zero && i.responderHint != peerID) ? .notThisPeer : nil
+        var packet = ByteBufferAllocator().buffer(capacity: SessionWire.initBytes)
+        if let refusal {
+            countDrop("INIT refused: \(refusal)")
+            packet.writeBytes(SessionCodec.encodeRefused(refusal, initiatorIndex: i.initiatorIndex))
+        } else {
+            do {
+                packet.writeBytes(SessionCodec.encode(try responder.respond(to: i, from: ip, now: PeerMap.now())))
+            } catch {
+                countDrop("INIT with a bad key: \(error)")
+                return
+            }
+        }
+        write(packet, origin: origin)
+    }
+
+    private func acceptFinish(_ raw: UnsafeRawBufferPointer, _ f: HandshakeFinish, bodyOffset: Int, source: UInt64,
+                              ip: IPAddress, remote: SocketAddress, origin: Origin) {
+        // The initiator repeats FINISH until we answer in the session: those open in it directly.
+        if let slot = sessions.slot(index: f.responderIndex) {
+            guard sessions[slot].remoteIndex == f.initiatorIndex else { return countDrop("FINISH for another session") }
+            open(raw, headerBytes: bodyOffset, counter: f.counter, slot: slot, ip: ip, remote: remote, origin: origin)
+            return
+        }
+        guard let responder, handshakeBuckets.allow(source, nowNanoseconds: PeerMap.now()) else {
+            return countDrop("FINISH over the handshake rate of its source")
+        }
+        var session: Session
+        do {
+            session = try responder.accept(f, from: ip, now: PeerMap.now(), seconds: Node.nowSeconds())
+        } catch {
+            return countDrop("FINISH from \(remote): \(error)")
+        }
+        let plain: Data
+        do {
+            plain = try session.open(raw, headerBytes: bodyOffset, counter: f.counter, transport: origin.kind, now: Node.nowSeconds())
+        } catch {
+            return countDrop("FINISH from \(remote) whose message does not open")
+        }
+        let slot = sessions.insert(session)
+        handshakesCompleted += 1
+        deliver(plain, slot: slot, ip: ip, remote: remote, origin: origin)
+    }
+
+    private func open(_ raw: UnsafeRawBufferPointer, headerBytes: Int, counter: UInt64, slot: Int, ip: IPAddress,
+                      remote: SocketAddress, origin: Origin) {
+        let plain: Data
+        do {
+            plain = try sessions[slot].open(raw, headerBytes: headerBytes, counter: counter, transport: origin.kind, now: Node.nowSeconds())
+        } catch {
+            countDrop("sealed packet from \(remote): \(error)")
+            return closeIfStream(origin)
+        }
+        // Anything from the responder in this session proves it has the session: stop sending FINISH.
+        if !sessions[slot].isConfirmed, headerBytes == SessionWire.sealedHeaderBytes { sessions[slot].finishPrefix = nil }
+        deliver(plain, slot: slot, ip: ip, remote: remote, origin: origin)
+    }
+
+    /// Decodes an opened message and hands it on, if its sender is the session's proven peer.
+    private func deliver(_ plain: Data, slot: Int, ip: IPAddress, remote: SocketAddress, origin: Origin) {
+        let remoteID = sessions[slot].remoteID
+        let local = sessions[slot].localIndex
+        let networkID = config.networkID
+        let decoded = plain.withUnsafeBytes { raw in
+            Result { () throws(WireError) -> Message in try WireCodec.decode(raw, senderIP: ip, networkID: networkID) }
+        }
+        switch decoded {
+        case .failure(let error):
+            countDrop("sealed message from \(remote) does not decode: \(error)")
+        case .success(let message):
+            guard message.sender.id == remoteID else {
+                return countDrop("message claims id \(message.sender.id) in the session of \(remoteID)")
+            }
+            dispatch(message, origin: origin, remote: remote, session: local)
+        }
+    }
+
+    // MARK: refusing the other mode
+
+    /// A plaintext request to a node that requires sessions: answered with `sessionRequired`, a
+    /// bare header no larger than the request, so the insecure peer gets a clear error.
+    func refusePlaintext(_ message: Message, remote: SocketAddress, origin: Origin) {
+        guard message.type == .request,
+              handshakeBuckets.allow(SourceKey.of(message.sender.ip, port: UInt16(remote.port ?? 0)), nowNanoseconds: PeerMap.now()) else {
+            return countDrop("plaintext message from \(remote)")
+        }
+        logRefusal("refused a plaintext request from \(remote): this node requires authenticated sessions (the peer runs insecure)")
+        let reply = Message(networkID: config.networkID, id: message.id, type: .sessionRequired, command: message.command,
+                            sender: address, recipientID: message.sender.id)
+        var plain = ByteBufferAllocator().buffer(capacity: WireLimits.headerBytes)
+        plain.writeMessage(reply, size: WireLimits.headerBytes, framed: false)
+        write(plain, origin: origin)
+    }
+
+    /// A handshake to a node in insecure mode: refused with a 10-byte REFUSED, so the secure peer
+    /// gets a clear error too.
+    func refuseHandshake(_ buffer: ByteBuffer, remote: SocketAddress, origin: Origin) {
+        let index: UInt64? = buffer.withUnsafeReadableBytes { raw in
+            if case .handshakeInit(let i)? = try? SessionCodec.decode(raw) { return i.initiatorIndex }
+            return nil
+        }
+        guard let index, let ip = IPAddress(remote),
+              handshakeBuckets.allow(SourceKey.of(ip, port: UInt16(remote.port ?? 0)), nowNanoseconds: PeerMap.now()) else {
+            return countDrop("session packet from \(remote) to an insecure node")
+        }
+        logRefusal("refused a handshake from \(remote): this node runs insecure and the peer requires authenticated sessions")
+        var packet = ByteBufferAllocator().buffer(capacity: SessionWire.refusedBytes)
+        packet.writeBytes(SessionCodec.encodeRefused(.insecurePeer, initiatorIndex: index))
+        write(packet, origin: origin)
+    }
+
+    /// Counts a refusal between modes and logs it, at most a few times a second.
+    func logRefusal(_ text: String) {
+        securityRefusalCount.withLockedValue { $0 += 1 }
+        if refusalLog.allow() { logger.warning("\(text)") }
+    }
+}
