@@ -14,12 +14,14 @@ struct PingCommand: AsyncParsableCommand {
     @Option(help: "How many pings.")
     var count: Int = 1
 
+    @OptionGroup var identity: IdentityOptions
+
     func validate() throws {
         guard count >= 1 else { throw ValidationError("--count must be at least 1") }
     }
 
     func run() async throws {
-        let node = try await startNode(Node.builder().host("0.0.0.0").port(0))
+        let node = try await startNode(try identity.apply(to: Node.builder().host("0.0.0.0").port(0)))
         defer { Task { await node.shutdown() } }
         var failures = 0
         for _ in 0..<count {
@@ -48,13 +50,15 @@ struct LookupCommand: AsyncParsableCommand {
     @Argument(help: "The key: hashed with SHA-1, unless given as 0x and 40 hex digits.")
     var key: String
 
+    @OptionGroup var identity: IdentityOptions
+
     func validate() throws {
         guard !seeds.isEmpty else { throw ValidationError("--bootstrap HOST:PORT is required") }
     }
 
     func run() async throws {
         let target = try parseKey(key)
-        let node = try await startNode(Node.builder().host("0.0.0.0").port(0))
+        let node = try await startNode(try identity.apply(to: Node.builder().host("0.0.0.0").port(0)))
         do {
             try await node.bootstrap(to: seeds)
             let result = try await node.closestPeers(to: target)

@@ -14,6 +14,8 @@ struct DHTClientOptions: ParsableArguments {
     @Option(help: "How many of the closest peers to ask.")
     var replicas: Int = 3
 
+    @OptionGroup var identity: IdentityOptions
+
     func validate() throws {
         guard !seeds.isEmpty else { throw ValidationError("--bootstrap HOST:PORT is required") }
         guard (1...20).contains(replicas) else { throw ValidationError("--replicas must be from 1 to 20, got \(replicas)") }
@@ -33,7 +35,7 @@ struct DHTClientOptions: ParsableArguments {
 
     /// Starts a client node, joins, runs `body`, and always leaves.
     func withClient<T: Sendable>(_ body: @Sendable (Node) async throws -> T) async throws -> T {
-        let node = try await startNode(Node.builder().host("0.0.0.0").port(0).plugins(BuiltInPlugins.client))
+        let node = try await startNode(try identity.apply(to: Node.builder().host("0.0.0.0").port(0).plugins(BuiltInPlugins.client)))
         do {
             try await node.bootstrap(to: seeds)
             let value = try await body(node)

@@ -28,8 +28,10 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(name: .customLong("plugin"), help: "A plugin .so file to load (repeatable); one that fails to load is refused and the node runs without it.")
     var pluginFiles: [String] = []
 
-    @Option(help: "A JSON config file: {\"port\", \"host\", \"network_id\", \"bootstrap\": [..], \"plugins\": [..], \"plugin_files\": [..]}; flags given here win.")
+    @Option(help: "A JSON config file: {\"port\", \"host\", \"network_id\", \"bootstrap\": [..], \"plugins\": [..], \"plugin_files\": [..], \"key\", \"insecure\"}; flags given here win.")
     var config: String?
+
+    @OptionGroup var identity: IdentityOptions
 
     func run() async throws {
         let file = try config.map(NodeConfigFile.read) ?? NodeConfigFile()
@@ -55,20 +57,23 @@ struct NodeCommand: AsyncParsableCommand {
         let names = plugins.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
         let id = IDBox()
         let list = try BuiltInPlugins.make(names, peerID: { id.value })
-        let node = try await startNode(Node.builder().host(host).port(port).networkID(networkID).plugins(list).plugins(loaded, optional: true))
+        let builder = try identity.apply(to: Node.builder(), keyFile: file.key, insecure: file.insecure)
+        let node = try await startNode(builder.host(host).port(port).networkID(networkID).plugins(list).plugins(loaded, optional: true))
         id.value = node.peerID.description
         for (name, reason) in node.refusedPlugins { say("plugin \(name) refused: \(reason)") }
         if !names.isEmpty { say("plugins: \(names.joined(separator: ", "))") }
-        say("node \(node.peerID) listening on \(host):\(node.address.udpPort) (udp+tcp)")
+        say("node \(node.peerID) listening on \(host):\(node.address.udpPort) (udp+tcp\(node.config.security == .insecure ? ", INSECURE: plaintext, unauthenticated" : ", authenticated sessions"))")
+        // Peers come and go at a rate others control: a budget keeps the log from being a lever.
+        let budget = LogBudget(perSecond: node.config.limits.peerEventLogsPerSecond)
         node.peerMap.onChange { event in
+            let line: String
             switch event {
-            case .inserted(let p, let verified) where verified:
-                say("peer joined: \(p.id) at \(p.socket)")
-            case .removed(let p, let reason):
-                say("peer left: \(p.id) at \(p.socket) (\(reason == .quit ? "quit" : "offline"))")
-            default:
-                break
+            case .inserted(let p, let verified) where verified: line = "peer joined: \(p.id) at \(p.socket)"
+            case .removed(let p, let reason): line = "peer left: \(p.id) at \(p.socket) (\(reason == .quit ? "quit" : "offline"))"
+            default: return
             }
+            guard let suppressed = budget.take() else { return }
+            say(suppressed > 0 ? "\(line) (\(suppressed) more peer events not shown)" : line)
         }
         let stop = SignalWaiter()
         if !seeds.isEmpty {
@@ -136,6 +141,8 @@ struct NodeConfigFile: Decodable {
     var bootstrap: [String]?
     var plugins: [String]?
     var plugin_files: [String]?
+    var key: String?
+    var insecure: Bool?
 
     init() {}
 

@@ -193,8 +193,10 @@ struct CallCommand: AsyncParsableCommand {
     @Argument(help: "The arguments, parsed by the command's declared types (bytes as hex).")
     var arguments: [String] = []
 
+    @OptionGroup var identity: IdentityOptions
+
     func run() async throws {
-        let node = try await startNode(Node.builder().host("0.0.0.0").port(0))
+        let node = try await startNode(try identity.apply(to: Node.builder().host("0.0.0.0").port(0)))
         do {
             let target = try await node.ping(peer)
             let id = CommandID.derive(from: command)

@@ -50,6 +50,9 @@ struct SimCommand: AsyncParsableCommand {
     @Flag(help: "Print one JSON object instead of a summary.")
     var json = false
 
+    @Flag(help: "Run every peer without sessions (plaintext, unauthenticated), to compare with the default.")
+    var insecure = false
+
     func validate() throws {
         guard peers >= 1 else { throw ValidationError("--peers must be at least 1, got \(peers)") }
         guard lookups >= 0 else { throw ValidationError("--lookups must not be negative, got \(lookups)") }
@@ -72,12 +75,14 @@ struct SimCommand: AsyncParsableCommand {
                 do { _ = try PluginLoader.load(file) } catch { throw CLIError.usage("\(error)") }
             }
             let files = pluginFiles
+            let security: SecurityMode = insecure ? .insecure : .authenticated
             net = try await Testnet.start(peers: peers, routing: perfect ? .perfect : .bootstrap,
                                           joinConcurrency: joinConcurrency,
                                           plugins: { _ in
                                               ((try? BuiltInPlugins.make(names, peerID: { "" })) ?? [])
                                                   + files.compactMap { try? PluginLoader.load($0) }
                                           },
+                                          configure: { _, config in config.security = security },
                                           progress: { phase, done, total in note("  \(phase): \(done)/\(total)") })
         } catch let error as CLIError {
             throw error
