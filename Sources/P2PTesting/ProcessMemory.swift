@@ -42,3 +42,15 @@ public func raiseOpenFileLimit() {
 #if os(Linux)
 private let RLIMIT_NOFILE_VALUE = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
 #endif
+
+/// CPU time this process has used so far (user plus system), in seconds.
+public func processCPUSeconds() -> Double {
+    #if canImport(Glibc)
+    var usage = rusage()
+    guard getrusage(RUSAGE_SELF.rawValue, &usage) == 0 else { return 0 }
+    func seconds(_ t: timeval) -> Double { Double(t.tv_sec) + Double(t.tv_usec) / 1e6 }
+    return seconds(usage.ru_utime) + seconds(usage.ru_stime)
+    #else
+    return 0
+    #endif
+}

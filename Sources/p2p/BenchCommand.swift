@@ -2,12 +2,14 @@ import ArgumentParser
 import Foundation
 import P2PKernel
 import P2PLoader
+import P2PTesting
+import NIOCore
 
 struct BenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Micro-benchmarks (build with -c release).",
-        subcommands: [CodecBench.self, FFIBench.self]
+        subcommands: [CodecBench.self, SessionBench.self, RPCBench.self, FFIBench.self]
     )
 }
 
@@ -102,5 +104,111 @@ struct FFIBench: AsyncParsableCommand {
         let ffiNs = (clock.now - start).milliseconds * 1e6 / Double(calls)
         say(String(format: "%@: direct %.1f ns/call, through libffi with typed values %.1f ns/call, overhead %.1f ns/call (checksum %llu)",
                    command, directNs, ffiNs, ffiNs - directNs, sink))
+    }
+}
+
+struct SessionBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "session",
+        abstract: "Handshakes per second and sealed messages per second on one core, and the bytes sealing adds per message."
+    )
+
+    @Option(help: "Seconds per measurement.")
+    var seconds: Double = 2
+
+    @Option(help: "Message sizes to seal and open, comma-separated.")
+    var sizes: String = "100,500,1400"
+
+    @Flag(help: "Print one JSON object.")
+    var json = false
+
+    func validate() throws {
+        guard seconds > 0 else { throw ValidationError("--seconds must be positive") }
+    }
+
+    func run() async throws {
+        let sizes = self.sizes.split(separator: ",").compactMap { Int($0) }.filter { $0 >= 0 && $0 <= 1 << 20 }
+        guard !sizes.isEmpty else { throw CLIError.usage("--sizes needs sizes from 0 to 1048576") }
+        let duration = Duration.milliseconds(Int(seconds * 1000))
+        let handshakes = try SessionBenchmark.handshakesPerSecond(for: duration)
+        var rows: [(Int, Double, Int)] = []
+        for size in sizes {
+            let (rate, overhead) = try SessionBenchmark.sealOpenPerSecond(messageBytes: size, for: duration)
+            rows.append((size, rate, overhead))
+        }
+        if json {
+            let sealed = rows.map { "{\"message_bytes\":\($0.0),\"seal_open_per_s\":\(Int($0.1)),\"ns_per_seal_open\":\(Int(1e9 / $0.1)),\"overhead_bytes\":\($0.2)}" }
+            print("{\"handshakes_per_s\":\(Int(handshakes)),\"us_per_handshake\":\(Int(1e6 / handshakes)),\"sealed\":[\(sealed.joined(separator: ","))]}")
+        } else {
+            print("handshakes (both sides, one core): \(Int(handshakes))/s, \(Int(1e6 / handshakes)) µs each")
+            for (size, rate, overhead) in rows {
+                print("seal+open of a \(size)-byte message: \(Int(rate))/s, \(Int(1e9 / rate)) ns each; sealing adds \(overhead) bytes")
+            }
+        }
+    }
+}
+
+struct RPCBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "rpc",
+        abstract: "Request/reply round trips between two nodes in this process: per second, and CPU per round trip, secure and insecure."
+    )
+
+    @Option(help: "Round trips per measurement.")
+    var count: Int = 50_000
+
+    @Option(help: "Requests in flight at once.")
+    var concurrency: Int = 16
+
+    @Option(help: "Bytes in each request and reply.")
+    var bytes: Int = 100
+
+    @Option(help: "secure, insecure, or both.")
+    var mode: String = "both"
+
+    func validate() throws {
+        guard count > 0, (1...1024).contains(concurrency), (0...1300).contains(bytes), ["both", "secure", "insecure"].contains(mode) else {
+            throw ValidationError("--count > 0, --concurrency 1…1024, --bytes 0…1300, --mode secure|insecure|both")
+        }
+    }
+
+    struct Echo: CommandHandler {
+        let name = "bench.echo"
+        func handle(_ request: Message, context: CommandContext) -> CommandResult { .reply(Reply(payload: request.payload)) }
+    }
+
+    func run() async throws {
+        let modes: [SecurityMode] = mode == "secure" ? [.authenticated] : mode == "insecure" ? [.insecure] : [.authenticated, .insecure]
+        for mode in modes {
+            let a = try await Node.builder().host("127.0.0.1").port(0).maintenance(nil).security(mode).start()
+            let b = try await Node.builder().host("127.0.0.1").port(0).maintenance(nil).security(mode).command(Echo()).start()
+            let peer = try await a.ping(b.address.socket)
+            let payload: [Payload] = [.bytes([UInt8](repeating: 7, count: bytes))]
+            let id = CommandID.derive(from: "bench.echo")
+            let count = self.count, concurrency = self.concurrency
+            let cpu = processCPUSeconds()
+            let clock = ContinuousClock()
+            let start = clock.now
+            // Driven on a's event loop, as the kernel drives lookups: no task hop per request.
+            let done = a.eventLoop.makePromise(of: Void.self)
+            a.eventLoop.execute {
+                var sent = 0, finished = 0
+                func next() {
+                    guard sent < count else { return }
+                    sent += 1
+                    a.request(to: peer, command: id, payload: payload, transport: .udp).whenComplete { _ in
+                        finished += 1
+                        if finished == count { done.succeed(()) } else { next() }
+                    }
+                }
+                for _ in 0..<concurrency { next() }
+            }
+            try await done.futureResult.get()
+            let seconds = (clock.now - start).milliseconds / 1000
+            let cpuPer = (processCPUSeconds() - cpu) * 1e6 / Double(count)
+            print(String(format: "%@: %.0f round trips/s, %.1f µs CPU per round trip (%d in flight, %d-byte payload)",
+                         mode == .insecure ? "insecure" : "secure  ", Double(count) / seconds, cpuPer, concurrency, bytes))
+            await a.shutdown(); await b.shutdown()
+        }
     }
 }

@@ -90,6 +90,7 @@ struct SimCommand: AsyncParsableCommand {
             throw CLIError.failed("could not start the network: \(error)")
         }
         let rssAfter = residentMemoryBytes() ?? 0
+        let bootstrapHandshakes = net.nodes.reduce(0) { $0 + $1.handshakesCompleted } / 2
         let memoryPerPeerKiB = Double(max(0, rssAfter - rssBefore)) / Double(peers) / 1024
         note("bootstrapped \(peers) peers in \(String(format: "%.2f", net.bootstrapSeconds)) s; running \(lookups) lookups…")
 
@@ -125,7 +126,11 @@ struct SimCommand: AsyncParsableCommand {
                                        fixedValue: value.map { Array($0.utf8) })
             for (name, concurrent, isPut) in [("seq_put", false, true), ("seq_get", false, false), ("put", true, true), ("get", true, false)] {
                 note("\(name): \(ops) operations\(concurrent ? ", \(concurrency) in flight" : ", one at a time")…")
+                let before = net.nodes.reduce(0) { $0 + $1.handshakesCompleted }
+                let cpu = processCPUSeconds()
                 phases[name] = await workload.run(isPut: isPut, concurrency: concurrent ? concurrency : 1, keySet: concurrent ? 1 : 0)
+                phases[name]?.cpuMicrosecondsPerOp = (processCPUSeconds() - cpu) * 1e6 / Double(ops)
+                phases[name]?.handshakes = (net.nodes.reduce(0) { $0 + $1.handshakesCompleted } - before) / 2
             }
         }
         let verified = net.nodes.map { $0.peerMap.counts.verified }
@@ -138,6 +143,8 @@ struct SimCommand: AsyncParsableCommand {
         let report = SimReport(
             peers: peers,
             bootstrapSeconds: net.bootstrapSeconds,
+            bootstrapHandshakes: bootstrapHandshakes,
+            secure: !insecure,
             lookups: latencies.count,
             failedLookups: failedLookups,
             p50: percentile(latencies, 0.50), p95: percentile(latencies, 0.95), p99: percentile(latencies, 0.99),
@@ -168,6 +175,8 @@ func percentile(_ sorted: [Double], _ p: Double) -> Double {
 struct SimReport {
     var peers: Int
     var bootstrapSeconds: Double
+    var bootstrapHandshakes: Int
+    var secure: Bool
     var lookups: Int
     var failedLookups: Int
     var p50: Double, p95: Double, p99: Double
@@ -184,6 +193,8 @@ struct SimReport {
         var object: [String: Any] = [
             "peers": peers,
             "bootstrap_s": r(bootstrapSeconds, 3),
+            "bootstrap_handshakes": bootstrapHandshakes,
+            "secure": secure,
             "lookup": [
                 "count": lookups, "failed": failedLookups,
                 "p50_ms": r(p50), "p95_ms": r(p95), "p99_ms": r(p99),
@@ -196,7 +207,8 @@ struct SimReport {
         ]
         for (name, p) in phases {
             object[name] = ["ops": p.ops, "ops_per_s": r(p.opsPerSecond, 1), "p50_ms": r(p.p50), "p95_ms": r(p.p95),
-                            "p99_ms": r(p.p99), "success_rate": r(p.successRate, 5), "concurrency": p.concurrency] as [String: Any]
+                            "p99_ms": r(p.p99), "success_rate": r(p.successRate, 5), "concurrency": p.concurrency,
+                            "handshakes": p.handshakes, "cpu_us_per_op": r(p.cpuMicrosecondsPerOp, 1)] as [String: Any]
         }
         let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
         return String(decoding: data, as: UTF8.self)
@@ -206,7 +218,7 @@ struct SimReport {
         func f(_ v: Double, _ d: Int = 3) -> String { String(format: "%.\(d)f", v) }
         return """
         SwiftP2P simulation: \(peers) peers in one process
-          bootstrap     \(f(bootstrapSeconds, 2)) s (every peer pinged the seed and looked up its own id)
+          bootstrap     \(f(bootstrapSeconds, 2)) s (every peer pinged the seed and looked up its own id; \(secure ? "\(bootstrapHandshakes) handshakes" : "insecure: no sessions"))
           peer maps     \(f(verifiedMean, 1)) verified peers each on average
           lookups       \(lookups) done, \(failedLookups) failed
           latency       p50 \(f(p50)) ms · p95 \(f(p95)) ms · p99 \(f(p99)) ms
@@ -228,6 +240,10 @@ struct PhaseReport: Sendable {
     var opsPerSecond: Double
     var p50: Double, p95: Double, p99: Double
     var successRate: Double
+    /// Sessions opened during the phase (handshakes, counted once per pair).
+    var handshakes = 0
+    /// CPU time of the whole process per operation (every peer's share of it).
+    var cpuMicrosecondsPerOp = 0.0
 }
 
 /// Puts and gets of random keys with fixed-size values from random peers; gets read back what

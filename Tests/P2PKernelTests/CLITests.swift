@@ -146,3 +146,64 @@ struct CLITests {
         #expect((lookup["recall"] as? Double ?? 0) >= 0.95)
     }
 }
+
+@Suite("p2p identities and modes", .serialized)
+struct CLIIdentityTests {
+    func tempPath(_ name: String) -> String {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("p2p-cli-\(UInt64.random(in: 0...UInt64.max))")
+        try? FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        return dir.appendingPathComponent(name).path
+    }
+
+    @Test("keygen writes a key and prints its id; id prints it again; a node run with --key keeps that id across restarts")
+    func keygenAndRestart() throws {
+        let path = tempPath("node.key")
+        let made = try P2PTool.run(["keygen", path])
+        #expect(made.code == 0)
+        let id = made.out.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(id.hasPrefix("0x") && id.count == 42)
+        #expect(try P2PTool.run(["id", path]).out.trimmingCharacters(in: .whitespacesAndNewlines) == id)
+        #expect(try P2PTool.run(["keygen", path]).code == 2)  // never overwrites
+        for _ in 0..<2 {
+            let node = try NodeProcess(["--port", "0", "--key", path])
+            #expect(node.waitFor("listening on"))
+            #expect(node.output.contains("node \(id) "))
+            let port = try #require(node.port)
+            let ping = try P2PTool.run(["ping", "127.0.0.1:\(port)"])
+            #expect(ping.out.contains("reply from \(id)"))
+            node.stop()
+        }
+    }
+
+    @Test("bad key files exit 2 with one clear line", arguments: ["missing", "open", "garbage"])
+    func badKeys(kind: String) throws {
+        let path = tempPath("bad.key")
+        switch kind {
+        case "open":
+            _ = try P2PTool.run(["keygen", path])
+            chmod(path, 0o644)
+        case "garbage":
+            FileManager.default.createFile(atPath: path, contents: Data("not a key\n".utf8), attributes: [.posixPermissions: 0o600])
+        default:
+            break
+        }
+        for args in [["id", path], ["node", "--port", "0", "--key", path], ["ping", "--key", path, "127.0.0.1:1"]] {
+            let r = try P2PTool.run(args, timeout: 20)
+            #expect(r.code == 2, "\(args)")
+            #expect(r.err.hasPrefix("p2p: key file"), "\(args): \(r.err)")
+            #expect(r.err.split(separator: "\n").count == 1)
+        }
+    }
+
+    @Test("an insecure client and a secure node refuse each other with a clear message")
+    func modesRefuse() throws {
+        let node = try NodeProcess(["--port", "0"])
+        defer { node.stop() }
+        #expect(node.waitFor("authenticated sessions"))
+        let port = try #require(node.port)
+        let r = try P2PTool.run(["ping", "--insecure", "127.0.0.1:\(port)"])
+        #expect(r.code == 1)
+        #expect(r.err.contains("requires authenticated sessions"))
+        #expect(node.waitFor("refused a plaintext request"))
+    }
+}

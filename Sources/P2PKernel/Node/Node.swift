@@ -51,7 +51,6 @@ public final class Node: @unchecked Sendable {
     var handshakeKeys: [HandshakeKey: UInt64] = [:]
     var handshakeBuckets: TokenBuckets
     var discoverBuckets: TokenBuckets
-    var handshakesCompleted = 0
     /// Times the UDP socket closed under the node and was bound again.
     var udpRebinds = 0
     var handlersInFlight = 0
@@ -65,6 +64,12 @@ public final class Node: @unchecked Sendable {
     var refusedConnections = 0
     /// Bytes announced by TCP frames still arriving, over all connections.
     var partialFrameBytes = 0
+    /// Uptime seconds, updated once a second: what sessions age by (a clock read per packet
+    /// would cost more than the LRU order it keeps is worth).
+    var coarseSeconds = UInt32(truncatingIfNeeded: PeerMap.now() / 1_000_000_000)
+    var clockTask: RepeatedTask?
+    /// Where opened packets of datagram size are decrypted: no allocation per packet.
+    let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: SessionWire.maxDatagramBytes + 64, alignment: 16)
     var poolOrder: [PeerSocketAddress] = []
     var running = true
     var stopping = false
@@ -80,6 +85,10 @@ public final class Node: @unchecked Sendable {
     /// (counted for operators and tests).
     public var droppedMessages: Int { droppedCount.withLockedValue { $0 } }
     let droppedCount = NIOLockedValueBox(0)
+
+    /// Handshakes completed, as initiator and as responder.
+    public var handshakesCompleted: Int { handshakeCount.withLockedValue { $0 } }
+    let handshakeCount = NIOLockedValueBox(0)
 
     /// Exchanges refused because one side runs insecure mode and the other does not.
     public var securityRefusals: Int { securityRefusalCount.withLockedValue { $0 } }
@@ -106,6 +115,10 @@ public final class Node: @unchecked Sendable {
         self.discoverBuckets = TokenBuckets(rate: limits.discoversPerSecond, burst: limits.discoverBurst, maxSources: limits.maxRateLimitedSources)
         self.refusalLog = LogBudget(perSecond: 2)
         self.tcpWaterMark = .init(low: limits.tcpWriteLowWater, high: max(limits.tcpWriteLowWater + 1, limits.tcpWriteHighWater))
+    }
+
+    deinit {
+        scratch.deallocate()
     }
 
     /// A builder with every default; see `NodeBuilder`.
@@ -142,7 +155,12 @@ public final class Node: @unchecked Sendable {
                 throw NodeStartError.plugin(.installFailed(plugin: plugin.name, reason: "start failed: \(error)"))
             }
         }
-        node.eventLoop.execute { node.startMaintenance() }
+        node.eventLoop.execute {
+            node.clockTask = node.eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [weak node] _ in
+                if let node { node.coarseSeconds = UInt32(truncatingIfNeeded: PeerMap.now() / 1_000_000_000) }
+            }
+            node.startMaintenance()
+        }
         node.logger.debug("listening", metadata: ["address": "\(node.address.socket)"])
         return node
     }
@@ -270,6 +288,8 @@ public final class Node: @unchecked Sendable {
             guard running else { return eventLoop.makeSucceededVoidFuture() }
             maintenanceTask?.cancel()
             maintenanceTask = nil
+            clockTask?.cancel()
+            clockTask = nil
             for t in backgroundTasks { t.cancel() }
             backgroundTasks.removeAll()
             var writes: [EventLoopFuture<Void>] = []

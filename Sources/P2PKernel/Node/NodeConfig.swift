@@ -26,7 +26,7 @@ public struct NodeConfig: Sendable {
     public var routing = RoutingConfig()
     /// How long a request waits for its reply before failing with `.timeout`.
     public var requestTimeout: Duration = .seconds(3)
-    /// A UDP request with no reply after this long is sent once more (loss is common on UDP).
+    /// A UDP request with no reply is sent again this often until its timeout (loss is common on UDP).
     public var udpRetryAfter: Duration = .milliseconds(1_000)
     /// Most requests waiting for replies at once on this node; more fail fast with
     /// `.tooManyInFlight` rather than queue without bound.

@@ -298,21 +298,28 @@ extension Node {
                                      payload: payload, timeout: total, plaintext: plain, transport: kind)
         transmit(plain, to: target, expected: expectedID, over: kind, requestID: id)
         if kind == .udp {
-            // One re-send on loss; a re-sent request is sealed anew, so the peer answers it again.
-            let retryAfter = min(config.udpRetryAfter, total / 2)
-            pending[id]?.timer = eventLoop.scheduleTask(in: TimeAmount(retryAfter)) { [self] in
-                guard let p = pending[id], running else { return }
-                transmit(p.plaintext, to: target, expected: expectedID, over: .udp, requestID: id)
-                pending[id]?.timer = eventLoop.scheduleTask(in: TimeAmount(total - retryAfter)) { [self] in
-                    timedOut(id, after: total)
-                }
-            }
+            // Re-sent every `udpRetryAfter` until the deadline: datagrams get lost, and so may the
+            // FINISH of a fresh session. A re-sent request is sealed anew, so the peer answers it.
+            resend(id, every: min(config.udpRetryAfter, total / 2), deadline: NIODeadline.now() + TimeAmount(total), total: total)
         } else {
             pending[id]?.timer = eventLoop.scheduleTask(in: TimeAmount(total)) { [self] in
                 timedOut(id, after: total)
             }
         }
         return promise.futureResult
+    }
+
+    private func resend(_ id: UInt32, every interval: Duration, deadline: NIODeadline, total: Duration) {
+        let next = NIODeadline.now() + TimeAmount(interval)
+        guard next < deadline else {
+            pending[id]?.timer = eventLoop.scheduleTask(deadline: deadline) { [self] in timedOut(id, after: total) }
+            return
+        }
+        pending[id]?.timer = eventLoop.scheduleTask(deadline: next) { [self] in
+            guard let p = pending[id], running else { return }
+            transmit(p.plaintext, to: p.target, expected: p.expected, over: .udp, requestID: id)
+            resend(id, every: interval, deadline: deadline, total: total)
+        }
     }
 
     /// Why `target` cannot be sent to over `kind`, or nil. A peer can announce anything; sending

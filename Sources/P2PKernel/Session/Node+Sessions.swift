@@ -1,4 +1,3 @@
-import Foundation
 import NIOCore
 
 /// A message waiting to be sealed: for a request (by id), or fire-and-forget (with a write promise).
@@ -42,16 +41,13 @@ struct OutboundHandshake {
 extension Node {
     var sessionsEnabled: Bool { responder != nil }
 
-    /// Uptime seconds, the clock sessions age by.
-    static func nowSeconds() -> UInt32 { UInt32(truncatingIfNeeded: PeerMap.now() / 1_000_000_000) }
-
     // MARK: sending
 
     /// Seals `item` in the session with `expected`, or queues it behind a handshake.
     func sendSecure(_ item: QueuedMessage, to target: PeerSocketAddress, expected: Number160, over kind: TransportKind,
                     connection: (any Channel)?) {
-        if expected != .zero, let slot = sessions.slot(peer: expected) {
-            seal(item, slot: slot, to: target, over: kind, connection: connection)
+        if expected != .zero, let (packet, local) = sessions.seal(item.plain, peer: expected, transport: kind, now: coarseSeconds) {
+            send(item, packet, session: local, to: target, over: kind, connection: connection)
         } else {
             enqueue(item, target: target, expected: expected, over: kind, connection: connection)
         }
@@ -59,13 +55,19 @@ extension Node {
 
     /// Seals one message in the session in `slot` and writes it.
     private func seal(_ item: QueuedMessage, slot: Int, to target: PeerSocketAddress, over kind: TransportKind, connection: (any Channel)?) {
+        let local = sessions[slot].localIndex
+        send(item, sessions.seal(item.plain, slot: slot, transport: kind, now: coarseSeconds), session: local, to: target, over: kind,
+             connection: connection)
+    }
+
+    private func send(_ item: QueuedMessage, _ packet: ByteBuffer?, session: UInt64, to target: PeerSocketAddress, over kind: TransportKind,
+                      connection: (any Channel)?) {
+        guard let packet else {
+            return reject(item, .encoding(.limitExceeded(what: "sealed message bytes", value: item.plain.readableBytes, limit: WireLimits.maxMessageBytes)))
+        }
         if let id = item.requestID {
             guard pending[id] != nil else { return }
-            pending[id]?.session = sessions[slot].localIndex
-        }
-        guard let packet = sealed(item.plain, slot: slot, over: kind) else {
-            reject(item, .encoding(.limitExceeded(what: "sealed message bytes", value: item.plain.readableBytes, limit: WireLimits.maxMessageBytes)))
-            return
+            pending[id]?.session = session
         }
         switch kind {
         case .udp:
@@ -77,26 +79,10 @@ extension Node {
         }
     }
 
-    /// The sealed packet carrying `plain` (a TCP frame, length first, for TCP).
-    private func sealed(_ plain: ByteBuffer, slot: Int, over kind: TransportKind) -> ByteBuffer? {
-        let size = sessions[slot].sealedSize(plain.readableBytes)
-        var out = ByteBufferAllocator().buffer(capacity: size + 4)
-        if kind == .tcp { out.writeInteger(UInt32(size)) }
-        do {
-            try plain.withUnsafeReadableBytes { try sessions[slot].seal($0, transport: kind, into: &out) }
-        } catch {
-            logger.error("sealing failed", metadata: ["error": "\(error)"])
-            return nil
-        }
-        sessions[slot].lastUsed = Node.nowSeconds()
-        return out
-    }
-
     /// Sends a reply in the session its request came in (or the peer's newest, if that one was
     /// dropped meanwhile); with neither, the reply is dropped and the requester times out.
     func sendInSession(_ plain: ByteBuffer, replyTo peer: Number160, session: UInt64, origin: Origin) {
-        guard let slot = sessions.slot(index: session) ?? sessions.slot(peer: peer),
-              let packet = sealed(plain, slot: slot, over: origin.kind) else { return }
+        guard let packet = sessions.sealReply(plain, index: session, peer: peer, transport: origin.kind, now: coarseSeconds) else { return }
         switch origin {
         case .udp(let remote): udpChannel?.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: packet), promise: nil)
         case .tcp(let channel): channel.writeAndFlush(packet, promise: nil)
@@ -184,7 +170,7 @@ extension Node {
         }
         let session: Session
         do {
-            session = try h.crypto.complete(r, network: config.networkID, identity: keyPair, now: Node.nowSeconds())
+            session = try h.crypto.complete(r, network: config.networkID, identity: keyPair, now: coarseSeconds)
         } catch .identityMismatch(let expected, let got) {
             failHandshake(r.initiatorIndex, .identityMismatch(peer: "\(h.target)", expected: expected, got: got), peerFailed: true)
             return
@@ -194,8 +180,10 @@ extension Node {
             return
         }
         _ = removeHandshake(r.initiatorIndex)
-        let slot = sessions.insert(session)
-        handshakesCompleted += 1
+        var confirmed = session
+        confirmed.lastUsed = coarseSeconds
+        let slot = sessions.insert(confirmed)
+        handshakeCount.withLockedValue { $0 += 1 }
         let local = sessions[slot].localIndex
         for item in h.queue {
             // A slot moves when another session is removed; find ours again by its index.
@@ -254,17 +242,15 @@ extension Node {
             let source = SourceKey.of(ip, port: UInt16(remote.port ?? 0))
             switch packet {
             case .sealed(let header):
-                guard let slot = sessions.slot(index: header.receiverIndex) else {
+                let opened = open(raw, index: header.receiverIndex, headerBytes: SessionWire.sealedHeaderBytes, counter: header.counter,
+                                  ip: ip, remote: remote, origin: origin)
+                if !opened, handshakeBuckets.allow(source, nowNanoseconds: PeerMap.now()) {
                     // The peer holds a session we do not (we restarted, or dropped it): say so, so it
                     // handshakes again. Nine bytes, for at least 33 received: no amplification.
-                    if handshakeBuckets.allow(source, nowNanoseconds: PeerMap.now()) {
-                        var notice = ByteBufferAllocator().buffer(capacity: SessionWire.sessionUnknownBytes)
-                        notice.writeBytes(SessionCodec.encodeSessionUnknown(index: header.receiverIndex))
-                        write(notice, origin: origin)
-                    }
-                    return
+                    var notice = ByteBufferAllocator().buffer(capacity: SessionWire.sessionUnknownBytes)
+                    notice.writeBytes(SessionCodec.encodeSessionUnknown(index: header.receiverIndex))
+                    write(notice, origin: origin)
                 }
-                open(raw, headerBytes: SessionWire.sealedHeaderBytes, counter: header.counter, slot: slot, ip: ip, remote: remote, origin: origin)
             case .handshakeFinish(let finish, let bodyOffset):
                 acceptFinish(raw, finish, bodyOffset: bodyOffset, source: source, ip: ip, remote: remote, origin: origin)
             case .handshakeInit(let i):
@@ -306,7 +292,7 @@ extension Node {
         // The initiator repeats FINISH until we answer in the session: those open in it directly.
         if let slot = sessions.slot(index: f.responderIndex) {
             guard sessions[slot].remoteIndex == f.initiatorIndex else { return countDrop("FINISH for another session") }
-            open(raw, headerBytes: bodyOffset, counter: f.counter, slot: slot, ip: ip, remote: remote, origin: origin)
+            _ = open(raw, index: f.responderIndex, headerBytes: bodyOffset, counter: f.counter, ip: ip, remote: remote, origin: origin)
             return
         }
         guard let responder, handshakeBuckets.allow(source, nowNanoseconds: PeerMap.now()) else {
@@ -314,52 +300,66 @@ extension Node {
         }
         var session: Session
         do {
-            session = try responder.accept(f, from: ip, now: PeerMap.now(), seconds: Node.nowSeconds())
+            session = try responder.accept(f, from: ip, now: PeerMap.now(), seconds: coarseSeconds)
         } catch {
             return countDrop("FINISH from \(remote): \(error)")
         }
-        let plain: Data
-        do {
-            plain = try session.open(raw, headerBytes: bodyOffset, counter: f.counter, transport: origin.kind, now: Node.nowSeconds())
-        } catch {
-            return countDrop("FINISH from \(remote) whose message does not open")
+        withScratch(raw.count) { scratch in
+            let length: Int
+            do {
+                length = try session.open(raw, headerBytes: bodyOffset, counter: f.counter, transport: origin.kind, into: scratch)
+            } catch {
+                return countDrop("FINISH from \(remote) whose message does not open")
+            }
+            // Only a FINISH whose message opens makes a session: a valid signature alone does not.
+            session.lastUsed = coarseSeconds
+            sessions.insert(session)
+            handshakeCount.withLockedValue { $0 += 1 }
+            deliver(UnsafeRawBufferPointer(rebasing: scratch[..<length]), remoteID: session.remoteID, session: session.localIndex,
+                    ip: ip, remote: remote, origin: origin)
         }
-        let slot = sessions.insert(session)
-        handshakesCompleted += 1
-        deliver(plain, slot: slot, ip: ip, remote: remote, origin: origin)
     }
 
-    private func open(_ raw: UnsafeRawBufferPointer, headerBytes: Int, counter: UInt64, slot: Int, ip: IPAddress,
-                      remote: SocketAddress, origin: Origin) {
-        let plain: Data
-        do {
-            plain = try sessions[slot].open(raw, headerBytes: headerBytes, counter: counter, transport: origin.kind, now: Node.nowSeconds())
-        } catch {
-            countDrop("sealed packet from \(remote): \(error)")
-            return closeIfStream(origin)
+    /// Opens a packet addressed to our index and hands on what it carries; false when no session
+    /// has that index.
+    private func open(_ raw: UnsafeRawBufferPointer, index: UInt64, headerBytes: Int, counter: UInt64, ip: IPAddress,
+                      remote: SocketAddress, origin: Origin) -> Bool {
+        withScratch(raw.count) { scratch in
+            switch sessions.open(raw, index: index, headerBytes: headerBytes, counter: counter, transport: origin.kind,
+                                 now: coarseSeconds, into: scratch) {
+            case .unknownIndex:
+                return false
+            case .rejected(let error):
+                countDrop("sealed packet from \(remote): \(error)")
+                closeIfStream(origin)
+            case .message(let length, let remoteID, let local):
+                deliver(UnsafeRawBufferPointer(rebasing: scratch[..<length]), remoteID: remoteID, session: local, ip: ip, remote: remote, origin: origin)
+            }
+            return true
         }
-        // Anything from the responder in this session proves it has the session: stop sending FINISH.
-        if !sessions[slot].isConfirmed, headerBytes == SessionWire.sealedHeaderBytes { sessions[slot].finishPrefix = nil }
-        deliver(plain, slot: slot, ip: ip, remote: remote, origin: origin)
+    }
+
+    /// Runs `body` with a buffer for an opened packet of up to `bytes`: the node's own for
+    /// datagram sizes (no allocation per packet), a fresh one for larger TCP frames.
+    private func withScratch<T>(_ bytes: Int, _ body: (UnsafeMutableRawBufferPointer) throws -> T) rethrows -> T {
+        if bytes <= scratch.count { return try body(scratch) }
+        let big = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes, alignment: 16)
+        defer { big.deallocate() }
+        return try body(big)
     }
 
     /// Decodes an opened message and hands it on, if its sender is the session's proven peer.
-    private func deliver(_ plain: Data, slot: Int, ip: IPAddress, remote: SocketAddress, origin: Origin) {
-        let remoteID = sessions[slot].remoteID
-        let local = sessions[slot].localIndex
-        let networkID = config.networkID
-        let decoded = plain.withUnsafeBytes { raw in
-            Result { () throws(WireError) -> Message in try WireCodec.decode(raw, senderIP: ip, networkID: networkID) }
+    private func deliver(_ plain: UnsafeRawBufferPointer, remoteID: Number160, session: UInt64, ip: IPAddress, remote: SocketAddress, origin: Origin) {
+        let message: Message
+        do {
+            message = try WireCodec.decode(plain, senderIP: ip, networkID: config.networkID)
+        } catch {
+            return countDrop("sealed message from \(remote) does not decode: \(error)")
         }
-        switch decoded {
-        case .failure(let error):
-            countDrop("sealed message from \(remote) does not decode: \(error)")
-        case .success(let message):
-            guard message.sender.id == remoteID else {
-                return countDrop("message claims id \(message.sender.id) in the session of \(remoteID)")
-            }
-            dispatch(message, origin: origin, remote: remote, session: local)
+        guard message.sender.id == remoteID else {
+            return countDrop("message claims id \(message.sender.id) in the session of \(remoteID)")
         }
+        dispatch(message, origin: origin, remote: remote, session: session)
     }
 
     // MARK: refusing the other mode

@@ -1,5 +1,4 @@
 import Crypto
-import Foundation
 import NIOCore
 
 /// A 256-bit key held inline: a session keeps two of them without any heap storage (thousands of
@@ -15,7 +14,7 @@ struct SessionKey: Sendable, Equatable {
         w3 = bytes.loadUnaligned(fromByteOffset: 24, as: UInt64.self)
     }
 
-    /// The key as swift-crypto wants it (a short-lived copy per use).
+    /// The key as swift-crypto's public API wants it (the fallback path only).
     var symmetric: SymmetricKey {
         withUnsafeBytes(of: self) { SymmetricKey(data: $0) }
     }
@@ -62,11 +61,12 @@ struct Session {
         (finishPrefix == nil ? SessionWire.sealedHeaderBytes : SessionWire.finishHeaderBytes) + plaintextBytes + SessionWire.tagBytes
     }
 
-    /// Appends one sealed packet carrying `plaintext` to `out`.
-    mutating func seal(_ plaintext: UnsafeRawBufferPointer, transport: TransportKind, into out: inout ByteBuffer) throws {
+    /// Appends one sealed packet carrying `plaintext` to `out`: the header, the plaintext
+    /// encrypted in place, the tag.
+    mutating func seal(_ plaintext: ByteBuffer, transport: TransportKind, into out: inout ByteBuffer) -> Bool {
         let counter = sendCounter
         sendCounter += 1
-        let headerStart = out.writerIndex
+        let headerStart = out.writerIndex - out.readerIndex
         if let prefix = finishPrefix {
             out.writeBytes(prefix)
         } else {
@@ -74,46 +74,46 @@ struct Session {
             out.writeInteger(remoteIndex)
         }
         out.writeInteger(counter)
-        let box = try out.withUnsafeReadableBytes { all in
-            let header = UnsafeRawBufferPointer(rebasing: all[(headerStart - out.readerIndex)...])
-            return try Session.nonce(counter, transport) { nonce in
-                try AES.GCM.seal(plaintext, using: sendKey.symmetric, nonce: nonce, authenticating: header)
+        let bodyStart = out.writerIndex - out.readerIndex
+        let length = plaintext.readableBytes
+        out.writeImmutableBuffer(plaintext)
+        out.writeRepeatingByte(0, count: SessionWire.tagBytes)
+        let key = sendKey
+        return out.withUnsafeMutableReadableBytes { all in
+            guard let base = all.baseAddress else { return false }
+            return Session.withNonce(counter, transport) { nonce in
+                SessionCipher.seal(key: key, nonce: nonce, ad: UnsafeRawBufferPointer(start: base + headerStart, count: bodyStart - headerStart),
+                                   text: base + bodyStart, length: length, tag: base + bodyStart + length)
             }
         }
-        out.writeBytes(box.ciphertext)
-        out.writeBytes(box.tag)
     }
 
-    /// Opens a sealed body. `packet` is the whole packet; its first `headerBytes` are the
-    /// authenticated header, the rest ciphertext and tag.
-    mutating func open(_ packet: UnsafeRawBufferPointer, headerBytes: Int, counter: UInt64,
-                       transport: TransportKind, now: UInt32) throws(OpenError) -> Data {
+    /// Opens a sealed body into `out`; returns the plaintext's length. `packet` is the whole
+    /// packet: its first `headerBytes` are the authenticated header, then ciphertext and tag.
+    mutating func open(_ packet: UnsafeRawBufferPointer, headerBytes: Int, counter: UInt64, transport: TransportKind,
+                       into out: UnsafeMutableRawBufferPointer) throws(OpenError) -> Int {
         let window = transport == .udp ? udpWindow : tcpWindow
         guard window.canAccept(counter) else { throw .replayed }
         let tagStart = packet.count - SessionWire.tagBytes
-        guard headerBytes <= tagStart else { throw .authenticationFailed }
-        let plaintext: Data
-        do {
-            plaintext = try Session.nonce(counter, transport) { nonce in
-                let box = try AES.GCM.SealedBox(nonce: nonce,
-                                                ciphertext: UnsafeRawBufferPointer(rebasing: packet[headerBytes..<tagStart]),
-                                                tag: UnsafeRawBufferPointer(rebasing: packet[tagStart...]))
-                return try AES.GCM.open(box, using: receiveKey.symmetric,
-                                        authenticating: UnsafeRawBufferPointer(rebasing: packet[..<headerBytes]))
-            }
-        } catch {
-            throw .authenticationFailed
+        guard headerBytes <= tagStart, out.count >= tagStart - headerBytes else { throw .authenticationFailed }
+        let key = receiveKey
+        let ok = Session.withNonce(counter, transport) { nonce in
+            SessionCipher.open(key: key, nonce: nonce, ad: UnsafeRawBufferPointer(rebasing: packet[..<headerBytes]),
+                               ciphertext: UnsafeRawBufferPointer(rebasing: packet[headerBytes..<tagStart]),
+                               tag: UnsafeRawBufferPointer(rebasing: packet[tagStart...]), into: out)
         }
+        guard ok else { throw .authenticationFailed }
         if transport == .udp { udpWindow.mark(counter) } else { tcpWindow.mark(counter) }
-        lastUsed = now
-        return plaintext
+        return tagStart - headerBytes
     }
 
-    private static func nonce<T>(_ counter: UInt64, _ transport: TransportKind, _ body: (AES.GCM.Nonce) throws -> T) throws -> T {
-        // Three 32-bit words, big-endian: transport in the top byte of the first, then the counter.
+    /// The 12-byte nonce on the stack: three big-endian words, the transport in the top byte of the
+    /// first, then the counter.
+    @inline(__always)
+    private static func withNonce(_ counter: UInt64, _ transport: TransportKind, _ body: (UnsafeRawBufferPointer) -> Bool) -> Bool {
         var n: (UInt32, UInt32, UInt32) = ((UInt32(transport == .udp ? 0 : 1) << 24).bigEndian,
                                            UInt32(truncatingIfNeeded: counter >> 32).bigEndian,
                                            UInt32(truncatingIfNeeded: counter).bigEndian)
-        return try withUnsafeBytes(of: &n) { try body(AES.GCM.Nonce(data: $0)) }
+        return withUnsafeBytes(of: &n) { body($0) }
     }
 }

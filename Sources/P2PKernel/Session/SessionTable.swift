@@ -1,3 +1,5 @@
+import NIOCore
+
 /// Every session of one node, bounded by `capacity`: when full, the least recently used session is
 /// dropped (its peer's next packet gets SESSION_UNKNOWN and the two handshake again, one round
 /// trip). Confined to the node's event loop.
@@ -89,6 +91,55 @@ struct SessionTable {
             }
         }
         return removed
+    }
+
+    // MARK: one call per packet
+
+    /// What opening a packet found.
+    enum Opened {
+        /// The plaintext is in the output buffer; `confirmed` when this packet confirmed an
+        /// initiator's session (the responder has answered in it).
+        case message(length: Int, remoteID: Number160, localIndex: UInt64)
+        /// No session has this index.
+        case unknownIndex
+        case rejected(OpenError)
+    }
+
+    /// Opens a packet addressed to our index `index` into `out`. A SEALED packet (as opposed to a
+    /// repeated FINISH) from the responder confirms an initiator's session.
+    mutating func open(_ packet: UnsafeRawBufferPointer, index: UInt64, headerBytes: Int, counter: UInt64, transport: TransportKind,
+                       now: UInt32, into out: UnsafeMutableRawBufferPointer) -> Opened {
+        guard let s = byIndex[index].map(Int.init) else { return .unknownIndex }
+        do {
+            let length = try sessions[s].open(packet, headerBytes: headerBytes, counter: counter, transport: transport, into: out)
+            sessions[s].lastUsed = now
+            if headerBytes == SessionWire.sealedHeaderBytes, sessions[s].finishPrefix != nil { sessions[s].finishPrefix = nil }
+            return .message(length: length, remoteID: sessions[s].remoteID, localIndex: index)
+        } catch {
+            return .rejected(error)
+        }
+    }
+
+    /// The sealed packet carrying `plain` in the session `slot` (a TCP frame, length first, for TCP).
+    mutating func seal(_ plain: ByteBuffer, slot: Int, transport: TransportKind, now: UInt32) -> ByteBuffer? {
+        let size = sessions[slot].sealedSize(plain.readableBytes)
+        var out = ByteBufferAllocator().buffer(capacity: size + 4)
+        if transport == .tcp { out.writeInteger(UInt32(size)) }
+        guard sessions[slot].seal(plain, transport: transport, into: &out) else { return nil }
+        sessions[slot].lastUsed = now
+        return out
+    }
+
+    /// Seals `plain` in the session to send `peer` in; nil (and no slot) when there is none.
+    mutating func seal(_ plain: ByteBuffer, peer: Number160, transport: TransportKind, now: UInt32) -> (packet: ByteBuffer?, localIndex: UInt64)? {
+        guard let s = slot(peer: peer) else { return nil }
+        return (seal(plain, slot: s, transport: transport, now: now), sessions[s].localIndex)
+    }
+
+    /// Seals a reply in the session its request came in, or the peer's newest if that one went.
+    mutating func sealReply(_ plain: ByteBuffer, index: UInt64, peer: Number160, transport: TransportKind, now: UInt32) -> ByteBuffer? {
+        guard let s = byIndex[index].map(Int.init) ?? slot(peer: peer) else { return nil }
+        return seal(plain, slot: s, transport: transport, now: now)
     }
 
     mutating func removeAll() {
