@@ -120,6 +120,7 @@ struct SimCommand: AsyncParsableCommand {
                 if lookups >= 1000, (i + 1) % (lookups / 4) == 0 { note("  lookups: \(i + 1)/\(lookups)") }
             }
         }
+        let lookupHandshakes = net.nodes.reduce(0) { $0 + $1.handshakesCompleted } / 2 - bootstrapHandshakes
         var phases: [String: PhaseReport] = [:]
         if ops > 0 {
             let workload = DHTWorkload(net: net, ops: ops, valueSize: valueSize, domain: try domain.map(parseKey) ?? .zero,
@@ -144,6 +145,7 @@ struct SimCommand: AsyncParsableCommand {
             peers: peers,
             bootstrapSeconds: net.bootstrapSeconds,
             bootstrapHandshakes: bootstrapHandshakes,
+            lookupHandshakes: lookupHandshakes,
             secure: !insecure,
             lookups: latencies.count,
             failedLookups: failedLookups,
@@ -176,6 +178,7 @@ struct SimReport {
     var peers: Int
     var bootstrapSeconds: Double
     var bootstrapHandshakes: Int
+    var lookupHandshakes: Int
     var secure: Bool
     var lookups: Int
     var failedLookups: Int
@@ -200,6 +203,7 @@ struct SimReport {
                 "p50_ms": r(p50), "p95_ms": r(p95), "p99_ms": r(p99),
                 "hops_mean": r(hopsMean, 3), "messages_mean": r(messagesMean, 2),
                 "recall": r(recall), "recall_min": r(recallMin), "recall_median": r(recallMedian),
+                "handshakes": lookupHandshakes,
             ] as [String: Any],
             "memory_per_peer_kib": r(memoryPerPeerKiB, 2),
             "rss_mib": r(rssMiB, 1),

@@ -1,6 +1,7 @@
 import Crypto
 import Foundation
 import NIOCore
+import P2PTesting
 import Testing
 @testable import P2PKernel
 
@@ -78,7 +79,7 @@ struct SessionCodecTests {
         let key = keyBytes.withUnsafeBytes { SessionKey($0) }
         var plain = ByteBufferAllocator().buffer(capacity: 64)
         plain.writeString("attack at dawn")
-        var session = Session(localIndex: 1, remoteIndex: 2, remoteID: .zero, sendKey: key, receiveKey: key, lastUsed: 0, finishPrefix: nil)
+        var session = Session(localIndex: 1, remoteIndex: 2, remoteID: .zero, sendKey: key, receiveKey: key, lastUsed: 0)
         var out = ByteBufferAllocator().buffer(capacity: 64)
         #expect(session.seal(plain, transport: .tcp, into: &out))
         let packet = Array(out.readableBytesView)
@@ -89,20 +90,30 @@ struct SessionCodecTests {
         let opened = try AES.GCM.open(box, using: SymmetricKey(data: keyBytes), authenticating: header)
         #expect(String(decoding: opened, as: UTF8.self) == "attack at dawn")
         // The other way, and a flipped bit or the other transport fails to open.
-        var receiver = Session(localIndex: 2, remoteIndex: 1, remoteID: .zero, sendKey: key, receiveKey: key, lastUsed: 0, finishPrefix: nil)
+        let receiver = Session(localIndex: 2, remoteIndex: 1, remoteID: .zero, sendKey: key, receiveKey: key, lastUsed: 0)
+        var window = ReplayWindow()
         var into = [UInt8](repeating: 0, count: 64)
         let n = try packet.withUnsafeBytes { raw in
-            try into.withUnsafeMutableBytes { try receiver.open(raw, headerBytes: SessionWire.sealedHeaderBytes, counter: 0, transport: .tcp, into: $0) }
+            try into.withUnsafeMutableBytes { try receiver.open(raw, headerBytes: SessionWire.sealedHeaderBytes, counter: 0, transport: .tcp, window: &window, into: $0) }
         }
         #expect(String(decoding: into.prefix(n), as: UTF8.self) == "attack at dawn")
         var tampered = packet
         tampered[SessionWire.sealedHeaderBytes] ^= 1
-        var fresh = Session(localIndex: 2, remoteIndex: 1, remoteID: .zero, sendKey: key, receiveKey: key, lastUsed: 0, finishPrefix: nil)
+        let fresh = Session(localIndex: 2, remoteIndex: 1, remoteID: .zero, sendKey: key, receiveKey: key, lastUsed: 0)
         for (bytes, transport) in [(tampered, TransportKind.tcp), (packet, .udp)] {
+            var freshWindow = ReplayWindow()
             #expect(throws: OpenError.authenticationFailed) {
                 try bytes.withUnsafeBytes { raw in
-                    try into.withUnsafeMutableBytes { try fresh.open(raw, headerBytes: SessionWire.sealedHeaderBytes, counter: 0, transport: transport, into: $0) }
+                    try into.withUnsafeMutableBytes {
+                        try fresh.open(raw, headerBytes: SessionWire.sealedHeaderBytes, counter: 0, transport: transport, window: &freshWindow, into: $0)
+                    }
                 }
+            }
+        }
+        // Opened once, the same packet is a replay.
+        #expect(throws: OpenError.replayed) {
+            try packet.withUnsafeBytes { raw in
+                try into.withUnsafeMutableBytes { try receiver.open(raw, headerBytes: SessionWire.sealedHeaderBytes, counter: 0, transport: .tcp, window: &window, into: $0) }
             }
         }
     }
@@ -114,10 +125,9 @@ struct SessionCodecTests {
         let initiator = InitiatorHandshake(network: 1, index: 11, expected: b.peerID)
         guard case .handshakeInit(let i) = try SessionCodec.decode(initiator.initPacket) else { Issue.record("no INIT"); return }
         let r = try responder.respond(to: i, from: .loopback, now: 1)
-        let mine = try initiator.complete(r, network: 1, identity: a, now: 0)
+        let (mine, finishPrefix) = try initiator.complete(r, network: 1, identity: a, now: 0)
         #expect(mine.remoteID == b.peerID)
-        var prefix = try #require(mine.finishPrefix)
-        prefix += [UInt8](repeating: 0, count: 8 + 16)
+        let prefix = finishPrefix + [UInt8](repeating: 0, count: 8 + 16)
         guard case .handshakeFinish(let f, _) = try SessionCodec.decode(prefix) else { Issue.record("no FINISH"); return }
         let theirs = try responder.accept(f, from: .loopback, now: 1, seconds: 0)
         #expect(theirs.remoteID == a.peerID)
@@ -130,6 +140,67 @@ struct SessionCodecTests {
             _ = try responder.accept(f, from: .loopback, now: 1 + 3 * HandshakeResponder.epochNanoseconds, seconds: 0)
         }
         #expect(throws: HandshakeError.badSignature) { _ = try initiator.complete(r, network: 2, identity: a, now: 0) }
+    }
+}
+
+@Suite("Session table")
+struct SessionTableTests {
+    func session(_ index: UInt64, peer: Number160, lastUsed: UInt32 = 0) -> Session {
+        let key = [UInt8](repeating: 1, count: 32).withUnsafeBytes { SessionKey($0) }
+        return Session(localIndex: index, remoteIndex: index, remoteID: peer, sendKey: key, receiveKey: key, lastUsed: lastUsed)
+    }
+
+    @Test("the slot index agrees with a dictionary through 20,000 random inserts and removals")
+    func slotIndexModel() {
+        var rng = SplitMix64(seed: 7)
+        var keys: [UInt64] = []
+        var index = SlotIndex()
+        for step in 0..<20_000 {
+            if keys.isEmpty || rng.next() % 3 != 0 {
+                var k = rng.next()
+                // Colliding low bits and equal top bits, to exercise probing and tags.
+                if step % 5 == 0, let other = keys.last { k = (other & 0xFFFF_0000_0000_00FF) | (k & 0x0000_FFFF_FFFF_FF00) }
+                guard !keys.contains(k) else { continue }
+                keys.append(k)
+                index.set(k, to: keys.count - 1) { keys[$0] }
+            } else {
+                let victim = Int(rng.next() % UInt64(keys.count))
+                let gone = keys[victim]
+                index.remove(gone, slot: victim) { keys[$0] }
+                let last = keys.count - 1
+                if victim != last {
+                    keys[victim] = keys[last]
+                    index.move(keys[victim], from: last, to: victim)
+                }
+                keys.removeLast()
+                #expect(index.find(gone) { keys[$0] } == nil)
+            }
+            if step % 997 == 0 {
+                for (i, k) in keys.enumerated() { #expect(index.find(k) { keys[$0] } == i) }
+            }
+        }
+        #expect(index.count == keys.count)
+        for (i, k) in keys.enumerated() { #expect(index.find(k) { keys[$0] } == i) }
+    }
+
+    @Test("a peer keeps its newest session for sending and one older for packets in flight; the least recently used goes first")
+    func newestAndLRU() {
+        var table = SessionTable(capacity: 3)
+        let a = Number160(hashing: "a"), b = Number160(hashing: "b"), c = Number160(hashing: "c")
+        table.insert(session(1, peer: a, lastUsed: 10))
+        table.insert(session(2, peer: a, lastUsed: 11))
+        #expect(table.slot(peer: a).map { table[$0].localIndex } == 2)
+        #expect(table.slot(index: 1) != nil)
+        table.insert(session(3, peer: a, lastUsed: 12))  // the oldest of a's three goes
+        #expect(table.slot(index: 1) == nil && table.slot(index: 2) != nil)
+        table.insert(session(4, peer: b, lastUsed: 5))   // now full: a's two and b's
+        #expect(table.count == 3 && table.slot(index: 2) != nil)
+        table.insert(session(5, peer: c, lastUsed: 20))  // full: the least recently used, b's, goes
+        #expect(table.count == 3 && table.slot(peer: b) == nil)
+        if let s = table.slot(index: 3) { table.remove(slot: s) }
+        // a's newest is gone: its older session is the one to send in again.
+        #expect(table.slot(peer: a).map { table[$0].localIndex } == 2)
+        #expect(table.slot(peer: c).map { table[$0].localIndex } == 5)
     }
 }
 

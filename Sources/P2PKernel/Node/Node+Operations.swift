@@ -110,7 +110,9 @@ extension Node {
             keys.append(peerID ^ Number160.random(bitLength: bucket + 1, using: &rng))
         }
         guard !keys.isEmpty else { return 0 }
-        let lookups = keys.map { lookup($0) }
+        var refresh = config.routing
+        refresh.resultSize = min(refresh.resultSize, refresh.refreshResultSize)
+        let lookups = keys.map { lookup($0, config: refresh) }
         _ = try await EventLoopFuture.whenAllComplete(lookups, on: eventLoop).get()
         return keys.count
     }

@@ -68,8 +68,7 @@ public final class Node: @unchecked Sendable {
     /// would cost more than the LRU order it keeps is worth).
     var coarseSeconds = UInt32(truncatingIfNeeded: PeerMap.now() / 1_000_000_000)
     var clockTask: RepeatedTask?
-    /// Where opened packets of datagram size are decrypted: no allocation per packet.
-    let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: SessionWire.maxDatagramBytes + 64, alignment: 16)
+
     var poolOrder: [PeerSocketAddress] = []
     var running = true
     var stopping = false
@@ -111,14 +110,10 @@ public final class Node: @unchecked Sendable {
         self.responder = config.security == .authenticated ? HandshakeResponder(identity: keys, network: config.networkID) : nil
         self.sessions = SessionTable(capacity: config.limits.maxSessions)
         let limits = config.limits
-        self.handshakeBuckets = TokenBuckets(rate: limits.handshakesPerSecond, burst: limits.handshakeBurst, maxSources: limits.maxRateLimitedSources)
-        self.discoverBuckets = TokenBuckets(rate: limits.discoversPerSecond, burst: limits.discoverBurst, maxSources: limits.maxRateLimitedSources)
+        self.handshakeBuckets = TokenBuckets(rate: limits.handshakesPerSecond, burst: limits.handshakeBurst, slots: limits.rateLimitSlots)
+        self.discoverBuckets = TokenBuckets(rate: limits.discoversPerSecond, burst: limits.discoverBurst, slots: limits.rateLimitSlots)
         self.refusalLog = LogBudget(perSecond: 2)
         self.tcpWaterMark = .init(low: limits.tcpWriteLowWater, high: max(limits.tcpWriteLowWater + 1, limits.tcpWriteHighWater))
-    }
-
-    deinit {
-        scratch.deallocate()
     }
 
     /// A builder with every default; see `NodeBuilder`.

@@ -137,8 +137,9 @@ public struct NodeLimits: Sendable {
     /// Discover requests answered per source per second (each sends two probes).
     public var discoversPerSecond = 1.0
     public var discoverBurst = 4.0
-    /// Sources whose token buckets are remembered; newer sources beyond it share one bucket.
-    public var maxRateLimitedSources = 4_096
+    /// Token buckets per rate limit, shared by sources through a secret hash: 1 KiB each, so
+    /// every node can afford them, and many enough that two sources rarely share one.
+    public var rateLimitSlots = 128
     /// Inbound TCP connections at once, and from one IP (loopback is exempt from the per-IP
     /// bound, or simulations of many peers on 127.0.0.1 could not connect): each holds buffers.
     public var maxInboundTCP = 512

@@ -118,6 +118,7 @@ extension Node {
             }
         }
         pending[reply.id] = nil
+        releaseIfEmpty()
         p.timer?.cancel()
         if reply.type == .retryOverTCP, case .udp = origin {
             retryOverTCP(p)
@@ -336,6 +337,7 @@ extension Node {
     /// Fails a pending request now.
     func failRequest(_ id: UInt32, _ error: RPCError, peerFailed: Bool = false) {
         guard let p = pending.removeValue(forKey: id) else { return }
+        releaseIfEmpty()
         p.timer?.cancel()
         if peerFailed, p.expected != .zero { peerMap.peerFailed(p.expected) }
         p.promise.fail(error)
@@ -451,6 +453,12 @@ extension Node {
             pool[key] = nil
             poolOrder.removeAll { $0 == key }
         }
+    }
+
+    /// A dictionary keeps its storage when emptied; bootstrap leaves a node's `pending` table sized
+    /// for dozens of requests at ~200 bytes each, so an empty, large one gives its storage back.
+    func releaseIfEmpty() {
+        if pending.isEmpty, pending.capacity > 8 { pending = [:] }
     }
 
     /// Counts a dropped packet and says why at trace level.

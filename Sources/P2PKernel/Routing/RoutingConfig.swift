@@ -20,6 +20,11 @@ public struct RoutingConfig: Sendable, Equatable {
     public var maxSuccess = 100
     /// Candidates remembered per lookup; the farthest are dropped beyond it.
     public var maxCandidates = 200
+    /// How many peers a bucket-refresh lookup converges on. A refresh is there to meet a few
+    /// peers in an empty far bucket, not the k closest to a random id: 4 route as well as 20
+    /// (recall 1.0 in the 1,000-peer simulation) at half the contacts, and every contact costs a
+    /// handshake and a session.
+    public var refreshResultSize = 4
 
     public init(parallel: Int = 3, resultSize: Int = 20, maxDirectHits: Int = .max, maxNoNewInfo: Int = 30,
                 maxFailures: Int = 20, maxSuccess: Int = 100) {

@@ -93,9 +93,9 @@ struct InitiatorHandshake {
                                                        initiatorIndex: index, responderHint: expected))
     }
 
-    /// Checks the responder's proof and returns the session, which wraps its packets in FINISH
-    /// until the responder has answered in it.
-    func complete(_ r: HandshakeResponse, network: UInt32, identity: PeerKeyPair, now: UInt32) throws(HandshakeError) -> Session {
+    /// Checks the responder's proof and returns the session and the FINISH header its packets
+    /// carry until the responder has answered in it.
+    func complete(_ r: HandshakeResponse, network: UInt32, identity: PeerKeyPair, now: UInt32) throws(HandshakeError) -> (Session, finishPrefix: [UInt8]) {
         let responderID = Number160(sha1Of: r.identity)
         if expected != .zero, responderID != expected { throw .identityMismatch(expected: expected, got: responderID) }
         let myEphemeral = Array(ephemeral.publicKey.rawRepresentation)
@@ -110,8 +110,8 @@ struct InitiatorHandshake {
         var prefix = SessionCodec.encode(HandshakeFinish(responderIndex: r.responderIndex, initiatorIndex: index, ephemeral: myEphemeral,
                                                           identity: myIdentity, signature: signature, counter: 0))
         prefix.removeLast(8)  // the counter is written per packet
-        return Session(localIndex: index, remoteIndex: r.responderIndex, remoteID: responderID, sendKey: toResponder,
-                       receiveKey: toInitiator, lastUsed: now, finishPrefix: prefix)
+        return (Session(localIndex: index, remoteIndex: r.responderIndex, remoteID: responderID, sendKey: toResponder,
+                        receiveKey: toInitiator, lastUsed: now), prefix)
     }
 }
 
@@ -203,6 +203,6 @@ final class HandshakeResponder {
         guard HandshakeCrypto.verify(f.signature, of: t2, by: f.identity) else { throw .badSignature }
         let (toResponder, toInitiator) = try HandshakeCrypto.keys(ephemeral, peerEphemeral: f.ephemeral, t2: t2)
         return Session(localIndex: index, remoteIndex: f.initiatorIndex, remoteID: Number160(sha1Of: f.identity),
-                       sendKey: toInitiator, receiveKey: toResponder, lastUsed: seconds, finishPrefix: nil)
+                       sendKey: toInitiator, receiveKey: toResponder, lastUsed: seconds)
     }
 }

@@ -1,4 +1,5 @@
 import NIOCore
+import NIOPosix
 
 /// A message waiting to be sealed: for a request (by id), or fire-and-forget (with a write promise).
 struct QueuedMessage {
@@ -147,6 +148,11 @@ extension Node {
         h.retransmit?.cancel()
         h.expiry?.cancel()
         if handshakeKeys[h.key] == index { handshakeKeys[h.key] = nil }
+        if handshakes.isEmpty, handshakes.capacity > 4 {
+            // As with `pending`: bootstrap grows these, and an idle node need not keep the room.
+            handshakes = [:]
+            handshakeKeys = [:]
+        }
         return h
     }
 
@@ -169,8 +175,9 @@ extension Node {
             return
         }
         let session: Session
+        let finishPrefix: [UInt8]
         do {
-            session = try h.crypto.complete(r, network: config.networkID, identity: keyPair, now: coarseSeconds)
+            (session, finishPrefix) = try h.crypto.complete(r, network: config.networkID, identity: keyPair, now: coarseSeconds)
         } catch .identityMismatch(let expected, let got) {
             failHandshake(r.initiatorIndex, .identityMismatch(peer: "\(h.target)", expected: expected, got: got), peerFailed: true)
             return
@@ -180,9 +187,9 @@ extension Node {
             return
         }
         _ = removeHandshake(r.initiatorIndex)
-        var confirmed = session
-        confirmed.lastUsed = coarseSeconds
-        let slot = sessions.insert(confirmed)
+        var fresh = session
+        fresh.lastUsed = coarseSeconds
+        let slot = sessions.insert(fresh, finishPrefix: finishPrefix)
         handshakeCount.withLockedValue { $0 += 1 }
         let local = sessions[slot].localIndex
         for item in h.queue {
@@ -305,15 +312,15 @@ extension Node {
             return countDrop("FINISH from \(remote): \(error)")
         }
         withScratch(raw.count) { scratch in
-            let length: Int
-            do {
-                length = try session.open(raw, headerBytes: bodyOffset, counter: f.counter, transport: origin.kind, into: scratch)
-            } catch {
+            guard let length = session.decrypt(raw, headerBytes: bodyOffset, counter: f.counter, transport: origin.kind, into: scratch) else {
                 return countDrop("FINISH from \(remote) whose message does not open")
             }
+            // A fresh session: mark the counter in the window of the transport it came on.
+            if origin.kind == .udp { session.udpWindow.mark(f.counter) }
             // Only a FINISH whose message opens makes a session: a valid signature alone does not.
             session.lastUsed = coarseSeconds
-            sessions.insert(session)
+            let slot = sessions.insert(session)
+            if origin.kind == .tcp { sessions.markTCP(f.counter, slot: slot) }
             handshakeCount.withLockedValue { $0 += 1 }
             deliver(UnsafeRawBufferPointer(rebasing: scratch[..<length]), remoteID: session.remoteID, session: session.localIndex,
                     ip: ip, remote: remote, origin: origin)
@@ -339,10 +346,16 @@ extension Node {
         }
     }
 
-    /// Runs `body` with a buffer for an opened packet of up to `bytes`: the node's own for
-    /// datagram sizes (no allocation per packet), a fresh one for larger TCP frames.
+    /// Runs `body` with a buffer for an opened packet of up to `bytes`: the event loop thread's own
+    /// for datagram sizes (no allocation per packet, and none per node), a fresh one for larger
+    /// TCP frames.
     private func withScratch<T>(_ bytes: Int, _ body: (UnsafeMutableRawBufferPointer) throws -> T) rethrows -> T {
-        if bytes <= scratch.count { return try body(scratch) }
+        if bytes <= Scratch.bytes {
+            if let mine = Scratch.perThread.currentValue { return try body(mine.buffer) }
+            let fresh = Scratch()
+            Scratch.perThread.currentValue = fresh
+            return try body(fresh.buffer)
+        }
         let big = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes, alignment: 16)
         defer { big.deallocate() }
         return try body(big)
@@ -401,4 +414,13 @@ extension Node {
         securityRefusalCount.withLockedValue { $0 += 1 }
         if refusalLog.allow() { logger.warning("\(text)") }
     }
+}
+
+/// A decryption buffer per thread: every node on an event loop runs on its thread, one packet at
+/// a time, and nothing holds the plaintext after it is decoded.
+final class Scratch: @unchecked Sendable {
+    static let bytes = SessionWire.maxDatagramBytes + 64
+    static let perThread = ThreadSpecificVariable<Scratch>()
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Scratch.bytes, alignment: 16)
+    deinit { buffer.deallocate() }
 }

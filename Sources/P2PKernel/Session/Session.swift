@@ -29,7 +29,8 @@ enum OpenError: Error, Equatable {
 }
 
 /// One authenticated session with a peer: per-direction AES-256-GCM keys from the handshake, a
-/// send counter, and replay windows for what arrives.
+/// send counter, and the replay window for datagrams (128 bytes; the rarer parts — a TCP window,
+/// an initiator's FINISH header until it is confirmed — live beside it in `SessionTable`).
 ///
 /// Every packet's nonce is `transport (1 byte) · 0 0 0 · counter (8 bytes)`: one send counter per
 /// direction makes nonces unique under a key, and the transport byte makes a datagram fail to
@@ -42,33 +43,36 @@ struct Session {
     let remoteIndex: UInt64
     /// The peer's proven id (SHA-1 of the Ed25519 key that signed the handshake).
     let remoteID: Number160
+    /// Uptime seconds at the last packet either way; the least recently used session goes first.
+    var lastUsed: UInt32
     let sendKey: SessionKey
     let receiveKey: SessionKey
     var sendCounter: UInt64 = 0
     var udpWindow = ReplayWindow()
-    var tcpWindow = ReplayWindow()
-    /// Uptime seconds at the last packet either way; the least recently used session goes first.
-    var lastUsed: UInt32
-    /// Until the responder has sent anything in this session, the initiator wraps every packet in
-    /// a FINISH (this header, 146 bytes before the counter), so a lost FINISH costs nothing: the
-    /// next packet carries it again. Nil once confirmed, and always for the responder.
-    var finishPrefix: [UInt8]?
 
-    var isConfirmed: Bool { finishPrefix == nil }
-
-    /// Bytes a sealed packet of `plaintextBytes` takes now.
-    func sealedSize(_ plaintextBytes: Int) -> Int {
-        (finishPrefix == nil ? SessionWire.sealedHeaderBytes : SessionWire.finishHeaderBytes) + plaintextBytes + SessionWire.tagBytes
+    init(localIndex: UInt64, remoteIndex: UInt64, remoteID: Number160, sendKey: SessionKey, receiveKey: SessionKey, lastUsed: UInt32) {
+        self.localIndex = localIndex
+        self.remoteIndex = remoteIndex
+        self.remoteID = remoteID
+        self.lastUsed = lastUsed
+        self.sendKey = sendKey
+        self.receiveKey = receiveKey
     }
 
-    /// Appends one sealed packet carrying `plaintext` to `out`: the header, the plaintext
-    /// encrypted in place, the tag.
-    mutating func seal(_ plaintext: ByteBuffer, transport: TransportKind, into out: inout ByteBuffer) -> Bool {
+    /// Bytes a sealed packet of `plaintextBytes` takes, in a FINISH when `finish`.
+    static func sealedSize(_ plaintextBytes: Int, finish: Bool) -> Int {
+        (finish ? SessionWire.finishHeaderBytes : SessionWire.sealedHeaderBytes) + plaintextBytes + SessionWire.tagBytes
+    }
+
+    /// Appends one sealed packet carrying `plaintext` to `out`: the header (the FINISH header
+    /// `finishPrefix` while the initiator's session is unconfirmed), the plaintext encrypted in
+    /// place, the tag.
+    mutating func seal(_ plaintext: ByteBuffer, transport: TransportKind, finishPrefix: [UInt8]? = nil, into out: inout ByteBuffer) -> Bool {
         let counter = sendCounter
         sendCounter += 1
         let headerStart = out.writerIndex - out.readerIndex
-        if let prefix = finishPrefix {
-            out.writeBytes(prefix)
+        if let finishPrefix {
+            out.writeBytes(finishPrefix)
         } else {
             out.writeInteger(PacketKind.sealed.rawValue)
             out.writeInteger(remoteIndex)
@@ -88,23 +92,32 @@ struct Session {
         }
     }
 
-    /// Opens a sealed body into `out`; returns the plaintext's length. `packet` is the whole
-    /// packet: its first `headerBytes` are the authenticated header, then ciphertext and tag.
-    mutating func open(_ packet: UnsafeRawBufferPointer, headerBytes: Int, counter: UInt64, transport: TransportKind,
-                       into out: UnsafeMutableRawBufferPointer) throws(OpenError) -> Int {
-        let window = transport == .udp ? udpWindow : tcpWindow
-        guard window.canAccept(counter) else { throw .replayed }
+    /// Decrypts a sealed body into `out` and returns the plaintext's length, or nil if it does
+    /// not authenticate. `packet` is the whole packet: its first `headerBytes` are the
+    /// authenticated header, then ciphertext and tag. Replay checks are the caller's.
+    func decrypt(_ packet: UnsafeRawBufferPointer, headerBytes: Int, counter: UInt64, transport: TransportKind,
+                 into out: UnsafeMutableRawBufferPointer) -> Int? {
         let tagStart = packet.count - SessionWire.tagBytes
-        guard headerBytes <= tagStart, out.count >= tagStart - headerBytes else { throw .authenticationFailed }
+        guard headerBytes <= tagStart, out.count >= tagStart - headerBytes else { return nil }
         let key = receiveKey
         let ok = Session.withNonce(counter, transport) { nonce in
             SessionCipher.open(key: key, nonce: nonce, ad: UnsafeRawBufferPointer(rebasing: packet[..<headerBytes]),
                                ciphertext: UnsafeRawBufferPointer(rebasing: packet[headerBytes..<tagStart]),
                                tag: UnsafeRawBufferPointer(rebasing: packet[tagStart...]), into: out)
         }
-        guard ok else { throw .authenticationFailed }
-        if transport == .udp { udpWindow.mark(counter) } else { tcpWindow.mark(counter) }
-        return tagStart - headerBytes
+        return ok ? tagStart - headerBytes : nil
+    }
+
+    /// Checks the window, decrypts, and marks the counter: for a single session held outside a
+    /// table (a FINISH being accepted; tools and tests). `window` is the transport's.
+    func open(_ packet: UnsafeRawBufferPointer, headerBytes: Int, counter: UInt64, transport: TransportKind,
+              window: inout ReplayWindow, into out: UnsafeMutableRawBufferPointer) throws(OpenError) -> Int {
+        guard window.canAccept(counter) else { throw .replayed }
+        guard let n = decrypt(packet, headerBytes: headerBytes, counter: counter, transport: transport, into: out) else {
+            throw .authenticationFailed
+        }
+        window.mark(counter)
+        return n
     }
 
     /// The 12-byte nonce on the stack: three big-endian words, the transport in the top byte of the

@@ -10,25 +10,30 @@ import NIOCore
 struct SessionTable {
     let capacity: Int
     private(set) var sessions: [Session] = []
-    private var byIndex: [UInt64: Int32] = [:]
-    /// By the top 64 bits of the peer id (the full id is checked on use): a third of the memory of
-    /// keying by the whole id, and no one can aim a key at another's 64-bit prefix.
-    private var byPeer: [UInt64: Int32] = [:]
+    /// By our index (every packet received).
+    private var byIndex = SlotIndex()
+    /// By the top 64 bits of the peer id (the full id is checked on use): the session to send in.
+    /// No one can aim a key at another's 64-bit id prefix.
+    private var byPeer = SlotIndex()
+    /// Replay windows for TCP, by our index: only sessions that ever carried a TCP frame have one.
+    private var tcpWindows: [UInt64: ReplayWindow] = [:]
+    /// FINISH headers of initiator sessions the responder has not answered in yet, by our index.
+    private var finishPrefixes: [UInt64: [UInt8]] = [:]
 
     init(capacity: Int) {
-        self.capacity = max(2, capacity)
+        self.capacity = min(max(2, capacity), SlotIndex.maxSlots)
     }
 
     var count: Int { sessions.count }
 
     /// The slot of the session with our index `index`.
     func slot(index: UInt64) -> Int? {
-        byIndex[index].map(Int.init)
+        byIndex.find(index) { sessions[$0].localIndex }
     }
 
     /// The slot of the session to send to `peer` in.
     func slot(peer: Number160) -> Int? {
-        guard let s = byPeer[peer.high].map(Int.init), sessions[s].remoteID == peer else { return nil }
+        guard let s = byPeer.find(peer.high, key: { sessions[$0].remoteID.high }), sessions[s].remoteID == peer else { return nil }
         return s
     }
 
@@ -41,39 +46,55 @@ struct SessionTable {
     /// of the same peer stays (for packets in flight), any older still is dropped, and when the
     /// table is full the least recently used session makes room.
     @discardableResult
-    mutating func insert(_ session: Session) -> Int {
-        if let existing = byIndex[session.localIndex] { remove(slot: Int(existing)) }
+    mutating func insert(_ session: Session, finishPrefix: [UInt8]? = nil) -> Int {
+        if let existing = slot(index: session.localIndex) { remove(slot: existing) }
         let keep = slot(peer: session.remoteID).map { sessions[$0].localIndex }
-        let stale = sessions.lazy.filter { $0.remoteID == session.remoteID && $0.localIndex != keep }.map(\.localIndex)
-        for index in Array(stale) {
-            if let s = byIndex[index] { remove(slot: Int(s)) }
+        var stale: [UInt64] = []
+        for s in sessions where s.remoteID == session.remoteID && s.localIndex != keep { stale.append(s.localIndex) }
+        for index in stale {
+            if let s = slot(index: index) { remove(slot: s) }
         }
         if sessions.count >= capacity, let victim = sessions.indices.min(by: { sessions[$0].lastUsed < sessions[$1].lastUsed }) {
             remove(slot: victim)
         }
+        // Grow by a quarter, not double: thousands of nodes in one process each hold a table.
+        if sessions.count == sessions.capacity { sessions.reserveCapacity(max(8, sessions.count + sessions.count / 4)) }
         let s = sessions.count
         sessions.append(session)
-        byIndex[session.localIndex] = Int32(s)
-        byPeer[session.remoteID.high] = Int32(s)
+        byIndex.set(session.localIndex, to: s) { sessions[$0].localIndex }
+        byPeer.set(session.remoteID.high, to: s) { sessions[$0].remoteID.high }
+        if let finishPrefix { finishPrefixes[session.localIndex] = finishPrefix }
         return s
+    }
+
+    /// Records a counter received over TCP in the session `slot` (the FINISH that created it).
+    mutating func markTCP(_ counter: UInt64, slot: Int) {
+        tcpWindows[sessions[slot].localIndex, default: ReplayWindow()].mark(counter)
+    }
+
+    /// Whether the peer has answered in the session (an initiator's packets stop carrying FINISH).
+    func isConfirmed(slot: Int) -> Bool {
+        finishPrefixes.isEmpty || finishPrefixes[sessions[slot].localIndex] == nil
     }
 
     /// Drops the session in `slot`.
     mutating func remove(slot: Int) {
         let gone = sessions[slot]
-        byIndex[gone.localIndex] = nil
-        if byPeer[gone.remoteID.high] == Int32(slot) { byPeer[gone.remoteID.high] = nil }
+        if !tcpWindows.isEmpty { tcpWindows[gone.localIndex] = nil }
+        if !finishPrefixes.isEmpty { finishPrefixes[gone.localIndex] = nil }
+        byIndex.remove(gone.localIndex, slot: slot) { sessions[$0].localIndex }
+        byPeer.remove(gone.remoteID.high, slot: slot) { sessions[$0].remoteID.high }
         let last = sessions.count - 1
         if slot != last {
             let moved = sessions[last]
             sessions[slot] = moved
-            byIndex[moved.localIndex] = Int32(slot)
-            if byPeer[moved.remoteID.high] == Int32(last) { byPeer[moved.remoteID.high] = Int32(slot) }
+            byIndex.move(moved.localIndex, from: last, to: slot)
+            byPeer.move(moved.remoteID.high, from: last, to: slot)
         }
         sessions.removeLast()
         // The peer's older session, if one is left, becomes the one to send in.
-        if byPeer[gone.remoteID.high] == nil, let other = sessions.firstIndex(where: { $0.remoteID == gone.remoteID }) {
-            byPeer[gone.remoteID.high] = Int32(other)
+        if self.slot(peer: gone.remoteID) == nil, let other = sessions.firstIndex(where: { $0.remoteID == gone.remoteID }) {
+            byPeer.set(gone.remoteID.high, to: other) { sessions[$0].remoteID.high }
         }
     }
 
@@ -97,8 +118,7 @@ struct SessionTable {
 
     /// What opening a packet found.
     enum Opened {
-        /// The plaintext is in the output buffer; `confirmed` when this packet confirmed an
-        /// initiator's session (the responder has answered in it).
+        /// The plaintext is in the output buffer.
         case message(length: Int, remoteID: Number160, localIndex: UInt64)
         /// No session has this index.
         case unknownIndex
@@ -109,23 +129,29 @@ struct SessionTable {
     /// repeated FINISH) from the responder confirms an initiator's session.
     mutating func open(_ packet: UnsafeRawBufferPointer, index: UInt64, headerBytes: Int, counter: UInt64, transport: TransportKind,
                        now: UInt32, into out: UnsafeMutableRawBufferPointer) -> Opened {
-        guard let s = byIndex[index].map(Int.init) else { return .unknownIndex }
-        do {
-            let length = try sessions[s].open(packet, headerBytes: headerBytes, counter: counter, transport: transport, into: out)
-            sessions[s].lastUsed = now
-            if headerBytes == SessionWire.sealedHeaderBytes, sessions[s].finishPrefix != nil { sessions[s].finishPrefix = nil }
-            return .message(length: length, remoteID: sessions[s].remoteID, localIndex: index)
-        } catch {
-            return .rejected(error)
+        guard let s = slot(index: index) else { return .unknownIndex }
+        let window = transport == .udp ? sessions[s].udpWindow : tcpWindows[index] ?? ReplayWindow()
+        guard window.canAccept(counter) else { return .rejected(.replayed) }
+        guard let length = sessions[s].decrypt(packet, headerBytes: headerBytes, counter: counter, transport: transport, into: out) else {
+            return .rejected(.authenticationFailed)
         }
+        if transport == .udp {
+            sessions[s].udpWindow.mark(counter)
+        } else {
+            tcpWindows[index, default: ReplayWindow()].mark(counter)
+        }
+        sessions[s].lastUsed = now
+        if headerBytes == SessionWire.sealedHeaderBytes, !finishPrefixes.isEmpty { finishPrefixes[index] = nil }
+        return .message(length: length, remoteID: sessions[s].remoteID, localIndex: index)
     }
 
     /// The sealed packet carrying `plain` in the session `slot` (a TCP frame, length first, for TCP).
     mutating func seal(_ plain: ByteBuffer, slot: Int, transport: TransportKind, now: UInt32) -> ByteBuffer? {
-        let size = sessions[slot].sealedSize(plain.readableBytes)
+        let prefix = finishPrefixes.isEmpty ? nil : finishPrefixes[sessions[slot].localIndex]
+        let size = Session.sealedSize(plain.readableBytes, finish: prefix != nil)
         var out = ByteBufferAllocator().buffer(capacity: size + 4)
         if transport == .tcp { out.writeInteger(UInt32(size)) }
-        guard sessions[slot].seal(plain, transport: transport, into: &out) else { return nil }
+        guard sessions[slot].seal(plain, transport: transport, finishPrefix: prefix, into: &out) else { return nil }
         sessions[slot].lastUsed = now
         return out
     }
@@ -138,12 +164,14 @@ struct SessionTable {
 
     /// Seals a reply in the session its request came in, or the peer's newest if that one went.
     mutating func sealReply(_ plain: ByteBuffer, index: UInt64, peer: Number160, transport: TransportKind, now: UInt32) -> ByteBuffer? {
-        guard let s = byIndex[index].map(Int.init) ?? slot(peer: peer) else { return nil }
+        guard let s = slot(index: index) ?? slot(peer: peer) else { return nil }
         return seal(plain, slot: s, transport: transport, now: now)
     }
 
     mutating func removeAll() {
-        sessions.removeAll()
+        sessions = []
+        tcpWindows = [:]
+        finishPrefixes = [:]
         byIndex.removeAll()
         byPeer.removeAll()
     }

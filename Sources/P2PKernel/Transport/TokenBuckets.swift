@@ -1,14 +1,16 @@
 /// Rate limits per source: each source may spend `burst` tokens at once and earns `rate` a second.
 ///
-/// Bounded: at most `maxSources` buckets are kept; when full, buckets that have refilled (their
-/// source went quiet) are forgotten, and if none has, new sources share one overflow bucket, so
-/// a flood from many addresses is limited as one. Confined to the node's event loop.
+/// Bounded and small: `slots` buckets, allocated on first use, shared by sources through a hash
+/// keyed with a secret seed. Two sources rarely share a bucket and no one can choose to share
+/// another's; a flood from many addresses fills many buckets but never more memory. (A table
+/// per source would cost a node memory for every peer that ever handshook with it.) Confined to
+/// the node's event loop.
 struct TokenBuckets {
     let rate: Double
     let burst: Double
-    let maxSources: Int
-    private var buckets: [UInt64: Bucket] = [:]
-    private var overflow = Bucket(tokens: 0, stamp: 0)
+    let slots: Int
+    private let seed = UInt64.random(in: 0...UInt64.max)
+    private var table: [Bucket] = []
 
     private struct Bucket {
         var tokens: Float
@@ -16,42 +18,24 @@ struct TokenBuckets {
         var stamp: UInt32
     }
 
-    init(rate: Double, burst: Double, maxSources: Int) {
+    init(rate: Double, burst: Double, slots: Int) {
         self.rate = max(0, rate)
         self.burst = max(1, burst)
-        self.maxSources = max(1, maxSources)
-        overflow.tokens = Float(self.burst)
+        self.slots = max(1, slots)
     }
 
     /// Takes one token from `source`'s bucket; false when it is empty.
     mutating func allow(_ source: UInt64, nowNanoseconds: UInt64) -> Bool {
         let now = UInt32(truncatingIfNeeded: nowNanoseconds / 1_000_000)
-        if var b = buckets[source] {
-            let ok = take(&b, now)
-            buckets[source] = b
-            return ok
-        }
-        if buckets.count >= maxSources {
-            buckets = buckets.filter { _, b in Double(b.tokens) + Double(now &- b.stamp) / 1000 * rate < burst }
-        }
-        if buckets.count >= maxSources { return take(&overflow, now) }
-        var b = Bucket(tokens: Float(burst), stamp: now)
-        let ok = take(&b, now)
-        buckets[source] = b
-        return ok
-    }
-
-    private func take(_ b: inout Bucket, _ now: UInt32) -> Bool {
-        let earned = Double(now &- b.stamp) / 1000 * rate
-        b.tokens = Float(min(burst, Double(b.tokens) + earned))
-        b.stamp = now
-        guard b.tokens >= 1 else { return false }
-        b.tokens -= 1
+        if table.isEmpty { table = [Bucket](repeating: Bucket(tokens: Float(burst), stamp: now), count: slots) }
+        let i = Int(((source ^ seed) &* 0x9E37_79B9_7F4A_7C15) >> 33) % slots
+        let earned = Double(now &- table[i].stamp) / 1000 * rate
+        table[i].tokens = Float(min(burst, Double(table[i].tokens) + earned))
+        table[i].stamp = now
+        guard table[i].tokens >= 1 else { return false }
+        table[i].tokens -= 1
         return true
     }
-
-    /// Sources remembered now.
-    var count: Int { buckets.count }
 }
 
 /// The key rate limits and connection counts use for where a packet came from: the IP (an IPv6

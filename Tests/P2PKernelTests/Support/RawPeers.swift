@@ -95,7 +95,7 @@ final class HostilePeer: @unchecked Sendable {
     let socket: RawSocket
     let network: UInt32
     var id: Number160 { keys.peerID }
-    private let state = NIOLockedValueBox<Session?>(nil)
+    private let state = NIOLockedValueBox<(session: Session, finish: [UInt8]?)?>(nil)
 
     init(keys: PeerKeyPair = PeerKeyPair(), network: UInt32 = 1) async throws {
         self.keys = keys
@@ -116,8 +116,8 @@ final class HostilePeer: @unchecked Sendable {
               case .handshakeResponse(let r) = try SessionCodec.decode(bytes) else {
             throw RPCError.timeout(peer: "\(target)", milliseconds: 10_000)
         }
-        let session = try initiator.complete(r, network: network, identity: keys, now: 0)
-        state.withLockedValue { $0 = session }
+        let (session, prefix) = try initiator.complete(r, network: network, identity: keys, now: 0)
+        state.withLockedValue { $0 = (session, prefix) }
     }
 
     /// A message as this peer would send it, claiming whatever sender it likes.
@@ -132,10 +132,10 @@ final class HostilePeer: @unchecked Sendable {
         var plain = ByteBufferAllocator().buffer(capacity: 0)
         plain.writeBytes(try WireCodec.encode(m))
         return try state.withLockedValue { s in
-            guard var session = s else { throw RPCError.shutDown }
-            var out = ByteBufferAllocator().buffer(capacity: session.sealedSize(plain.readableBytes))
-            guard session.seal(plain, transport: .udp, into: &out) else { throw RPCError.shutDown }
-            s = session
+            guard var (session, finish) = s else { throw RPCError.shutDown }
+            var out = ByteBufferAllocator().buffer(capacity: Session.sealedSize(plain.readableBytes, finish: finish != nil))
+            guard session.seal(plain, transport: .udp, finishPrefix: finish, into: &out) else { throw RPCError.shutDown }
+            s = (session, finish)
             return Array(out.readableBytesView)
         }
     }
@@ -144,14 +144,17 @@ final class HostilePeer: @unchecked Sendable {
     func open(_ bytes: [UInt8]) -> Message? {
         guard case .sealed(let h)? = try? SessionCodec.decode(bytes) else { return nil }
         return state.withLockedValue { s -> Message? in
-            guard var session = s else { return nil }
+            guard var (session, _) = s else { return nil }
             var plain = [UInt8](repeating: 0, count: bytes.count)
+            var window = session.udpWindow
             let length = bytes.withUnsafeBytes { raw in
-                plain.withUnsafeMutableBytes { try? session.open(raw, headerBytes: SessionWire.sealedHeaderBytes, counter: h.counter, transport: .udp, into: $0) }
+                plain.withUnsafeMutableBytes {
+                    try? session.open(raw, headerBytes: SessionWire.sealedHeaderBytes, counter: h.counter, transport: .udp, window: &window, into: $0)
+                }
             }
             guard let length else { return nil }
-            session.finishPrefix = nil
-            s = session
+            session.udpWindow = window
+            s = (session, nil)  // the node answered in the session: no more FINISH
             return try? WireCodec.decode(Array(plain.prefix(length)), senderIP: .loopback)
         }
     }
