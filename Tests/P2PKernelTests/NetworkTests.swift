@@ -151,4 +151,36 @@ struct PeerMapTests {
         let expected = verified.sorted { ($0 ^ key) < ($1 ^ key) }.prefix(20)
         #expect(map.closest(to: key, count: 20).map(\.id) == Array(expected))
     }
+
+    @Test("one /24 holds at most 2 places per bucket and 8 in the map; other subnets and loopback are not limited; leaving frees the place")
+    func ipGroupLimits() throws {
+        let map = PeerMap(selfID: .zero)
+        func top(_ i: Int) -> Number160 { Number160(high: 1 << 63, middle: UInt64(i), low: 0) }        // bucket 159
+        func ip(_ subnet: UInt32, _ host: UInt32) -> IPAddress { .v4(0x0A00_0000 | subnet << 8 | host) }  // 10.0.subnet.host
+        var accepted = 0
+        for i in 0..<10 {
+            if map.peerFound(PeerAddress(id: top(i), socket: PeerSocketAddress(ip: ip(1, UInt32(i + 1)), port: 4000)), verified: true) { accepted += 1 }
+        }
+        #expect(accepted == 2)
+        // The same /24 across many buckets: 8 in all.
+        for bit in 100..<130 {
+            let id = Number160(high: 0, middle: 1 << UInt64(bit - 97), low: UInt32(bit))  // a bucket each
+            _ = map.peerFound(PeerAddress(id: id, socket: PeerSocketAddress(ip: ip(1, 200), port: UInt16(5000 + bit))), verified: true)
+        }
+        let fromSubnet = map.verifiedPeers.filter { $0.ip.sybilGroup == ip(1, 1).sybilGroup }.count + map.counts.overflow
+        #expect(fromSubnet <= 8)
+        #expect(map.refusedByIPGroupCount > 0)
+        // Another /24 and loopback still get in.
+        #expect(map.peerFound(PeerAddress(id: top(50), socket: PeerSocketAddress(ip: ip(2, 1), port: 4000)), verified: true))
+        for i in 60..<70 { _ = map.peerFound(PeerAddress(id: top(i), socket: PeerSocketAddress(ip: .loopback, port: UInt16(4000 + i))), verified: true) }
+        #expect(map.verifiedPeers.filter { $0.ip.isLoopback }.count == 10)
+        // A subnet peer that leaves frees its place for another of the same subnet.
+        let first = try #require(map.verifiedPeers.first { $0.ip.sybilGroup == ip(1, 1).sybilGroup && $0.id.high == 1 << 63 })
+        map.peerFailed(first.id, reason: .quit)
+        #expect(map.peerFound(PeerAddress(id: top(99), socket: PeerSocketAddress(ip: ip(1, 99), port: 4000)), verified: true))
+        // And a known peer cannot move into a subnet that is full.
+        let other = PeerAddress(id: top(50), socket: PeerSocketAddress(ip: ip(1, 77), port: 4000))
+        map.peerFound(other, verified: true)
+        #expect(map.verifiedPeer(top(50))?.ip == ip(2, 1))
+    }
 }

@@ -71,6 +71,16 @@ public enum IPAddress: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
+    /// The group an address counts in for the Sybil limits of peer maps and lookups: its IPv4 /24
+    /// or IPv6 /48. Nil for loopback, which is exempt so that simulations of many peers on
+    /// 127.0.0.1 work.
+    public var sybilGroup: UInt64? {
+        switch self {
+        case .v4(let v): return isLoopback ? nil : 1 << 62 | UInt64(v >> 8)
+        case .v6(let hi, _): return isLoopback ? nil : 1 << 63 | hi >> 16
+        }
+    }
+
     /// 127.0.0.0/8 or ::1.
     public var isLoopback: Bool {
         switch self {

@@ -101,7 +101,7 @@ public final class Node: @unchecked Sendable {
         self.eventLoop = config.eventLoopGroup.next()
         self.peerMap = PeerMap(selfID: peerID, config: config.peerMap)
         self.registry = PluginRegistry()
-        self.storage = StoragePipeline(registry: registry)
+        self.storage = StoragePipeline(registry: registry, maxQueued: config.limits.maxInterceptorQueue)
         var logger = config.logger
         logger[metadataKey: "peer"] = "\(peerID.hexString.prefix(8))"
         self.logger = logger

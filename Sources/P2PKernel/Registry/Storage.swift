@@ -124,6 +124,8 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
     case malformed(String)
     /// No storage backend is installed on this node.
     case noBackend
+    /// Too many requests are waiting; try again later.
+    case busy(String)
 
     public var description: String {
         switch self {
@@ -134,6 +136,7 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
         case .denied(let r): "denied: \(r)"
         case .malformed(let r): "malformed storage request: \(r)"
         case .noBackend: "this peer has no storage backend"
+        case .busy(let r): "busy: \(r)"
         }
     }
 }

@@ -10,10 +10,11 @@ import NIOCore
 /// The fast path is synchronous: a request nobody intercepts never leaves the event loop.
 public final class StoragePipeline: Sendable {
     private let registry: PluginRegistry
-    private let gate = AsyncGate()
+    private let gate: AsyncGate
 
-    init(registry: PluginRegistry) {
+    init(registry: PluginRegistry, maxQueued: Int = NodeLimits().maxInterceptorQueue) {
         self.registry = registry
+        self.gate = AsyncGate(maxWaiting: maxQueued)
     }
 
     /// The uptime clock storage uses for TTLs.
@@ -33,7 +34,9 @@ public final class StoragePipeline: Sendable {
         let chain = interceptors(for: request)
         guard !chain.isEmpty else { return try backend.execute(request, now: Self.now()) }
         let context = StorageContext(sender: sender, node: node, backend: backend)
-        await gate.enter()
+        guard await gate.enter() else {
+            throw StorageError.busy("more than \(gate.maxWaiting) storage requests wait for the interceptor chain")
+        }
         defer { gate.leave() }
         return try await run(request, chain[...], context: context, backend: backend)
     }
@@ -61,31 +64,44 @@ public final class StoragePipeline: Sendable {
     }
 }
 
-/// A FIFO async mutex: callers wait their turn without blocking a thread.
+/// A FIFO async mutex: callers wait their turn without blocking a thread, and at most
+/// `maxWaiting` wait at once: a peer that sends requests faster than the chain runs them gets
+/// refusals, not a queue that grows without end.
 final class AsyncGate: Sendable {
+    let maxWaiting: Int
     private struct State {
         var busy = false
-        var waiters: [CheckedContinuation<Void, Never>] = []
+        var waiters: [CheckedContinuation<Bool, Never>] = []
         var head = 0
     }
     private let state = NIOLockedValueBox(State())
 
-    func enter() async {
-        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-            let runNow = state.withLockedValue { s -> Bool in
-                if s.busy {
-                    s.waiters.append(c)
-                    return false
+    init(maxWaiting: Int) {
+        self.maxWaiting = max(0, maxWaiting)
+    }
+
+    /// Waits for the gate; false at once when `maxWaiting` callers already wait.
+    func enter() async -> Bool {
+        await withCheckedContinuation { (c: CheckedContinuation<Bool, Never>) in
+            let now: Bool? = state.withLockedValue { s -> Bool? in
+                if !s.busy {
+                    s.busy = true
+                    return true
                 }
-                s.busy = true
-                return true
+                guard s.waiters.count - s.head < maxWaiting else { return false }
+                if s.head > 64, s.head * 2 > s.waiters.count {
+                    s.waiters.removeFirst(s.head)
+                    s.head = 0
+                }
+                s.waiters.append(c)
+                return nil
             }
-            if runNow { c.resume() }
+            if let now { c.resume(returning: now) }
         }
     }
 
     func leave() {
-        let next = state.withLockedValue { s -> CheckedContinuation<Void, Never>? in
+        let next = state.withLockedValue { s -> CheckedContinuation<Bool, Never>? in
             guard s.head < s.waiters.count else {
                 s.busy = false
                 s.waiters.removeAll()
@@ -96,6 +112,6 @@ final class AsyncGate: Sendable {
             s.head += 1
             return c
         }
-        next?.resume()
+        next?.resume(returning: true)
     }
 }

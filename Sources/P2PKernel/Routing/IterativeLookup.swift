@@ -11,6 +11,8 @@ final class IterativeLookup {
         let peer: PeerAddress
         var state: State
         let depth: Int
+        /// Learned from a reply rather than known first-hand from our own map.
+        let referred: Bool
     }
 
     private let node: Node
@@ -28,6 +30,9 @@ final class IterativeLookup {
     private var failures = 0
     private var noNewInfo = 0
     private var directHits = 0
+    private var referredContacts = 0
+    /// Candidates per IP group (non-loopback groups only).
+    private var groups: [UInt64: Int] = [:]
     private var finished = false
 
     init(node: Node, key: Number160, config: RoutingConfig, question: RoutingQuestion? = nil, initialHits: Int = 0) {
@@ -49,7 +54,7 @@ final class IterativeLookup {
         node.eventLoop.assertInEventLoop()
         seen.insert(node.peerID)
         for p in node.peerMap.closest(to: key, count: config.resultSize * 2, includeOverflow: true) {
-            _ = insert(p, depth: 1)
+            _ = insert(p, depth: 1, referred: false)
         }
         if candidates.isEmpty {
             finish(.noPeers)
@@ -60,8 +65,10 @@ final class IterativeLookup {
     }
 
     /// Inserts a candidate in distance order; returns its position, or nil if known or dropped.
-    private func insert(_ peer: PeerAddress, depth: Int) -> Int? {
+    private func insert(_ peer: PeerAddress, depth: Int, referred: Bool) -> Int? {
+        if let g = peer.ip.sybilGroup, (groups[g] ?? 0) >= config.maxPerIPGroup { return nil }
         guard seen.insert(peer.id).inserted else { return nil }
+        if let g = peer.ip.sybilGroup { groups[g, default: 0] += 1 }
         let d = peer.id ^ key
         var lo = 0, hi = candidates.count
         while lo < hi {
@@ -69,7 +76,7 @@ final class IterativeLookup {
             if candidates[mid].distance < d { lo = mid + 1 } else { hi = mid }
         }
         if lo >= config.maxCandidates { return nil }
-        candidates.insert(Candidate(distance: d, peer: peer, state: .new, depth: depth), at: lo)
+        candidates.insert(Candidate(distance: d, peer: peer, state: .new, depth: depth, referred: referred), at: lo)
         if candidates.count > config.maxCandidates {
             // Never drop a request in flight: its reply still has to find its entry.
             if let last = candidates.lastIndex(where: { $0.state != .inFlight }), last > lo { candidates.remove(at: last) }
@@ -93,7 +100,16 @@ final class IterativeLookup {
                 continue
             }
             live += 1
-            if candidates[i].state == .new { ask(i) }
+            if candidates[i].state == .new {
+                if candidates[i].referred {
+                    guard referredContacts < config.maxReferredContacts else {
+                        if inFlight == 0 { finish(.maxReferredContacts) }
+                        return
+                    }
+                    referredContacts += 1
+                }
+                ask(i)
+            }
             i += 1
         }
         if inFlight == 0, !finished { finish(.converged) }
@@ -126,7 +142,7 @@ final class IterativeLookup {
                     }
                     var improved = false
                     for p in reply.firstPeers ?? [] where p.socket.isValidPeerRecord {
-                        if let at = insert(p, depth: depth + 1), at < config.resultSize { improved = true }
+                        if let at = insert(p, depth: depth + 1, referred: true), at < config.resultSize { improved = true }
                     }
                     noNewInfo = improved ? 0 : noNewInfo + 1
                 default:

@@ -22,38 +22,56 @@ public final class PeerMap: @unchecked Sendable {
         var verified: [Entry] = []
         var overflow: [Entry] = []
 
-        /// Records a peer; returns the event and the change in (verified, overflow) counts.
-        mutating func found(_ address: PeerAddress, verified isVerified: Bool, now: UInt64,
-                            config: PeerMapConfig) -> (PeerMapEvent?, Int, Int) {
+        /// What recording a peer did.
+        struct Found {
+            var event: PeerMapEvent?
+            var verifiedDelta = 0, overflowDelta = 0
+            /// Whether the address is now in the bucket (new, or updated in place).
+            var stored = false
+            /// An overflow peer dropped to make room.
+            var evicted: PeerAddress?
+        }
+
+        /// The address stored for an id, verified or overflow.
+        func address(of id: Number160) -> PeerAddress? {
+            verified.first(where: { $0.address.id == id })?.address ?? overflow.first(where: { $0.address.id == id })?.address
+        }
+
+        /// How many entries have an address in IP group `group` (by `groupOf`).
+        func count(inGroup group: UInt64, _ groupOf: (IPAddress) -> UInt64?) -> Int {
+            verified.reduce(0) { $0 + (groupOf($1.address.ip) == group ? 1 : 0) } + overflow.reduce(0) { $0 + (groupOf($1.address.ip) == group ? 1 : 0) }
+        }
+
+        /// Records a peer.
+        mutating func found(_ address: PeerAddress, verified isVerified: Bool, now: UInt64, config: PeerMapConfig) -> Found {
             if let i = verified.firstIndex(where: { $0.address.id == address.id }) {
-                if isVerified {
-                    verified[i].address = address
-                    verified[i].lastSeen = now
-                    verified[i].failures = 0
-                }
-                return (nil, 0, 0)
+                guard isVerified else { return Found() }
+                verified[i].address = address
+                verified[i].lastSeen = now
+                verified[i].failures = 0
+                return Found(stored: true)
             }
             let o = overflow.firstIndex(where: { $0.address.id == address.id })
             if isVerified, verified.count < config.bucketSize {
                 if let o { overflow.remove(at: o) }
                 verified.append(Entry(address: address, lastSeen: now, failures: 0, checks: 0))
-                return (o == nil ? .inserted(address, verified: true) : nil, 1, o == nil ? 0 : -1)
+                return Found(event: o == nil ? .inserted(address, verified: true) : nil, verifiedDelta: 1, overflowDelta: o == nil ? 0 : -1, stored: true)
             }
             // A full bucket keeps its long-lived peers (they are likelier to stay); the newcomer
             // waits in overflow for a place.
             if let o {
                 overflow[o].address = address
                 if isVerified { overflow[o].lastSeen = now }
-                return (nil, 0, 0)
+                return Found(stored: true)
             }
-            guard config.overflowSize > 0 else { return (nil, 0, 0) }
-            var delta = 1
+            guard config.overflowSize > 0 else { return Found() }
+            var result = Found(event: .inserted(address, verified: false), overflowDelta: 1, stored: true)
             if overflow.count >= config.overflowSize {
-                overflow.removeFirst()
-                delta = 0
+                result.evicted = overflow.removeFirst().address
+                result.overflowDelta = 0
             }
             overflow.append(Entry(address: address, lastSeen: isVerified ? now : 0, failures: 0, checks: 0))
-            return (.inserted(address, verified: false), 0, delta)
+            return result
         }
 
         /// Records a failure; returns the removed peer (if any) and the change in counts.
@@ -86,6 +104,9 @@ public final class PeerMap: @unchecked Sendable {
     private var verifiedCount = 0
     private var overflowCount = 0
     private var banned: [Number160: UInt64] = [:]
+    /// Peers (verified and overflow) per IP group, for groups that are not exempt.
+    private var groupCounts: [UInt64: Int] = [:]
+    private var refusedByIPGroup = 0
     private var listeners: [@Sendable (PeerMapEvent) -> Void] = []
     private let checkIntervals: [UInt64]
 
@@ -126,14 +147,46 @@ public final class PeerMap: @unchecked Sendable {
                 if until > now && !verified { return nil }
                 banned[address.id] = nil
             }
-            let (event, dv, do_) = buckets[b].found(address, verified: verified, now: now, config: config)
-            verifiedCount += dv
-            overflowCount += do_
-            return event
+            // One IP group may hold only so many places per bucket and in all (Sybil limit).
+            let group = ipGroup(of: address.ip)
+            var before: PeerAddress?
+            var groupChanges = false
+            if group != nil || !groupCounts.isEmpty {
+                before = buckets[b].address(of: address.id)
+                let oldGroup = before.flatMap { ipGroup(of: $0.ip) }
+                groupChanges = before == nil || oldGroup != group
+                if groupChanges, let group {
+                    guard buckets[b].count(inGroup: group, ipGroup) < config.maxPeersPerIPGroupPerBucket,
+                          (groupCounts[group] ?? 0) < config.maxPeersPerIPGroup else {
+                        refusedByIPGroup += 1
+                        return nil
+                    }
+                }
+            }
+            let found = buckets[b].found(address, verified: verified, now: now, config: config)
+            verifiedCount += found.verifiedDelta
+            overflowCount += found.overflowDelta
+            if found.stored, groupChanges {
+                if let before { countGroup(of: before.ip, -1) }
+                countGroup(of: address.ip, 1)
+            }
+            if let evicted = found.evicted { countGroup(of: evicted.ip, -1) }
+            return found.event
         }
         if let event { emit(event) }
         return event != nil
     }
+
+    private func ipGroup(of ip: IPAddress) -> UInt64? { ip.sybilGroup }
+
+    private func countGroup(of ip: IPAddress, _ delta: Int) {
+        guard let g = ipGroup(of: ip) else { return }
+        let n = (groupCounts[g] ?? 0) + delta
+        groupCounts[g] = n > 0 ? n : nil
+    }
+
+    /// Peers refused because their IP group already held its share of a bucket or of the map.
+    public var refusedByIPGroupCount: Int { lock.withLock { refusedByIPGroup } }
 
     /// Records that a peer did not answer (or announced it quits). A verified peer is removed after
     /// `offlineAfterFailures` failures in a row, a peer only heard of at once, a quitting peer at
@@ -145,6 +198,7 @@ public final class PeerMap: @unchecked Sendable {
             let (gone, dv, do_) = buckets[b].failed(id, reason: reason, config: config)
             verifiedCount += dv
             overflowCount += do_
+            if let gone { countGroup(of: gone.ip, -1) }
             if gone != nil, reason == .offline { ban(id) }
             return gone
         }

@@ -16,6 +16,13 @@ public struct PeerMapConfig: Sendable {
     /// is likely to stay up (Kademlia's observation), so it is pinged less and less often.
     public var checkIntervals: [Duration] = [.seconds(10), .seconds(20), .seconds(40), .seconds(80), .seconds(160), .seconds(320)]
 
+    /// Most peers one IP group (an IPv4 /24, an IPv6 /48) may hold in one bucket, and in the
+    /// whole map: one operator on one subnet cannot fill a bucket, or the table, with identities
+    /// it generated (go-libp2p's diversity filter has this shape). Loopback is exempt, so that
+    /// simulations run every peer on 127.0.0.1. On a LAN where every peer shares a /24, raise them.
+    public var maxPeersPerIPGroupPerBucket = 2
+    public var maxPeersPerIPGroup = 8
+
     public init() {}
 }
 

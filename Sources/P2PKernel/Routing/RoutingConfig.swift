@@ -25,6 +25,14 @@ public struct RoutingConfig: Sendable, Equatable {
     /// (recall 1.0 in the 1,000-peer simulation) at half the contacts, and every contact costs a
     /// handshake and a session.
     public var refreshResultSize = 4
+    /// Candidates one IP group (an IPv4 /24, an IPv6 /48; loopback exempt) may take in one
+    /// lookup: a Sybil with many ids on one subnet cannot fill the result, and what a lookup
+    /// stores or fetches lands on peers of several operators.
+    public var maxPerIPGroup = 3
+    /// Peers contacted per lookup that this node did not know first-hand (referrals only): every
+    /// contact is a handshake sent to an address someone else named, so a hostile referrer can
+    /// aim at most this many at third parties. A lookup in a 1,000-peer overlay makes about 20.
+    public var maxReferredContacts = 48
 
     public init(parallel: Int = 3, resultSize: Int = 20, maxDirectHits: Int = .max, maxNoNewInfo: Int = 30,
                 maxFailures: Int = 20, maxSuccess: Int = 100) {
@@ -55,7 +63,7 @@ public struct RoutingResult: Sendable {
     public enum StopReason: String, Sendable {
         /// The k closest known peers all answered.
         case converged
-        case maxDirectHits, maxNoNewInfo, maxFailures, maxSuccess
+        case maxDirectHits, maxNoNewInfo, maxFailures, maxSuccess, maxReferredContacts
         /// The node knew no peer to ask.
         case noPeers
     }
