@@ -334,7 +334,13 @@ public struct DHT: Sendable {
 
     private func routingConfig(_ options: DHTOptions) -> RoutingConfig {
         var routing = options.routing ?? node.config.routing
-        if options.routing == nil { routing.resultSize = options.replicas + options.parallelDifference + options.maxFailures }
+        if options.routing == nil {
+            routing.resultSize = options.replicas + options.parallelDifference + options.maxFailures
+            // A key's replicas span subnets: one /24 (/48) holds at most one of them, so a Sybil
+            // with thousands of ids on one subnet cannot take a put or outvote a get, and one
+            // subnet's outage loses one copy (loopback is exempt: simulations share 127.0.0.1).
+            routing.maxPerIPGroup = 1
+        }
         return routing
     }
 

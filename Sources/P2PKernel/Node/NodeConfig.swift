@@ -153,6 +153,9 @@ public struct NodeLimits: Sendable {
     /// its replies (back-pressure); below the low mark it reads again.
     public var tcpWriteHighWater = 4 << 20
     public var tcpWriteLowWater = 1 << 20
+    /// Reply bytes a TCP connection may hold unread; beyond it the connection is closed (its peer
+    /// is not reading). Four maximum-size replies.
+    public var maxQueuedReplyBytes = 16 << 20
     /// Requests whose handler answers later (a future) in progress at once, and from one peer.
     public var maxHandlersInFlight = 1_024
     public var maxHandlersInFlightPerPeer = 64

@@ -203,8 +203,22 @@ extension Node {
         case .udp(let remote):
             udpChannel?.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: packet), promise: nil)
         case .tcp(let channel):
-            channel.writeAndFlush(packet.framed(), promise: nil)
+            writeReply(packet.framed(), on: channel)
         }
+    }
+
+    /// Writes a reply frame unless the connection already holds `maxQueuedReplyBytes` the peer has
+    /// not read: then the peer is not reading its replies and the connection is closed.
+    /// (Back-pressure stops reading from it, but handlers already running still answer, and a
+    /// reply may be megabytes.)
+    func writeReply(_ frame: ByteBuffer, on channel: any Channel) {
+        let queued = (try? channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
+        guard queued + frame.readableBytes <= config.limits.maxQueuedReplyBytes else {
+            countDrop("a reply to a peer that does not read: \(queued) bytes already queued")
+            channel.close(promise: nil)
+            return
+        }
+        channel.writeAndFlush(frame, promise: nil)
     }
 
     // MARK: outbound

@@ -86,7 +86,7 @@ extension Node {
         guard let packet = sessions.sealReply(plain, index: session, peer: peer, transport: origin.kind, now: coarseSeconds) else { return }
         switch origin {
         case .udp(let remote): udpChannel?.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: packet), promise: nil)
-        case .tcp(let channel): channel.writeAndFlush(packet, promise: nil)
+        case .tcp(let channel): writeReply(packet, on: channel)
         }
     }
 
