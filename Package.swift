@@ -65,7 +65,8 @@ let package = Package(
         ),
         .testTarget(
             name: "P2PKernelTests",
-            dependencies: ["P2PKernel", "P2PTesting"]
+            // P2PDHT: the hostile-peer suite's Sybils answer storage requests like a real peer.
+            dependencies: ["P2PKernel", "P2PTesting", "P2PDHT"]
         ),
         .testTarget(
             name: "P2PLoaderTests",

@@ -7,11 +7,12 @@ struct P2PTool {
         URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("p2p").path
     }
 
-    /// Runs to completion (bounded by `timeout`) and returns exit code, stdout, stderr.
-    static func run(_ args: [String], timeout: Double = 60) throws -> (code: Int32, out: String, err: String) {
+    /// Runs to completion (bounded by `timeout`) and returns exit code, stdout, stderr; with a
+    /// `launcher` (say `ip netns exec NS`), through it.
+    static func run(launcher: [String] = [], _ args: [String], timeout: Double = 60) throws -> (code: Int32, out: String, err: String) {
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: path)
-        p.arguments = args
+        p.executableURL = URL(fileURLWithPath: launcher.first ?? path)
+        p.arguments = launcher.isEmpty ? args : Array(launcher.dropFirst()) + [path] + args
         let out = Pipe(), err = Pipe()
         p.standardOutput = out
         p.standardError = err
@@ -32,9 +33,10 @@ final class NodeProcess: @unchecked Sendable {
     private let lock = NSLock()
     private var text = ""
 
-    init(_ args: [String]) throws {
-        process.executableURL = URL(fileURLWithPath: P2PTool.path)
-        process.arguments = ["node", "--host", "127.0.0.1"] + args
+    init(_ args: [String], host: String = "127.0.0.1", launcher: [String] = []) throws {
+        let command = ["node", "--host", host] + args
+        process.executableURL = URL(fileURLWithPath: launcher.first ?? P2PTool.path)
+        process.arguments = launcher.isEmpty ? command : Array(launcher.dropFirst()) + [P2PTool.path] + command
         let pipe = Pipe()
         process.standardOutput = pipe
         process.standardError = pipe

@@ -207,7 +207,7 @@ public final class Node: @unchecked Sendable {
                     // accepting for a moment instead of spinning a core.
                     .serverChannelInitializer { ch in
                         ch.eventLoop.makeCompletedFuture {
-                            try ch.pipeline.syncOperations.addHandler(AcceptBackoffHandler(backoffProvider: { _ in .milliseconds(250) }))
+                            try ch.pipeline.syncOperations.addHandler(AcceptThrottle(pause: .milliseconds(250)))
                         }
                     }
                     .childChannelOption(.writeBufferWaterMark, value: tcpWaterMark)

@@ -156,6 +156,9 @@ public struct NodeLimits: Sendable {
     /// Reply bytes a TCP connection may hold unread; beyond it the connection is closed (its peer
     /// is not reading). Four maximum-size replies.
     public var maxQueuedReplyBytes = 16 << 20
+    /// An inbound connection whose peer reads none of its replies for this long is closed
+    /// (reading from it stopped when the replies piled up).
+    public var stalledWriteTimeout: Duration = .seconds(10)
     /// Requests whose handler answers later (a future) in progress at once, and from one peer.
     public var maxHandlersInFlight = 1_024
     public var maxHandlersInFlightPerPeer = 64

@@ -1,4 +1,7 @@
 import NIOCore
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Hands every datagram to the node. Holds the node strongly until the channel closes.
 final class UDPHandler: ChannelInboundHandler, @unchecked Sendable {
@@ -16,6 +19,40 @@ final class UDPHandler: ChannelInboundHandler, @unchecked Sendable {
         // A UDP socket reports ICMP errors and the like here; the affected request times out on
         // its own, and the socket stays open for everyone else.
         node.logger.trace("udp error", metadata: ["error": "\(error)"])
+    }
+}
+
+/// Pauses accepting connections for a moment when `accept` fails for lack of descriptors or
+/// memory, instead of trying again at once.
+///
+/// NIO's own `AcceptBackoffHandler` is not enough on Linux: after such an error the listening
+/// socket stays registered for readability, so level-triggered epoll wakes the loop again at once
+/// and it spins a core. Turning `autoRead` off unregisters the socket until the pause ends.
+final class AcceptThrottle: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = any Channel
+    typealias InboundOut = any Channel
+    let pause: TimeAmount
+    private var paused = false
+
+    init(pause: TimeAmount) { self.pause = pause }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        context.fireChannelRead(data)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        guard let io = error as? IOError, [EMFILE, ENFILE, ENOBUFS, ENOMEM].contains(io.errnoCode) else {
+            context.fireErrorCaught(error)
+            return
+        }
+        guard !paused, let options = context.channel.syncOptions else { return }
+        paused = true
+        try? options.setOption(.autoRead, value: false)
+        let channel = context.channel
+        context.eventLoop.scheduleTask(in: pause) { [self] in
+            paused = false
+            try? channel.syncOptions?.setOption(.autoRead, value: true)
+        }
     }
 }
 
@@ -37,15 +74,34 @@ final class TCPHandler: ChannelInboundHandler, @unchecked Sendable {
         node.received(unwrapInboundIn(data), from: remote, origin: .tcp(context.channel))
     }
 
+    /// Closes the connection if it stays unable to take writes this long (set while paused).
+    private var stalled: Scheduled<Void>?
+
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         if inbound {
             let writable = context.channel.isWritable
             context.channel.setOption(.autoRead, value: writable).whenFailure { _ in }
-            // Frames held back while paused are still buffered in the decoder: a read of nothing
-            // runs its loop again.
-            if writable { context.pipeline.fireChannelRead(NIOAny(context.channel.allocator.buffer(capacity: 0))) }
+            stalled?.cancel()
+            stalled = nil
+            if writable {
+                // Frames held back while paused are still buffered in the decoder: a read of
+                // nothing runs its loop again.
+                context.pipeline.fireChannelRead(NIOAny(context.channel.allocator.buffer(capacity: 0)))
+            } else {
+                // A peer that does not read its replies for long is gone or hostile: close.
+                let channel = context.channel
+                stalled = context.eventLoop.scheduleTask(in: TimeAmount(node.config.limits.stalledWriteTimeout)) {
+                    channel.close(promise: nil)
+                }
+            }
         }
         context.fireChannelWritabilityChanged()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        stalled?.cancel()
+        stalled = nil
+        context.fireChannelInactive()
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {

@@ -29,6 +29,8 @@ final class HostilePeer: @unchecked Sendable {
     }
     private struct State {
         var identities: [Number160: PeerKeyPair] = [:]
+        var order: [Number160] = []
+        var replyPorts: (UInt16, UInt16)?
         var responders: [Number160: HandshakeResponder] = [:]
         var sessions: [UInt64: Live] = [:]
         var byIdentity: [Number160: UInt64] = [:]
@@ -68,10 +70,20 @@ final class HostilePeer: @unchecked Sendable {
     @discardableResult
     func addIdentity(_ k: PeerKeyPair) -> Number160 {
         state.withLockedValue { s in
+            if s.identities[k.peerID] == nil { s.order.append(k.peerID) }
             s.identities[k.peerID] = k
             s.responders[k.peerID] = HandshakeResponder(identity: k, network: network)
         }
         return k.peerID
+    }
+
+    /// Every identity, the first one first.
+    var allIdentities: [Number160] { state.withLockedValue { $0.order } }
+
+    /// Ports the replies' headers announce instead of the socket's (0 for the port-0 attacks).
+    var replyPorts: (tcp: UInt16, udp: UInt16)? {
+        get { state.withLockedValue { $0.replyPorts.map { (tcp: $0.0, udp: $0.1) } } }
+        set { state.withLockedValue { $0.replyPorts = newValue.map { ($0.tcp, $0.udp) } } }
     }
 
     var identityCount: Int { state.withLockedValue { $0.identities.count } }
@@ -107,7 +119,7 @@ final class HostilePeer: @unchecked Sendable {
         let initiator = InitiatorHandshake(network: network, index: index, expected: expecting)
         let done: UInt64? = await withCheckedContinuation { c in
             state.withLockedValue { $0.initiating[index] = (initiator, k, c) }
-            channel.eventLoop.scheduleTask(in: .nanoseconds(Int64(timeout.components.seconds) * 1_000_000_000)) { [state] in
+            channel.eventLoop.scheduleTask(in: HostilePeer.nanoseconds(timeout)) { [state] in
                 state.withLockedValue { $0.initiating.removeValue(forKey: index) }?.2.resume(returning: nil)
             }
             Task { try? await self.send(initiator.initPacket, to: target) }
@@ -150,7 +162,7 @@ final class HostilePeer: @unchecked Sendable {
         }
         return await withCheckedContinuation { (c: CheckedContinuation<Message?, Never>) in
             state.withLockedValue { $0.replies[m.id] = c }
-            channel.eventLoop.scheduleTask(in: .nanoseconds(Int64(timeout.components.seconds) * 1_000_000_000 + Int64(timeout.components.attoseconds / 1_000_000_000))) { [state] in
+            channel.eventLoop.scheduleTask(in: HostilePeer.nanoseconds(timeout)) { [state] in
                 state.withLockedValue { $0.replies.removeValue(forKey: m.id) }?.resume(returning: nil)
             }
             Task { try? await self.send(packet, to: target) }
@@ -171,6 +183,10 @@ final class HostilePeer: @unchecked Sendable {
     }
 
     func close() async { try? await channel.close() }
+
+    static func nanoseconds(_ d: Duration) -> TimeAmount {
+        .nanoseconds(d.components.seconds * 1_000_000_000 + d.components.attoseconds / 1_000_000_000)
+    }
 
     // MARK: receiving (on the channel's event loop)
 
@@ -239,7 +255,10 @@ final class HostilePeer: @unchecked Sendable {
             return
         }
         guard m.type == .request, let handler = state.withLockedValue({ $0.handler }), let payload = handler(m, who) else { return }
-        let answer = Message(networkID: network, id: m.id, type: .ok, command: m.command, sender: PeerAddress(id: who, socket: address),
+        let a = address
+        let ports = state.withLockedValue { $0.replyPorts }
+        let socket = ports.map { PeerSocketAddress(ip: a.ip, tcpPort: $0.0, udpPort: $0.1) } ?? a
+        let answer = Message(networkID: network, id: m.id, type: .ok, command: m.command, sender: PeerAddress(id: who, socket: socket),
                              recipientID: m.sender.id, payload: payload)
         guard let plain = try? WireCodec.encode(answer) else { return }
         let packet: [UInt8]? = state.withLockedValue { s in
