@@ -140,6 +140,25 @@ struct TransportTests {
         await a.shutdown()
     }
 
+    @Test("a UDP socket that closes under a running node is bound again on the same port")
+    func udpRebind() async throws {
+        let a = try await loopbackNode(timeout: .seconds(5)), b = try await loopbackNode(timeout: .seconds(5))
+        let port = b.address.udpPort
+        let peer = try await a.ping(b.address.socket)
+        // What SwiftNIO does after a send error it deems fatal (EINVAL, EPERM, ENETUNREACH…).
+        try await b.onLoop { b.udpChannel }?.close()
+        var rebinds = 0
+        for _ in 0..<500 where rebinds == 0 {
+            rebinds = try await b.onLoop { b.udpRebinds }
+            if rebinds == 0 { try await Task.sleep(for: .milliseconds(10)) }
+        }
+        #expect(rebinds == 1)
+        #expect(try await b.onLoop { b.udpChannel?.localAddress?.port } == Int(port))
+        let again = try await a.request(to: peer, command: KernelCommands.ping)
+        #expect(again.type == .ok)
+        await a.shutdown(); await b.shutdown()
+    }
+
     @Test("too many requests in flight fail fast instead of queueing")
     func boundedInFlight() async throws {
         let silent = try await SilentPeer()
