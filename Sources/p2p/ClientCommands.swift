@@ -24,11 +24,21 @@ struct PingCommand: AsyncParsableCommand {
         let node = try await startNode(try identity.apply(to: Node.builder().host("0.0.0.0").port(0)))
         defer { Task { await node.shutdown() } }
         var failures = 0
+        var known: PeerAddress?
         for _ in 0..<count {
             let clock = ContinuousClock()
             let start = clock.now
             do {
-                let peer = try await node.ping(address, over: tcp ? .tcp : .udp)
+                // The first ping proves who answers at the address (a handshake); later ones ask
+                // that peer by id, in the session it opened.
+                let peer: PeerAddress
+                if let known {
+                    let reply = try await node.request(to: known, command: KernelCommands.ping, transport: tcp ? .tcp : .udp)
+                    peer = reply.sender
+                } else {
+                    peer = try await node.ping(address, over: tcp ? .tcp : .udp)
+                    known = PeerAddress(id: peer.id, socket: address)
+                }
                 let ms = (clock.now - start).milliseconds
                 print("reply from \(peer.id) at \(address) over \(tcp ? "tcp" : "udp"): \(String(format: "%.3f", ms)) ms")
             } catch {

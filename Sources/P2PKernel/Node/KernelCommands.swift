@@ -42,11 +42,12 @@ public enum KernelCommands {
         }
     }
 
-    /// The sender leaves: remove it from the map at once.
+    /// The sender leaves: remove it from the map, and its sessions, at once.
     struct Quit: CommandHandler {
         let name = KernelCommands.quit
         func handle(_ request: Message, context: CommandContext) -> CommandResult {
             context.node.peerMap.peerFailed(request.sender.id, reason: .quit)
+            context.node.forgetSessions(of: request.sender.id)
             return .reply(Reply())
         }
     }

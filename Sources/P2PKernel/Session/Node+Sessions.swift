@@ -234,6 +234,12 @@ extension Node {
         }
     }
 
+    /// Drops every session with `peer` (it quit): the memory is free at once, and a peer that
+    /// comes back handshakes anew. On the event loop.
+    func forgetSessions(of peer: Number160) {
+        while let slot = sessions.slot(peer: peer) { sessions.remove(slot: slot) }
+    }
+
     // MARK: receiving
 
     func receivedSessionPacket(_ buffer: ByteBuffer, ip: IPAddress, remote: SocketAddress, origin: Origin) {
