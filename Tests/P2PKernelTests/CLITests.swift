@@ -151,15 +151,9 @@ struct CLITests {
 
 @Suite("p2p identities and modes", .serialized)
 struct CLIIdentityTests {
-    func tempPath(_ name: String) -> String {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("p2p-cli-\(UInt64.random(in: 0...UInt64.max))")
-        try? FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-        return dir.appendingPathComponent(name).path
-    }
-
     @Test("keygen writes a key and prints its id; id prints it again; a node run with --key keeps that id across restarts")
     func keygenAndRestart() throws {
-        let path = tempPath("node.key")
+        let path = temporaryPath("node.key")
         let made = try P2PTool.run(["keygen", path])
         #expect(made.code == 0)
         let id = made.out.trimmingCharacters(in: .whitespacesAndNewlines)
@@ -179,7 +173,7 @@ struct CLIIdentityTests {
 
     @Test("bad key files exit 2 with one clear line", arguments: ["missing", "open", "garbage"])
     func badKeys(kind: String) throws {
-        let path = tempPath("bad.key")
+        let path = temporaryPath("bad.key")
         switch kind {
         case "open":
             _ = try P2PTool.run(["keygen", path])

@@ -33,6 +33,17 @@ struct HostileTests {
                 for await ok in group where ok { n += 1 }
                 return n
             }
+            // And over TCP: connections that send frames of garbage are closed at their first frame.
+            var garbage: [RawTCP] = []
+            for _ in 0..<20 {
+                guard let c = RawTCP(port: target.tcpPort) else { continue }
+                let junk = (0..<200).map { _ in UInt8.random(in: 0...255) }
+                c.write(Array(withUnsafeBytes(of: UInt32(junk.count).bigEndian, Array.init)) + junk)
+                garbage.append(c)
+            }
+            let stillOpen = await RawTCP.waitUntilClosed(garbage, within: .seconds(10))
+            #expect(stillOpen == 0, "\(stillOpen) connections sending garbage were kept")
+            for c in garbage { c.close() }
             let (sent, answers) = await flood.wait()
             let responses = answers.filter { $0 == PacketKind.handshakeResponse.rawValue }.count
             // A source earns 20 handshakes a second after a burst of 40 (NodeLimits): far fewer
@@ -168,11 +179,7 @@ struct HostileTests {
             #expect(connections.count >= 50)
             // The budget (64 MiB) refuses most; the deadline (8 s) or the unauthenticated-connection
             // deadline closes the rest.
-            let deadline = ContinuousClock.now + .seconds(30)
-            while connections.contains(where: { !$0.closedByPeer }), ContinuousClock.now < deadline {
-                try? await Task.sleep(for: .milliseconds(200))
-            }
-            let held = connections.filter { !$0.closedByPeer }.count
+            let held = await RawTCP.waitUntilClosed(connections, within: .seconds(30))
             #expect(held == 0, "\(held) partial frames still held")
             for c in connections { c.close() }
         }
@@ -196,11 +203,7 @@ struct HostileTests {
             // While they are held, the node works.
             try victim.legitimateClientsWork()
             #expect((ProcessUsage.openFiles(victim.pid) ?? 0) < NodeLimits().maxInboundTCP + 100)
-            let deadline = ContinuousClock.now + .seconds(30)
-            while connections.contains(where: { !$0.closedByPeer }), ContinuousClock.now < deadline {
-                try? await Task.sleep(for: .milliseconds(200))
-            }
-            let open = connections.filter { !$0.closedByPeer }.count
+            let open = await RawTCP.waitUntilClosed(connections, within: .seconds(30))
             #expect(open == 0, "\(open) idle connections still open")
             for c in connections { c.close() }
         }

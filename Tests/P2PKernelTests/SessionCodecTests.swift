@@ -206,15 +206,9 @@ struct SessionTableTests {
 
 @Suite("Key files")
 struct KeyFileTests {
-    func temp(_ name: String) -> String {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("p2p-keys-\(UInt64.random(in: 0...UInt64.max))")
-        try? FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-        return dir.appendingPathComponent(name).path
-    }
-
     @Test("a written key reads back with the same id; the file is 0600 and never overwritten")
     func roundTrip() throws {
-        let path = temp("node.key")
+        let path = temporaryPath("node.key")
         let pair = PeerKeyPair()
         try pair.write(toFile: path)
         #expect(try PeerKeyPair(contentsOfFile: path).peerID == pair.peerID)
@@ -227,7 +221,7 @@ struct KeyFileTests {
     @Test("missing, world-readable, truncated and garbage key files are typed errors")
     func badFiles() throws {
         #expect(throws: KeyFileError.notFound("/nonexistent/key")) { try PeerKeyPair(contentsOfFile: "/nonexistent/key") }
-        let open = temp("open.key")
+        let open = temporaryPath("open.key")
         try PeerKeyPair().write(toFile: open)
         chmod(open, 0o644)
         #expect { try PeerKeyPair(contentsOfFile: open) } throws: { error in
@@ -236,7 +230,7 @@ struct KeyFileTests {
         }
         for (name, text) in [("short", "swiftp2p-ed25519-private-key\nabcd\n"), ("nohex", "swiftp2p-ed25519-private-key\n" + String(repeating: "zz", count: 32)),
                              ("header", "ssh-rsa AAAA\n"), ("empty", "")] {
-            let path = temp(name)
+            let path = temporaryPath(name)
             FileManager.default.createFile(atPath: path, contents: Data(text.utf8), attributes: [.posixPermissions: 0o600])
             #expect { try PeerKeyPair(contentsOfFile: path) } throws: { error in
                 guard case KeyFileError.malformed = error else { return false }

@@ -61,7 +61,6 @@ public final class Node: @unchecked Sendable {
     var inboundConnections: [ObjectIdentifier: any Channel] = [:]
     var inboundPerIP: [UInt64: Int] = [:]
     var authenticatedConnections: Set<ObjectIdentifier> = []
-    var refusedConnections = 0
     /// Bytes announced by TCP frames still arriving, over all connections.
     var partialFrameBytes = 0
     /// Uptime seconds, updated once a second: what sessions age by (a clock read per packet

@@ -20,15 +20,11 @@ enum SessionCipher {
     static func seal(key: SessionKey, nonce: UnsafeRawBufferPointer, ad: UnsafeRawBufferPointer,
                      text: UnsafeMutableRawPointer, length: Int, tag: UnsafeMutableRawPointer) -> Bool {
         #if canImport(CCryptoBoringSSL)
-        return key.withBytes { k in
-            var ctx = EVP_AEAD_CTX()
-            guard CCryptoBoringSSL_EVP_AEAD_CTX_init(&ctx, CCryptoBoringSSL_EVP_aead_aes_256_gcm(), k.bytes,
-                                                     32, tagBytes, nil) == 1 else { return false }
-            defer { CCryptoBoringSSL_EVP_AEAD_CTX_cleanup(&ctx) }
+        return withContext(key) { ctx in
             var tagLength = 0
             let bytes = text.assumingMemoryBound(to: UInt8.self)
             return CCryptoBoringSSL_EVP_AEAD_CTX_seal_scatter(
-                &ctx, bytes, tag.assumingMemoryBound(to: UInt8.self), &tagLength, tagBytes,
+                ctx, bytes, tag.assumingMemoryBound(to: UInt8.self), &tagLength, tagBytes,
                 nonce.bytes, nonce.count, bytes, length, nil, 0,
                 ad.bytes, ad.count) == 1 && tagLength == tagBytes
         }
@@ -50,13 +46,9 @@ enum SessionCipher {
                      tag: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer) -> Bool {
         guard tag.count == tagBytes, out.count >= ciphertext.count else { return false }
         #if canImport(CCryptoBoringSSL)
-        return key.withBytes { k in
-            var ctx = EVP_AEAD_CTX()
-            guard CCryptoBoringSSL_EVP_AEAD_CTX_init(&ctx, CCryptoBoringSSL_EVP_aead_aes_256_gcm(), k.bytes,
-                                                     32, tagBytes, nil) == 1 else { return false }
-            defer { CCryptoBoringSSL_EVP_AEAD_CTX_cleanup(&ctx) }
-            return CCryptoBoringSSL_EVP_AEAD_CTX_open_gather(
-                &ctx, out.baseAddress?.assumingMemoryBound(to: UInt8.self), nonce.bytes, nonce.count,
+        return withContext(key) { ctx in
+            CCryptoBoringSSL_EVP_AEAD_CTX_open_gather(
+                ctx, out.baseAddress?.assumingMemoryBound(to: UInt8.self), nonce.bytes, nonce.count,
                 ciphertext.bytes, ciphertext.count, tag.bytes, tag.count,
                 ad.bytes, ad.count) == 1
         }
@@ -72,6 +64,23 @@ enum SessionCipher {
         #endif
     }
 }
+
+#if canImport(CCryptoBoringSSL)
+extension SessionCipher {
+    /// An AES-256-GCM context for `key` on the stack, for one call (set up per call: a context
+    /// per session would cost each ~600 bytes, and thousands of sessions live in a simulation).
+    private static func withContext(_ key: SessionKey, _ body: (UnsafeMutablePointer<EVP_AEAD_CTX>) -> Bool) -> Bool {
+        key.withBytes { k in
+            var ctx = EVP_AEAD_CTX()
+            guard CCryptoBoringSSL_EVP_AEAD_CTX_init(&ctx, CCryptoBoringSSL_EVP_aead_aes_256_gcm(), k.bytes, 32, tagBytes, nil) == 1 else {
+                return false
+            }
+            defer { CCryptoBoringSSL_EVP_AEAD_CTX_cleanup(&ctx) }
+            return body(&ctx)
+        }
+    }
+}
+#endif
 
 extension UnsafeRawBufferPointer {
     /// The bytes as C wants them (never null: BoringSSL asserts pointers even for zero lengths).

@@ -21,7 +21,6 @@ extension Node {
     private func admit(_ ch: any Channel) throws {
         let limits = config.limits
         guard running, inboundConnections.count < limits.maxInboundTCP else {
-            refusedConnections += 1
             throw RPCError.busy("more than \(limits.maxInboundTCP) inbound TCP connections")
         }
         let ip = ch.remoteAddress.flatMap(IPAddress.init)
@@ -29,8 +28,7 @@ extension Node {
         if let key {
             let n = inboundPerIP[key] ?? 0
             guard n < limits.maxInboundTCPPerIP else {
-                refusedConnections += 1
-                throw RPCError.busy("more than \(limits.maxInboundTCPPerIP) inbound TCP connections from \(ip.map { "\($0)" } ?? "?")")
+                    throw RPCError.busy("more than \(limits.maxInboundTCPPerIP) inbound TCP connections from \(ip.map { "\($0)" } ?? "?")")
             }
             inboundPerIP[key] = n + 1
         }

@@ -6,6 +6,13 @@ import Testing
 import Glibc
 #endif
 
+/// A path for `name` in a directory of its own under the temporary directory.
+func temporaryPath(_ name: String) -> String {
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("p2p-test-\(UInt64.random(in: 0...UInt64.max))")
+    try? FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    return dir.appendingPathComponent(name).path
+}
+
 /// What a process uses, read from /proc.
 enum ProcessUsage {
     /// Resident set size in bytes.
@@ -153,6 +160,16 @@ final class RawTCP: @unchecked Sendable {
     }
 
     func close() { Glibc.close(fd) }
+
+    /// Waits (polling, bounded) until the peer has closed every one of `connections`; returns
+    /// how many are still open.
+    static func waitUntilClosed(_ connections: [RawTCP], within timeout: Duration) async -> Int {
+        let deadline = ContinuousClock.now + timeout
+        while connections.contains(where: { !$0.closedByPeer }), ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(200))
+        }
+        return connections.filter { !$0.closedByPeer }.count
+    }
 }
 
 /// A thread that sends datagrams as fast as it can for a while (floods run off the Swift
