@@ -35,7 +35,8 @@ struct DHTClientOptions: ParsableArguments {
 
     /// Starts a client node, joins, runs `body`, and always leaves.
     func withClient<T: Sendable>(_ body: @Sendable (Node) async throws -> T) async throws -> T {
-        let node = try await startNode(try identity.apply(to: Node.builder().host("0.0.0.0").port(0).plugins(BuiltInPlugins.client)))
+        // A client is never routed to: it says so, and stays out of peer maps.
+        let node = try await startNode(try identity.apply(to: Node.builder().host("0.0.0.0").port(0).flags([.firewalledUDP, .firewalledTCP]).plugins(BuiltInPlugins.client)))
         do {
             try await node.bootstrap(to: seeds)
             let value = try await body(node)

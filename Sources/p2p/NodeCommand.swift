@@ -28,8 +28,11 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(name: .customLong("plugin"), help: "A plugin .so file to load (repeatable); one that fails to load is refused and the node runs without it.")
     var pluginFiles: [String] = []
 
-    @Option(help: "A JSON config file: {\"port\", \"host\", \"network_id\", \"bootstrap\": [..], \"plugins\": [..], \"plugin_files\": [..], \"key\", \"insecure\"}; flags given here win.")
+    @Option(help: "A JSON config file: {\"port\", \"host\", \"network_id\", \"bootstrap\": [..], \"plugins\": [..], \"plugin_files\": [..], \"key\", \"insecure\", \"nat\"}; flags given here win.")
     var config: String?
+
+    @Option(help: "NAT traversal: auto (observe, probe, map ports on the gateway; the default) or off.")
+    var nat: NATModeArgument?
 
     @OptionGroup var identity: IdentityOptions
 
@@ -57,8 +60,21 @@ struct NodeCommand: AsyncParsableCommand {
         let names = plugins.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
         let id = IDBox()
         let list = try BuiltInPlugins.make(names, peerID: { id.value })
-        let builder = try identity.apply(to: Node.builder(), keyFile: file.key, insecure: file.insecure)
+        var builder = try identity.apply(to: Node.builder(), keyFile: file.key, insecure: file.insecure)
+        if let text = file.nat, NATModeArgument(rawValue: text) == nil {
+            throw CLIError.usage("config \(config ?? ""): nat must be auto or off, not '\(text)'")
+        }
+        let natMode = nat ?? file.nat.flatMap(NATModeArgument.init(rawValue:)) ?? .auto
+        if natMode == .auto {
+            builder = builder.nat(.auto)
+            // A joining node is not routed to until a probe-back shows it can be reached; the
+            // first node of an overlay has nobody to ask and is taken as reachable.
+            if !seeds.isEmpty { builder = builder.flags([.firewalledUDP, .firewalledTCP]) }
+        }
         let node = try await startNode(builder.host(host).port(port).networkID(networkID).plugins(list).plugins(loaded, optional: true))
+        node.registry.subscribe { event in
+            if case .reachabilityChanged(let report) = event { say(report.summary) }
+        }
         id.value = node.peerID.description
         for (name, reason) in node.refusedPlugins { say("plugin \(name) refused: \(reason)") }
         if !names.isEmpty { say("plugins: \(names.joined(separator: ", "))") }
@@ -69,7 +85,7 @@ struct NodeCommand: AsyncParsableCommand {
             let line: String
             switch event {
             case .inserted(let p, let verified) where verified: line = "peer joined: \(p.id) at \(p.socket)"
-            case .removed(let p, let reason): line = "peer left: \(p.id) at \(p.socket) (\(reason == .quit ? "quit" : "offline"))"
+            case .removed(let p, let reason): line = "peer left: \(p.id) at \(p.socket) (\(reason))"
             default: return
             }
             guard let suppressed = budget.take() else { return }
@@ -96,6 +112,11 @@ struct NodeCommand: AsyncParsableCommand {
         await node.shutdown()
         say("stopped")
     }
+}
+
+/// `--nat auto|off`.
+enum NATModeArgument: String, ExpressibleByArgument {
+    case auto, off
 }
 
 /// Holds the node's id for handlers created before the node exists.
@@ -143,6 +164,7 @@ struct NodeConfigFile: Decodable {
     var plugin_files: [String]?
     var key: String?
     var insecure: Bool?
+    var nat: String?
 
     init() {}
 

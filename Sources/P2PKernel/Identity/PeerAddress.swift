@@ -203,6 +203,11 @@ public struct PeerAddress: Hashable, Sendable, CustomStringConvertible {
     }
 
     public var ip: IPAddress { socket.ip }
+    /// Whether others can reach this peer unsolicited: directly, or through its relays. A
+    /// firewalled peer without relays only talks to peers it contacts itself.
+    public var isContactable: Bool {
+        flags.isDisjoint(with: [.firewalledUDP, .firewalledTCP]) || (flags.contains(.relayed) && !relays.isEmpty)
+    }
     public var tcpPort: UInt16 { socket.tcpPort }
     public var udpPort: UInt16 { socket.udpPort }
 

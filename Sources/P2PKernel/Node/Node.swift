@@ -34,8 +34,16 @@ public final class Node: @unchecked Sendable {
     /// Storage requests through interceptors to the backend.
     public let storage: StoragePipeline
     public let logger: Logger
-    /// This node as others reach it (its bound address and announced flags).
-    public private(set) var address: PeerAddress
+    /// This node as others reach it: its announced ports, flags and relays. It changes at run
+    /// time (a port mapping, relays); read from any thread.
+    public var address: PeerAddress { published.withLockedValue { $0 } }
+    let published: NIOLockedValueBox<PeerAddress>
+    /// The same, confined to the event loop: what every outgoing message header carries.
+    var selfAddress: PeerAddress
+    /// NAT traversal: reachability, port mappings (see `NATTraversal`).
+    public let nat = NATTraversal()
+    /// Probe-backs waiting for their nonce (see `ProbePacket`).
+    var probes: [UInt64: ProbeWait] = [:]
 
     // Confined to `eventLoop`:
     var udpChannel: (any Channel)?
@@ -53,6 +61,8 @@ public final class Node: @unchecked Sendable {
     var discoverBuckets: TokenBuckets
     /// Times the UDP socket closed under the node and was bound again.
     var udpRebinds = 0
+    /// The port UDP and TCP are bound to (the announced ports may differ: a port mapping).
+    var boundPort: UInt16 = 0
     var handlersInFlight = 0
     var handlersPerPeer: [UInt64: Int] = [:]
     let refusalLog: LogBudget
@@ -104,7 +114,9 @@ public final class Node: @unchecked Sendable {
         var logger = config.logger
         logger[metadataKey: "peer"] = "\(peerID.hexString.prefix(8))"
         self.logger = logger
-        self.address = PeerAddress(id: peerID, socket: PeerSocketAddress(ip: IPAddress(config.host) ?? .v4(0), port: config.port), flags: config.flags)
+        let me = PeerAddress(id: peerID, socket: PeerSocketAddress(ip: IPAddress(config.host) ?? .v4(0), port: config.port), flags: config.flags)
+        self.selfAddress = me
+        self.published = NIOLockedValueBox(me)
         self.kernelCommands = kernelCommands
         self.responder = config.security == .authenticated ? HandshakeResponder(identity: keys, network: config.networkID) : nil
         self.sessions = SessionTable(capacity: config.limits.maxSessions)
@@ -113,6 +125,7 @@ public final class Node: @unchecked Sendable {
         self.discoverBuckets = TokenBuckets(rate: limits.discoversPerSecond, burst: limits.discoverBurst, slots: limits.rateLimitSlots)
         self.refusalLog = LogBudget(perSecond: 2)
         self.tcpWaterMark = .init(low: limits.tcpWriteLowWater, high: max(limits.tcpWriteLowWater + 1, limits.tcpWriteHighWater))
+        nat.attach(self)
     }
 
     /// A builder with every default; see `NodeBuilder`.
@@ -155,6 +168,7 @@ public final class Node: @unchecked Sendable {
             }
             node.startMaintenance()
         }
+        if config.nat.mode == .auto { node.nat.startAutomatic() }
         node.logger.debug("listening", metadata: ["address": "\(node.address.socket)"])
         return node
     }
@@ -201,6 +215,10 @@ public final class Node: @unchecked Sendable {
             do {
                 let tcp = try await ServerBootstrap(group: eventLoop)
                     .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                    // So that a dialing socket can bind this port too: the TCP observation and
+                    // hole punching go out from the port NATs saw (Linux needs SO_REUSEPORT on
+                    // both sockets). UDP, bound first without it, keeps the port ours.
+                    .serverChannelOption(NATTraversal.reusePort, value: 1)
                     .serverChannelOption(.backlog, value: 256)
                     // At the file-descriptor limit accept() fails at once, again and again: pause
                     // accepting for a moment instead of spinning a core.
@@ -216,7 +234,9 @@ public final class Node: @unchecked Sendable {
                     udpChannel = udp
                     udpFamilyIsV4 = udp.localAddress?.protocol != .inet6
                     tcpServer = tcp
-                    address.socket = PeerSocketAddress(ip: address.socket.ip, port: port)
+                    boundPort = port
+                    selfAddress.socket = PeerSocketAddress(ip: selfAddress.socket.ip, port: port)
+                    published.withLockedValue { $0 = selfAddress }
                     watch(udp)
                 }.get()
                 return
@@ -245,7 +265,7 @@ public final class Node: @unchecked Sendable {
             eventLoop.execute { [self] in
                 guard running, !stopping, udpChannel === udp else { return }
                 udpChannel = nil
-                logger.error("UDP socket closed unexpectedly; binding it again", metadata: ["port": "\(address.udpPort)"])
+                logger.error("UDP socket closed unexpectedly; binding it again", metadata: ["port": "\(selfAddress.udpPort)"])
                 rebindUDP(attempt: 1)
             }
         }
@@ -253,7 +273,7 @@ public final class Node: @unchecked Sendable {
 
     private func rebindUDP(attempt: Int) {
         guard running, !stopping else { return }
-        let port = address.udpPort
+        let port = boundPort
         eventLoop.makeFutureWithTask { [self] in try await bindUDP(port: port) }.whenComplete { [self] result in
             switch result {
             case .success(let udp):
@@ -277,6 +297,7 @@ public final class Node: @unchecked Sendable {
         }.get()) ?? false
         if first {
             for plugin in registry.plugins.reversed() { await plugin.stop(node: self) }
+            await nat.stop()
         }
         let closing: EventLoopFuture<Void> = eventLoop.flatSubmit { [self] in
             guard running else { return eventLoop.makeSucceededVoidFuture() }

@@ -19,8 +19,10 @@ public struct NodeConfig: Sendable {
     public var security: SecurityMode = .authenticated
     /// Everything a remote peer can make this node hold or do, bounded.
     public var limits = NodeLimits()
-    /// Announced reachability flags.
+    /// Announced reachability flags (NAT traversal sets them once it knows).
     public var flags: PeerFlags = []
+    /// NAT traversal: off unless asked for (`NATConfig.Mode.auto`, or `node.nat.makeReachable()`).
+    public var nat = NATConfig()
     public var peerMap = PeerMapConfig()
     /// Default routing knobs for lookups this node starts.
     public var routing = RoutingConfig()
@@ -69,6 +71,10 @@ public struct NodeBuilder: Sendable {
     public func routing(_ r: RoutingConfig) -> NodeBuilder { with { $0.config.routing = r } }
     public func peerMap(_ p: PeerMapConfig) -> NodeBuilder { with { $0.config.peerMap = p } }
     public func requestTimeout(_ d: Duration) -> NodeBuilder { with { $0.config.requestTimeout = d } }
+    /// NAT traversal: `.auto` runs the ladder once the node knows peers and keeps it reachable.
+    public func nat(_ mode: NATConfig.Mode) -> NodeBuilder { with { $0.config.nat.mode = mode } }
+    public func nat(_ c: NATConfig) -> NodeBuilder { with { $0.config.nat = c } }
+    public func flags(_ f: PeerFlags) -> NodeBuilder { with { $0.config.flags = f } }
     public func maintenance(_ interval: Duration?) -> NodeBuilder { with { $0.config.maintenanceInterval = interval } }
     public func eventLoopGroup(_ g: any EventLoopGroup) -> NodeBuilder { with { $0.config.eventLoopGroup = g } }
     public func logger(_ l: Logger) -> NodeBuilder { with { $0.config.logger = l } }

@@ -50,6 +50,8 @@ extension Node {
         guard running, let ip = IPAddress(remote), let first = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) else { return }
         if first == PacketKind.plaintext.rawValue {
             receivedPlaintext(buffer, ip: ip, remote: remote, origin: origin)
+        } else if first >= ProbePacket.kind, first <= ObservePacket.answerKind {
+            receivedNATPacket(first, buffer, remote: remote, origin: origin)
         } else if sessionsEnabled {
             receivedSessionPacket(buffer, ip: ip, remote: remote, origin: origin)
         } else {
@@ -129,13 +131,13 @@ extension Node {
             p.promise.fail(RPCError.securityMismatch(peer: "\(p.target)", reason: "the peer requires authenticated sessions and this node runs insecure"))
             return
         }
-        peerMap.peerFound(reply.sender, verified: true)
+        noteContact(reply.sender)
         p.promise.succeed(reply)
     }
 
     private func handleRequest(_ request: Message, origin: Origin, session: UInt64) {
         if request.command != kernelCommands.quit {
-            peerMap.peerFound(request.sender, verified: true)
+            noteContact(request.sender)
         }
         guard let handler = registry.commands.handler(for: request.command) else {
             if request.type == .request {
@@ -174,7 +176,7 @@ extension Node {
     func sendReply(_ reply: Reply, to request: Message, origin: Origin, session: UInt64) {
         guard running else { return }
         var m = Message(networkID: config.networkID, id: request.id, type: reply.type, command: request.command,
-                        sender: address, recipientID: request.sender.id, payload: reply.payload)
+                        sender: selfAddress, recipientID: request.sender.id, payload: reply.payload)
         var size: Int
         do {
             size = try WireCodec.validate(m)
@@ -290,7 +292,7 @@ extension Node {
             return eventLoop.makeFailedFuture(RPCError.tooManyInFlight(limit: config.maxInFlight))
         }
         let id = nextID()
-        let m = Message(networkID: config.networkID, id: id, type: .request, command: command, sender: address,
+        let m = Message(networkID: config.networkID, id: id, type: .request, command: command, sender: selfAddress,
                         recipientID: expectedID, payload: payload)
         let size: Int
         do { size = try WireCodec.validate(m) } catch { return eventLoop.makeFailedFuture(RPCError.encoding(error)) }
@@ -375,7 +377,7 @@ extension Node {
     func sendFireAndForget(to peer: PeerAddress, command: UInt16, payload: [Payload] = []) -> EventLoopFuture<Void>? {
         guard running, unsendable(peer.socket, .udp) == nil else { return nil }
         let m = Message(networkID: config.networkID, id: nextID(), type: .fireAndForget, command: command,
-                        sender: address, recipientID: peer.id, payload: payload)
+                        sender: selfAddress, recipientID: peer.id, payload: payload)
         guard let size = try? WireCodec.validate(m), size <= WireLimits.udpPayloadLimit else { return nil }
         var plain = ByteBufferAllocator().buffer(capacity: size)
         plain.writeMessage(m, size: size, framed: false)
@@ -473,6 +475,17 @@ extension Node {
     /// for dozens of requests at ~200 bytes each, so an empty, large one gives its storage back.
     func releaseIfEmpty() {
         if pending.isEmpty, pending.capacity > 8 { pending = [:] }
+    }
+
+    /// A peer talked to us first-hand: it enters the peer map as verified — unless it says it
+    /// cannot be reached unsolicited (firewalled, not relayed): routing others to it would only
+    /// make their lookups wait for timeouts. A peer that was in the map and now says so leaves it.
+    func noteContact(_ sender: PeerAddress) {
+        if sender.isContactable {
+            peerMap.peerFound(sender, verified: true)
+        } else if peerMap.contains(sender.id) {
+            peerMap.peerFailed(sender.id, reason: .unreachable)
+        }
     }
 
     /// Counts a dropped packet and says why at trace level.

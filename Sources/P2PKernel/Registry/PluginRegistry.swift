@@ -181,4 +181,6 @@ public enum NodeEvent: Sendable, Equatable {
     case peerRemoved(PeerAddress, reason: RemovalReason)
     /// The result of a discover: how the outside sees this node.
     case reachability(DiscoverResult)
+    /// The NAT ladder found a new way to reach this node, or lost one (`NATTraversal`).
+    case reachabilityChanged(ReachabilityReport)
 }

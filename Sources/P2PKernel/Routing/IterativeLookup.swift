@@ -141,7 +141,7 @@ final class IterativeLookup {
                         directHits += 1
                     }
                     var improved = false
-                    for p in reply.firstPeers ?? [] where p.socket.isValidPeerRecord {
+                    for p in reply.firstPeers ?? [] where p.socket.isValidPeerRecord && p.isContactable {
                         if let at = insert(p, depth: depth + 1, referred: true), at < config.resultSize { improved = true }
                     }
                     noNewInfo = improved ? 0 : noNewInfo + 1

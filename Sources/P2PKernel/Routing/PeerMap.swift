@@ -78,7 +78,7 @@ public final class PeerMap: @unchecked Sendable {
         mutating func failed(_ id: Number160, reason: RemovalReason, config: PeerMapConfig) -> (PeerAddress?, Int, Int) {
             if let i = verified.firstIndex(where: { $0.address.id == id }) {
                 verified[i].failures &+= 1
-                guard reason == .quit || Int(verified[i].failures) >= config.offlineAfterFailures else { return (nil, 0, 0) }
+                guard reason != .offline || Int(verified[i].failures) >= config.offlineAfterFailures else { return (nil, 0, 0) }
                 let gone = verified.remove(at: i)
                 // Promote the most recently seen overflow peer that talked to us into the free place.
                 if let j = overflow.indices.max(by: { overflow[$0].lastSeen < overflow[$1].lastSeen }), overflow[j].lastSeen > 0 {

@@ -40,4 +40,6 @@ public enum RemovalReason: Sendable, Equatable {
     case quit
     /// It failed `offlineAfterFailures` times in a row (or once, if only heard of).
     case offline
+    /// It announced that it cannot be reached unsolicited (behind a NAT, not yet mapped or relayed).
+    case unreachable
 }

@@ -392,7 +392,7 @@ extension Node {
         }
         logRefusal("refused a plaintext request from \(remote): this node requires authenticated sessions (the peer runs insecure)")
         let reply = Message(networkID: config.networkID, id: message.id, type: .sessionRequired, command: message.command,
-                            sender: address, recipientID: message.sender.id)
+                            sender: selfAddress, recipientID: message.sender.id)
         var plain = ByteBufferAllocator().buffer(capacity: WireLimits.headerBytes)
         plain.writeMessage(reply, size: WireLimits.headerBytes, framed: false)
         write(plain, origin: origin)

@@ -1,0 +1,504 @@
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+
+/// How a node makes itself reachable. Off by default for nodes built in code (simulations and
+/// tests on loopback need none of it); `p2p node` runs it (`--nat auto`).
+public struct NATConfig: Sendable {
+    public enum Mode: Sendable, Equatable {
+        /// Only what the application asks for (`node.nat.makeReachable()`).
+        case off
+        /// Runs the ladder once the node knows peers, again every `recheckInterval` and whenever a
+        /// mapping is lost.
+        case auto
+    }
+    public var mode: Mode = .off
+    /// Ask the gateway for port mappings (UPnP IGD, PCP, NAT-PMP). Never done for a node bound to
+    /// loopback.
+    public var portMapping = true
+    /// Peers asked how they see us (at distinct IPs); the NAT is classified from at least two.
+    public var observers = 3
+    public var observeTimeout: Duration = .milliseconds(1500)
+    /// How long probes may take to arrive after the prober said it sent them.
+    public var probeGrace: Duration = .milliseconds(400)
+    /// Lease asked of the gateway (NAT-PMP's recommended 2 hours; UPnP gets at most 1 hour).
+    public var leaseSeconds: UInt32 = 7200
+    /// How often a held mapping is checked (and re-created if the gateway lost it): a gateway
+    /// that reboots loses its mappings without telling anyone.
+    public var mappingCheckInterval: Duration = .seconds(2)
+    /// Checks failing in a row before a mapping counts as lost and the ladder runs again.
+    public var mappingLostAfter = 3
+    /// The ladder runs again this often (addresses change: DHCP, a new uplink).
+    public var recheckInterval: Duration = .seconds(600)
+
+    public init(mode: Mode = .off) { self.mode = mode }
+}
+
+/// How a NAT maps one socket's traffic to different destinations, from what peers at different
+/// addresses saw (RFC 4787's terms in brackets).
+public enum NATType: String, Sendable, Equatable {
+    /// No NAT: peers see one of our own addresses.
+    case none
+    /// The same external port for every destination, equal to ours [endpoint-independent mapping].
+    case portPreserving = "port-preserving"
+    /// The same external port for every destination, not ours [endpoint-independent mapping].
+    case consistent
+    /// Another external port per destination [address- and port-dependent mapping].
+    case symmetric
+    /// Fewer than two observers answered.
+    case unknown
+}
+
+/// How the node is reachable.
+public enum ReachabilityMethod: String, Sendable, Equatable {
+    case direct
+    case upnp
+    case natPMP = "nat-pmp"
+    case pcp
+    case holePunch = "hole-punch"
+    case relay
+    /// Not reachable unsolicited: the node reaches out, nobody reaches in.
+    case none
+}
+
+/// What one peer saw of us.
+public struct NATObservation: Sendable, Equatable {
+    public var peer: PeerAddress
+    /// Our UDP socket's address as the peer saw it.
+    public var udp: PeerSocketAddress?
+    /// Our listen port's address as the peer saw a TCP connection from it.
+    public var tcp: PeerSocketAddress?
+}
+
+/// What `makeReachable()` found and did.
+public struct ReachabilityReport: Sendable, Equatable {
+    public struct Step: Sendable, Equatable {
+        public var name: String
+        public var milliseconds: Double
+        public var outcome: String
+    }
+    public var reachable: Bool
+    public var method: ReachabilityMethod
+    /// The address others reach us at (IP and the announced ports), when known.
+    public var external: PeerSocketAddress?
+    public var natType: NATType
+    public var observations: [NATObservation]
+    public var mappings: [PortMappingInfo]
+    public var relays: [PeerAddress]
+    public var steps: [Step]
+    public var elapsed: Duration
+
+    public var elapsedMilliseconds: Double { ReachabilityReport.ms(elapsed) }
+
+    static func ms(_ d: Duration) -> Double {
+        Double(d.components.seconds) * 1000 + Double(d.components.attoseconds) / 1e15
+    }
+
+    /// One line: `reachable via upnp as 203.0.113.1:4000`, `relayed via 3 relays`, or why not.
+    public var summary: String {
+        if !reachable { return "not reachable (NAT \(natType.rawValue)\(external.map { ", seen as \($0.ip)" } ?? ""))" }
+        if method == .relay { return "relayed via \(relays.count) relays" }
+        return "reachable via \(method.rawValue) as \(external.map { "\($0.ip):\($0.udpPort)" } ?? "?")"
+    }
+
+    /// One JSON object: `reachable`, `method`, `external`, `nat_type`, `relays`, `elapsed_ms`,
+    /// `mappings`, `observations`, `steps`.
+    public var json: String {
+        struct Out: Encodable {
+            struct Mapping: Encodable { let proto: String, internal_port: UInt16, external_port: UInt16, external_ip: String?, lifetime_s: UInt32, method: String }
+            struct Obs: Encodable { let peer: String, udp: String?, tcp: String? }
+            struct StepOut: Encodable { let name: String, ms: Double, outcome: String }
+            let reachable: Bool, method: String, external: String?, external_udp_port: UInt16?, external_tcp_port: UInt16?
+            let nat_type: String, relays: [String], elapsed_ms: Double
+            let mappings: [Mapping], observations: [Obs], steps: [StepOut]
+        }
+        let out = Out(reachable: reachable, method: method.rawValue, external: external.map { "\($0.ip):\($0.udpPort)" },
+                      external_udp_port: external?.udpPort, external_tcp_port: external?.tcpPort,
+                      nat_type: natType.rawValue, relays: relays.map { "\($0.socket.ip):\($0.udpPort)" },
+                      elapsed_ms: (elapsedMilliseconds * 10).rounded() / 10,
+                      mappings: mappings.map { .init(proto: $0.proto.rawValue, internal_port: $0.internalPort, external_port: $0.externalPort,
+                                                      external_ip: $0.externalIP.map { "\($0)" }, lifetime_s: $0.lifetime, method: $0.method.rawValue) },
+                      observations: observations.map { .init(peer: "\($0.peer.id)", udp: $0.udp.map { "\($0.ip):\($0.udpPort)" },
+                                                             tcp: $0.tcp.map { "\($0.ip):\($0.tcpPort)" }) },
+                      steps: steps.map { .init(name: $0.name, ms: ($0.milliseconds * 10).rounded() / 10, outcome: $0.outcome) })
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        return (try? encoder.encode(out)).map { String(decoding: $0, as: UTF8.self) } ?? "{}"
+    }
+}
+
+/// Why the ladder could not run.
+public enum NATError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// The node knows no peer to ask how it is seen (bootstrap first).
+    case noPeers
+    /// No peer answered an observation.
+    case noObservation
+    case stopped
+    public var description: String {
+        switch self {
+        case .noPeers: "no verified peer to ask how this node is seen: bootstrap first"
+        case .noObservation: "no peer said how it sees this node"
+        case .stopped: "the node stopped"
+        }
+    }
+}
+
+/// NAT traversal for one node: `node.nat`.
+///
+/// The ladder (`makeReachable()`), each rung as soon as what it needs is known:
+/// ```
+///  observe: ≥2 peers at distinct IPs say where they see our UDP socket and our listen port (TCP)
+///     ├─ classify: no NAT / port-preserving / consistent / symmetric
+///     ├─ probe-back of the observed ports by a third peer ───────────── arrives? → direct
+///     └─ behind a NAT: gateway mapping (UPnP ∥ PCP→NAT-PMP) → probe-back → upnp / pcp / nat-pmp
+///  otherwise: not reachable (firewalled flags: others do not route to us)
+/// ```
+/// The node's announced ports and flags follow the result and are re-announced to the peers it
+/// holds sessions with; a `NodeEvent.reachabilityChanged` fires when the result changes.
+public final class NATTraversal: @unchecked Sendable {
+    /// SO_REUSEPORT: the listener and the sockets that dial out from its port both need it on Linux.
+    public static let reusePort = ChannelOptions.Types.SocketOption(level: .socket, name: NIOBSDSocket.Option(rawValue: SO_REUSEPORT))
+
+    private weak var node: Node?
+    private struct State {
+        var report: ReachabilityReport?
+        var running: Task<ReachabilityReport, any Error>?
+        var mapper: PortMapper?
+        var maintenance: Task<Void, Never>?
+        var stopped = false
+    }
+    private let state = NIOLockedValueBox(State())
+
+    init() {}
+
+    func attach(_ node: Node) { self.node = node }
+
+    /// The last report, if the ladder ran.
+    public var report: ReachabilityReport? { state.withLockedValue { $0.report } }
+
+    /// Runs the ladder and returns what it found; concurrent calls share one run.
+    @discardableResult
+    public func makeReachable() async throws -> ReachabilityReport {
+        let task: Task<ReachabilityReport, any Error> = try state.withLockedValue { s in
+            guard !s.stopped else { throw NATError.stopped }
+            if let t = s.running { return t }
+            let t = Task { try await self.runLadder() }
+            s.running = t
+            return t
+        }
+        defer { state.withLockedValue { if $0.running == task { $0.running = nil } } }
+        return try await task.value
+    }
+
+    /// Starts the automatic mode (`NATConfig.Mode.auto`): the ladder runs once peers are known,
+    /// and again on schedule or when a mapping is lost.
+    func startAutomatic() {
+        ensureMaintenance()
+    }
+
+    /// Deletes the mappings and stops maintenance (node shutdown).
+    func stop() async {
+        let (mapper, maintenance, running) = state.withLockedValue { s in
+            s.stopped = true
+            defer { s.mapper = nil; s.maintenance = nil }
+            return (s.mapper, s.maintenance, s.running)
+        }
+        maintenance?.cancel()
+        running?.cancel()
+        if let mapper {
+            let problems = await mapper.release()
+            for p in problems { node?.logger.warning("port mapping not deleted", metadata: ["why": "\(p)"]) }
+        }
+    }
+
+    // MARK: the ladder
+
+    private func runLadder() async throws -> ReachabilityReport {
+        guard let node else { throw NATError.stopped }
+        let cfg = node.config.nat
+        let clock = ContinuousClock()
+        let start = clock.now
+        var steps: [ReachabilityReport.Step] = []
+        func step(_ name: String, _ since: ContinuousClock.Instant, _ outcome: String) {
+            steps.append(.init(name: name, milliseconds: ReachabilityReport.ms(clock.now - since), outcome: outcome))
+        }
+
+        let observers = pickObservers(node, count: max(1, cfg.observers))
+        guard !observers.isEmpty else { throw NATError.noPeers }
+        let tObserve = clock.now
+        let observations = await observe(node, observers, timeout: cfg.observeTimeout)
+        let answered = observations.filter { $0.udp != nil }
+        step("observe", tObserve, "\(answered.count) of \(observers.count) peers answered")
+        guard !answered.isEmpty else { throw NATError.noObservation }
+
+        let bound = try await node.eventLoop.submit { node.boundPort }.get()
+        let local = NATTraversal.localAddresses()
+        let c = NATTraversal.classify(observations, boundPort: bound, local: local)
+        steps.append(.init(name: "classify", milliseconds: 0, outcome: c.type.rawValue))
+        let external = PeerSocketAddress(ip: c.ip, tcpPort: c.tcpPort, udpPort: c.udpPort)
+
+        // Probe the observed ports and, behind a NAT, ask the gateway at the same time.
+        let mayMap = cfg.portMapping && c.type != .none && !node.boundToLoopback && !c.ip.isLoopback
+        let tProbe = clock.now
+        async let probed = probe(node, observers, udp: c.udpPort, tcp: c.tcpPort, grace: cfg.probeGrace)
+        async let mapped = mayMap ? mapPorts(node, internalPort: bound, lease: cfg.leaseSeconds) : nil
+        let direct = await probed
+        step("probe observed \(c.udpPort)/\(c.tcpPort)", tProbe, direct.outcome)
+        let mapping = await mapped
+        if mayMap { step("port mapping", tProbe, mapping?.outcome ?? "not tried") }
+
+        var report = ReachabilityReport(reachable: false, method: .none, external: external, natType: c.type, observations: observations,
+                                        mappings: [], relays: [], steps: steps, elapsed: .zero)
+        if direct.udp && direct.tcp {
+            if let m = mapping?.mapper { _ = await m.release() }
+            report.reachable = true
+            report.method = .direct
+            await announce(node, udpPort: c.udpPort, tcpPort: c.tcpPort, ip: c.ip, flags: [])
+        } else if let m = mapping, let mapper = m.mapper, let udp = m.info.first(where: { $0.proto == .udp }),
+                  let tcp = m.info.first(where: { $0.proto == .tcp }) {
+            let tVerify = clock.now
+            let verified = await probe(node, observers, udp: udp.externalPort, tcp: tcp.externalPort, grace: cfg.probeGrace)
+            report.steps.append(.init(name: "probe mapped \(udp.externalPort)/\(tcp.externalPort)",
+                                      milliseconds: ReachabilityReport.ms(clock.now - tVerify), outcome: verified.outcome))
+            report.mappings = m.info
+            if verified.udp && verified.tcp {
+                report.reachable = true
+                report.method = switch udp.method { case .upnp: .upnp; case .pcp: .pcp; case .natPMP: .natPMP }
+                report.external = PeerSocketAddress(ip: c.ip, tcpPort: tcp.externalPort, udpPort: udp.externalPort)
+                keep(mapper)
+                await announce(node, udpPort: udp.externalPort, tcpPort: tcp.externalPort, ip: c.ip, flags: [.portForwarded])
+            } else {
+                // Mapped but not reachable through it (a second NAT in front of the gateway).
+                let external = udp.externalIP.map { "\($0)" } ?? "?"
+                report.steps.append(.init(name: "mapping unusable", milliseconds: 0,
+                                          outcome: "the gateway's external address is \(external), peers see \(c.ip)"))
+                _ = await mapper.release()
+                report.mappings = []
+            }
+        }
+        if !report.reachable {
+            var flags: PeerFlags = []
+            if !direct.udp { flags.insert(.firewalledUDP) }
+            if !direct.tcp { flags.insert(.firewalledTCP) }
+            await announce(node, udpPort: bound, tcpPort: bound, ip: nil, flags: flags)
+        }
+        report.elapsed = clock.now - start
+        publish(report, on: node)
+        return report
+    }
+
+    /// Verified peers to ask, each at another IP (another /24 first), contactable.
+    private func pickObservers(_ node: Node, count: Int) -> [PeerAddress] {
+        var chosen: [PeerAddress] = []
+        var groups = Set<UInt64>(), ips = Set<IPAddress>()
+        let peers = node.peerMap.verifiedPeers.filter(\.isContactable).shuffled()
+        for pass in 0..<2 {
+            for p in peers where chosen.count < count && !ips.contains(p.ip) {
+                let group = p.ip.sybilGroup ?? UInt64(truncatingIfNeeded: p.ip.hashValue)
+                if pass == 0, groups.contains(group) { continue }
+                chosen.append(p)
+                ips.insert(p.ip)
+                groups.insert(group)
+            }
+        }
+        return chosen
+    }
+
+    private func observe(_ node: Node, _ peers: [PeerAddress], timeout: Duration) async -> [NATObservation] {
+        await withTaskGroup(of: NATObservation.self) { group in
+            for p in peers {
+                group.addTask {
+                    async let udp = try? node.observeUDP(via: p, timeout: timeout)
+                    async let tcp = try? node.observeTCP(at: p.socket, timeout: timeout)
+                    return NATObservation(peer: p, udp: await udp, tcp: await tcp)
+                }
+            }
+            var out: [NATObservation] = []
+            for await o in group { out.append(o) }
+            return out
+        }
+    }
+
+    /// Classifies from the UDP observations: the external IP most peers saw, and whether its port
+    /// stays the same across destinations (and equals ours).
+    static func classify(_ obs: [NATObservation], boundPort: UInt16, local: Set<IPAddress>)
+        -> (type: NATType, ip: IPAddress, udpPort: UInt16, tcpPort: UInt16) {
+        let udp = obs.compactMap(\.udp)
+        let ip = mostCommon(udp.map(\.ip)) ?? .v4(0)
+        let udpPort = mostCommon(udp.filter { $0.ip == ip }.map(\.udpPort)) ?? boundPort
+        let tcpPort = mostCommon(obs.compactMap(\.tcp).filter { $0.ip == ip }.map(\.tcpPort)) ?? udpPort
+        let type: NATType
+        if local.contains(ip) || ip.isLoopback {
+            type = .none
+        } else if udp.count < 2 {
+            type = .unknown
+        } else if Set(udp.map(\.udpPort)).count == 1 {
+            type = udpPort == boundPort ? .portPreserving : .consistent
+        } else {
+            type = .symmetric
+        }
+        return (type, ip, udpPort, tcpPort)
+    }
+
+    private static func mostCommon<T: Hashable>(_ values: [T]) -> T? {
+        var counts: [T: Int] = [:]
+        for v in values { counts[v, default: 0] += 1 }
+        return values.max { counts[$0, default: 0] < counts[$1, default: 0] }
+    }
+
+    /// This host's interface addresses.
+    static func localAddresses() -> Set<IPAddress> {
+        Set(((try? System.enumerateDevices()) ?? []).compactMap { $0.address.flatMap(IPAddress.init) })
+    }
+
+    private struct ProbeOutcome: Sendable {
+        var udp = false
+        var tcp = false
+        var outcome = "no answer"
+    }
+
+    /// Probe-back through up to two peers at once; a port counts as reachable if either's probe arrived.
+    private func probe(_ node: Node, _ peers: [PeerAddress], udp: UInt16, tcp: UInt16, grace: Duration) async -> ProbeOutcome {
+        await withTaskGroup(of: (PeerAddress, Result<(udp: Bool, tcp: Bool, prober: PeerAddress?), any Error>).self) { group in
+            for p in peers.prefix(2) {
+                group.addTask {
+                    do { return (p, .success(try await node.probeBack(via: p, udpPort: udp, tcpPort: tcp, grace: grace))) } catch { return (p, .failure(error)) }
+                }
+            }
+            var out = ProbeOutcome()
+            var notes: [String] = []
+            for await (p, r) in group {
+                switch r {
+                case .success(let v):
+                    out.udp = out.udp || v.udp
+                    out.tcp = out.tcp || v.tcp
+                    notes.append("via \(p.socket.ip)\(v.prober.map { $0.id != p.id ? " (sent by \($0.socket.ip))" : "" } ?? ""): udp \(v.udp ? "arrived" : "lost"), tcp \(v.tcp ? "arrived" : "lost")")
+                case .failure(let e):
+                    notes.append("via \(p.socket.ip): \(e)")
+                }
+            }
+            out.outcome = notes.joined(separator: "; ")
+            return out
+        }
+    }
+
+    private struct Mapped: Sendable {
+        var mapper: PortMapper?
+        var info: [PortMappingInfo]
+        var outcome: String
+    }
+
+    private func mapPorts(_ node: Node, internalPort: UInt16, lease: UInt32) async -> Mapped {
+        guard let (gateway, client) = await PortMapper.findGateway(loop: node.eventLoop) else {
+            return Mapped(mapper: nil, info: [], outcome: "no default gateway")
+        }
+        let old = state.withLockedValue { s in defer { s.mapper = nil }; return s.mapper }
+        if let old { _ = await old.release() }
+        let mapper = PortMapper(loop: node.eventLoop, gateway: gateway, client: client, internalPort: internalPort, lease: lease)
+        do {
+            let info = try await mapper.map()
+            let text = info.map { "\($0.method.rawValue) \($0.proto) \($0.internalPort)→\($0.externalPort) \($0.lifetime) s" }.joined(separator: ", ")
+            return Mapped(mapper: mapper, info: info, outcome: text)
+        } catch {
+            return Mapped(mapper: nil, info: [], outcome: "\(error)")
+        }
+    }
+
+    private func keep(_ mapper: PortMapper) {
+        state.withLockedValue { $0.mapper = mapper }
+        ensureMaintenance()
+    }
+
+    // MARK: announcing
+
+    /// Sets the announced ports and flags and tells the peers we hold sessions with (the header
+    /// of any message carries them; a ping is the smallest).
+    private func announce(_ node: Node, udpPort: UInt16, tcpPort: UInt16, ip: IPAddress?, flags: PeerFlags) async {
+        _ = try? await node.eventLoop.submit {
+            var me = node.selfAddress
+            let keep = me.flags.intersection([.relayed])
+            me.socket = PeerSocketAddress(ip: ip ?? me.socket.ip, tcpPort: tcpPort, udpPort: udpPort)
+            me.flags = flags.union(keep)
+            guard me != node.selfAddress else { return }
+            node.selfAddress = me
+            node.published.withLockedValue { $0 = me }
+            var told = 0
+            for peer in node.peerMap.verifiedPeers where told < 64 && (!node.sessionsEnabled || node.sessions.slot(peer: peer.id) != nil) {
+                node.sendFireAndForget(to: peer, command: node.kernelCommands.ping)
+                told += 1
+            }
+        }.get()
+    }
+
+    private func publish(_ report: ReachabilityReport, on node: Node) {
+        let previous = state.withLockedValue { s in defer { s.report = report }; return s.report }
+        let changed = previous.map { $0.reachable != report.reachable || $0.method != report.method || $0.external != report.external } ?? true
+        if changed { node.registry.publish(.reachabilityChanged(report)) }
+    }
+
+    // MARK: maintenance
+
+    private func ensureMaintenance() {
+        state.withLockedValue { s in
+            guard s.maintenance == nil, !s.stopped else { return }
+            s.maintenance = Task { [weak self] in await self?.maintain() }
+        }
+    }
+
+    /// Checks held mappings; in automatic mode also runs the ladder when peers first appear, on
+    /// schedule, and after a mapping is lost.
+    private func maintain() async {
+        var failures = 0
+        var nextRun = ContinuousClock.now
+        var lastCheck = ContinuousClock.now
+        while !Task.isCancelled {
+            guard let node, !state.withLockedValue({ $0.stopped }) else { return }
+            let cfg = node.config.nat
+            let now = ContinuousClock.now
+            if let mapper = state.withLockedValue({ $0.mapper }), now - lastCheck >= cfg.mappingCheckInterval {
+                lastCheck = now
+                switch await mapper.check() {
+                case .ok:
+                    failures = 0
+                case .restored(let m):
+                    failures = 0
+                    node.logger.info("port mapping restored", metadata: ["mappings": "\(m.map { "\($0.proto) \($0.externalPort)" })"])
+                    if let udp = m.first(where: { $0.proto == .udp }), let tcp = m.first(where: { $0.proto == .tcp }) {
+                        await announce(node, udpPort: udp.externalPort, tcpPort: tcp.externalPort, ip: nil, flags: [.portForwarded])
+                        state.withLockedValue { s in
+                            s.report?.mappings = m
+                            if let ip = s.report?.external?.ip { s.report?.external = PeerSocketAddress(ip: ip, tcpPort: tcp.externalPort, udpPort: udp.externalPort) }
+                        }
+                    }
+                case .failed(let why):
+                    failures += 1
+                    node.logger.debug("port mapping check failed", metadata: ["failures": "\(failures)", "why": "\(why)"])
+                    if failures >= cfg.mappingLostAfter {
+                        failures = 0
+                        node.logger.warning("port mapping lost; running the NAT ladder again", metadata: ["why": "\(why)"])
+                        state.withLockedValue { $0.mapper = nil }
+                        _ = try? await makeReachable()
+                        nextRun = .now + cfg.recheckInterval
+                    }
+                }
+            }
+            if cfg.mode == .auto, now >= nextRun, node.peerMap.counts.verified > 0 {
+                do {
+                    try await makeReachable()
+                    nextRun = .now + cfg.recheckInterval
+                } catch {
+                    // No peer answered yet: try again soon.
+                    nextRun = .now + .seconds(5)
+                }
+            }
+            try? await Task.sleep(for: .milliseconds(250))
+        }
+    }
+}
+
+extension Node {
+    /// Whether the node listens on loopback only (no gateway is ever asked for it).
+    var boundToLoopback: Bool { IPAddress(config.host)?.isLoopback ?? false }
+}
