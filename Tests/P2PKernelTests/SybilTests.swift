@@ -60,7 +60,7 @@ struct SybilTests {
         var sybils: [HostilePeer] = []
         defer { for s in sybils { Task { await s.close() } } }
         for k in 1...8 {
-            let fd = try lab.udpSocket(in: a, address: "10.77.2.\(k)", port: 4000)
+            let fd = try NetLab.udpSocket(in: a, address: "10.77.2.\(k)", port: 4000)
             let s = try await HostilePeer(boundSocket: NIOBSDSocket.Handle(fd))
             for _ in 0..<249 { s.addIdentity(PeerKeyPair()) }
             sybils.append(s)

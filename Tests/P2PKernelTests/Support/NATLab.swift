@@ -57,7 +57,7 @@ final class NATLab: @unchecked Sendable {
             try NetLab.ip(["-n", ns, "link", "set", "lo", "up"])
         }
         try NetLab.ip(["-n", pub, "link", "add", "br0", "type", "bridge"])
-        for a in ["203.0.113.254/24"] + NATLab.stunIPs.map { "\($0)/24" } + NATLab.publicPeers.map { "\($0)/24" } {
+        for a in ["203.0.113.254/24"] + NATLab.stunIPs.map({ "\($0)/24" }) + NATLab.publicPeers.map({ "\($0)/24" }) {
             try NetLab.ip(["-n", pub, "addr", "add", a, "dev", "br0"])
         }
         try NetLab.ip(["-n", pub, "link", "set", "br0", "up"])
@@ -164,7 +164,7 @@ final class NATLab: @unchecked Sendable {
         """
         try text.write(toFile: conf, atomically: true, encoding: .utf8)
         let log = "\(dir)/miniupnpd.log"
-        FileManager.default.createFile(atPath: log, contents: nil)
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
         p.arguments = ["netns", "exec", rtr, "/usr/sbin/miniupnpd", "-d", "-f", conf, "-P", "\(dir)/miniupnpd.pid"]

@@ -54,7 +54,7 @@ final class NetLab: @unchecked Sendable {
 
     /// A UDP socket bound to `address`:`port` inside `ns` (the calling thread enters the
     /// namespace only while it creates the socket; the socket stays in it).
-    func udpSocket(in ns: String, address: String, port: UInt16) throws -> Int32 {
+    static func udpSocket(in ns: String, address: String, port: UInt16) throws -> Int32 {
         typealias SetNS = @convention(c) (Int32, Int32) -> Int32
         guard let sym = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "setns") else { throw LabError(description: "no setns") }
         let setns = unsafeBitCast(sym, to: SetNS.self)
