@@ -251,20 +251,18 @@ public final class NATTraversal: @unchecked Sendable {
 
         var report = ReachabilityReport(reachable: false, method: .none, external: external, natType: c.type, observations: observations,
                                         mappings: [], relays: [], steps: steps, elapsed: .zero)
-        if direct.udp && direct.tcp {
-            if let m = mapping?.mapper { _ = await m.release() }
-            report.reachable = true
-            report.method = .direct
-            await announce(node, udpPort: c.udpPort, tcpPort: c.tcpPort, ip: c.ip, flags: [])
-        } else if let m = mapping, let mapper = m.mapper, let udp = m.info.first(where: { $0.proto == .udp }),
-                  let tcp = m.info.first(where: { $0.proto == .tcp }) {
+        // A mapping the gateway granted is verified by a probe of its own: the direct probe
+        // above may have passed only because the mapping landed while it was on its way, and a
+        // mapping (renewed, checked) outlives the state a NAT keeps for a path that looks open.
+        if let m = mapping, let mapper = m.mapper, let udp = m.info.first(where: { $0.proto == .udp }),
+           let tcp = m.info.first(where: { $0.proto == .tcp }) {
             let tVerify = clock.now
             let verified = await probe(node, observers, udp: udp.externalPort, tcp: tcp.externalPort, grace: cfg.probeGrace)
             report.steps.append(.init(name: "probe mapped \(udp.externalPort)/\(tcp.externalPort)",
                                       milliseconds: ReachabilityReport.ms(clock.now - tVerify), outcome: verified.outcome))
-            report.mappings = m.info
             if verified.udp && verified.tcp {
                 report.reachable = true
+                report.mappings = m.info
                 report.method = switch udp.method { case .upnp: .upnp; case .pcp: .pcp; case .natPMP: .natPMP }
                 report.external = PeerSocketAddress(ip: c.ip, tcpPort: tcp.externalPort, udpPort: udp.externalPort)
                 keep(mapper)
@@ -275,8 +273,14 @@ public final class NATTraversal: @unchecked Sendable {
                 report.steps.append(.init(name: "mapping unusable", milliseconds: 0,
                                           outcome: "the gateway's external address is \(external), peers see \(c.ip)"))
                 _ = await mapper.release()
-                report.mappings = []
             }
+        } else if let m = mapping?.mapper {
+            _ = await m.release()
+        }
+        if !report.reachable && direct.udp && direct.tcp {
+            report.reachable = true
+            report.method = .direct
+            await announce(node, udpPort: c.udpPort, tcpPort: c.tcpPort, ip: c.ip, flags: [])
         }
         if !report.reachable {
             var flags: PeerFlags = []

@@ -96,7 +96,7 @@ extension KernelCommands {
     /// skipped). The probes go to the requester's own IP. A third peer sends them when this node
     /// knows one on another address that agrees (`kernel.probe-for`); else this node sends them.
     /// Reply: an integer (bit 0 UDP probe sent, bit 1 TCP) and the prober's record.
-    /// Rate-limited per source (`NodeLimits.discoversPerSecond`).
+    /// Rate-limited per source (`NodeLimits.probesPerSecond`).
     struct Probe: CommandHandler {
         let name = KernelCommands.probe
         func handle(_ request: Message, context: CommandContext) -> CommandResult {
@@ -106,7 +106,7 @@ extension KernelCommands {
             }
             let ip = request.sender.ip
             guard ip.isUnicast else { return .reply(.error(.badRequest, "\(ip) cannot be probed")) }
-            guard node.discoverBuckets.allow(SourceKey.of(ip, port: context.sourcePort), nowNanoseconds: PeerMap.now()) else {
+            guard node.probeBuckets.allow(SourceKey.of(ip, port: context.sourcePort), nowNanoseconds: PeerMap.now()) else {
                 return .reply(.error(.denied, "busy: probe rate of this source"))
             }
             let target = PeerAddress(id: request.sender.id, socket: PeerSocketAddress(ip: ip, tcpPort: tcp, udpPort: udp))
@@ -153,7 +153,7 @@ extension KernelCommands {
                 return .reply(.error(.badRequest, "probe-for needs a nonce, ports and a target"))
             }
             guard node.peerMap.contains(request.sender.id) else { return .reply(.error(.denied, "probe-for from a peer not in the map")) }
-            guard node.discoverBuckets.allow(SourceKey.of(request.sender.ip, port: context.sourcePort), nowNanoseconds: PeerMap.now()) else {
+            guard node.probeBuckets.allow(SourceKey.of(request.sender.ip, port: context.sourcePort), nowNanoseconds: PeerMap.now()) else {
                 return .reply(.error(.denied, "busy: probe rate of this source"))
             }
             return .future(node.sendProbes(nonce: nonce, to: target.socket).map { Reply(payload: [.integer($0)]) })

@@ -59,6 +59,7 @@ public final class Node: @unchecked Sendable {
     var handshakeKeys: [HandshakeKey: UInt64] = [:]
     var handshakeBuckets: TokenBuckets
     var discoverBuckets: TokenBuckets
+    var probeBuckets: TokenBuckets
     /// Times the UDP socket closed under the node and was bound again.
     var udpRebinds = 0
     /// The port UDP and TCP are bound to (the announced ports may differ: a port mapping).
@@ -123,6 +124,7 @@ public final class Node: @unchecked Sendable {
         let limits = config.limits
         self.handshakeBuckets = TokenBuckets(rate: limits.handshakesPerSecond, burst: limits.handshakeBurst, slots: limits.rateLimitSlots)
         self.discoverBuckets = TokenBuckets(rate: limits.discoversPerSecond, burst: limits.discoverBurst, slots: limits.rateLimitSlots)
+        self.probeBuckets = TokenBuckets(rate: limits.probesPerSecond, burst: limits.probeBurst, slots: limits.rateLimitSlots)
         self.refusalLog = LogBudget(perSecond: 2)
         self.tcpWaterMark = .init(low: limits.tcpWriteLowWater, high: max(limits.tcpWriteLowWater + 1, limits.tcpWriteHighWater))
         nat.attach(self)

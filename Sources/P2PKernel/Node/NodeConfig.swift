@@ -143,6 +143,13 @@ public struct NodeLimits: Sendable {
     /// Discover requests answered per source per second (each sends two probes).
     public var discoversPerSecond = 1.0
     public var discoverBurst = 4.0
+    /// Probe-backs (`kernel.probe`, `kernel.probe-for`) sent per source per second, and the burst.
+    /// A probe is one 9-byte datagram and one connection carrying a 9-byte frame, to the asker's
+    /// own address (`probe`) or to a peer a map member names (`probe-for`): smaller than the
+    /// request, so never an amplifier. A node asks at start and every `recheckInterval`; the burst
+    /// lets a few nodes behind one NAT address (or one quick series of `p2p nat-check`) through.
+    public var probesPerSecond = 4.0
+    public var probeBurst = 16.0
     /// Token buckets per rate limit, shared by sources through a secret hash: 1 KiB each, so
     /// every node can afford them, and many enough that two sources rarely share one.
     public var rateLimitSlots = 128

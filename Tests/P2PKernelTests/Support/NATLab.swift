@@ -198,8 +198,15 @@ final class NATLab: @unchecked Sendable {
     /// The redirect rules miniupnpd holds for `port` (UDP and TCP), read from the router's nftables.
     func gatewayRules(port: UInt16) -> Set<String> {
         let text = (try? sh(rtr, ["nft", "list", "chain", "inet", "filter", "prerouting_miniupnpd"])) ?? ""
+        // miniupnpd-nftables writes the protocol as a raw header match: `@nh,72,8 0x6` (TCP) or
+        // `0x11` (UDP), e.g. `iif "wan0" @nh,72,8 0x11 th dport 4000 dnat ip to 192.168.77.10:4000`.
         let lines = text.split(separator: "\n").filter { $0.contains("dport \(port) ") }
-        return Set(["udp", "tcp"].filter { p in lines.contains { $0.contains(p) } })
+        var found = Set<String>()
+        for line in lines {
+            if line.contains("0x6 ") || line.contains("tcp") { found.insert("tcp") }
+            if line.contains("0x11 ") || line.contains("udp") { found.insert("udp") }
+        }
+        return found
     }
 
     // MARK: running things
