@@ -74,7 +74,7 @@ struct HostileTests {
             #expect(answered <= 15, "\(answered) of 200 discovers were answered")
             print("hostile floods: \(answered) of 200 concurrent discovers answered")
         }
-        #expect(victim.isAlive)
+        #expect(victim.isAlive, "the victim exited: \(victim.node.output.suffix(12000))")
         print("hostile floods: \(usage)")
         #expect(usage.peakRSS - usage.baseRSS < HostileTests.rssBound, "\(usage)")
         // One event loop serves a node: a flood can take one core, not the machine.

@@ -29,6 +29,9 @@ final class Once<Value: Sendable>: @unchecked Sendable {
     func succeed(_ v: Value) { if first() { promise.succeed(v) } }
     func fail(_ e: any Error) { if first() { promise.fail(e) } }
     var futureResult: EventLoopFuture<Value> { promise.futureResult }
+    /// A promise nobody completed (the connection failed before its deadline fired, say) fails
+    /// here: SwiftNIO treats a dropped, unfulfilled promise as a bug.
+    deinit { if first() { promise.fail(NATError.abandoned) } }
 }
 
 /// One request and its answer over UDP, retransmitted on a schedule (RFC 6886: 250 ms,

@@ -136,8 +136,11 @@ public enum NATError: Error, Sendable, Equatable, CustomStringConvertible {
     /// No peer answered an observation.
     case noObservation
     case stopped
+    /// An exchange ended without an answer or an error (its connection went away first).
+    case abandoned
     public var description: String {
         switch self {
+        case .abandoned: "the exchange ended without an answer"
         case .noPeers: "no verified peer to ask how this node is seen: bootstrap first"
         case .noObservation: "no peer said how it sees this node"
         case .stopped: "the node stopped"
@@ -444,6 +447,18 @@ public final class NATTraversal: @unchecked Sendable {
 
     // MARK: maintenance
 
+    /// A node with nobody to ask how it is seen is taken as reachable, as the first node of an
+    /// overlay is: the firewalled flags it may have started with are dropped until a ladder gives
+    /// its verdict (the ladder runs as soon as a verified peer is known).
+    func nobodyToAsk(_ node: Node) async {
+        guard state.withLockedValue({ $0.report == nil }) else { return }
+        let flags = (try? await node.eventLoop.submit { node.selfAddress.flags }.get()) ?? []
+        guard !flags.isDisjoint(with: [.firewalledUDP, .firewalledTCP]) else { return }
+        let bound = (try? await node.eventLoop.submit { node.boundPort }.get()) ?? 0
+        guard bound != 0 else { return }
+        await announce(node, udpPort: bound, tcpPort: bound, ip: nil, flags: [])
+    }
+
     private func ensureMaintenance() {
         state.withLockedValue { s in
             guard s.maintenance == nil, !s.stopped else { return }
@@ -488,13 +503,16 @@ public final class NATTraversal: @unchecked Sendable {
                     }
                 }
             }
-            if cfg.mode == .auto, now >= nextRun, node.peerMap.counts.verified > 0 {
-                do {
-                    try await makeReachable()
-                    nextRun = .now + cfg.recheckInterval
-                } catch {
-                    // No peer answered yet: try again soon.
-                    nextRun = .now + .seconds(5)
+            if cfg.mode == .auto, now >= nextRun {
+                if node.peerMap.counts.verified > 0 {
+                    do {
+                        try await makeReachable()
+                        nextRun = .now + cfg.recheckInterval
+                    } catch {
+                        // No peer answered yet: try again soon.
+                        nextRun = .now + .seconds(5)
+                        if let e = error as? NATError, e == .noPeers || e == .noObservation { await nobodyToAsk(node) }
+                    }
                 }
             }
             try? await Task.sleep(for: .milliseconds(250))

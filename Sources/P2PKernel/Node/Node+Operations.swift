@@ -81,7 +81,10 @@ extension Node {
                 let peer = try await ping(seed)
                 let lookup = try await closestPeers(to: peerID)
                 let refreshed = try await refreshBuckets()
-                return BootstrapResult(seed: peer, lookup: lookup, refreshLookups: refreshed, verifiedPeers: peerMap.counts.verified)
+                let verified = peerMap.counts.verified
+                // Joined, but nobody here can say how we are seen: taken as reachable for now.
+                if verified == 0 { await nat.nobodyToAsk(self) }
+                return BootstrapResult(seed: peer, lookup: lookup, refreshLookups: refreshed, verifiedPeers: verified)
             } catch {
                 reasons.append("\(seed): \(error)")
             }

@@ -337,6 +337,8 @@ public final class Node: @unchecked Sendable {
                 }
                 handshakeKeys.removeAll()
                 sessions.removeAll()
+                for (_, w) in probes { w.promise.succeed(()) }
+                probes.removeAll()
                 var closes: [EventLoopFuture<Void>] = []
                 for (_, f) in pool { closes.append(f.flatMap { $0.close() }.recover { _ in }) }
                 pool.removeAll()

@@ -105,7 +105,7 @@ final class Victim: @unchecked Sendable {
         #expect(lookup.code == 0, "lookup: \(lookup.err)")
         let value = "v\(UInt32.random(in: 0...UInt32.max))"
         let put = try P2PTool.run(launcher: launcher, ["put", "--bootstrap", seed, key, value], timeout: 30)
-        #expect(put.code == 0, "put: \(put.err)")
+        #expect(put.code == 0, "put: \(put.err); the victim said: \(node.output.suffix(2000))")
         let get = try P2PTool.run(launcher: launcher, ["get", "--bootstrap", seed, key], timeout: 30)
         #expect(get.code == 0 && get.out.contains(value), "get: \(get.out) \(get.err)")
     }
