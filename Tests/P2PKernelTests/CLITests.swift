@@ -65,6 +65,12 @@ final class NodeProcess: @unchecked Sendable {
         return output[r].split(separator: ":").last.map(String.init)
     }
 
+    /// Kills the process at once (no quit announced, sockets closed by the kernel).
+    func kill9() {
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+    }
+
     func stop() {
         if process.isRunning { process.terminate() }
         let deadline = Date().addingTimeInterval(10)

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import NIOConcurrencyHelpers
 @testable import P2PKernel
 
 /// The NAT matrix against real NATs: `p2p` processes in network namespaces behind nftables
@@ -14,11 +15,13 @@ struct NATLabTests {
         var peers: [NodeProcess] = []
         var seed: String { "\(NATLab.publicPeers[0]):4000" }
 
-        init() throws {
+        /// `extra` more public peers listen on ports 4001… of the same addresses.
+        init(extra: Int = 0) throws {
             lab = try NATLab()
             do {
-                for (i, ip) in NATLab.publicPeers.enumerated() {
-                    let args = ["--port", "4000"] + (i == 0 ? [] : ["--bootstrap", "\(NATLab.publicPeers[0]):4000"])
+                let places = NATLab.publicPeers.map { ($0, 4000) } + (0..<extra).map { (NATLab.publicPeers[$0 % NATLab.publicPeers.count], 4001 + $0) }
+                for (i, (ip, port)) in places.enumerated() {
+                    let args = ["--port", "\(port)"] + (i == 0 ? [] : ["--bootstrap", "\(NATLab.publicPeers[0]):4000"])
                     let p = try NodeProcess(args, host: ip, launcher: lab.launcher(lab.pub))
                     peers.append(p)
                     guard p.waitFor("listening on", seconds: 30) else { throw NetLab.LabError(description: "public peer \(ip): \(p.output)") }
@@ -67,9 +70,9 @@ struct NATLabTests {
 
     /// A `p2p node` behind `rtr`, joined through the seed; returns it with its id once it logs
     /// how it is reachable.
-    static func natedNode(_ world: World, port: UInt16 = 4000, expect: String) throws -> (NodeProcess, String, Double) {
+    static func natedNode(_ world: World, port: UInt16 = 4000, expect: String, in ns: String? = nil) throws -> (NodeProcess, String, Double) {
         let started = Date()
-        let node = try NodeProcess(["--port", "\(port)", "--bootstrap", world.seed], host: "0.0.0.0", launcher: world.lab.launcher(world.lab.lan))
+        let node = try NodeProcess(["--port", "\(port)", "--bootstrap", world.seed], host: "0.0.0.0", launcher: world.lab.launcher(ns ?? world.lab.lan))
         let ok = node.waitFor(expect, seconds: 30)
         let seconds = Date().timeIntervalSince(started)
         guard ok, let r = node.output.range(of: #"node (0x[0-9a-f]{40})"#, options: .regularExpression) else {
@@ -170,5 +173,109 @@ struct NATLabTests {
             restored.append(took * 1000)
         }
         print(NATLabTests.summary("case 9 gateway restart (time to restore)", restored))
+    }
+
+    @Test("case 4: no mapping, the other side public: relayed, then direct by a reverse connection; put, get and send work both ways")
+    func relayed() throws {
+        let world = try World()
+        defer { world.close() }
+        var times: [Double] = []
+        for i in 0..<NATLabTests.trials {
+            let r = try world.natCheck(in: world.lab.lan, port: UInt16(8000 + i))
+            #expect(r["reachable"] as? Bool == true, "\(r)")
+            #expect(r["method"] as? String == "relay", "\(r)")
+            #expect((r["relays"] as? [Any])?.count == 3, "\(r)")
+            times.append(r["elapsed_ms"] as? Double ?? -1)
+        }
+        print(NATLabTests.summary("case 4 relay", times))
+        let (node, id, seconds) = try NATLabTests.natedNode(world, expect: "relayed via 3 relays")
+        defer { node.stop() }
+        print(String(format: "case 4: p2p node relayed %.2f s after start", seconds))
+        try world.exercise(from: world.lab.lan, id: id, tag: "relay")
+        // The public peers wrote to it through its relays: it connected back to them.
+        #expect(node.waitFor("(reverse connection)", seconds: 30), "no reverse connection: \(node.output)")
+        let send = try P2PTool.run(launcher: world.lab.launcher(world.lab.pub), ["send", "--bootstrap", world.seed, "--replicas", "1", id, "again"])
+        #expect(send.out.contains("\(id) got: again"), "send after the reverse connection: \(send.out) \(send.err)")
+    }
+
+    @Test("case 7: both sides behind symmetric NATs: relayed, no punching; put, get and send work between them and with the public side")
+    func bothSymmetric() throws {
+        let world = try World()
+        defer { world.close() }
+        try world.lab.configure(router: world.lab.rtr, .init(masquerade: "random,fully-random"))
+        try world.lab.configure(router: world.lab.rtr2, .init(masquerade: "random,fully-random"))
+        var times: [Double] = []
+        for i in 0..<NATLabTests.trials {
+            let r = try world.natCheck(in: i % 2 == 0 ? world.lab.lan : world.lab.lan2, port: UInt16(8100 + i))
+            #expect(r["reachable"] as? Bool == true, "\(r)")
+            #expect(r["method"] as? String == "relay", "\(r)")
+            #expect(r["nat_type"] as? String == "symmetric", "\(r)")
+            let steps = (r["steps"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
+            #expect(!steps.contains { $0.contains("punch") }, "punching tried between symmetric NATs: \(steps)")
+            times.append(r["elapsed_ms"] as? Double ?? -1)
+        }
+        print(NATLabTests.summary("case 7 both symmetric", times))
+        let (a, idA, _) = try NATLabTests.natedNode(world, expect: "relayed via 3 relays")
+        defer { a.stop() }
+        let (b, idB, _) = try NATLabTests.natedNode(world, expect: "relayed via 3 relays", in: world.lab.lan2)
+        defer { b.stop() }
+        try world.exercise(from: world.lab.lan, id: idA, tag: "sym-a")
+        try world.exercise(from: world.lab.lan2, id: idB, tag: "sym-b")
+        // Between the two NATed sides: a client behind one sends to the node behind the other.
+        let send = try P2PTool.run(launcher: world.lab.launcher(world.lab.lan2), ["send", "--bootstrap", world.seed, "--replicas", "1", idA, "across"])
+        #expect(send.out.contains("\(idA) got: across"), "send across two NATs: \(send.out) \(send.err)")
+    }
+
+    @Test("case 8: a relay process is killed: a new relay is set up (goal: < 5 s) and no request is lost")
+    func relayKilled() throws {
+        let kills = 3
+        let world = try World(extra: 2 + kills)
+        defer { world.close() }
+        let (node, id, _) = try NATLabTests.natedNode(world, expect: "relayed via 5 relays")
+        defer { node.stop() }
+        var replaced: [Double] = []
+        var lost = 0, sent = 0
+        let outside = world.lab.launcher(world.lab.pub)
+        for trial in 0..<kills {
+            // The relays the node announced last; kill one that is not the seed.
+            let line = node.output.split(separator: "\n").last { $0.contains("relayed via") }.map(String.init) ?? ""
+            let relays = line.components(separatedBy: ": ").last?.components(separatedBy: ", ") ?? []
+            guard let victim = world.peers.dropFirst().first(where: { p in
+                p.process.isRunning && relays.contains { $0.hasSuffix(":\(p.port ?? "-")") && p.output.contains("on \($0)") }
+            }) else {
+                Issue.record("no relay to kill in \(line)")
+                break
+            }
+            let mark = node.output.count
+            let killed = Date()
+            victim.kill9()
+            // Requests keep coming while the relay is gone (on another thread): each must be answered.
+            let sends = DispatchGroup()
+            let failures = NIOLockedValueBox(0)
+            sends.enter()
+            Thread.detachNewThread {
+                defer { sends.leave() }
+                for k in 0..<3 {
+                    let r = try? P2PTool.run(launcher: outside, ["send", "--bootstrap", world.seed, "--replicas", "1", id, "t\(trial)-\(k)"])
+                    if r?.out.contains("\(id) got: t\(trial)-\(k)") != true {
+                        failures.withLockedValue { $0 += 1 }
+                        print("case 8: lost: \(r?.out ?? "") \(r?.err ?? "")")
+                    }
+                }
+            }
+            let deadline = Date().addingTimeInterval(30)
+            var back = false
+            while Date() < deadline, !back {
+                back = node.output.dropFirst(mark).contains("relayed via 5 relays")
+                if !back { Thread.sleep(forTimeInterval: 0.01) }
+            }
+            replaced.append(Date().timeIntervalSince(killed) * 1000)
+            #expect(back, "no new relay after a relay was killed: \(node.output.suffix(2000))")
+            sends.wait()
+            sent += 3
+            lost += failures.withLockedValue { $0 }
+        }
+        #expect(lost == 0, "\(lost) of \(sent) requests lost while a relay was down")
+        print(NATLabTests.summary("case 8 relay killed (time to a new relay, measured after the sends)", replaced))
     }
 }

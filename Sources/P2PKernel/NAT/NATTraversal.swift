@@ -32,6 +32,14 @@ public struct NATConfig: Sendable {
     public var mappingLostAfter = 3
     /// The ladder runs again this often (addresses change: DHCP, a new uplink).
     public var recheckInterval: Duration = .seconds(600)
+    /// Relays an unreachable node sets up among its closest reachable peers (TomP2P's 5); it
+    /// counts as reachable with at least `minimumRelays` of them, or every candidate there is.
+    public var relays = 5
+    public var minimumRelays = 3
+    /// A relay is pinged over its link this often; one that fails or closes is replaced at once
+    /// and not asked again for `relayRetryAfter`.
+    public var relayKeepAlive: Duration = .seconds(10)
+    public var relayRetryAfter: Duration = .seconds(60)
 
     public init(mode: Mode = .off) { self.mode = mode }
 }
@@ -99,7 +107,7 @@ public struct ReachabilityReport: Sendable, Equatable {
     /// One line: `reachable via upnp as 203.0.113.1:4000`, `relayed via 3 relays`, or why not.
     public var summary: String {
         if !reachable { return "not reachable (NAT \(natType.rawValue)\(external.map { ", seen as \($0.ip)" } ?? ""))" }
-        if method == .relay { return "relayed via \(relays.count) relays" }
+        if method == .relay { return "relayed via \(relays.count) relays: " + relays.map { "\($0.socket)" }.joined(separator: ", ") }
         return "reachable via \(method.rawValue) as \(external.map { "\($0.ip):\($0.udpPort)" } ?? "?")"
     }
 
@@ -171,6 +179,12 @@ public final class NATTraversal: @unchecked Sendable {
         var mapper: PortMapper?
         var maintenance: Task<Void, Never>?
         var stopped = false
+        /// Our relays, whether we want them (the ladder found no direct way), and relays that
+        /// failed recently (not asked again until then).
+        var relays: [PeerAddress] = []
+        var wantRelays = false
+        var relayFailed: [Number160: ContinuousClock.Instant] = [:]
+        var settingUpRelays = false
     }
     private let state = NIOLockedValueBox(State())
 
@@ -290,6 +304,20 @@ public final class NATTraversal: @unchecked Sendable {
             if !direct.udp { flags.insert(.firewalledUDP) }
             if !direct.tcp { flags.insert(.firewalledTCP) }
             await announce(node, udpPort: bound, tcpPort: bound, ip: nil, flags: flags)
+            if cfg.relays > 0, node.sessionsEnabled {
+                let tRelay = clock.now
+                state.withLockedValue { $0.wantRelays = true }
+                let (relays, candidates) = await setUpRelays(node)
+                report.steps.append(.init(name: "relays", milliseconds: ReachabilityReport.ms(clock.now - tRelay),
+                                          outcome: "\(relays.count) of \(candidates) candidates: \(relays.map { "\($0.socket)" }.joined(separator: ", "))"))
+                if !relays.isEmpty, relays.count >= min(cfg.minimumRelays, candidates) {
+                    report.reachable = true
+                    report.method = .relay
+                    report.relays = relays
+                }
+            }
+        } else {
+            await dropRelays(node)
         }
         report.elapsed = clock.now - start
         publish(report, on: node)
@@ -422,12 +450,17 @@ public final class NATTraversal: @unchecked Sendable {
 
     /// Sets the announced ports and flags and tells the peers we hold sessions with (the header
     /// of any message carries them; a ping is the smallest).
-    private func announce(_ node: Node, udpPort: UInt16, tcpPort: UInt16, ip: IPAddress?, flags: PeerFlags) async {
+    private func announce(_ node: Node, udpPort: UInt16, tcpPort: UInt16, ip: IPAddress?, flags: PeerFlags,
+                          relays: [PeerSocketAddress]? = nil) async {
         _ = try? await node.eventLoop.submit {
             var me = node.selfAddress
             let keep = me.flags.intersection([.relayed])
             me.socket = PeerSocketAddress(ip: ip ?? me.socket.ip, tcpPort: tcpPort, udpPort: udpPort)
             me.flags = flags.union(keep)
+            if let relays {
+                try? me.setRelays(Array(relays.prefix(PeerAddress.maxRelays)))
+                if relays.isEmpty { me.flags.remove(.relayed) } else { me.flags.insert(.relayed) }
+            }
             guard me != node.selfAddress else { return }
             node.selfAddress = me
             node.published.withLockedValue { $0 = me }
@@ -443,6 +476,144 @@ public final class NATTraversal: @unchecked Sendable {
         let previous = state.withLockedValue { s in defer { s.report = report }; return s.report }
         let changed = previous.map { $0.reachable != report.reachable || $0.method != report.method || $0.external != report.external } ?? true
         if changed { node.registry.publish(.reachabilityChanged(report)) }
+    }
+
+    // MARK: relays (the relayed side)
+
+    /// Fills our relays up to `NATConfig.relays` from the closest reachable peers we know (not
+    /// relayed, not firewalled, not failed recently), asking several at once, and announces
+    /// them. Returns our relays and how many candidates there were in all.
+    private func setUpRelays(_ node: Node) async -> ([PeerAddress], Int) {
+        let cfg = node.config.nat
+        let now = ContinuousClock.now
+        guard state.withLockedValue({ s -> Bool in
+            guard !s.settingUpRelays, !s.stopped else { return false }
+            s.settingUpRelays = true
+            s.relayFailed = s.relayFailed.filter { now - $0.value < cfg.relayRetryAfter }
+            return true
+        }) else { return (state.withLockedValue { $0.relays }, 0) }
+        defer { state.withLockedValue { $0.settingUpRelays = false } }
+        ensureMaintenance()
+        let (current, failed) = state.withLockedValue { ($0.relays, $0.relayFailed) }
+        let me = node.peerID
+        let all = ((try? await node.eventLoop.submit {
+            node.peerMap.verifiedPeers.filter {
+                $0.isContactable && $0.flags.isDisjoint(with: [.relayed, .firewalledUDP, .firewalledTCP]) && $0.id != me
+            }
+        }.get()) ?? []).sorted { ($0.id ^ me) < ($1.id ^ me) }
+        var queue = all.filter { p in failed[p.id] == nil && !current.contains { $0.id == p.id } }
+        var got = current
+        while got.count < cfg.relays, !queue.isEmpty {
+            let batch = Array(queue.prefix(cfg.relays - got.count))
+            queue.removeFirst(batch.count)
+            let results = await withTaskGroup(of: (PeerAddress, Bool).self) { group in
+                for p in batch { group.addTask { (p, await self.askRelay(node, p)) } }
+                var out: [(PeerAddress, Bool)] = []
+                for await r in group { out.append(r) }
+                return out
+            }
+            for (p, ok) in results {
+                if ok { got.append(p) } else { state.withLockedValue { $0.relayFailed[p.id] = .now } }
+            }
+        }
+        let stillWanted = state.withLockedValue { s -> Bool in
+            guard s.wantRelays else { return false }
+            s.relays = got
+            return true
+        }
+        guard stillWanted else {
+            for p in got where !current.contains(where: { $0.id == p.id }) { _ = try? await node.eventLoop.submit { node.dropRelayLink(to: p) }.get() }
+            return ([], all.count)
+        }
+        if got.map(\.id) != current.map(\.id) {
+            let bound = (try? await node.eventLoop.submit { node.boundPort }.get()) ?? 0
+            let flags = (try? await node.eventLoop.submit { node.selfAddress.flags }.get()) ?? []
+            await announce(node, udpPort: bound, tcpPort: bound, ip: nil, flags: flags.subtracting([.relayed]), relays: got.map(\.socket))
+        }
+        return (got, all.count)
+    }
+
+    /// Asks `peer` to relay for us over a TCP connection that then stays open as our link.
+    private func askRelay(_ node: Node, _ peer: PeerAddress) async -> Bool {
+        do {
+            let reply = try await node.request(to: peer, command: CommandID.derive(from: KernelCommands.relay), transport: .tcp,
+                                               timeout: .seconds(3)).get()
+            guard reply.type == .ok else { return false }
+            let key = PeerSocketAddress(ip: peer.ip, tcpPort: peer.tcpPort, udpPort: 0)
+            let channel = try await node.eventLoop.flatSubmit { () -> EventLoopFuture<any Channel> in
+                node.pool[key] ?? node.eventLoop.makeFailedFuture(NATError.abandoned)
+            }.get()
+            try await node.eventLoop.submit {
+                node.adoptRelayLink(channel, relay: peer)
+                channel.closeFuture.whenComplete { _ in Task { await self.relayLost(node, peer) } }
+            }.get()
+            return channel.isActive
+        } catch {
+            node.logger.debug("relay refused", metadata: ["peer": "\(peer)", "why": "\(error)"])
+            return false
+        }
+    }
+
+    /// A relay's link closed or it stopped answering: replace it now, and skip it for a while.
+    private func relayLost(_ node: Node, _ peer: PeerAddress) async {
+        let wanted = state.withLockedValue { s -> Bool in
+            guard s.relays.contains(where: { $0.id == peer.id }) else { return false }
+            s.relays.removeAll { $0.id == peer.id }
+            s.relayFailed[peer.id] = .now
+            return s.wantRelays && !s.stopped
+        }
+        guard wanted else { return }
+        node.logger.info("relay \(peer.socket) lost; replacing it")
+        _ = try? await node.eventLoop.submit { node.dropRelayLink(to: peer) }.get()
+        let (relays, _) = await setUpRelays(node)
+        if relays.isEmpty { node.logger.warning("no relay left") }
+        let updated = state.withLockedValue { s -> ReachabilityReport? in
+            guard var r = s.report, r.method == .relay || !r.reachable else { return nil }
+            r.relays = relays
+            r.reachable = !relays.isEmpty
+            r.method = relays.isEmpty ? .none : .relay
+            s.report = r
+            return r
+        }
+        if let updated { node.registry.publish(.reachabilityChanged(updated)) }
+    }
+
+    /// Stops using relays (the node became reachable another way).
+    private func dropRelays(_ node: Node) async {
+        let old = state.withLockedValue { s in
+            defer { s.relays = []; s.wantRelays = false }
+            return s.relays
+        }
+        guard !old.isEmpty else { return }
+        for p in old { _ = try? await node.eventLoop.submit { node.dropRelayLink(to: p) }.get() }
+        let bound = (try? await node.eventLoop.submit { node.selfAddress }.get())
+        if let me = bound { await announce(node, udpPort: me.udpPort, tcpPort: me.tcpPort, ip: nil, flags: me.flags.subtracting([.relayed]), relays: []) }
+    }
+
+    /// Our relays now.
+    public var relays: [PeerAddress] { state.withLockedValue { $0.relays } }
+
+    /// Takes relays without running the ladder, for a node that knows it cannot be reached (a
+    /// mobile uplink, a firewall that drops everything inbound): it announces itself firewalled
+    /// and relayed. Returns the relays it got.
+    @discardableResult
+    public func useRelays() async -> [PeerAddress] {
+        guard let node else { return [] }
+        state.withLockedValue { $0.wantRelays = true }
+        let me = (try? await node.eventLoop.submit { node.selfAddress }.get())
+        if let me { await announce(node, udpPort: me.udpPort, tcpPort: me.tcpPort, ip: nil, flags: [.firewalledUDP, .firewalledTCP]) }
+        return await setUpRelays(node).0
+    }
+
+    /// Pings each relay over its link; tops the relays up when some are missing.
+    private func tendRelays(_ node: Node) async {
+        let (relays, want) = state.withLockedValue { ($0.relays, $0.wantRelays) }
+        guard want else { return }
+        for p in relays {
+            let ok = (try? await node.request(to: p, command: node.kernelCommands.ping, transport: .tcp, timeout: .seconds(3)).get()) != nil
+            if !ok { await relayLost(node, p) }
+        }
+        if state.withLockedValue({ $0.relays.count }) < node.config.nat.relays { _ = await setUpRelays(node) }
     }
 
     // MARK: maintenance
@@ -472,6 +643,7 @@ public final class NATTraversal: @unchecked Sendable {
         var failures = 0
         var nextRun = ContinuousClock.now
         var lastCheck = ContinuousClock.now
+        var lastRelayCheck = ContinuousClock.now
         while !Task.isCancelled {
             guard let node, !state.withLockedValue({ $0.stopped }) else { return }
             let cfg = node.config.nat
@@ -502,6 +674,10 @@ public final class NATTraversal: @unchecked Sendable {
                         nextRun = .now + cfg.recheckInterval
                     }
                 }
+            }
+            if now - lastRelayCheck >= cfg.relayKeepAlive {
+                lastRelayCheck = now
+                await tendRelays(node)
             }
             if cfg.mode == .auto, now >= nextRun {
                 if node.peerMap.counts.verified > 0 {

@@ -15,7 +15,7 @@ public enum KernelCommands {
     public static let quit = "kernel.quit"
     public static let discover = "kernel.discover"
 
-    static let handlers: [any CommandHandler] = [Ping(), Neighbors(), Quit(), Discover(), Observe(), Probe(), ProbeFor()]
+    static let handlers: [any CommandHandler] = [Ping(), Neighbors(), Quit(), Discover(), Observe(), Probe(), ProbeFor(), RelayRequest()]
 
     /// Answers `ok`: the sender learns we are alive (and, from the reply header, our id).
     struct Ping: CommandHandler {

@@ -157,6 +157,7 @@ extension Node {
         let t = TimeAmount(interval)
         maintenanceTask = eventLoop.scheduleRepeatedTask(initialDelay: t, delay: t) { [self] _ in
             for peer in peerMap.dueForCheck(limit: config.maintenancePingsPerRound) {
+                learnRoute(peer)
                 _ = requestOnLoop(target: peer.socket, expectedID: peer.id, command: kernelCommands.ping,
                                   payload: [], transport: .udp, timeout: nil)
             }

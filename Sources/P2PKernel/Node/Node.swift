@@ -49,6 +49,19 @@ public final class Node: @unchecked Sendable {
     var udpChannel: (any Channel)?
     var tcpServer: (any Channel)?
     var pending: [UInt32: PendingRequest] = [:]
+    /// Relayed peers: where their relays are (see `Relay.swift`).
+    var relayRoutes: [Number160: RelayRoute] = [:]
+    /// Connections relayed peers opened to us (reverse connections), used instead of their relays.
+    var directPaths: [Number160: any Channel] = [:]
+    /// Pool keys whose connections are never evicted (links to our relays, reverse connections).
+    var pinned: Set<PeerSocketAddress> = []
+    /// Relay side: the peers we relay for, and which link belongs to whom.
+    var relayServed: [Number160: RelayServed] = [:]
+    var relayLinkOwners: [ObjectIdentifier: Number160] = [:]
+    /// Relayed side: our links to our relays (connection → relay id), and when we last
+    /// connected back to a peer that wrote through them.
+    var relayLinks: [ObjectIdentifier: Number160] = [:]
+    var reverseTried: [Number160: UInt32] = [:]
     var randomIDs = RandomPool()
     /// Whether the UDP socket is IPv4 (then IPv6 targets are refused before a send could fail).
     var udpFamilyIsV4 = true

@@ -150,6 +150,18 @@ public struct NodeLimits: Sendable {
     /// lets a few nodes behind one NAT address (or one quick series of `p2p nat-check`) through.
     public var probesPerSecond = 4.0
     public var probeBurst = 16.0
+    /// Peers this node relays for at once (each holds a link and a return ring).
+    public var maxRelayedPeers = 32
+    /// Bytes a relayed peer's traffic may move through this node per second (both directions
+    /// together), and the burst: a relay carries routing and messages, not bulk transfers, and
+    /// one relayed peer cannot take a relay's whole uplink. No time or total cut-off.
+    public var relayBytesPerSecond = 1 << 20
+    public var relayBurstBytes = 4 << 20
+    /// Ways back to recent senders kept per relayed peer (tokens; 256 × ~40 bytes).
+    public var relayReturnSlots = 256
+    /// Relayed peers whose relays this node remembers, and direct connections from relayed peers.
+    public var maxRelayRoutes = 4096
+    public var maxDirectPaths = 256
     /// Token buckets per rate limit, shared by sources through a secret hash: 1 KiB each, so
     /// every node can afford them, and many enough that two sources rarely share one.
     public var rateLimitSlots = 128

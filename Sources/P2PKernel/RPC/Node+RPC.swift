@@ -5,10 +5,28 @@ import NIOPosix
 enum Origin {
     case udp(SocketAddress)
     case tcp(any Channel)
+    /// From a relayed peer (its id), forwarded by one of its relays (see `RelayPacket`).
+    case relayed(Number160, RelayVia)
+    /// To us, a relayed peer, through our link to a relay: the relay's return token, the
+    /// transport the sender used to reach the relay, and its address as the relay saw it.
+    case link(any Channel, token: UInt32, kind: TransportKind, source: SocketAddress)
 
+    /// The transport the sender used: sessions seal and open per transport.
     var kind: TransportKind {
-        if case .udp = self { .udp } else { .tcp }
+        switch self {
+        case .udp: .udp
+        case .tcp: .tcp
+        case .relayed(_, let via): via.kind
+        case .link(_, _, let kind, _): kind
+        }
     }
+}
+
+/// How a relay's packets reach us: datagrams from its UDP socket, or frames on our connection to it.
+enum RelayVia {
+    case udp(SocketAddress)
+    case tcp(any Channel)
+    var kind: TransportKind { if case .udp = self { .udp } else { .tcp } }
 }
 
 /// A request waiting for its reply.
@@ -52,6 +70,8 @@ extension Node {
             receivedPlaintext(buffer, ip: ip, remote: remote, origin: origin)
         } else if first >= ProbePacket.kind, first <= ObservePacket.answerKind {
             receivedNATPacket(first, buffer, remote: remote, origin: origin)
+        } else if first >= RelayPacket.toRelay, first <= RelayPacket.fromRelay {
+            receivedRelayPacket(first, buffer, remote: remote, origin: origin)
         } else if sessionsEnabled {
             receivedSessionPacket(buffer, ip: ip, remote: remote, origin: origin)
         } else {
@@ -59,7 +79,7 @@ extension Node {
         }
     }
 
-    private func receivedPlaintext(_ buffer: ByteBuffer, ip: IPAddress, remote: SocketAddress, origin: Origin) {
+    func receivedPlaintext(_ buffer: ByteBuffer, ip: IPAddress, remote: SocketAddress, origin: Origin) {
         let networkID = config.networkID
         let decoded = buffer.withUnsafeReadableBytes { raw in
             Result { () throws(WireError) -> Message in try WireCodec.decode(raw, senderIP: ip, networkID: networkID) }
@@ -118,6 +138,20 @@ extension Node {
                 countDrop("reply \(reply.id) on another connection than its request")
                 return
             }
+        case .relayed(let peer, let via):
+            // Through a relay of the peer asked: its session proved the id.
+            let sameWay: Bool
+            switch via {
+            case .udp: sameWay = p.transport == .udp
+            case .tcp(let channel): sameWay = p.connection == ObjectIdentifier(channel)
+            }
+            guard p.expected == peer, sameWay else {
+                countDrop("relayed reply \(reply.id) for another request")
+                return
+            }
+        case .link:
+            countDrop("reply \(reply.id) through our relay: we send our requests directly")
+            return
         }
         pending[reply.id] = nil
         releaseIfEmpty()
@@ -139,6 +173,11 @@ extension Node {
         if request.command != kernelCommands.quit {
             noteContact(request.sender)
         }
+        switch origin {
+        case .tcp: noteDirectPath(request.sender.id, origin: origin)
+        case .link: considerReverseConnection(to: request.sender, origin: origin)
+        default: break
+        }
         guard let handler = registry.commands.handler(for: request.command) else {
             if request.type == .request {
                 sendReply(.error(.unknownCommand, "no handler for command 0x\(String(request.command, radix: 16))"), to: request, origin: origin, session: session)
@@ -154,7 +193,9 @@ extension Node {
             }
             return
         }
-        let context = CommandContext(node: self, sender: request.sender, transport: origin.kind, sourcePort: origin.sourcePort)
+        var channel: (any Channel)?
+        if case .tcp(let ch) = origin { channel = ch }
+        let context = CommandContext(node: self, sender: request.sender, transport: origin.kind, sourcePort: origin.sourcePort, connection: channel)
         switch handler.handle(request, context: context) {
         case .reply(let reply):
             if request.type == .request { sendReply(reply, to: request, origin: origin, session: session) }
@@ -185,7 +226,7 @@ extension Node {
             m.payload = [.bytes(Array("reply cannot be encoded: \(error)".utf8))]
             size = WireCodec.encodedSize(m)
         }
-        if case .udp = origin, size > WireLimits.udpPayloadLimit {
+        if origin.kind == .udp, size > WireLimits.udpPayloadLimit {
             m.type = .retryOverTCP
             m.payload = []
             size = WireCodec.encodedSize(m)
@@ -206,6 +247,8 @@ extension Node {
             udpChannel?.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: packet), promise: nil)
         case .tcp(let channel):
             writeReply(packet.framed(), on: channel)
+        case .relayed, .link:
+            writeRelayed(packet, framed: false, origin: origin)
         }
     }
 
@@ -245,7 +288,14 @@ extension Node {
     /// `request` to a known peer: the reply must come from its id.
     public func request(to peer: PeerAddress, command: UInt16, payload: [Payload] = [],
                         transport: TransportChoice = .auto, timeout: Duration? = nil) -> EventLoopFuture<Message> {
-        request(to: peer.socket, expectedID: peer.id, command: command, payload: payload, transport: transport, timeout: timeout)
+        if eventLoop.inEventLoop {
+            learnRoute(peer)
+            return requestOnLoop(target: peer.socket, expectedID: peer.id, command: command, payload: payload, transport: transport, timeout: timeout)
+        }
+        return eventLoop.flatSubmit { [self] in
+            learnRoute(peer)
+            return requestOnLoop(target: peer.socket, expectedID: peer.id, command: command, payload: payload, transport: transport, timeout: timeout)
+        }
     }
 
     /// Sends a request by command name; the reply's type is checked (`ok` or the matching error).
@@ -306,15 +356,17 @@ extension Node {
             kind = .udp
         case .tcp: kind = .tcp
         }
-        if let problem = unsendable(target, kind) { return eventLoop.makeFailedFuture(RPCError.invalidAddress(problem)) }
+        // A peer we hold a direct connection to (it connected back to us) is asked over it.
+        let kind2 = expectedID != .zero && directPaths[expectedID] != nil ? TransportKind.tcp : kind
+        if let problem = unsendable(routedTarget(target, expected: expectedID), kind2) { return eventLoop.makeFailedFuture(RPCError.invalidAddress(problem)) }
         var plain = ByteBufferAllocator().buffer(capacity: size)
         plain.writeMessage(m, size: size, framed: false)
         let promise = eventLoop.makePromise(of: Message.self)
         let total = timeout ?? config.requestTimeout
         pending[id] = PendingRequest(promise: promise, timer: nil, expected: expectedID, target: target, command: command,
-                                     payload: payload, timeout: total, plaintext: plain, transport: kind)
-        transmit(plain, to: target, expected: expectedID, over: kind, requestID: id)
-        if kind == .udp {
+                                     payload: payload, timeout: total, plaintext: plain, transport: kind2)
+        transmit(plain, to: target, expected: expectedID, over: kind2, requestID: id)
+        if kind2 == .udp {
             // Re-sent every `udpRetryAfter` until the deadline: datagrams get lost, and so may the
             // FINISH of a fresh session. A re-sent request is sealed anew, so the peer answers it.
             resend(id, every: min(config.udpRetryAfter, total / 2), deadline: NIODeadline.now() + TimeAmount(total), total: total)
@@ -334,6 +386,8 @@ extension Node {
         }
         pending[id]?.timer = eventLoop.scheduleTask(deadline: next) { [self] in
             guard let p = pending[id], running else { return }
+            // Through a relay that did not answer: the next one of the peer's relays.
+            if p.expected != .zero { rotateRelay(for: p.expected) }
             transmit(p.plaintext, to: p.target, expected: p.expected, over: .udp, requestID: id)
             resend(id, every: interval, deadline: deadline, total: total)
         }
@@ -375,7 +429,8 @@ extension Node {
     /// Sends a message that expects no reply; returns the write's future, or nil if not running.
     @discardableResult
     func sendFireAndForget(to peer: PeerAddress, command: UInt16, payload: [Payload] = []) -> EventLoopFuture<Void>? {
-        guard running, unsendable(peer.socket, .udp) == nil else { return nil }
+        learnRoute(peer)
+        guard running, unsendable(routedTarget(peer.socket, expected: peer.id), .udp) == nil else { return nil }
         let m = Message(networkID: config.networkID, id: nextID(), type: .fireAndForget, command: command,
                         sender: selfAddress, recipientID: peer.id, payload: payload)
         guard let size = try? WireCodec.validate(m), size <= WireLimits.udpPayloadLimit else { return nil }
@@ -397,12 +452,13 @@ extension Node {
                 return
             }
             if !sessionsEnabled {
-                udp.writeAndFlush(AddressedEnvelope(remoteAddress: target.udpSocketAddress, data: plain), promise: written)
+                _ = udp
+                emitUDP(plain, to: target, peer: expected, promise: written)
             } else {
                 sendSecure(QueuedMessage(plain: plain, requestID: requestID, written: written), to: target, expected: expected, over: .udp, connection: nil)
             }
         case .tcp:
-            connection(to: target).whenComplete { [self] result in
+            connection(to: target, peer: expected).whenComplete { [self] result in
                 switch result {
                 case .failure(let error):
                     written?.fail(error)
@@ -413,7 +469,7 @@ extension Node {
                         pending[id]?.connection = ObjectIdentifier(channel)
                     }
                     if !sessionsEnabled {
-                        channel.writeAndFlush(plain.framed(), promise: written)
+                        emitTCP(plain.framed(), on: channel, peer: expected, promise: written)
                     } else {
                         sendSecure(QueuedMessage(plain: plain, requestID: requestID, written: written), to: target, expected: expected,
                                    over: .tcp, connection: channel)
@@ -425,13 +481,21 @@ extension Node {
 
     // MARK: TCP pool
 
+    /// The connection to use for `peer`: one it opened to us (a reverse connection), the pooled
+    /// one to its relay when it is relayed, else the pooled one to `target`.
+    func connection(to target: PeerSocketAddress, peer: Number160) -> EventLoopFuture<any Channel> {
+        if peer != .zero, let direct = directPaths[peer] { return eventLoop.makeSucceededFuture(direct) }
+        return connection(to: routedTarget(target, expected: peer))
+    }
+
     /// A pooled connection to the peer's TCP port, opened on first use and reused after.
     func connection(to target: PeerSocketAddress) -> EventLoopFuture<any Channel> {
         let key = PeerSocketAddress(ip: target.ip, tcpPort: target.tcpPort, udpPort: 0)
         if let existing = pool[key] { return existing }
         if let problem = unsendable(target, .tcp) { return eventLoop.makeFailedFuture(RPCError.invalidAddress(problem)) }
-        if pool.count >= config.maxTCPConnections, let oldest = poolOrder.first {
-            poolOrder.removeFirst()
+        // The oldest unpinned connection makes room (links to our relays are pinned).
+        if pool.count >= config.maxTCPConnections, let at = poolOrder.firstIndex(where: { !pinned.contains($0) }) {
+            let oldest = poolOrder.remove(at: at)
             pool.removeValue(forKey: oldest)?.whenSuccess { $0.close(promise: nil) }
         }
         let future = ClientBootstrap(group: eventLoop)
@@ -460,6 +524,14 @@ extension Node {
     private func failRequests(on connection: ObjectIdentifier, target: PeerSocketAddress) {
         let ids = pending.compactMap { $0.value.connection == connection ? $0.key : nil }
         for id in ids {
+            // A request to a relayed peer through a relay that went away goes through another.
+            if let p = pending[id], p.expected != .zero, let route = relayRoutes[p.expected], route.relays.count > 1 {
+                rotateRelay(for: p.expected)
+                pending[id]?.connection = nil
+                pending[id]?.session = 0
+                transmit(p.plaintext, to: p.target, expected: p.expected, over: p.transport, requestID: id)
+                continue
+            }
             failRequest(id, .unreachable(peer: "\(target)", reason: "connection closed before the reply"), peerFailed: true)
         }
     }
@@ -481,6 +553,7 @@ extension Node {
     /// cannot be reached unsolicited (firewalled, not relayed): routing others to it would only
     /// make their lookups wait for timeouts. A peer that was in the map and now says so leaves it.
     func noteContact(_ sender: PeerAddress) {
+        learnRoute(sender)
         if sender.isContactable {
             peerMap.peerFound(sender, verified: true)
         } else if peerMap.contains(sender.id) {

@@ -121,6 +121,7 @@ final class IterativeLookup {
         messages += 1
         let peer = candidates[index].peer
         let depth = candidates[index].depth
+        node.learnRoute(peer)
         node.requestOnLoop(target: peer.socket, expectedID: peer.id, command: node.kernelCommands.neighbors,
                            payload: request, transport: .auto, timeout: nil)
             .whenComplete { [self] result in

@@ -70,13 +70,14 @@ extension Node {
             guard pending[id] != nil else { return }
             pending[id]?.session = session
         }
+        let peer = sessions.slot(index: session).map { sessions[$0].remoteID } ?? .zero
         switch kind {
         case .udp:
-            guard let udp = udpChannel else { return reject(item, .shutDown) }
-            udp.writeAndFlush(AddressedEnvelope(remoteAddress: target.udpSocketAddress, data: packet), promise: item.written)
+            guard udpChannel != nil else { return reject(item, .shutDown) }
+            emitUDP(packet, to: target, peer: peer, promise: item.written)
         case .tcp:
             guard let connection else { return reject(item, .shutDown) }
-            connection.writeAndFlush(packet, promise: item.written)
+            emitTCP(packet, on: connection, peer: peer, promise: item.written)
         }
     }
 
@@ -87,6 +88,7 @@ extension Node {
         switch origin {
         case .udp(let remote): udpChannel?.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: packet), promise: nil)
         case .tcp(let channel): writeReply(packet, on: channel)
+        case .relayed, .link: writeRelayed(packet, framed: origin.kind == .tcp, origin: origin)
         }
     }
 
@@ -132,14 +134,14 @@ extension Node {
         switch h.transport {
         case .udp:
             packet.writeBytes(h.crypto.initPacket)
-            udpChannel?.writeAndFlush(AddressedEnvelope(remoteAddress: h.target.udpSocketAddress, data: packet), promise: nil)
+            emitUDP(packet, to: h.target, peer: h.crypto.expected, promise: nil)
             handshakes[index]?.retransmit = eventLoop.scheduleTask(in: TimeAmount(retry)) { [self] in
                 sendINIT(index, retry: retry * 2)
             }
         case .tcp:
             packet.writeInteger(UInt32(SessionWire.initBytes))
             packet.writeBytes(h.crypto.initPacket)
-            h.connection?.writeAndFlush(packet, promise: nil)
+            if let c = h.connection { emitTCP(packet, on: c, peer: h.crypto.expected, promise: nil) }
         }
     }
 
@@ -166,6 +168,10 @@ extension Node {
         switch origin {
         case .udp: return h.transport == .udp && IPAddress(remote) == h.target.ip && remote.port.map(UInt16.init) == h.target.udpPort
         case .tcp(let channel): return h.connection.map { ObjectIdentifier($0) == ObjectIdentifier(channel) } ?? false
+        case .relayed(let peer, .udp): return h.transport == .udp && h.crypto.expected == peer
+        case .relayed(let peer, .tcp(let channel)):
+            return h.crypto.expected == peer && (h.connection.map { ObjectIdentifier($0) == ObjectIdentifier(channel) } ?? false)
+        case .link: return false
         }
     }
 
@@ -224,6 +230,8 @@ extension Node {
             switch origin {
             case .udp: return p.transport == .udp && IPAddress(remote) == p.target.ip && remote.port.map(UInt16.init) == p.target.udpPort
             case .tcp(let channel): return p.connection == ObjectIdentifier(channel)
+            case .relayed(let peer, let via): return p.expected == peer && p.transport == via.kind
+            case .link: return false
             }
         }
         guard !affected.isEmpty else { return }

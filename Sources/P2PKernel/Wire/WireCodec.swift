@@ -9,6 +9,10 @@ public enum WireCodec {
     /// The exact number of bytes `encode` produces.
     public static func encodedSize(_ m: Message) -> Int {
         var n = WireLimits.headerBytes
+        if m.sender.flags.contains(.relayed) {
+            n += 1
+            for r in m.sender.relays { n += socketSize(r) }
+        }
         for p in m.payload { n += sectionSize(p) }
         if m.signature != nil { n += WireLimits.signatureTrailerBytes }
         return n
@@ -105,6 +109,10 @@ public enum WireCodec {
         w.u16(m.sender.udpPort)
         w.u8(m.sender.flags.rawValue)
         w.number160(m.recipientID)
+        if m.sender.flags.contains(.relayed) {
+            w.u8(UInt8(m.sender.relays.count))
+            for r in m.sender.relays { w.socket(r) }
+        }
         w.u8(UInt8(m.payload.count))
         for p in m.payload {
             w.u8(p.tag)
@@ -176,6 +184,15 @@ public enum WireCodec {
         let senderFlags = PeerFlags(rawValue: try r.u8("sender flags"))
         guard senderFlags.isSubset(of: .known) else { throw .reservedBits(what: "sender flags", value: senderFlags.rawValue) }
         let recipient = try r.number160("recipient id")
+        // A relayed sender lists its relays after the header (where others reach it).
+        var senderRelays: [PeerSocketAddress] = []
+        if senderFlags.contains(.relayed) {
+            let count = Int(try r.u8("sender relay count"))
+            guard count <= PeerAddress.maxRelays else {
+                throw .limitExceeded(what: "sender relay count", value: count, limit: PeerAddress.maxRelays)
+            }
+            for _ in 0..<count { senderRelays.append(try r.socket()) }
+        }
         let sectionCount = Int(try r.u8("section count"))
         guard sectionCount <= WireLimits.maxSections else {
             throw .limitExceeded(what: "section count", value: sectionCount, limit: WireLimits.maxSections)
@@ -201,7 +218,8 @@ public enum WireCodec {
             let sig = try r.bytes(64, "signature")
             signature = MessageSignature(publicKey: key, signature: sig)
         }
-        let sender = PeerAddress(id: senderID, socket: PeerSocketAddress(ip: senderIP, tcpPort: tcp, udpPort: udp), flags: senderFlags)
+        let sender = PeerAddress(id: senderID, socket: PeerSocketAddress(ip: senderIP, tcpPort: tcp, udpPort: udp), flags: senderFlags,
+                                 relays: senderRelays)
         var m = Message(networkID: network, id: id, type: type, command: command, sender: sender, recipientID: recipient, payload: payload, signature: signature)
         m.flags = flags
         return m

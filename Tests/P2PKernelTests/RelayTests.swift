@@ -1,0 +1,106 @@
+import NIOCore
+import Testing
+@testable import P2PKernel
+
+/// Relays on loopback, in-process: a node that takes relays is reached only through them (its
+/// address says so), by requests over UDP and TCP, and keeps being reached when one relay goes.
+@Suite("Relays", .serialized)
+struct RelayTests {
+    /// `n` nodes joined to the first.
+    static func network(_ n: Int) async throws -> [Node] {
+        var nodes: [Node] = []
+        for i in 0..<n {
+            let node = try await loopbackNode(timeout: .seconds(2))
+            if i > 0 { try await node.bootstrap(to: nodes[0].address.socket) }
+            nodes.append(node)
+        }
+        return nodes
+    }
+
+    static func forwarded(_ relays: ArraySlice<Node>, for peer: Number160) async throws -> UInt32 {
+        var n: UInt32 = 0
+        for r in relays { n += try await r.eventLoop.submit { r.relayServed[peer]?.nextToken ?? 0 }.get() }
+        return n
+    }
+
+    @Test("a relayed node answers through its relays over UDP and TCP; a newcomer's lookup finds it and reaches it through them")
+    func throughRelays() async throws {
+        let nodes = try await RelayTests.network(5)
+        var cfg = NATConfig()
+        cfg.relays = 3
+        let u = try await loopbackNode(timeout: .seconds(2)) { $0.nat(cfg) }
+        defer { Task { for n in nodes + [u] { try? await n.shutdown() } } }
+        try await u.bootstrap(to: nodes[0].address.socket)
+        let relays = await u.nat.useRelays()
+        #expect(relays.count == 3, "\(relays)")
+        let me = u.address
+        #expect(me.flags.contains(.relayed) && me.relays.count == 3, "\(me)")
+        let relayNodes = ArraySlice(nodes.filter { n in relays.contains { $0.id == n.peerID } })
+        guard let a = nodes.first(where: { n in !relays.contains { $0.id == n.peerID } }) else {
+            Issue.record("every node is a relay")
+            return
+        }
+        // A (not a relay) knows U's record with relays and reaches it through them.
+        var before = try await RelayTests.forwarded(relayNodes, for: u.peerID)
+        let ping = try await a.request(to: me, command: a.kernelCommands.ping).get()
+        #expect(ping.type == .ok && ping.sender.id == u.peerID)
+        #expect(try await a.eventLoop.submit { a.relayRoutes[u.peerID]?.relays.count }.get() == 3)
+        var after = try await RelayTests.forwarded(relayNodes, for: u.peerID)
+        #expect(after > before, "the UDP ping did not go through a relay")
+        // A can be reached, so U connected back to it: A now reaches U over that connection.
+        let deadline = ContinuousClock.now + .seconds(20)
+        while ContinuousClock.now < deadline, try await a.eventLoop.submit({ a.directPaths[u.peerID] == nil }).get() {
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        #expect(try await a.eventLoop.submit { a.directPaths[u.peerID] != nil }.get(), "no reverse connection")
+        before = try await RelayTests.forwarded(relayNodes, for: u.peerID)
+        let direct = try await a.request(to: me, command: a.kernelCommands.ping).get()
+        #expect(direct.sender.id == u.peerID)
+        #expect(try await RelayTests.forwarded(relayNodes, for: u.peerID) == before, "went through a relay despite the reverse connection")
+        // A firewalled peer (U cannot connect back to it) keeps using the relays, over UDP and TCP.
+        let f = try await loopbackNode(timeout: .seconds(2)) { $0.flags([.firewalledUDP, .firewalledTCP]) }
+        defer { Task { try? await f.shutdown() } }
+        for transport in [TransportChoice.udp, .tcp] {
+            before = try await RelayTests.forwarded(relayNodes, for: u.peerID)
+            let r = try await f.request(to: me, command: f.kernelCommands.ping, transport: transport).get()
+            #expect(r.type == .ok && r.sender.id == u.peerID)
+            after = try await RelayTests.forwarded(relayNodes, for: u.peerID)
+            #expect(after > before, "the \(transport) ping did not go through a relay")
+        }
+        // A newcomer finds U by a lookup (the peers it asks list U with its relays) and reaches it.
+        let c = try await loopbackNode(timeout: .seconds(2))
+        defer { Task { try? await c.shutdown() } }
+        try await c.bootstrap(to: a.address.socket)
+        let found = try await c.closestPeers(to: u.peerID)
+        #expect(found.peers.first?.id == u.peerID, "\(found.peers)")
+        #expect(found.peers.first?.flags.contains(.relayed) == true)
+        if let record = found.peers.first {
+            let reply = try await c.request(to: record, command: c.kernelCommands.ping).get()
+            #expect(reply.sender.id == u.peerID)
+        }
+    }
+
+    @Test("a relay that shuts down is replaced, and requests through it go through another")
+    func relayLost() async throws {
+        let nodes = try await RelayTests.network(6)
+        var cfg = NATConfig()
+        cfg.relays = 3
+        cfg.minimumRelays = 1
+        let u = try await loopbackNode(timeout: .seconds(2)) { $0.nat(cfg) }
+        defer { Task { for n in nodes + [u] { try? await n.shutdown() } } }
+        try await u.bootstrap(to: nodes[0].address.socket)
+        let relays = await u.nat.useRelays()
+        #expect(relays.count == 3)
+        guard let gone = nodes.first(where: { n in relays.contains { $0.id == n.peerID } && n !== nodes[0] }) else {
+            Issue.record("no relay to stop")
+            return
+        }
+        try await gone.shutdown()
+        let deadline = ContinuousClock.now + .seconds(20)
+        while ContinuousClock.now < deadline, u.nat.relays.contains(where: { $0.id == gone.peerID }) || u.nat.relays.count < 3 {
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        #expect(u.nat.relays.count == 3 && !u.nat.relays.contains { $0.id == gone.peerID }, "\(u.nat.relays)")
+        #expect(!u.address.relays.contains(gone.address.socket), "\(u.address)")
+    }
+}
