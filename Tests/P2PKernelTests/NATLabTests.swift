@@ -35,6 +35,16 @@ struct NATLabTests {
             }
         }
 
+        /// Starts the public peer `i` again at its address (a new process, a new id) once it exited.
+        func restart(_ i: Int) throws {
+            let old = peers[i]
+            guard let r = old.output.range(of: #"listening on [0-9.]+:\d+"#, options: .regularExpression) else { return }
+            let place = old.output[r].dropFirst("listening on ".count).split(separator: ":")
+            let p = try NodeProcess(["--port", String(place[1]), "--bootstrap", seed], host: String(place[0]), launcher: lab.launcher(lab.pub))
+            peers[i] = p
+            guard p.waitFor("reachable via direct", seconds: 30) else { throw NetLab.LabError(description: "restarted public peer: \(p.output)") }
+        }
+
         func close() {
             for p in peers { p.stop() }
             lab.close()
@@ -231,8 +241,10 @@ struct NATLabTests {
 
     @Test("case 8: a relay process is killed: a new relay is set up (goal: < 5 s) and no request is lost")
     func relayKilled() throws {
-        let kills = 3
-        let world = try World(extra: 2 + kills)
+        let kills = NATLabTests.trials
+        // Six public peers: five relays and a spare; each killed relay's process is started
+        // again afterwards (a new id at the same address) and becomes the next spare.
+        let world = try World(extra: 3)
         defer { world.close() }
         let (node, id, _) = try NATLabTests.natedNode(world, expect: "relayed via 5 relays")
         defer { node.stop() }
@@ -243,12 +255,14 @@ struct NATLabTests {
             // The relays the node announced last; kill one that is not the seed.
             let line = node.output.split(separator: "\n").last { $0.contains("relayed via") }.map(String.init) ?? ""
             let relays = line.components(separatedBy: ": ").last?.components(separatedBy: ", ") ?? []
-            guard let victim = world.peers.dropFirst().first(where: { p in
-                p.process.isRunning && relays.contains { $0.hasSuffix(":\(p.port ?? "-")") && p.output.contains("on \($0)") }
+            guard let victimIndex = world.peers.indices.dropFirst().first(where: { i in
+                let p = world.peers[i]
+                return p.process.isRunning && relays.contains { p.output.contains("listening on \($0) ") }
             }) else {
                 Issue.record("no relay to kill in \(line)")
                 break
             }
+            let victim = world.peers[victimIndex]
             let mark = node.output.count
             let killed = Date()
             victim.kill9()
@@ -277,6 +291,7 @@ struct NATLabTests {
             sends.wait()
             sent += 3
             lost += failures.withLockedValue { $0 }
+            try world.restart(victimIndex)
         }
         #expect(lost == 0, "\(lost) of \(sent) requests lost while a relay was down")
         print(NATLabTests.summary("case 8 relay killed (time to a new relay, measured after the sends)", replaced))

@@ -496,12 +496,21 @@ public final class NATTraversal: @unchecked Sendable {
         ensureMaintenance()
         let (current, failed) = state.withLockedValue { ($0.relays, $0.relayFailed) }
         let me = node.peerID
-        let all = ((try? await node.eventLoop.submit {
-            node.peerMap.verifiedPeers.filter {
-                $0.isContactable && $0.flags.isDisjoint(with: [.relayed, .firewalledUDP, .firewalledTCP]) && $0.id != me
-            }
-        }.get()) ?? []).sorted { ($0.id ^ me) < ($1.id ^ me) }
+        func candidates() async -> [PeerAddress] {
+            ((try? await node.eventLoop.submit {
+                node.peerMap.verifiedPeers.filter {
+                    $0.isContactable && $0.flags.isDisjoint(with: [.relayed, .firewalledUDP, .firewalledTCP]) && $0.id != me
+                }
+            }.get()) ?? []).sorted { ($0.id ^ me) < ($1.id ^ me) }
+        }
+        var all = await candidates()
         var queue = all.filter { p in failed[p.id] == nil && !current.contains { $0.id == p.id } }
+        if current.count + queue.count < cfg.relays {
+            // Too few known: a lookup of our own id meets the peers closest to us.
+            _ = try? await node.closestPeers(to: me)
+            all = await candidates()
+            queue = all.filter { p in failed[p.id] == nil && !current.contains { $0.id == p.id } }
+        }
         var got = current
         while got.count < cfg.relays, !queue.isEmpty {
             let batch = Array(queue.prefix(cfg.relays - got.count))
@@ -564,7 +573,12 @@ public final class NATTraversal: @unchecked Sendable {
         }
         guard wanted else { return }
         node.logger.info("relay \(peer.socket) lost; replacing it")
-        _ = try? await node.eventLoop.submit { node.dropRelayLink(to: peer) }.get()
+        // Its link broke or it stopped answering: gone from the map too (its place may be
+        // needed by its successor at the same address).
+        _ = try? await node.eventLoop.submit {
+            node.dropRelayLink(to: peer)
+            node.peerMap.peerFailed(peer.id, reason: .disconnected)
+        }.get()
         let (relays, _) = await setUpRelays(node)
         if relays.isEmpty { node.logger.warning("no relay left") }
         let updated = state.withLockedValue { s -> ReachabilityReport? in

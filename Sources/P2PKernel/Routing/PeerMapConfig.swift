@@ -42,4 +42,7 @@ public enum RemovalReason: Sendable, Equatable {
     case offline
     /// It announced that it cannot be reached unsolicited (behind a NAT, not yet mapped or relayed).
     case unreachable
+    /// A connection we keep open to it (a relay link) closed: it went away, or came back with
+    /// another identity at the same address.
+    case disconnected
 }
