@@ -42,6 +42,24 @@ struct WireCodecTests {
         }
     }
 
+    @Test("a relayed sender's relays travel in the header; more than five are refused")
+    func relayedSender() throws {
+        var m = Self.message()
+        let relays = [PeerSocketAddress(ip: .v4(0x0A00_0001), port: 4000), PeerSocketAddress(ip: .v6(0x2001_0db8_0000_0000, 1), tcpPort: 1, udpPort: 2)]
+        m.sender = PeerAddress(id: m.sender.id, socket: m.sender.socket, flags: [.relayed, .firewalledUDP], relays: relays)
+        let bytes = try WireCodec.encode(m)
+        #expect(bytes.count == WireCodec.encodedSize(m))
+        let back = try WireCodec.decode(bytes, senderIP: Self.senderIP)
+        #expect(back.sender.relays == relays && back.sender.flags.contains(.relayed))
+        // The relay count byte sits right after the recipient id (offset 58).
+        var forged = bytes
+        forged[58] = 6
+        #expect(throws: WireError.self) { try WireCodec.decode(forged, senderIP: Self.senderIP) }
+        // Without the relayed flag no relays are written.
+        m.sender = PeerAddress(id: m.sender.id, socket: m.sender.socket, flags: [], relays: relays)
+        #expect(try WireCodec.decode(try WireCodec.encode(m), senderIP: Self.senderIP).sender.relays.isEmpty)
+    }
+
     @Test("header fields at their extremes round trip")
     func headerExtremes() throws {
         for value in [UInt32.zero, 1, .max] {
