@@ -13,7 +13,8 @@ struct WireCodecTests {
     }
 
     static func message(type: MessageType = .request, payload: [Payload] = [], signed: Bool = false) -> Message {
-        let sender = PeerAddress(id: .max, socket: PeerSocketAddress(ip: senderIP, tcpPort: .max, udpPort: 0), flags: .known)
+        // Every flag but `relayed`, which adds the relay list to the header (tested on its own).
+        let sender = PeerAddress(id: .max, socket: PeerSocketAddress(ip: senderIP, tcpPort: .max, udpPort: 0), flags: PeerFlags.known.subtracting(.relayed))
         return Message(networkID: .max, id: .max, type: type, command: .max, sender: sender, recipientID: .zero,
                        payload: payload,
                        signature: signed ? MessageSignature(publicKey: .init(repeating: 0xAB, count: 32), signature: .init(repeating: 0xCD, count: 64)) : nil)
