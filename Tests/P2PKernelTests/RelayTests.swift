@@ -103,4 +103,48 @@ struct RelayTests {
         #expect(u.nat.relays.count == 3 && !u.nat.relays.contains { $0.id == gone.peerID }, "\(u.nat.relays)")
         #expect(!u.address.relays.contains(gone.address.socket), "\(u.address)")
     }
+
+    @Test("a relay serves few peers of one network and a bounded number in all")
+    func relayBounds() async throws {
+        let relay = try await loopbackNode { $0.configure { $0.limits.maxRelayedPeers = 6 } }
+        let other = try await loopbackNode()
+        defer { Task { try? await relay.shutdown(); try? await other.shutdown() } }
+        // Any open connection stands in for the links; the address each peer came from is what counts.
+        let link = try await relay.connection(to: other.address.socket).get()
+        let refusals = try await relay.eventLoop.submit { () -> [String?] in
+            var out: [String?] = []
+            for i in 0..<7 {
+                let ip = IPAddress.v4(i < 5 ? 0x0A01_0200 | UInt32(i + 1) : 0x0A01_0300 | UInt32(i + 1))
+                let id = Number160.random()
+                let refusal = relay.relayRefusal(for: id, ip: ip)
+                out.append(refusal)
+                if refusal == nil {
+                    relay.relayServed[id] = RelayServed(link: link, returns: [nil], allowance: 0, stamp: 0, ip: ip)
+                }
+            }
+            return out
+        }.get()
+        // Four from 10.1.2.0/24, the fifth refused; two more from 10.1.3.0/24 fill the six places.
+        #expect(refusals[0..<4].allSatisfy { $0 == nil })
+        #expect(refusals[4]?.contains("network") == true, "\(refusals)")
+        #expect(refusals[5] == nil && refusals[6] == nil, "\(refusals)")
+        let full = try await relay.eventLoop.submit { relay.relayRefusal(for: .random(), ip: .v4(0x0A01_0401)) }.get()
+        #expect(full?.contains("6 peers") == true, "\(String(describing: full))")
+        try await relay.eventLoop.submit { relay.relayServed.removeAll() }.get()
+
+        // Connections back to peers that wrote through a relay aim where the relay says: a few a
+        // minute in all, however many ids ask (only loopback addresses here, where nothing listens).
+        let limit = relay.config.limits.reverseConnectionsPerMinute
+        let tried = try await relay.eventLoop.submit { () -> Int in
+            relay.relayLinks[ObjectIdentifier(link)] = other.peerID
+            let source = try SocketAddress(ipAddress: "127.0.0.1", port: 9)
+            for i in 0..<(limit + 20) {
+                let sender = PeerAddress(id: .random(), socket: PeerSocketAddress(ip: .v4(0x7F00_0002 + UInt32(i)), port: 9))
+                relay.considerReverseConnection(to: sender, origin: .link(link, token: 0, kind: .udp, source: source))
+            }
+            relay.relayLinks.removeAll()
+            return relay.reverseTried.count
+        }.get()
+        #expect(tried == limit)
+    }
 }

@@ -208,6 +208,11 @@ public struct PeerAddress: Hashable, Sendable, CustomStringConvertible {
     public var isContactable: Bool {
         flags.isDisjoint(with: [.firewalledUDP, .firewalledTCP]) || (flags.contains(.relayed) && !relays.isEmpty)
     }
+    /// Whether others reach this peer at its own address (not firewalled, not relayed): what an
+    /// observer, a prober or a relay must be.
+    public var isDirectlyReachable: Bool {
+        flags.isDisjoint(with: [.firewalledUDP, .firewalledTCP, .relayed])
+    }
     public var tcpPort: UInt16 { socket.tcpPort }
     public var udpPort: UInt16 { socket.udpPort }
 

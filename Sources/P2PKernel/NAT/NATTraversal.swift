@@ -324,11 +324,11 @@ public final class NATTraversal: @unchecked Sendable {
         return report
     }
 
-    /// Verified peers to ask, each at another IP (another /24 first), contactable.
+    /// Verified peers to ask, each at another IP (another /24 first), reachable at their own address.
     private func pickObservers(_ node: Node, count: Int) -> [PeerAddress] {
         var chosen: [PeerAddress] = []
         var groups = Set<UInt64>(), ips = Set<IPAddress>()
-        let peers = node.peerMap.verifiedPeers.filter(\.isContactable).shuffled()
+        let peers = node.peerMap.verifiedPeers.filter(\.isDirectlyReachable).shuffled()
         for pass in 0..<2 {
             for p in peers where chosen.count < count && !ips.contains(p.ip) {
                 let group = p.ip.sybilGroup ?? UInt64(truncatingIfNeeded: p.ip.hashValue)
@@ -499,7 +499,7 @@ public final class NATTraversal: @unchecked Sendable {
         func candidates() async -> [PeerAddress] {
             ((try? await node.eventLoop.submit {
                 node.peerMap.verifiedPeers.filter {
-                    $0.isContactable && $0.flags.isDisjoint(with: [.relayed, .firewalledUDP, .firewalledTCP]) && $0.id != me
+                    $0.isDirectlyReachable && $0.id != me
                 }
             }.get()) ?? []).sorted { ($0.id ^ me) < ($1.id ^ me) }
         }
@@ -623,10 +623,18 @@ public final class NATTraversal: @unchecked Sendable {
     private func tendRelays(_ node: Node) async {
         let (relays, want) = state.withLockedValue { ($0.relays, $0.wantRelays) }
         guard want else { return }
-        for p in relays {
-            let ok = (try? await node.request(to: p, command: node.kernelCommands.ping, transport: .tcp, timeout: .seconds(3)).get()) != nil
-            if !ok { await relayLost(node, p) }
+        // All at once: one dead relay must not hold up the others' checks (or the mapping's).
+        let silent = await withTaskGroup(of: PeerAddress?.self) { group in
+            for p in relays {
+                group.addTask {
+                    (try? await node.request(to: p, command: node.kernelCommands.ping, transport: .tcp, timeout: .seconds(3)).get()) == nil ? p : nil
+                }
+            }
+            var out: [PeerAddress] = []
+            for await p in group { if let p { out.append(p) } }
+            return out
         }
+        for p in silent { await relayLost(node, p) }
         if state.withLockedValue({ $0.relays.count }) < node.config.nat.relays { _ = await setUpRelays(node) }
     }
 

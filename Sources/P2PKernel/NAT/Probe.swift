@@ -114,7 +114,7 @@ extension KernelCommands {
             // A helper on another address than ours and the requester's (another /24 where
             // there is one), that we hold a session with: it is alive and proven.
             let helpers = node.peerMap.verifiedPeers.filter {
-                $0.id != target.id && $0.ip != ip && $0.ip != me.ip && $0.isContactable
+                $0.id != target.id && $0.ip != ip && $0.ip != me.ip && $0.isDirectlyReachable
                     && (!node.sessionsEnabled || node.sessions.slot(peer: $0.id) != nil)
             }
             let helper = helpers.first { $0.ip.sybilGroup != ip.sybilGroup } ?? helpers.first

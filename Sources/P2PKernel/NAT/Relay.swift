@@ -133,11 +133,7 @@ extension Node {
             return
         }
         let via = routedTarget(target, expected: peer)
-        guard via != target || peer == .zero || relayRoutes[peer] == nil || directPaths[peer] != nil else {
-            udp.writeAndFlush(AddressedEnvelope(remoteAddress: target.udpSocketAddress, data: packet), promise: promise)
-            return
-        }
-        if via == target {
+        guard via != target else {
             udp.writeAndFlush(AddressedEnvelope(remoteAddress: target.udpSocketAddress, data: packet), promise: promise)
             return
         }
@@ -338,12 +334,11 @@ extension Node {
     /// Starts relaying for `peer` over `link` (its authenticated connection to us).
     func serveRelay(for peer: PeerAddress, link: any Channel) -> Reply {
         let limits = config.limits
+        let ip = link.remoteAddress.flatMap(IPAddress.init) ?? peer.ip
+        if let refusal = relayRefusal(for: peer.id, ip: ip) { return .error(.denied, refusal) }
         if let old = relayServed[peer.id], old.link !== link {
             relayLinkOwners[ObjectIdentifier(old.link)] = nil
-        } else if relayServed[peer.id] == nil, relayServed.count >= limits.maxRelayedPeers {
-            return .error(.denied, "busy: relaying for \(limits.maxRelayedPeers) peers already")
         }
-        let ip = link.remoteAddress.flatMap(IPAddress.init) ?? peer.ip
         relayServed[peer.id] = RelayServed(link: link, returns: Array(repeating: nil, count: max(1, limits.relayReturnSlots)),
                                            allowance: Double(limits.relayBurstBytes), stamp: PeerMap.now(), ip: ip)
         relayLinkOwners[ObjectIdentifier(link)] = peer.id
@@ -352,6 +347,19 @@ extension Node {
             if let s = relayServed[peer.id], s.link === link { relayServed[peer.id] = nil }
         }
         return Reply(payload: [.integer(Int64(limits.relayBytesPerSecond))])
+    }
+
+    /// Why a new peer at `ip` is not relayed for (nil: it is): `maxRelayedPeers` in all, and
+    /// `maxRelayedPeersPerIPGroup` from one /24 or /48 (ids cost nothing; loopback is exempt).
+    /// A peer already served may always renew its link.
+    func relayRefusal(for peer: Number160, ip: IPAddress) -> String? {
+        guard relayServed[peer] == nil else { return nil }
+        let limits = config.limits
+        guard relayServed.count < limits.maxRelayedPeers else { return "busy: relaying for \(limits.maxRelayedPeers) peers already" }
+        if let group = ip.sybilGroup, relayServed.values.count(where: { $0.ip.sybilGroup == group }) >= limits.maxRelayedPeersPerIPGroup {
+            return "busy: relaying for \(limits.maxRelayedPeersPerIPGroup) peers of \(ip)'s network already"
+        }
+        return nil
     }
 
     /// Relayed side: `channel` is a link to our relay `relay`; it stays open (pinned).
@@ -388,14 +396,16 @@ extension Node {
 
     /// Relayed side: a peer that can be reached wrote to us through a relay; we connect to it
     /// ourselves (outbound passes our NAT) so it can use that connection instead. Once per peer
-    /// a minute.
+    /// a minute, `NodeLimits.reverseConnectionsPerMinute` in all.
     func considerReverseConnection(to sender: PeerAddress, origin: Origin) {
         guard case .link = origin, sender.isContactable, !sender.flags.contains(.relayed),
               sender.flags.isDisjoint(with: [.firewalledTCP]), !relayLinks.isEmpty else { return }
+        // The sender's address is what the relay says it is: a hostile relay (or a peer with many
+        // ids behind it) could aim these connections anywhere, so they are few a minute in all.
         let now = coarseSeconds
         if let last = reverseTried[sender.id], now &- last < 60 { return }
-        if reverseTried.count >= 1024 { reverseTried = reverseTried.filter { now &- $0.value < 60 } }
-        guard reverseTried.count < 1024 else { return }
+        reverseTried = reverseTried.filter { now &- $0.value < 60 }
+        guard reverseTried.count < config.limits.reverseConnectionsPerMinute else { return }
         reverseTried[sender.id] = now
         let ping = kernelCommands.ping
         request(to: sender.socket, expectedID: sender.id, command: ping, transport: .tcp).whenComplete { [self] result in

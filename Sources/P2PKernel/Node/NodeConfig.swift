@@ -152,6 +152,12 @@ public struct NodeLimits: Sendable {
     public var probeBurst = 16.0
     /// Peers this node relays for at once (each holds a link and a return ring).
     public var maxRelayedPeers = 32
+    /// Of those, from one address group (a /24, a /48; loopback exempt): ids cost nothing, so one
+    /// host cannot take every place.
+    public var maxRelayedPeersPerIPGroup = 4
+    /// Connections a relayed peer opens back to peers that wrote through its relays, per minute
+    /// in all: the address comes from the relay, so it is a claim, and this is where it can aim us.
+    public var reverseConnectionsPerMinute = 32
     /// Bytes a relayed peer's traffic may move through this node per second (both directions
     /// together), and the burst: a relay carries routing and messages, not bulk transfers, and
     /// one relayed peer cannot take a relay's whole uplink. No time or total cut-off.

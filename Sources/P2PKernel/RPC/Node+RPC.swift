@@ -357,16 +357,16 @@ extension Node {
         case .tcp: kind = .tcp
         }
         // A peer we hold a direct connection to (it connected back to us) is asked over it.
-        let kind2 = expectedID != .zero && directPaths[expectedID] != nil ? TransportKind.tcp : kind
-        if let problem = unsendable(routedTarget(target, expected: expectedID), kind2) { return eventLoop.makeFailedFuture(RPCError.invalidAddress(problem)) }
+        let routedKind = expectedID != .zero && directPaths[expectedID] != nil ? TransportKind.tcp : kind
+        if let problem = unsendable(routedTarget(target, expected: expectedID), routedKind) { return eventLoop.makeFailedFuture(RPCError.invalidAddress(problem)) }
         var plain = ByteBufferAllocator().buffer(capacity: size)
         plain.writeMessage(m, size: size, framed: false)
         let promise = eventLoop.makePromise(of: Message.self)
         let total = timeout ?? config.requestTimeout
         pending[id] = PendingRequest(promise: promise, timer: nil, expected: expectedID, target: target, command: command,
-                                     payload: payload, timeout: total, plaintext: plain, transport: kind2)
-        transmit(plain, to: target, expected: expectedID, over: kind2, requestID: id)
-        if kind2 == .udp {
+                                     payload: payload, timeout: total, plaintext: plain, transport: routedKind)
+        transmit(plain, to: target, expected: expectedID, over: routedKind, requestID: id)
+        if routedKind == .udp {
             // Re-sent every `udpRetryAfter` until the deadline: datagrams get lost, and so may the
             // FINISH of a fresh session. A re-sent request is sealed anew, so the peer answers it.
             resend(id, every: min(config.udpRetryAfter, total / 2), deadline: NIODeadline.now() + TimeAmount(total), total: total)
@@ -447,12 +447,11 @@ extension Node {
                   requestID: UInt32?, written: EventLoopPromise<Void>? = nil) {
         switch kind {
         case .udp:
-            guard let udp = udpChannel else {
+            guard udpChannel != nil else {
                 written?.fail(RPCError.shutDown)
                 return
             }
             if !sessionsEnabled {
-                _ = udp
                 emitUDP(plain, to: target, peer: expected, promise: written)
             } else {
                 sendSecure(QueuedMessage(plain: plain, requestID: requestID, written: written), to: target, expected: expected, over: .udp, connection: nil)

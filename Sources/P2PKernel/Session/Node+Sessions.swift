@@ -48,7 +48,7 @@ extension Node {
     func sendSecure(_ item: QueuedMessage, to target: PeerSocketAddress, expected: Number160, over kind: TransportKind,
                     connection: (any Channel)?) {
         if expected != .zero, let (packet, local) = sessions.seal(item.plain, peer: expected, transport: kind, now: coarseSeconds) {
-            send(item, packet, session: local, to: target, over: kind, connection: connection)
+            send(item, packet, session: local, to: target, peer: expected, over: kind, connection: connection)
         } else {
             enqueue(item, target: target, expected: expected, over: kind, connection: connection)
         }
@@ -56,13 +56,13 @@ extension Node {
 
     /// Seals one message in the session in `slot` and writes it.
     private func seal(_ item: QueuedMessage, slot: Int, to target: PeerSocketAddress, over kind: TransportKind, connection: (any Channel)?) {
-        let local = sessions[slot].localIndex
-        send(item, sessions.seal(item.plain, slot: slot, transport: kind, now: coarseSeconds), session: local, to: target, over: kind,
-             connection: connection)
+        let local = sessions[slot].localIndex, peer = sessions[slot].remoteID
+        send(item, sessions.seal(item.plain, slot: slot, transport: kind, now: coarseSeconds), session: local, to: target, peer: peer,
+             over: kind, connection: connection)
     }
 
-    private func send(_ item: QueuedMessage, _ packet: ByteBuffer?, session: UInt64, to target: PeerSocketAddress, over kind: TransportKind,
-                      connection: (any Channel)?) {
+    private func send(_ item: QueuedMessage, _ packet: ByteBuffer?, session: UInt64, to target: PeerSocketAddress, peer: Number160,
+                      over kind: TransportKind, connection: (any Channel)?) {
         guard let packet else {
             return reject(item, .encoding(.limitExceeded(what: "sealed message bytes", value: item.plain.readableBytes, limit: WireLimits.maxMessageBytes)))
         }
@@ -70,7 +70,6 @@ extension Node {
             guard pending[id] != nil else { return }
             pending[id]?.session = session
         }
-        let peer = sessions.slot(index: session).map { sessions[$0].remoteID } ?? .zero
         switch kind {
         case .udp:
             guard udpChannel != nil else { return reject(item, .shutDown) }
