@@ -178,8 +178,15 @@ public struct PeerFlags: OptionSet, Hashable, Sendable {
     public static let relayed = PeerFlags(rawValue: 1 << 2)
     /// The peer's ports are mapped on its NAT (UPnP or NAT-PMP).
     public static let portForwarded = PeerFlags(rawValue: 1 << 3)
+    /// The peer is behind a NAT that maps its socket to one external port for every destination
+    /// (port-preserving or consistent): a peer behind another such NAT can punch a hole to it,
+    /// over UDP and TCP, coordinated through its relays.
+    public static let punchable = PeerFlags(rawValue: 1 << 4)
+    /// The peer is behind a NAT that maps each destination to another port (symmetric): only a
+    /// peer behind a `.punchable` NAT can reach it directly, by birthday probing over UDP.
+    public static let symmetricNAT = PeerFlags(rawValue: 1 << 5)
     /// Every flag the wire format defines; other bits are refused by the decoder.
-    public static let known: PeerFlags = [.firewalledUDP, .firewalledTCP, .relayed, .portForwarded]
+    public static let known: PeerFlags = [.firewalledUDP, .firewalledTCP, .relayed, .portForwarded, .punchable, .symmetricNAT]
 }
 
 /// A peer: its id, where it listens, its flags and up to five relays.

@@ -40,6 +40,21 @@ public struct NATConfig: Sendable {
     /// and not asked again for `relayRetryAfter`.
     public var relayKeepAlive: Duration = .seconds(10)
     public var relayRetryAfter: Duration = .seconds(60)
+    /// Punch a direct path to a relayed peer when both sides are behind NATs that allow it (see
+    /// `HolePunch.swift`): UDP and TCP when both map consistently, UDP by birthday probing when
+    /// exactly one is symmetric; never when both are.
+    public var holePunching = true
+    /// How long a punch may take from the moment both sides fire; then the relays stay in use.
+    public var punchBudget: Duration = .seconds(3)
+    /// A peer is not punched to again this soon after a punch with it began.
+    public var punchRetryAfter: Duration = .seconds(60)
+    /// Birthday probing: sockets the symmetric side opens, and datagrams the other side sprays
+    /// at random ports of its IP (256 and 3000: P ≈ 1 − e^−12 of a hit within the budget).
+    public var birthdaySockets = 256
+    public var birthdayProbes = 3000
+    /// A punched UDP path is pinged this often: NATs forget idle UDP mappings within minutes
+    /// (often 30 s); a path whose ping fails is dropped and the relays carry the traffic again.
+    public var pathKeepAlive: Duration = .seconds(15)
 
     public init(mode: Mode = .off) { self.mode = mode }
 }
@@ -111,21 +126,33 @@ public struct ReachabilityReport: Sendable, Equatable {
         return "reachable via \(method.rawValue) as \(external.map { "\($0.ip):\($0.udpPort)" } ?? "?")"
     }
 
+    /// How peers behind NATs can reach a relayed node directly: `udp+tcp` (its NAT maps
+    /// consistently: any such peer punches), `udp by birthday probing` (symmetric: only peers
+    /// behind consistent NATs, over UDP), or `none`.
+    public var holePunching: String {
+        guard reachable, method == .relay else { return "none" }
+        switch natType {
+        case .portPreserving, .consistent: return "udp+tcp"
+        case .symmetric: return "udp by birthday probing"
+        case .none, .unknown: return "none"
+        }
+    }
+
     /// One JSON object: `reachable`, `method`, `external`, `nat_type`, `relays`, `elapsed_ms`,
-    /// `mappings`, `observations`, `steps`.
+    /// `hole_punching`, `mappings`, `observations`, `steps`.
     public var json: String {
         struct Out: Encodable {
             struct Mapping: Encodable { let proto: String, internal_port: UInt16, external_port: UInt16, external_ip: String?, lifetime_s: UInt32, method: String }
             struct Obs: Encodable { let peer: String, udp: String?, tcp: String? }
             struct StepOut: Encodable { let name: String, ms: Double, outcome: String }
             let reachable: Bool, method: String, external: String?, external_udp_port: UInt16?, external_tcp_port: UInt16?
-            let nat_type: String, relays: [String], elapsed_ms: Double
+            let nat_type: String, relays: [String], elapsed_ms: Double, hole_punching: String
             let mappings: [Mapping], observations: [Obs], steps: [StepOut]
         }
         let out = Out(reachable: reachable, method: method.rawValue, external: external.map { "\($0.ip):\($0.udpPort)" },
                       external_udp_port: external?.udpPort, external_tcp_port: external?.tcpPort,
                       nat_type: natType.rawValue, relays: relays.map { "\($0.socket.ip):\($0.udpPort)" },
-                      elapsed_ms: (elapsedMilliseconds * 10).rounded() / 10,
+                      elapsed_ms: (elapsedMilliseconds * 10).rounded() / 10, hole_punching: holePunching,
                       mappings: mappings.map { .init(proto: $0.proto.rawValue, internal_port: $0.internalPort, external_port: $0.externalPort,
                                                       external_ip: $0.externalIP.map { "\($0)" }, lifetime_s: $0.lifetime, method: $0.method.rawValue) },
                       observations: observations.map { .init(peer: "\($0.peer.id)", udp: $0.udp.map { "\($0.ip):\($0.udpPort)" },
@@ -303,6 +330,12 @@ public final class NATTraversal: @unchecked Sendable {
             var flags: PeerFlags = []
             if !direct.udp { flags.insert(.firewalledUDP) }
             if !direct.tcp { flags.insert(.firewalledTCP) }
+            // How others may punch to us, once we are relayed (see `HolePunch.swift`).
+            switch c.type {
+            case .portPreserving, .consistent: flags.insert(.punchable)
+            case .symmetric: flags.insert(.symmetricNAT)
+            case .none, .unknown: break
+            }
             await announce(node, udpPort: bound, tcpPort: bound, ip: nil, flags: flags)
             if cfg.relays > 0, node.sessionsEnabled {
                 let tRelay = clock.now

@@ -109,6 +109,7 @@ extension Node {
             }
         } else if relayRoutes[peer.id] != nil {
             relayRoutes[peer.id] = nil
+            dropUDPPath(peer.id)
         }
     }
 
@@ -130,6 +131,10 @@ extension Node {
     func emitUDP(_ packet: ByteBuffer, to target: PeerSocketAddress, peer: Number160, promise: EventLoopPromise<Void>?) {
         guard let udp = udpChannel else {
             promise?.fail(RPCError.shutDown)
+            return
+        }
+        if peer != .zero, let path = udpPaths[peer] {
+            path.channel.writeAndFlush(AddressedEnvelope(remoteAddress: path.address, data: packet), promise: promise)
             return
         }
         let via = routedTarget(target, expected: peer)
@@ -386,12 +391,16 @@ extension Node {
     /// we reach it over that connection while it lasts, instead of through its relays.
     func noteDirectPath(_ peer: Number160, origin: Origin) {
         guard case .tcp(let channel) = origin, relayRoutes[peer] != nil, directPaths[peer].map({ $0 !== channel }) ?? true else { return }
-        if directPaths.count >= config.limits.maxDirectPaths, let victim = directPaths.keys.randomElement() { directPaths[victim] = nil }
-        directPaths[peer] = channel
-        channel.closeFuture.whenComplete { [self] _ in
-            if let c = directPaths[peer], c === channel { directPaths[peer] = nil }
+        installDirectPath(peer, channel: channel)
+        if let nonce = punchByPeer[peer], let p = punches[nonce], p.wantsTCP {
+            // The peer's SYN got to our listener during a punch: this connection is the punched path.
+            punches[nonce]?.tcpDone = true
+            let remote = channel.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
+            announcePath(DirectPath(peer: peer, transport: .tcp, method: .holePunch, remote: remote,
+                                    milliseconds: Double((NIODeadline.now() - (p.started ?? p.created)).nanoseconds) / 1e6))
+        } else {
+            logger.debug("direct connection from relayed peer", metadata: ["peer": "\(peer)"])
         }
-        logger.debug("direct connection from relayed peer", metadata: ["peer": "\(peer)"])
     }
 
     /// Relayed side: a peer that can be reached wrote to us through a relay; we connect to it

@@ -15,7 +15,7 @@ public enum KernelCommands {
     public static let quit = "kernel.quit"
     public static let discover = "kernel.discover"
 
-    static let handlers: [any CommandHandler] = [Ping(), Neighbors(), Quit(), Discover(), Observe(), Probe(), ProbeFor(), RelayRequest()]
+    static let handlers: [any CommandHandler] = [Ping(), Neighbors(), Quit(), Discover(), Observe(), Probe(), ProbeFor(), RelayRequest(), PunchRequest()]
 
     /// Answers `ok`: the sender learns we are alive (and, from the reply header, our id).
     struct Ping: CommandHandler {
@@ -48,6 +48,7 @@ public enum KernelCommands {
         func handle(_ request: Message, context: CommandContext) -> CommandResult {
             context.node.peerMap.peerFailed(request.sender.id, reason: .quit)
             context.node.forgetSessions(of: request.sender.id)
+            context.node.dropUDPPath(request.sender.id)
             return .reply(Reply())
         }
     }

@@ -53,6 +53,17 @@ public final class Node: @unchecked Sendable {
     var relayRoutes: [Number160: RelayRoute] = [:]
     /// Connections relayed peers opened to us (reverse connections), used instead of their relays.
     var directPaths: [Number160: any Channel] = [:]
+    /// Punched UDP paths to relayed peers: the socket and the address their datagrams go to
+    /// instead of their relays (see `HolePunch.swift`).
+    var udpPaths: [Number160: UDPPath] = [:]
+    /// Birthday sockets that became paths, by the remote address they serve: replies to a
+    /// datagram from there leave on that socket, not the node's.
+    var punchSockets: [SocketAddress: any Channel] = [:]
+    /// Punches in progress by nonce, which peer each is with, and when each peer was last punched to.
+    var punches: [UInt64: Punch] = [:]
+    var punchByPeer: [Number160: UInt64] = [:]
+    var punchTried: [Number160: UInt32] = [:]
+    var pathKeepAlive: RepeatedTask?
     /// Pool keys whose connections are never evicted (links to our relays, reverse connections).
     var pinned: Set<PeerSocketAddress> = []
     /// Relay side: the peers we relay for, and which link belongs to whom.
@@ -352,6 +363,7 @@ public final class Node: @unchecked Sendable {
                 sessions.removeAll()
                 for (_, w) in probes { w.promise.succeed(()) }
                 probes.removeAll()
+                endAllPunches()
                 var closes: [EventLoopFuture<Void>] = []
                 for (_, f) in pool { closes.append(f.flatMap { $0.close() }.recover { _ in }) }
                 pool.removeAll()

@@ -168,6 +168,13 @@ public struct NodeLimits: Sendable {
     /// Relayed peers whose relays this node remembers, and direct connections from relayed peers.
     public var maxRelayRoutes = 4096
     public var maxDirectPaths = 256
+    /// Hole punches at once, and begun per minute (asked or answered): each sends packets to an
+    /// IP a relay reported and to ports the other side claims, so they are few.
+    public var maxPunchesInProgress = 8
+    public var punchesPerMinute = 32
+    /// Birthday punches at once (one side symmetric): each holds `NATConfig.birthdaySockets`
+    /// sockets, or sprays `NATConfig.birthdayProbes` datagrams at one IP.
+    public var maxBirthdaysInProgress = 1
     /// Token buckets per rate limit, shared by sources through a secret hash: 1 KiB each, so
     /// every node can afford them, and many enough that two sources rarely share one.
     public var rateLimitSlots = 128

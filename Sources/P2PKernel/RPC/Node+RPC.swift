@@ -72,6 +72,12 @@ extension Node {
             receivedNATPacket(first, buffer, remote: remote, origin: origin)
         } else if first >= RelayPacket.toRelay, first <= RelayPacket.fromRelay {
             receivedRelayPacket(first, buffer, remote: remote, origin: origin)
+        } else if first == PunchPacket.kind {
+            guard case .udp = origin, let udp = udpChannel else {
+                countDrop("punch packet from \(remote) not over UDP")
+                return closeIfStream(origin)
+            }
+            receivedPunch(buffer, from: remote, channel: udp)
         } else if sessionsEnabled {
             receivedSessionPacket(buffer, ip: ip, remote: remote, origin: origin)
         } else {
@@ -129,7 +135,8 @@ extension Node {
         }
         switch origin {
         case .udp:
-            guard p.transport == .udp, remote.port.map(UInt16.init) == p.target.udpPort, IPAddress(remote) == p.target.ip else {
+            let punched = p.expected != .zero && udpPaths[p.expected]?.address == remote
+            guard p.transport == .udp, punched || (remote.port.map(UInt16.init) == p.target.udpPort && IPAddress(remote) == p.target.ip) else {
                 countDrop("reply \(reply.id) from \(remote), but the request went to \(p.target)")
                 return
             }
@@ -166,6 +173,7 @@ extension Node {
             return
         }
         noteContact(reply.sender)
+        if case .relayed = origin { considerPunch(with: reply.sender) }
         p.promise.succeed(reply)
     }
 
@@ -175,7 +183,9 @@ extension Node {
         }
         switch origin {
         case .tcp: noteDirectPath(request.sender.id, origin: origin)
-        case .link: considerReverseConnection(to: request.sender, origin: origin)
+        case .link:
+            considerReverseConnection(to: request.sender, origin: origin)
+            considerPunch(with: request.sender)
         default: break
         }
         guard let handler = registry.commands.handler(for: request.command) else {
@@ -244,7 +254,7 @@ extension Node {
     func write(_ packet: ByteBuffer, origin: Origin) {
         switch origin {
         case .udp(let remote):
-            udpChannel?.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: packet), promise: nil)
+            udpSocket(to: remote)?.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: packet), promise: nil)
         case .tcp(let channel):
             writeReply(packet.framed(), on: channel)
         case .relayed, .link:
@@ -356,9 +366,13 @@ extension Node {
             kind = .udp
         case .tcp: kind = .tcp
         }
-        // A peer we hold a direct connection to (it connected back to us) is asked over it.
-        let routedKind = expectedID != .zero && directPaths[expectedID] != nil ? TransportKind.tcp : kind
-        if let problem = unsendable(routedTarget(target, expected: expectedID), routedKind) { return eventLoop.makeFailedFuture(RPCError.invalidAddress(problem)) }
+        // A relayed peer we hold a punched UDP path to is asked over it; one we hold a direct
+        // connection to (it connected back to us, or a punched one) over that connection.
+        let punchedUDP = expectedID != .zero && kind == .udp && udpPaths[expectedID] != nil
+        let routedKind = !punchedUDP && expectedID != .zero && directPaths[expectedID] != nil ? TransportKind.tcp : kind
+        if !punchedUDP, let problem = unsendable(routedTarget(target, expected: expectedID), routedKind) {
+            return eventLoop.makeFailedFuture(RPCError.invalidAddress(problem))
+        }
         var plain = ByteBufferAllocator().buffer(capacity: size)
         plain.writeMessage(m, size: size, framed: false)
         let promise = eventLoop.makePromise(of: Message.self)
@@ -430,7 +444,7 @@ extension Node {
     @discardableResult
     func sendFireAndForget(to peer: PeerAddress, command: UInt16, payload: [Payload] = []) -> EventLoopFuture<Void>? {
         learnRoute(peer)
-        guard running, unsendable(routedTarget(peer.socket, expected: peer.id), .udp) == nil else { return nil }
+        guard running, udpPaths[peer.id] != nil || unsendable(routedTarget(peer.socket, expected: peer.id), .udp) == nil else { return nil }
         let m = Message(networkID: config.networkID, id: nextID(), type: .fireAndForget, command: command,
                         sender: selfAddress, recipientID: peer.id, payload: payload)
         guard let size = try? WireCodec.validate(m), size <= WireLimits.udpPayloadLimit else { return nil }

@@ -183,4 +183,6 @@ public enum NodeEvent: Sendable, Equatable {
     case reachability(DiscoverResult)
     /// The NAT ladder found a new way to reach this node, or lost one (`NATTraversal`).
     case reachabilityChanged(ReachabilityReport)
+    /// A relayed peer is now reached directly: by a reverse connection or a punched hole.
+    case directPath(DirectPath)
 }

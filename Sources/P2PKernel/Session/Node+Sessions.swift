@@ -85,7 +85,7 @@ extension Node {
     func sendInSession(_ plain: ByteBuffer, replyTo peer: Number160, session: UInt64, origin: Origin) {
         guard let packet = sessions.sealReply(plain, index: session, peer: peer, transport: origin.kind, now: coarseSeconds) else { return }
         switch origin {
-        case .udp(let remote): udpChannel?.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: packet), promise: nil)
+        case .udp(let remote): udpSocket(to: remote)?.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: packet), promise: nil)
         case .tcp(let channel): writeReply(packet, on: channel)
         case .relayed, .link: writeRelayed(packet, framed: origin.kind == .tcp, origin: origin)
         }
@@ -165,7 +165,9 @@ extension Node {
     /// Whether a handshake packet came back the way the handshake went out.
     private func cameBack(_ h: OutboundHandshake, origin: Origin, remote: SocketAddress) -> Bool {
         switch origin {
-        case .udp: return h.transport == .udp && IPAddress(remote) == h.target.ip && remote.port.map(UInt16.init) == h.target.udpPort
+        case .udp:
+            return h.transport == .udp && (udpPaths[h.crypto.expected]?.address == remote
+                || (IPAddress(remote) == h.target.ip && remote.port.map(UInt16.init) == h.target.udpPort))
         case .tcp(let channel): return h.connection.map { ObjectIdentifier($0) == ObjectIdentifier(channel) } ?? false
         case .relayed(let peer, .udp): return h.transport == .udp && h.crypto.expected == peer
         case .relayed(let peer, .tcp(let channel)):
@@ -227,7 +229,9 @@ extension Node {
         let affected = pending.filter { _, p in
             guard p.session == local else { return false }
             switch origin {
-            case .udp: return p.transport == .udp && IPAddress(remote) == p.target.ip && remote.port.map(UInt16.init) == p.target.udpPort
+            case .udp:
+                return p.transport == .udp && ((p.expected != .zero && udpPaths[p.expected]?.address == remote)
+                    || (IPAddress(remote) == p.target.ip && remote.port.map(UInt16.init) == p.target.udpPort))
             case .tcp(let channel): return p.connection == ObjectIdentifier(channel)
             case .relayed(let peer, let via): return p.expected == peer && p.transport == via.kind
             case .link: return false

@@ -106,7 +106,8 @@ final class TCPHandler: ChannelInboundHandler, @unchecked Sendable {
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event is IdleStateHandler.IdleStateEvent {
-            context.close(promise: nil)
+            // A direct path to a relayed peer is kept (pinged); any other idle connection closes.
+            node.connectionIdle(context.channel)
         } else {
             context.fireUserInboundEventTriggered(event)
         }

@@ -1,0 +1,555 @@
+import NIOCore
+import NIOPosix
+
+/// Hole punching: a direct path between two relayed peers, both behind NATs, agreed through the
+/// relays they already use (so no other rendezvous is needed).
+///
+/// ```
+///  I (initiator)                         through R's relays                       R
+///  CONNECT {nonce, class, ext UDP, TCP} ──────────────────────────────────────▶  checks, keeps the nonce
+///                                      ◀────────────────────────────────────── {class, ext UDP, TCP}
+///  RTT measured; SYNC {nonce} ────────────────────────────────────────────────▶  fires at once
+///  fires RTT/2 later
+///  both consistent:   UDP  PUNCH(nonce) every 50 ms from the node socket to the other's ext UDP
+///                     TCP  dial from the listen port to the other's ext TCP, again 100 ms after
+///                          a refusal (simultaneous open: whichever socket completes is the path)
+///  one symmetric (S): S opens `birthdaySockets` sockets, each sends PUNCH to the other's ext UDP;
+///                     the other sprays PUNCH at random ports of S's IP (`birthdayProbes` at most)
+///  first PUNCH from the peer's IP with the nonce → the path (answered, so the other side learns
+///  it too) → a ping in the session over it → the path carries the peer's traffic
+/// ```
+/// The peer's IP is never its claim: it is the IP its relay saw (the sender IP of the relayed
+/// messages); only the ports are claimed. A punch lasts `NATConfig.punchBudget`; bounded per node
+/// (`NodeLimits.maxPunchesInProgress`, `punchesPerMinute`, `maxBirthdaysInProgress`) and per peer
+/// (`NATConfig.punchRetryAfter`). When both sides are symmetric nobody punches (their flags say so).
+/// Either side may begin, after any exchange through relays; if both do at once, the lower id's
+/// punch goes on.
+enum PunchPacket {
+    static let kind: UInt8 = 0x8E
+    static let bytes = 10
+
+    static func make(_ nonce: UInt64, answer: Bool) -> ByteBuffer {
+        var b = ByteBufferAllocator().buffer(capacity: bytes)
+        b.writeInteger(kind)
+        b.writeInteger(nonce)
+        b.writeInteger(UInt8(answer ? 1 : 0))
+        return b
+    }
+
+    static func decode(_ b: ByteBuffer) -> (nonce: UInt64, answer: Bool)? {
+        guard b.readableBytes == bytes, b.getInteger(at: b.readerIndex, as: UInt8.self) == kind,
+              let nonce = b.getInteger(at: b.readerIndex + 1, as: UInt64.self),
+              let flags = b.getInteger(at: b.readerIndex + 9, as: UInt8.self), flags <= 1 else { return nil }
+        return (nonce, flags == 1)
+    }
+}
+
+/// How a NAT maps, as far as punching cares.
+enum PunchClass: Int64, Sendable {
+    /// One external port for every destination (port-preserving or consistent).
+    case consistent = 1
+    /// Another external port per destination.
+    case symmetric = 2
+}
+
+extension PeerFlags {
+    /// The punch class a relayed peer announces, if any.
+    var punchClass: PunchClass? {
+        if contains(.punchable) { return .consistent }
+        if contains(.symmetricNAT) { return .symmetric }
+        return nil
+    }
+}
+
+/// How a direct path to a relayed peer came about.
+public enum DirectPathMethod: String, Sendable, Equatable {
+    /// The relayed peer connected to us (we are reachable).
+    case reverseConnection = "reverse connection"
+    /// Both sides sent at once through consistent NATs (UDP), or opened TCP simultaneously.
+    case holePunch = "hole punching"
+    /// One side symmetric: many sockets on its side, sprayed ports from the other.
+    case birthday = "birthday probing"
+}
+
+/// A direct path to a relayed peer, proven by a ping in the session over it.
+public struct DirectPath: Sendable, Equatable, CustomStringConvertible {
+    public var peer: Number160
+    public var transport: TransportKind
+    public var method: DirectPathMethod
+    /// Where the peer is reached on this path.
+    public var remote: String
+    /// From the start of the punch (or the connection) to the proving ping's answer.
+    public var milliseconds: Double
+
+    public var description: String {
+        "direct path to \(peer) over \(transport) by \(method.rawValue) (\(remote), \(Int(milliseconds.rounded())) ms)"
+    }
+}
+
+/// A punched UDP path: the socket (the node's own, or a birthday socket) and the peer's address.
+struct UDPPath {
+    let channel: any Channel
+    let address: SocketAddress
+}
+
+/// One punch in progress (by nonce).
+struct Punch {
+    let peer: PeerAddress
+    let initiator: Bool
+    let mine: PunchClass
+    var theirs: PunchClass
+    /// The peer's IP with its claimed ports (UDP nil while unknown or when it is symmetric; TCP
+    /// only when both sides are consistent).
+    var udpTarget: SocketAddress?
+    var tcpTarget: SocketAddress?
+    let created: NIODeadline
+    var started: NIODeadline?
+    var udpDone = false
+    var tcpDone = false
+    var sent = 0
+    var tcpAttempts = 0
+    var sockets: [any Channel] = []
+    var expiry: Scheduled<Void>?
+    var spray: RepeatedTask?
+
+    var birthday: Bool { mine == .symmetric || theirs == .symmetric }
+    var wantsTCP: Bool { mine == .consistent && theirs == .consistent }
+}
+
+extension Node {
+    /// Our punch class, when we are relayed behind a NAT the ladder classified.
+    var ownPunchClass: PunchClass? {
+        guard selfAddress.flags.contains(.relayed) else { return nil }
+        return selfAddress.flags.punchClass
+    }
+
+    /// Our external ports as observed (the ladder's report).
+    private var ownExternalPorts: (udp: UInt16, tcp: UInt16)? {
+        guard let ext = nat.report?.external else { return nil }
+        return (ext.udpPort, ext.tcpPort)
+    }
+
+    /// Why a punch with `peer` may not begin now (nil: it may): per node at once and per minute,
+    /// birthdays at once. Forgets tries older than a minute.
+    private func punchRefusal(_ peer: Number160, birthday: Bool) -> String? {
+        let now = coarseSeconds
+        let retry = UInt32(max(60, config.nat.punchRetryAfter.components.seconds))
+        if let last = punchTried[peer], now &- last < retry { return "punched to this peer \(now &- last) s ago" }
+        punchTried = punchTried.filter { now &- $0.value < retry }
+        let limits = config.limits
+        guard punches.count < limits.maxPunchesInProgress else { return "busy: \(limits.maxPunchesInProgress) punches in progress" }
+        guard punchTried.values.count(where: { now &- $0 < 60 }) < limits.punchesPerMinute else {
+            return "busy: \(limits.punchesPerMinute) punches in the last minute"
+        }
+        if birthday, punches.values.count(where: \.birthday) >= limits.maxBirthdaysInProgress {
+            return "busy: a birthday punch is in progress"
+        }
+        return nil
+    }
+
+    // MARK: beginning (the initiator)
+
+    /// After an exchange with `peer` through relays (its or ours): punch a direct path when both
+    /// of us are relayed behind NATs that allow it and none exists yet.
+    func considerPunch(with peer: PeerAddress) {
+        guard config.nat.holePunching, sessionsEnabled, running, peer.id != peerID, peer.flags.contains(.relayed),
+              let mine = ownPunchClass, let theirs = peer.flags.punchClass, !(mine == .symmetric && theirs == .symmetric),
+              punchByPeer[peer.id] == nil, udpPaths[peer.id] == nil, peer.ip.isUnicast,
+              let ports = ownExternalPorts else { return }
+        let birthday = mine == .symmetric || theirs == .symmetric
+        if let why = punchRefusal(peer.id, birthday: birthday) {
+            logger.trace("no punch", metadata: ["peer": "\(peer.id)", "why": "\(why)"])
+            return
+        }
+        var fresh: UInt64
+        repeat { fresh = UInt64(randomIDs.next()) << 32 | UInt64(randomIDs.next()) } while fresh == 0 || punches[fresh] != nil
+        let nonce = fresh
+        punchTried[peer.id] = coarseSeconds
+        punches[nonce] = Punch(peer: peer, initiator: true, mine: mine, theirs: theirs, created: .now())
+        punchByPeer[peer.id] = nonce
+        expirePunch(nonce, in: config.nat.punchBudget * 2)
+        let sent = NIODeadline.now()
+        let connect: [Payload] = [.integer(0), .integer(Int64(bitPattern: nonce)), .integer(mine.rawValue),
+                                  .integer(Int64(ports.udp)), .integer(Int64(ports.tcp))]
+        let command = CommandID.derive(from: KernelCommands.punch)
+        requestOnLoop(target: peer.socket, expectedID: peer.id, command: command, payload: connect, transport: .udp,
+                      timeout: config.nat.punchBudget).whenComplete { [self] result in
+            guard var p = punches[nonce] else { return }
+            let reply: Message
+            switch result {
+            case .failure(let error): return endPunch(nonce, why: "CONNECT: \(error)")
+            case .success(let m): reply = m
+            }
+            if let error = RPCError.from(reply: reply) { return endPunch(nonce, why: "CONNECT refused: \(error)") }
+            guard let (theirs, udp, tcp) = Node.punchTerms(reply.payload, from: 0) else { return endPunch(nonce, why: "CONNECT: malformed answer") }
+            guard !(mine == .symmetric && theirs == .symmetric) else { return endPunch(nonce, why: "both NATs symmetric") }
+            p.theirs = theirs
+            (p.udpTarget, p.tcpTarget) = Node.punchTargets(ip: reply.sender.ip, mine: mine, theirs: theirs, udp: udp, tcp: tcp)
+            punches[nonce] = p
+            let rtt = NIODeadline.now() - sent
+            let sync: [Payload] = [.integer(1), .integer(Int64(bitPattern: nonce))]
+            requestOnLoop(target: peer.socket, expectedID: peer.id, command: command, payload: sync, transport: .udp,
+                          timeout: config.nat.punchBudget).whenComplete { _ in }
+            // The SYNC reaches the peer in about half the round trip: fire then, together.
+            _ = eventLoop.scheduleTask(in: .nanoseconds(rtt.nanoseconds / 2)) { [self] in beginPunch(nonce) }
+        }
+    }
+
+    /// `class, UDP port, TCP port` from integers at `from` on; ports of a consistent side non-zero.
+    static func punchTerms(_ payload: [Payload], from: Int) -> (PunchClass, UInt16, UInt16)? {
+        let ints = payload.compactMap { p -> Int64? in if case .integer(let v) = p { v } else { nil } }
+        guard ints.count == from + 3, let cls = PunchClass(rawValue: ints[from]),
+              let udp = UInt16(exactly: ints[from + 1]), let tcp = UInt16(exactly: ints[from + 2]) else { return nil }
+        if cls == .consistent, udp == 0 || tcp == 0 { return nil }
+        return (cls, udp, tcp)
+    }
+
+    /// Where to send: the peer's UDP port unless it is symmetric (then random ports of its IP),
+    /// its TCP port only when both sides are consistent.
+    static func punchTargets(ip: IPAddress, mine: PunchClass, theirs: PunchClass, udp: UInt16, tcp: UInt16) -> (SocketAddress?, SocketAddress?) {
+        let u = theirs == .consistent ? try? SocketAddress(ipAddress: "\(ip)", port: Int(udp)) : nil
+        let t = mine == .consistent && theirs == .consistent ? try? SocketAddress(ipAddress: "\(ip)", port: Int(tcp)) : nil
+        return (u, t)
+    }
+
+    // MARK: answering (the responder)
+
+    /// CONNECT from `sender` (its IP as its path reported it): keeps the punch, answers our terms.
+    func answerPunch(_ payload: [Payload], from sender: PeerAddress) -> Reply {
+        guard sessionsEnabled else { return .error(.denied, "punching needs authenticated sessions") }
+        guard config.nat.holePunching, let mine = ownPunchClass, let ports = ownExternalPorts else {
+            return .error(.denied, "this node does not punch (not relayed behind a classified NAT)")
+        }
+        let ints = payload.compactMap { p -> Int64? in if case .integer(let v) = p { v } else { nil } }
+        guard ints.count == 5, ints[0] == 0, ints[1] != 0, let (theirs, udp, tcp) = Node.punchTerms(payload, from: 2) else {
+            return .error(.badRequest, "CONNECT needs phase 0, a nonce, a class and two ports")
+        }
+        guard sender.ip.isUnicast else { return .error(.badRequest, "\(sender.ip) cannot be punched to") }
+        guard !(mine == .symmetric && theirs == .symmetric) else { return .error(.denied, "both NATs are symmetric: no punch") }
+        let nonce = UInt64(bitPattern: ints[1])
+        if let other = punchByPeer[sender.id], let p = punches[other] {
+            // Both began at once: the lower id's punch goes on.
+            if p.initiator, peerID < sender.id { return .error(.denied, "busy: our punch with you is in progress") }
+            endPunch(other, why: "superseded by the peer's", quiet: true)
+        }
+        guard punches[nonce] == nil else { return .error(.denied, "nonce in use") }
+        if let why = punchRefusal(sender.id, birthday: mine == .symmetric || theirs == .symmetric) { return .error(.denied, why) }
+        var p = Punch(peer: sender, initiator: false, mine: mine, theirs: theirs, created: .now())
+        (p.udpTarget, p.tcpTarget) = Node.punchTargets(ip: sender.ip, mine: mine, theirs: theirs, udp: udp, tcp: tcp)
+        punches[nonce] = p
+        punchByPeer[sender.id] = nonce
+        punchTried[sender.id] = coarseSeconds
+        // The SYNC comes within a round trip; without it the punch is dropped.
+        expirePunch(nonce, in: config.nat.punchBudget * 2)
+        return Reply(payload: [.integer(mine.rawValue), .integer(Int64(ports.udp)), .integer(Int64(ports.tcp))])
+    }
+
+    /// SYNC from `sender`: fire now.
+    func syncPunch(_ payload: [Payload], from sender: PeerAddress) -> Reply {
+        let ints = payload.compactMap { p -> Int64? in if case .integer(let v) = p { v } else { nil } }
+        guard ints.count == 2, ints[0] == 1 else { return .error(.badRequest, "SYNC needs phase 1 and a nonce") }
+        let nonce = UInt64(bitPattern: ints[1])
+        guard let p = punches[nonce], p.peer.id == sender.id, !p.initiator else { return .error(.notFound, "no punch with that nonce") }
+        if p.started == nil { beginPunch(nonce) }
+        return Reply()
+    }
+
+    // MARK: firing
+
+    private func expirePunch(_ nonce: UInt64, in d: Duration) {
+        punches[nonce]?.expiry?.cancel()
+        punches[nonce]?.expiry = eventLoop.scheduleTask(in: TimeAmount(d)) { [self] in endPunch(nonce, why: "time is up") }
+    }
+
+    private func beginPunch(_ nonce: UInt64) {
+        guard var p = punches[nonce], p.started == nil, running else { return }
+        p.started = .now()
+        punches[nonce] = p
+        expirePunch(nonce, in: config.nat.punchBudget)
+        let cfg = config.nat
+        switch (p.mine, p.theirs) {
+        case (.consistent, .consistent):
+            guard let target = p.udpTarget else { break }
+            punches[nonce]?.spray = eventLoop.scheduleRepeatedTask(initialDelay: .zero, delay: .milliseconds(50)) { [self] task in
+                guard let q = punches[nonce], !q.udpDone, let udp = udpChannel else { return task.cancel() }
+                punches[nonce]?.sent += 1
+                udp.writeAndFlush(AddressedEnvelope(remoteAddress: target, data: PunchPacket.make(nonce, answer: false)), promise: nil)
+            }
+            dialPunch(nonce)
+        case (.consistent, .symmetric):
+            // Spray random ports of its IP from our socket: one of its many mappings answers.
+            let ip = p.peer.ip
+            let tick = TimeAmount.milliseconds(5)
+            let perTick = max(1, cfg.birthdayProbes * 5 / max(1, Int(cfg.punchBudget.components.seconds * 1000)))
+            punches[nonce]?.spray = eventLoop.scheduleRepeatedTask(initialDelay: .zero, delay: tick) { [self] task in
+                guard let q = punches[nonce], !q.udpDone, q.sent < cfg.birthdayProbes, let udp = udpChannel else { return task.cancel() }
+                for _ in 0..<min(perTick, cfg.birthdayProbes - q.sent) {
+                    guard let to = try? SocketAddress(ipAddress: "\(ip)", port: Int.random(in: 1024...65535)) else { continue }
+                    udp.write(AddressedEnvelope(remoteAddress: to, data: PunchPacket.make(nonce, answer: false)), promise: nil)
+                }
+                udp.flush()
+                punches[nonce]?.sent += min(perTick, cfg.birthdayProbes - q.sent)
+            }
+        case (.symmetric, .consistent):
+            guard let target = p.udpTarget else { break }
+            openBirthdaySockets(nonce, toward: target, count: cfg.birthdaySockets)
+        case (.symmetric, .symmetric):
+            endPunch(nonce, why: "both NATs symmetric")
+        }
+    }
+
+    /// The symmetric side: many sockets, each opening its own mapping toward the peer.
+    private func openBirthdaySockets(_ nonce: UInt64, toward target: SocketAddress, count: Int) {
+        let any = target.protocol == .inet ? "0.0.0.0" : "::"
+        for _ in 0..<count {
+            DatagramBootstrap(group: eventLoop)
+                .channelInitializer { [self] ch in
+                    ch.eventLoop.makeCompletedFuture { try ch.pipeline.syncOperations.addHandler(PunchSocketHandler(node: self)) }
+                }
+                .bind(host: any, port: 0)
+                .whenComplete { [self] result in
+                    guard case .success(let ch) = result else { return }
+                    guard punches[nonce].map({ !$0.udpDone }) == true, running else { return ch.close(promise: nil) }
+                    punches[nonce]?.sockets.append(ch)
+                    punches[nonce]?.sent += 1
+                    ch.writeAndFlush(AddressedEnvelope(remoteAddress: target, data: PunchPacket.make(nonce, answer: false)), promise: nil)
+                }
+        }
+    }
+
+    /// TCP: dial the peer's port from our listen port until a connection stands or time is up.
+    private func dialPunch(_ nonce: UInt64) {
+        guard let p = punches[nonce], !p.tcpDone, let target = p.tcpTarget, let started = p.started, running else { return }
+        if directPaths[p.peer.id] != nil {
+            // Its SYN reached our listener first: the accepted connection is the path.
+            punches[nonce]?.tcpDone = true
+            return
+        }
+        let left = started + TimeAmount(config.nat.punchBudget) - .now()
+        guard left > .milliseconds(50) else { return }
+        punches[nonce]?.tcpAttempts += 1
+        let local: SocketAddress
+        do { local = try SocketAddress(ipAddress: target.protocol == .inet ? "0.0.0.0" : "::", port: Int(boundPort)) } catch { return }
+        ClientBootstrap(group: eventLoop)
+            .channelOption(.socketOption(.so_reuseaddr), value: 1)
+            .channelOption(NATTraversal.reusePort, value: 1)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(.writeBufferWaterMark, value: tcpWaterMark)
+            .bind(to: local)
+            .connectTimeout(left)
+            .channelInitializer { [self] ch in configureTCP(ch, inbound: false) }
+            .connect(to: target)
+            .whenComplete { [self] result in
+                switch result {
+                case .success(let ch):
+                    guard let q = punches[nonce], !q.tcpDone, directPaths[q.peer.id] == nil else { return ch.close(promise: nil) }
+                    punches[nonce]?.tcpDone = true
+                    adoptPunchedConnection(ch, peer: q.peer, started: started)
+                case .failure:
+                    // Refused (its NAT or host answered before its own SYN went out) or the
+                    // 4-tuple is taken (its SYN got in as an accepted connection): again soon.
+                    _ = eventLoop.scheduleTask(in: .milliseconds(100)) { [self] in dialPunch(nonce) }
+                }
+            }
+    }
+
+    /// A punched TCP connection: the peer's path once a ping in the session over it comes back.
+    private func adoptPunchedConnection(_ ch: any Channel, peer: PeerAddress, started: NIODeadline) {
+        installDirectPath(peer.id, channel: ch)
+        let remote = ch.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
+        requestOnLoop(target: peer.socket, expectedID: peer.id, command: kernelCommands.ping, payload: [], transport: .tcp,
+                      timeout: config.nat.punchBudget).whenComplete { [self] result in
+            guard case .success(let reply) = result, reply.type == .ok else {
+                if let c = directPaths[peer.id], c === ch { directPaths[peer.id] = nil }
+                return ch.close(promise: nil)
+            }
+            announcePath(DirectPath(peer: peer.id, transport: .tcp, method: .holePunch, remote: remote, milliseconds: ms(since: started)))
+        }
+    }
+
+    /// Makes `channel` the way to `peer` over TCP while it is open (pinned: kept alive, not idle-closed).
+    func installDirectPath(_ peer: Number160, channel: any Channel) {
+        if directPaths[peer] == nil, directPaths.count >= config.limits.maxDirectPaths, let victim = directPaths.keys.randomElement() {
+            directPaths[victim] = nil
+        }
+        directPaths[peer] = channel
+        channel.closeFuture.whenComplete { [self] _ in
+            if let c = directPaths[peer], c === channel { directPaths[peer] = nil }
+        }
+    }
+
+    // MARK: PUNCH packets
+
+    /// A PUNCH on `channel` (the node's socket or a birthday socket) from `remote`.
+    func receivedPunch(_ buffer: ByteBuffer, from remote: SocketAddress, channel: any Channel) {
+        guard let (nonce, answer) = PunchPacket.decode(buffer), let p = punches[nonce], IPAddress(remote) == p.peer.ip else {
+            return countDrop("punch packet from \(remote) for no punch with it")
+        }
+        if !answer {
+            channel.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: PunchPacket.make(nonce, answer: true)), promise: nil)
+        }
+        guard !p.udpDone else { return }
+        let started = p.started ?? p.created
+        punches[nonce]?.udpDone = true
+        punches[nonce]?.spray?.cancel()
+        punches[nonce]?.spray = nil
+        for s in p.sockets where s !== channel { s.close(promise: nil) }
+        punches[nonce]?.sockets = p.sockets.filter { $0 === channel }
+        installUDPPath(p.peer.id, UDPPath(channel: channel, address: remote))
+        let method: DirectPathMethod = p.birthday ? .birthday : .holePunch
+        let sent = p.sent
+        let seen = "\(remote.ipAddress ?? "?"):\(remote.port ?? 0)"
+        requestOnLoop(target: p.peer.socket, expectedID: p.peer.id, command: kernelCommands.ping, payload: [], transport: .udp,
+                      timeout: config.nat.punchBudget).whenComplete { [self] result in
+            guard case .success(let reply) = result, reply.type == .ok else {
+                return dropUDPPath(p.peer.id, ifVia: channel)
+            }
+            var path = DirectPath(peer: p.peer.id, transport: .udp, method: method, remote: seen, milliseconds: ms(since: started))
+            if method == .birthday { path.remote += " after \(sent) probes" }
+            announcePath(path)
+        }
+    }
+
+    private func installUDPPath(_ peer: Number160, _ path: UDPPath) {
+        if let old = udpPaths[peer] { dropUDPPath(peer, ifVia: old.channel) }
+        if udpPaths.count >= config.limits.maxDirectPaths, let victim = udpPaths.keys.randomElement() { dropUDPPath(victim) }
+        udpPaths[peer] = path
+        if path.channel !== udpChannel { punchSockets[path.address] = path.channel }
+        if pathKeepAlive == nil {
+            let every = TimeAmount(config.nat.pathKeepAlive)
+            pathKeepAlive = eventLoop.scheduleRepeatedTask(initialDelay: every, delay: every) { [self] _ in keepPathsAlive() }
+        }
+    }
+
+    /// Forgets the UDP path to `peer` (when it still goes over `channel`, if given); its
+    /// birthday socket closes.
+    func dropUDPPath(_ peer: Number160, ifVia channel: (any Channel)? = nil) {
+        guard let path = udpPaths[peer], channel.map({ $0 === path.channel }) ?? true else { return }
+        udpPaths[peer] = nil
+        if path.channel !== udpChannel {
+            if let s = punchSockets[path.address], s === path.channel { punchSockets[path.address] = nil }
+            path.channel.close(promise: nil)
+        }
+        if udpPaths.isEmpty {
+            pathKeepAlive?.cancel()
+            pathKeepAlive = nil
+        }
+    }
+
+    /// Pings every punched UDP path (keeping the NAT mappings open); one whose ping fails is dropped.
+    private func keepPathsAlive() {
+        for (peer, path) in udpPaths {
+            guard let ip = IPAddress(path.address) else { continue }
+            let target = PeerSocketAddress(ip: ip, tcpPort: 0, udpPort: UInt16(path.address.port ?? 0))
+            requestOnLoop(target: target, expectedID: peer, command: kernelCommands.ping, payload: [], transport: .udp, timeout: nil)
+                .whenComplete { [self] result in
+                    if case .success(let r) = result, r.type == .ok { return }
+                    logger.info("direct path to \(peer) over udp lost; its relays carry the traffic again")
+                    dropUDPPath(peer, ifVia: path.channel)
+                }
+        }
+    }
+
+    /// A TCP connection that went idle: a direct path is kept (pinged; closed if that fails),
+    /// anything else closes.
+    func connectionIdle(_ channel: any Channel) {
+        guard let peer = directPaths.first(where: { $0.value === channel })?.key, let remote = channel.remoteAddress,
+              let ip = IPAddress(remote) else {
+            return channel.close(promise: nil)
+        }
+        let target = PeerSocketAddress(ip: ip, tcpPort: UInt16(remote.port ?? 0), udpPort: 0)
+        requestOnLoop(target: target, expectedID: peer, command: kernelCommands.ping, payload: [], transport: .tcp, timeout: nil)
+            .whenComplete { result in
+                if case .success(let r) = result, r.type == .ok { return }
+                channel.close(promise: nil)
+            }
+    }
+
+    /// A datagram on a birthday socket: a PUNCH, or the peer's traffic once the socket is its path.
+    func receivedOnPunchSocket(_ buffer: ByteBuffer, from remote: SocketAddress, channel: any Channel) {
+        guard running, let first = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) else { return }
+        if first == PunchPacket.kind {
+            receivedPunch(buffer, from: remote, channel: channel)
+        } else if let s = punchSockets[remote], s === channel {
+            received(buffer, from: remote, origin: .udp(remote))
+        } else {
+            countDrop("datagram from \(remote) on a punch socket that is no path to it")
+        }
+    }
+
+    /// The socket a datagram to `remote` leaves on: a birthday socket that is the path to it, else ours.
+    func udpSocket(to remote: SocketAddress) -> (any Channel)? {
+        if punchSockets.isEmpty { return udpChannel }
+        return punchSockets[remote] ?? udpChannel
+    }
+
+    // MARK: ending
+
+    func endPunch(_ nonce: UInt64, why: String, quiet: Bool = false) {
+        guard let p = punches.removeValue(forKey: nonce) else { return }
+        if punchByPeer[p.peer.id] == nonce { punchByPeer[p.peer.id] = nil }
+        p.expiry?.cancel()
+        p.spray?.cancel()
+        let keep = udpPaths[p.peer.id]?.channel
+        for s in p.sockets where s !== keep { s.close(promise: nil) }
+        guard !quiet else { return }
+        let udp = p.udpDone ? "direct" : "not punched"
+        let tcp = p.wantsTCP ? (p.tcpDone || directPaths[p.peer.id] != nil ? ", tcp direct" : ", tcp not punched after \(p.tcpAttempts) dials") : ""
+        if p.started == nil || !p.udpDone || (p.wantsTCP && !p.tcpDone && directPaths[p.peer.id] == nil) {
+            logger.info("hole punching to \(p.peer.id) ended: \(why); udp \(udp) (\(p.sent) packets)\(tcp)")
+        } else {
+            logger.debug("hole punching to \(p.peer.id) done", metadata: ["udp": "\(udp)", "tcp": "\(tcp)"])
+        }
+    }
+
+    /// Ends every punch and drops every punched path (shutdown).
+    func endAllPunches() {
+        for nonce in Array(punches.keys) { endPunch(nonce, why: "the node stopped", quiet: true) }
+        for peer in Array(udpPaths.keys) { dropUDPPath(peer) }
+        pathKeepAlive?.cancel()
+        pathKeepAlive = nil
+    }
+
+    func announcePath(_ path: DirectPath) {
+        logger.info("\(path)")
+        registry.publish(.directPath(path))
+    }
+
+    private func ms(since t: NIODeadline) -> Double {
+        Double((NIODeadline.now() - t).nanoseconds) / 1e6
+    }
+}
+
+/// A birthday socket's datagrams go to the node.
+final class PunchSocketHandler: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = AddressedEnvelope<ByteBuffer>
+    let node: Node
+    init(node: Node) { self.node = node }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let envelope = unwrapInboundIn(data)
+        node.receivedOnPunchSocket(envelope.data, from: envelope.remoteAddress, channel: context.channel)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {}
+}
+
+extension KernelCommands {
+    public static let punch = "kernel.punch"
+
+    /// Hole punching between two relayed peers (see `PunchPacket`): phase 0 CONNECT (nonce,
+    /// class, external UDP and TCP ports; answered with ours), phase 1 SYNC (nonce: fire now).
+    /// Only in a session (the nonce must not leak); the peer's IP is the one its path reported.
+    struct PunchRequest: CommandHandler {
+        let name = KernelCommands.punch
+        func handle(_ request: Message, context: CommandContext) -> CommandResult {
+            let node = context.node
+            guard case .integer(let phase)? = request.payload.first else { return .reply(.error(.badRequest, "punch needs a phase")) }
+            switch phase {
+            case 0: return .reply(node.answerPunch(request.payload, from: request.sender))
+            case 1: return .reply(node.syncPunch(request.payload, from: request.sender))
+            default: return .reply(.error(.badRequest, "punch phase \(phase) unknown"))
+            }
+        }
+    }
+}
