@@ -92,10 +92,11 @@ struct NATLabTests {
         return (node, String(node.output[r].dropFirst(5)), seconds)
     }
 
-    static func summary(_ label: String, _ ms: [Double]) -> String {
+    static func summary(_ label: String, _ ms: [Double], of what: String = "ladder") -> String {
         let s = ms.sorted()
         guard !s.isEmpty else { return "\(label): no samples" }
-        return String(format: "%@: %d trials, ladder p50 %.1f ms, p95 %.1f ms", label as NSString, s.count, s[s.count / 2], s[min(s.count - 1, s.count * 95 / 100)])
+        return String(format: "%@: %d trials, %@ p50 %.1f ms, p95 %.1f ms", label as NSString, s.count, what as NSString,
+                      s[s.count / 2], s[min(s.count - 1, s.count * 95 / 100)])
     }
 
     @Test("case 1: a public peer is reachable directly, confirmed by a probe-back")
@@ -211,6 +212,68 @@ struct NATLabTests {
         #expect(send.out.contains("\(id) got: again"), "send after the reverse connection: \(send.out) \(send.err)")
     }
 
+    /// The milliseconds in a node's line `direct path to ID over TRANSPORT by METHOD (ADDRESS…, N ms)`.
+    static func pathMilliseconds(_ output: String, _ prefix: String) -> Double? {
+        guard let start = output.range(of: prefix) else { return nil }
+        let line = output[start.upperBound...].prefix { $0 != "\n" }
+        guard let r = line.range(of: #", (\d+) ms\)"#, options: .regularExpression) else { return nil }
+        return Double(line[r].dropFirst(2).prefix { $0.isNumber })
+    }
+
+    /// Two nodes behind NATs, `b` started anew for each trial (a new id, a new port): each trial
+    /// waits for both sides to log the paths in `transports` by `method` (logged only once a ping
+    /// in their session came back over the path), and for none in `absent`.
+    static func punchTrials(_ world: World, method: String, transports: [String], absent: [String] = [], label: String) throws {
+        let (a, idA, _) = try NATLabTests.natedNode(world, expect: "relayed via 3 relays")
+        defer { a.stop() }
+        var times: [String: [Double]] = [:]
+        var direct: [Double] = []
+        for i in 0..<NATLabTests.trials {
+            let began = Date()
+            let (b, idB, relayedAfter) = try NATLabTests.natedNode(world, port: UInt16(4100 + i), expect: "relayed via 3 relays", in: world.lab.lan2)
+            defer {
+                b.stop()
+                print(String(format: "\(label) trial \(i): relayed %.1f s after start, %.1f s in all", relayedAfter, Date().timeIntervalSince(began)))
+            }
+            for t in transports {
+                let fromB = "direct path to \(idA) over \(t) by \(method)", fromA = "direct path to \(idB) over \(t) by \(method)"
+                #expect(b.waitFor(fromB, seconds: 20), "trial \(i), \(t): \(b.output.suffix(3000))")
+                #expect(a.waitFor(fromA, seconds: 10), "trial \(i), \(t): \(a.output.suffix(3000))")
+                if let ms = NATLabTests.pathMilliseconds(b.output, fromB) { times[t, default: []].append(ms) }
+            }
+            direct.append(Date().timeIntervalSince(began) * 1000)
+            for t in absent {
+                #expect(!b.output.contains("direct path to \(idA) over \(t)"), "trial \(i): a \(t) path: \(b.output.suffix(2000))")
+            }
+            if i == 0 {
+                try world.exercise(from: world.lab.lan2, id: idB, tag: "\(label)-b")
+                // From behind one NAT to the node behind the other.
+                let send = try P2PTool.run(launcher: world.lab.launcher(world.lab.lan), ["send", "--bootstrap", world.seed, "--replicas", "1", idB, "across"])
+                #expect(send.out.contains("\(idB) got: across"), "send across two NATs: \(send.out) \(send.err)")
+            }
+        }
+        try world.exercise(from: world.lab.lan, id: idA, tag: "\(label)-a")
+        for t in transports {
+            print(NATLabTests.summary("\(label) \(t)", times[t] ?? [], of: "CONNECT to a proven path"))
+        }
+        print(NATLabTests.summary("\(label)", direct, of: "node start to every direct path"))
+    }
+
+    @Test("case 5: two port-preserving NATs: direct over UDP and over TCP by hole punching; put, get and send work")
+    func twoPortPreserving() throws {
+        let world = try World()
+        defer { world.close() }
+        try NATLabTests.punchTrials(world, method: "hole punching", transports: ["udp", "tcp"], label: "case 5")
+    }
+
+    @Test("case 6: one symmetric NAT and one port-preserving: direct over UDP by birthday probing, TCP stays relayed")
+    func oneSymmetric() throws {
+        let world = try World()
+        defer { world.close() }
+        try world.lab.configure(router: world.lab.rtr2, .init(masquerade: "random,fully-random"))
+        try NATLabTests.punchTrials(world, method: "birthday probing", transports: ["udp"], absent: ["tcp"], label: "case 6")
+    }
+
     @Test("case 7: both sides behind symmetric NATs: relayed, no punching; put, get and send work between them and with the public side")
     func bothSymmetric() throws {
         let world = try World()
@@ -237,6 +300,8 @@ struct NATLabTests {
         // Between the two NATed sides: a client behind one sends to the node behind the other.
         let send = try P2PTool.run(launcher: world.lab.launcher(world.lab.lan2), ["send", "--bootstrap", world.seed, "--replicas", "1", idA, "across"])
         #expect(send.out.contains("\(idA) got: across"), "send across two NATs: \(send.out) \(send.err)")
+        #expect(!a.output.contains("hole punching to") && !a.output.contains("direct path to \(idB)"), "punching tried: \(a.output)")
+        #expect(!b.output.contains("hole punching to") && !b.output.contains("direct path to \(idA)"), "punching tried: \(b.output)")
     }
 
     @Test("case 8: a relay process is killed: a new relay is set up (goal: < 5 s) and no request is lost")

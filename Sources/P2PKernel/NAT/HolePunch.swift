@@ -131,14 +131,18 @@ extension Node {
 
     /// Why a punch with `peer` may not begin now (nil: it may): per node at once and per minute,
     /// birthdays at once. Forgets tries older than a minute.
-    private func punchRefusal(_ peer: Number160, birthday: Bool) -> String? {
+    private func punchRefusal(_ peer: Number160, birthday: Bool, answering: Bool) -> String? {
         let now = coarseSeconds
-        let retry = UInt32(max(60, config.nat.punchRetryAfter.components.seconds))
-        if let last = punchTried[peer], now &- last < retry { return "punched to this peer \(now &- last) s ago" }
-        punchTried = punchTried.filter { now &- $0.value < retry }
+        let retry = UInt32(max(1, config.nat.punchRetryAfter.components.seconds))
+        let book = answering ? punchAnswered : punchTried
+        if let last = book[peer], now &- last < retry { return "punched to this peer \(now &- last) s ago" }
+        let window = max(60, retry)
+        punchTried = punchTried.filter { now &- $0.value < window }
+        punchAnswered = punchAnswered.filter { now &- $0.value < window }
         let limits = config.limits
         guard punches.count < limits.maxPunchesInProgress else { return "busy: \(limits.maxPunchesInProgress) punches in progress" }
-        guard punchTried.values.count(where: { now &- $0 < 60 }) < limits.punchesPerMinute else {
+        let lastMinute = punchTried.values.count(where: { now &- $0 < 60 }) + punchAnswered.values.count(where: { now &- $0 < 60 })
+        guard lastMinute < limits.punchesPerMinute else {
             return "busy: \(limits.punchesPerMinute) punches in the last minute"
         }
         if birthday, punches.values.count(where: \.birthday) >= limits.maxBirthdaysInProgress {
@@ -157,7 +161,7 @@ extension Node {
               punchByPeer[peer.id] == nil, udpPaths[peer.id] == nil, peer.ip.isUnicast,
               let ports = ownExternalPorts else { return }
         let birthday = mine == .symmetric || theirs == .symmetric
-        if let why = punchRefusal(peer.id, birthday: birthday) {
+        if let why = punchRefusal(peer.id, birthday: birthday, answering: false) {
             logger.trace("no punch", metadata: ["peer": "\(peer.id)", "why": "\(why)"])
             return
         }
@@ -180,7 +184,16 @@ extension Node {
             case .failure(let error): return endPunch(nonce, why: "CONNECT: \(error)")
             case .success(let m): reply = m
             }
-            if let error = RPCError.from(reply: reply) { return endPunch(nonce, why: "CONNECT refused: \(error)") }
+            if let error = RPCError.from(reply: reply) {
+                // Refused before anything was sent: not a try. A busy peer is asked again
+                // after the next exchange through relays, 5 s on at the earliest.
+                let retry = UInt32(max(1, config.nat.punchRetryAfter.components.seconds))
+                punchTried[peer.id] = coarseSeconds &- retry &+ 5
+                if case .denied(let text) = error, text == Node.punchYield {
+                    return endPunch(nonce, why: "the peer's punch goes on", quiet: true)
+                }
+                return endPunch(nonce, why: "CONNECT refused: \(error)")
+            }
             guard let (theirs, udp, tcp) = Node.punchTerms(reply.payload, from: 0) else { return endPunch(nonce, why: "CONNECT: malformed answer") }
             guard !(mine == .symmetric && theirs == .symmetric) else { return endPunch(nonce, why: "both NATs symmetric") }
             p.theirs = theirs
@@ -194,6 +207,9 @@ extension Node {
             _ = eventLoop.scheduleTask(in: .nanoseconds(rtt.nanoseconds / 2)) { [self] in beginPunch(nonce) }
         }
     }
+
+    /// The answer to a CONNECT that crossed ours, when our id is the lower: ours goes on.
+    static let punchYield = "busy: our punch with you is in progress"
 
     /// `class, UDP port, TCP port` from integers at `from` on; ports of a consistent side non-zero.
     static func punchTerms(_ payload: [Payload], from: Int) -> (PunchClass, UInt16, UInt16)? {
@@ -229,16 +245,19 @@ extension Node {
         let nonce = UInt64(bitPattern: ints[1])
         if let other = punchByPeer[sender.id], let p = punches[other] {
             // Both began at once: the lower id's punch goes on.
-            if p.initiator, peerID < sender.id { return .error(.denied, "busy: our punch with you is in progress") }
+            if p.initiator, peerID < sender.id { return .error(.denied, Node.punchYield) }
+            guard p.initiator, p.started == nil else { return .error(.denied, "busy: a punch with you is in progress") }
             endPunch(other, why: "superseded by the peer's", quiet: true)
         }
         guard punches[nonce] == nil else { return .error(.denied, "nonce in use") }
-        if let why = punchRefusal(sender.id, birthday: mine == .symmetric || theirs == .symmetric) { return .error(.denied, why) }
+        if let why = punchRefusal(sender.id, birthday: mine == .symmetric || theirs == .symmetric, answering: true) {
+            return .error(.denied, why)
+        }
         var p = Punch(peer: sender, initiator: false, mine: mine, theirs: theirs, created: .now())
         (p.udpTarget, p.tcpTarget) = Node.punchTargets(ip: sender.ip, mine: mine, theirs: theirs, udp: udp, tcp: tcp)
         punches[nonce] = p
         punchByPeer[sender.id] = nonce
-        punchTried[sender.id] = coarseSeconds
+        punchAnswered[sender.id] = coarseSeconds
         // The SYNC comes within a round trip; without it the punch is dropped.
         expirePunch(nonce, in: config.nat.punchBudget * 2)
         return Reply(payload: [.integer(mine.rawValue), .integer(Int64(ports.udp)), .integer(Int64(ports.tcp))])
@@ -344,7 +363,7 @@ extension Node {
                 case .success(let ch):
                     guard let q = punches[nonce], !q.tcpDone, directPaths[q.peer.id] == nil else { return ch.close(promise: nil) }
                     punches[nonce]?.tcpDone = true
-                    adoptPunchedConnection(ch, peer: q.peer, started: started)
+                    adoptPunchedConnection(ch, peer: q.peer, started: q.created)
                 case .failure:
                     // Refused (its NAT or host answered before its own SYN went out) or the
                     // 4-tuple is taken (its SYN got in as an accepted connection): again soon.
@@ -364,7 +383,14 @@ extension Node {
                 return ch.close(promise: nil)
             }
             announcePath(DirectPath(peer: peer.id, transport: .tcp, method: .holePunch, remote: remote, milliseconds: ms(since: started)))
+            if let nonce = punchByPeer[peer.id] { finishIfDone(nonce) }
         }
+    }
+
+    /// Once every path the punch wants is proven it ends, a moment later (late packets are answered till then).
+    func finishIfDone(_ nonce: UInt64) {
+        guard let p = punches[nonce], p.udpDone, !p.wantsTCP || p.tcpDone else { return }
+        expirePunch(nonce, in: .milliseconds(500))
     }
 
     /// Makes `channel` the way to `peer` over TCP while it is open (pinned: kept alive, not idle-closed).
@@ -389,7 +415,7 @@ extension Node {
             channel.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: PunchPacket.make(nonce, answer: true)), promise: nil)
         }
         guard !p.udpDone else { return }
-        let started = p.started ?? p.created
+        let started = p.created
         punches[nonce]?.udpDone = true
         punches[nonce]?.spray?.cancel()
         punches[nonce]?.spray = nil
@@ -407,7 +433,31 @@ extension Node {
             var path = DirectPath(peer: p.peer.id, transport: .udp, method: method, remote: seen, milliseconds: ms(since: started))
             if method == .birthday { path.remote += " after \(sent) probes" }
             announcePath(path)
+            finishIfDone(nonce)
         }
+    }
+
+    /// An authenticated request from a relayed peer straight over UDP, from `remote`, to us
+    /// (relayed too): a hole its side punched (our punch may have ended before its answer came). Its session proved
+    /// the id; the address is where its datagrams come from, as a reply to it goes. Used until
+    /// the path's keepalive fails.
+    func noteUDPPath(_ peer: PeerAddress, remote: SocketAddress) {
+        // Both relayed: nothing but a punched hole carries a datagram between us.
+        guard relayRoutes[peer.id] != nil, udpPaths[peer.id] == nil, selfAddress.flags.contains(.relayed), sessionsEnabled,
+              let channel = udpSocket(to: remote) else { return }
+        let method: DirectPathMethod
+        var started: NIODeadline?
+        if let nonce = punchByPeer[peer.id], let p = punches[nonce] {
+            punches[nonce]?.udpDone = true
+            punches[nonce]?.spray?.cancel()
+            method = p.birthday ? .birthday : .holePunch
+            started = p.created
+        } else {
+            method = peer.flags.contains(.symmetricNAT) || selfAddress.flags.contains(.symmetricNAT) ? .birthday : .holePunch
+        }
+        installUDPPath(peer.id, UDPPath(channel: channel, address: remote))
+        let seen = "\(remote.ipAddress ?? "?"):\(remote.port ?? 0), from its traffic"
+        announcePath(DirectPath(peer: peer.id, transport: .udp, method: method, remote: seen, milliseconds: started.map { ms(since: $0) } ?? 0))
     }
 
     private func installUDPPath(_ peer: Number160, _ path: UDPPath) {

@@ -397,7 +397,8 @@ extension Node {
             punches[nonce]?.tcpDone = true
             let remote = channel.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
             announcePath(DirectPath(peer: peer, transport: .tcp, method: .holePunch, remote: remote,
-                                    milliseconds: Double((NIODeadline.now() - (p.started ?? p.created)).nanoseconds) / 1e6))
+                                    milliseconds: Double((NIODeadline.now() - p.created).nanoseconds) / 1e6))
+            finishIfDone(nonce)
         } else {
             logger.debug("direct connection from relayed peer", metadata: ["peer": "\(peer)"])
         }

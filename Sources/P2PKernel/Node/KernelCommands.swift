@@ -49,6 +49,7 @@ public enum KernelCommands {
             context.node.peerMap.peerFailed(request.sender.id, reason: .quit)
             context.node.forgetSessions(of: request.sender.id)
             context.node.dropUDPPath(request.sender.id)
+            if let nonce = context.node.punchByPeer[request.sender.id] { context.node.endPunch(nonce, why: "the peer quit", quiet: true) }
             return .reply(Reply())
         }
     }

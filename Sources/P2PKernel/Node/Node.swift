@@ -63,6 +63,7 @@ public final class Node: @unchecked Sendable {
     var punches: [UInt64: Punch] = [:]
     var punchByPeer: [Number160: UInt64] = [:]
     var punchTried: [Number160: UInt32] = [:]
+    var punchAnswered: [Number160: UInt32] = [:]
     var pathKeepAlive: RepeatedTask?
     /// Pool keys whose connections are never evicted (links to our relays, reverse connections).
     var pinned: Set<PeerSocketAddress> = []

@@ -182,10 +182,11 @@ extension Node {
             noteContact(request.sender)
         }
         switch origin {
+        case .udp(let remote): noteUDPPath(request.sender, remote: remote)
         case .tcp: noteDirectPath(request.sender.id, origin: origin)
         case .link:
             considerReverseConnection(to: request.sender, origin: origin)
-            considerPunch(with: request.sender)
+            if request.command != kernelCommands.quit { considerPunch(with: request.sender) }
         default: break
         }
         guard let handler = registry.commands.handler(for: request.command) else {
