@@ -158,8 +158,10 @@ extension Node {
     func considerPunch(with peer: PeerAddress) {
         guard config.nat.holePunching, sessionsEnabled, running, peer.id != peerID, peer.flags.contains(.relayed),
               let mine = ownPunchClass, let theirs = peer.flags.punchClass, !(mine == .symmetric && theirs == .symmetric),
-              punchByPeer[peer.id] == nil, udpPaths[peer.id] == nil, peer.ip.isUnicast,
-              let ports = ownExternalPorts else { return }
+              punchByPeer[peer.id] == nil, peer.ip.isUnicast, let ports = ownExternalPorts else { return }
+        // A path for each transport the pair allows: UDP always, TCP when both are consistent.
+        let haveUDP = udpPaths[peer.id] != nil
+        guard !haveUDP || (mine == .consistent && theirs == .consistent && directPaths[peer.id] == nil) else { return }
         let birthday = mine == .symmetric || theirs == .symmetric
         if let why = punchRefusal(peer.id, birthday: birthday, answering: false) {
             logger.trace("no punch", metadata: ["peer": "\(peer.id)", "why": "\(why)"])
@@ -170,6 +172,7 @@ extension Node {
         let nonce = fresh
         punchTried[peer.id] = coarseSeconds
         punches[nonce] = Punch(peer: peer, initiator: true, mine: mine, theirs: theirs, created: .now())
+        punches[nonce]?.udpDone = haveUDP
         punchByPeer[peer.id] = nonce
         expirePunch(nonce, in: config.nat.punchBudget * 2)
         let sent = NIODeadline.now()
@@ -254,6 +257,7 @@ extension Node {
             return .error(.denied, why)
         }
         var p = Punch(peer: sender, initiator: false, mine: mine, theirs: theirs, created: .now())
+        p.udpDone = udpPaths[sender.id] != nil
         (p.udpTarget, p.tcpTarget) = Node.punchTargets(ip: sender.ip, mine: mine, theirs: theirs, udp: udp, tcp: tcp)
         punches[nonce] = p
         punchByPeer[sender.id] = nonce
@@ -292,6 +296,7 @@ extension Node {
             punches[nonce]?.spray = eventLoop.scheduleRepeatedTask(initialDelay: .zero, delay: .milliseconds(50)) { [self] task in
                 guard let q = punches[nonce], !q.udpDone, let udp = udpChannel else { return task.cancel() }
                 punches[nonce]?.sent += 1
+                punchPacketsSent += 1
                 udp.writeAndFlush(AddressedEnvelope(remoteAddress: target, data: PunchPacket.make(nonce, answer: false)), promise: nil)
             }
             dialPunch(nonce)
@@ -308,6 +313,7 @@ extension Node {
                 }
                 udp.flush()
                 punches[nonce]?.sent += min(perTick, cfg.birthdayProbes - q.sent)
+                punchPacketsSent += min(perTick, cfg.birthdayProbes - q.sent)
             }
         case (.symmetric, .consistent):
             guard let target = p.udpTarget else { break }
@@ -331,6 +337,7 @@ extension Node {
                     guard punches[nonce].map({ !$0.udpDone }) == true, running else { return ch.close(promise: nil) }
                     punches[nonce]?.sockets.append(ch)
                     punches[nonce]?.sent += 1
+                    punchPacketsSent += 1
                     ch.writeAndFlush(AddressedEnvelope(remoteAddress: target, data: PunchPacket.make(nonce, answer: false)), promise: nil)
                 }
         }
@@ -347,6 +354,7 @@ extension Node {
         let left = started + TimeAmount(config.nat.punchBudget) - .now()
         guard left > .milliseconds(50) else { return }
         punches[nonce]?.tcpAttempts += 1
+        punchDials += 1
         let local: SocketAddress
         do { local = try SocketAddress(ipAddress: target.protocol == .inet ? "0.0.0.0" : "::", port: Int(boundPort)) } catch { return }
         ClientBootstrap(group: eventLoop)

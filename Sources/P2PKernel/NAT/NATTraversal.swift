@@ -652,6 +652,24 @@ public final class NATTraversal: @unchecked Sendable {
         return await setUpRelays(node).0
     }
 
+    /// Takes `type` and `external` as the ladder's verdict without running it, for a relayed node
+    /// on loopback (which has no NAT to observe): tests of hole punching.
+    func assume(_ type: NATType, external: PeerSocketAddress) async {
+        guard let node else { return }
+        var flags: PeerFlags = [.firewalledUDP, .firewalledTCP]
+        switch type {
+        case .portPreserving, .consistent: flags.insert(.punchable)
+        case .symmetric: flags.insert(.symmetricNAT)
+        case .none, .unknown: break
+        }
+        state.withLockedValue { s in
+            s.report = ReachabilityReport(reachable: !s.relays.isEmpty, method: s.relays.isEmpty ? .none : .relay, external: external,
+                                          natType: type, observations: [], mappings: [], relays: s.relays, steps: [], elapsed: .zero)
+        }
+        guard let me = try? await node.eventLoop.submit({ node.selfAddress }).get() else { return }
+        await announce(node, udpPort: me.udpPort, tcpPort: me.tcpPort, ip: nil, flags: flags)
+    }
+
     /// Pings each relay over its link; tops the relays up when some are missing.
     private func tendRelays(_ node: Node) async {
         let (relays, want) = state.withLockedValue { ($0.relays, $0.wantRelays) }

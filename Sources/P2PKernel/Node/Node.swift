@@ -64,6 +64,9 @@ public final class Node: @unchecked Sendable {
     var punchByPeer: [Number160: UInt64] = [:]
     var punchTried: [Number160: UInt32] = [:]
     var punchAnswered: [Number160: UInt32] = [:]
+    /// PUNCH datagrams sent and TCP punch dials made, over the node's life.
+    var punchPacketsSent = 0
+    var punchDials = 0
     var pathKeepAlive: RepeatedTask?
     /// Pool keys whose connections are never evicted (links to our relays, reverse connections).
     var pinned: Set<PeerSocketAddress> = []
