@@ -451,7 +451,7 @@ extension Node {
     /// the path's keepalive fails.
     func noteUDPPath(_ peer: PeerAddress, remote: SocketAddress) {
         // Both relayed: nothing but a punched hole carries a datagram between us.
-        guard relayRoutes[peer.id] != nil, udpPaths[peer.id] == nil, selfAddress.flags.contains(.relayed), sessionsEnabled,
+        guard !relayRoutes.isEmpty, relayRoutes[peer.id] != nil, udpPaths[peer.id] == nil, selfAddress.flags.contains(.relayed), sessionsEnabled,
               let channel = udpSocket(to: remote) else { return }
         let method: DirectPathMethod
         var started: NIODeadline?

@@ -133,7 +133,7 @@ extension Node {
             promise?.fail(RPCError.shutDown)
             return
         }
-        if peer != .zero, let path = udpPaths[peer] {
+        if peer != .zero, !udpPaths.isEmpty, let path = udpPaths[peer] {
             path.channel.writeAndFlush(AddressedEnvelope(remoteAddress: path.address, data: packet), promise: promise)
             return
         }

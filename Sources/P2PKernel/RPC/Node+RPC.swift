@@ -135,8 +135,8 @@ extension Node {
         }
         switch origin {
         case .udp:
-            let punched = p.expected != .zero && udpPaths[p.expected]?.address == remote
-            guard p.transport == .udp, punched || (remote.port.map(UInt16.init) == p.target.udpPort && IPAddress(remote) == p.target.ip) else {
+            let sameAddress = remote.port.map(UInt16.init) == p.target.udpPort && IPAddress(remote) == p.target.ip
+            guard p.transport == .udp, sameAddress || (!udpPaths.isEmpty && p.expected != .zero && udpPaths[p.expected]?.address == remote) else {
                 countDrop("reply \(reply.id) from \(remote), but the request went to \(p.target)")
                 return
             }
@@ -369,7 +369,7 @@ extension Node {
         }
         // A relayed peer we hold a punched UDP path to is asked over it; one we hold a direct
         // connection to (it connected back to us, or a punched one) over that connection.
-        let punchedUDP = expectedID != .zero && kind == .udp && udpPaths[expectedID] != nil
+        let punchedUDP = kind == .udp && !udpPaths.isEmpty && expectedID != .zero && udpPaths[expectedID] != nil
         let routedKind = !punchedUDP && expectedID != .zero && directPaths[expectedID] != nil ? TransportKind.tcp : kind
         if !punchedUDP, let problem = unsendable(routedTarget(target, expected: expectedID), routedKind) {
             return eventLoop.makeFailedFuture(RPCError.invalidAddress(problem))
