@@ -82,6 +82,16 @@ struct HolePunchTests {
         // And the other way.
         let r = try await b.request(to: a.address, command: b.kernelCommands.ping, transport: .udp).get()
         #expect(r.type == .ok && r.sender.id == a.peerID)
+        // The hole closes (a NAT forgot it; here a's path leads to a socket that never answers):
+        // a request on it still gets its answer, through the relays, and the path is given up.
+        let silent = try await SilentPeer()
+        defer { silent.channel.close(promise: nil) }
+        try await a.eventLoop.submit {
+            if let p = a.udpPaths[b.peerID] { a.udpPaths[b.peerID] = UDPPath(channel: p.channel, address: silent.address.socket.udpSocketAddress) }
+        }.get()
+        let viaRelays = try await a.request(to: b.address, command: a.kernelCommands.ping, transport: .udp, timeout: .seconds(6)).get()
+        #expect(viaRelays.type == .ok && viaRelays.sender.id == b.peerID)
+        #expect(try await HolePunchTests.paths(a, to: b.peerID).udp == false, "the dead path was kept")
     }
 
     @Test("one symmetric side: a UDP path by birthday probing from its many sockets, no TCP punch")

@@ -407,8 +407,11 @@ extension Node {
             directPaths[victim] = nil
         }
         directPaths[peer] = channel
+        let target = channel.remoteAddress.flatMap { a in IPAddress(a).map { PeerSocketAddress(ip: $0, tcpPort: UInt16(a.port ?? 0), udpPort: 0) } }
         channel.closeFuture.whenComplete { [self] _ in
             if let c = directPaths[peer], c === channel { directPaths[peer] = nil }
+            // Requests waiting on it go through the peer's relays again (or fail if it has none).
+            if let target { failRequests(on: ObjectIdentifier(channel), target: target) }
         }
     }
 

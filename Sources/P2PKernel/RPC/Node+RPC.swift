@@ -393,7 +393,7 @@ extension Node {
         return promise.futureResult
     }
 
-    private func resend(_ id: UInt32, every interval: Duration, deadline: NIODeadline, total: Duration) {
+    private func resend(_ id: UInt32, every interval: Duration, deadline: NIODeadline, total: Duration, attempt: Int = 1) {
         let next = NIODeadline.now() + TimeAmount(interval)
         guard next < deadline else {
             pending[id]?.timer = eventLoop.scheduleTask(deadline: deadline) { [self] in timedOut(id, after: total) }
@@ -401,10 +401,17 @@ extension Node {
         }
         pending[id]?.timer = eventLoop.scheduleTask(deadline: next) { [self] in
             guard let p = pending[id], running else { return }
-            // Through a relay that did not answer: the next one of the peer's relays.
-            if p.expected != .zero { rotateRelay(for: p.expected) }
+            // Through a relay that did not answer: the next one of the peer's relays. A punched
+            // path that lost two sends in a row is given up: the relays carry it from now on.
+            if p.expected != .zero {
+                rotateRelay(for: p.expected)
+                if attempt >= 2, !udpPaths.isEmpty, udpPaths[p.expected] != nil {
+                    logger.info("direct path to \(p.expected) over udp went quiet; its relays carry the traffic again")
+                    dropUDPPath(p.expected)
+                }
+            }
             transmit(p.plaintext, to: p.target, expected: p.expected, over: .udp, requestID: id)
-            resend(id, every: interval, deadline: deadline, total: total)
+            resend(id, every: interval, deadline: deadline, total: total, attempt: attempt + 1)
         }
     }
 
@@ -535,7 +542,7 @@ extension Node {
     }
 
     /// Fails every request still waiting on a connection that closed: its reply cannot come.
-    private func failRequests(on connection: ObjectIdentifier, target: PeerSocketAddress) {
+    func failRequests(on connection: ObjectIdentifier, target: PeerSocketAddress) {
         let ids = pending.compactMap { $0.value.connection == connection ? $0.key : nil }
         for id in ids {
             // A request to a relayed peer through a relay that went away goes through another.
