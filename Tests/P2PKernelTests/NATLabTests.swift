@@ -112,6 +112,9 @@ struct NATLabTests {
             times.append(r["elapsed_ms"] as? Double ?? -1)
         }
         print(NATLabTests.summary("case 1 public", times))
+        let (node, id, _) = try NATLabTests.natedNode(world, port: 4100, expect: "reachable via direct", in: world.lab.pub)
+        defer { node.stop() }
+        try world.exercise(from: world.lab.pub, id: id, tag: "public")
     }
 
     @Test("case 2: behind a UPnP gateway: mapped, verified by a probe-back, deleted at exit; put, get and send work both ways")
@@ -166,7 +169,7 @@ struct NATLabTests {
         let world = try World()
         defer { world.close() }
         var gateway = try world.lab.startGateway()
-        let (node, _, _) = try NATLabTests.natedNode(world, expect: "reachable via")
+        let (node, id, _) = try NATLabTests.natedNode(world, expect: "reachable via")
         defer { node.stop() }
         var restored: [Double] = []
         for _ in 0..<NATLabTests.trials {
@@ -184,6 +187,7 @@ struct NATLabTests {
             restored.append(took * 1000)
         }
         print(NATLabTests.summary("case 9 gateway restart (time to restore)", restored))
+        try world.exercise(from: world.lab.lan, id: id, tag: "restored")
     }
 
     @Test("case 4: no mapping, the other side public: relayed, then direct by a reverse connection; put, get and send work both ways")
@@ -359,6 +363,7 @@ struct NATLabTests {
             try world.restart(victimIndex)
         }
         #expect(lost == 0, "\(lost) of \(sent) requests lost while a relay was down")
+        try world.exercise(from: world.lab.lan, id: id, tag: "relays-replaced")
         print(NATLabTests.summary("case 8 relay killed (time to a new relay, measured after the sends)", replaced))
     }
 }

@@ -147,4 +147,59 @@ struct RelayTests {
         }.get()
         #expect(tried == limit)
     }
+
+    @Test("hostile relay packets over real sockets: wrapped packets for peers not relayed, link packets off a link, relay answers from a non-relay, stale tokens, truncated headers — all dropped, nothing forwarded, the relay keeps serving")
+    func hostileRelayPackets() async throws {
+        let nodes = try await RelayTests.network(4)
+        var cfg = NATConfig()
+        cfg.relays = 2
+        cfg.minimumRelays = 1
+        let u = try await loopbackNode(timeout: .seconds(2)) { $0.nat(cfg).flags([.firewalledUDP, .firewalledTCP]) }
+        defer { Task { for n in nodes + [u] { try? await n.shutdown() } } }
+        try await u.bootstrap(to: nodes[0].address.socket)
+        #expect(await u.nat.useRelays().count == 2)
+        let relays = nodes.filter { n in u.address.relays.contains(n.address.socket) }
+        guard let r = relays.first, let a = nodes.first(where: { n in !relays.contains { $0 === n } }) else {
+            Issue.record("no relay or no sender")
+            return
+        }
+        // A learns U's relays by reaching it through them.
+        #expect(try await a.request(to: u.address, command: a.kernelCommands.ping).get().type == .ok)
+        let raw = try await RawSocket()
+        defer { Task { await raw.close() } }
+        let stranger = Number160.random()
+        func drops(_ n: Node) -> Int { n.droppedMessages }
+        let served = { try await r.eventLoop.submit { r.relayServed[u.peerID]?.nextToken ?? 0 }.get() }
+        let tokensBefore = try await served()
+        let (rBefore, uBefore, aBefore) = (drops(r), drops(u), drops(a))
+        let garbage = [UInt8](repeating: 0xAB, count: 40)
+        // To the relay: for a peer it does not relay; a link answer over UDP; truncated.
+        try await raw.send([RelayPacket.toRelay] + stranger.bytes + garbage, to: r.address.socket)
+        try await raw.send([RelayPacket.fromClient, 0, 0, 0, 1] + garbage, to: r.address.socket)
+        try await raw.send([RelayPacket.toRelay, 1, 2, 3], to: r.address.socket)
+        // To U: a "delivery" that did not come down one of its links.
+        try await raw.send([RelayPacket.toClient, 0, 0, 0, 0, 0, 4, 127, 0, 0, 1, 0x0F, 0xA0] + garbage, to: u.address.socket)
+        // To A: an answer "from U" sent by something that is not one of U's relays; a bad IP family.
+        try await raw.send([RelayPacket.fromRelay] + u.peerID.bytes + [4, 127, 0, 0, 1] + garbage, to: a.address.socket)
+        try await raw.send([RelayPacket.fromRelay] + u.peerID.bytes + [9] + garbage, to: a.address.socket)
+        try await HolePunchTests.waitFor("the drops to be counted", seconds: 10) {
+            drops(r) >= rBefore + 3 && drops(u) >= uBefore + 1 && drops(a) >= aBefore + 2
+        }
+        #expect(try await served() == tokensBefore, "the relay forwarded something")
+        // A stale token from U itself, on its own link: one ring turn old, refused.
+        let stale = try await r.eventLoop.submit { () -> Bool in
+            guard let s = r.relayServed[u.peerID], let remote = s.link.remoteAddress else { return false }
+            let before = r.droppedMessages
+            var b = ByteBufferAllocator().buffer(capacity: 16)
+            b.writeInteger(RelayPacket.fromClient)
+            b.writeInteger(s.nextToken &- UInt32(s.returns.count) &- 1)
+            b.writeBytes(garbage)
+            r.receivedRelayPacket(RelayPacket.fromClient, b, remote: remote, origin: .tcp(s.link))
+            return r.droppedMessages == before + 1
+        }.get()
+        #expect(stale, "a stale token was answered")
+        // And the relay still serves U.
+        let after = try await a.request(to: u.address, command: a.kernelCommands.ping, transport: .udp).get()
+        #expect(after.type == .ok && after.sender.id == u.peerID)
+    }
 }
