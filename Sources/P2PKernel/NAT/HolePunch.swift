@@ -158,7 +158,7 @@ extension Node {
     func considerPunch(with peer: PeerAddress) {
         guard config.nat.holePunching, sessionsEnabled, running, peer.id != peerID, peer.flags.contains(.relayed),
               let mine = ownPunchClass, let theirs = peer.flags.punchClass, !(mine == .symmetric && theirs == .symmetric),
-              punchByPeer[peer.id] == nil, peer.ip.isUnicast, let ports = ownExternalPorts else { return }
+              punchByPeer[peer.id] == nil, punchable(peer.ip), let ports = ownExternalPorts else { return }
         // A path for each transport the pair allows: UDP always, TCP when both are consistent.
         let haveUDP = udpPaths[peer.id] != nil
         guard !haveUDP || (mine == .consistent && theirs == .consistent && directPaths[peer.id] == nil) else { return }
@@ -214,6 +214,12 @@ extension Node {
     /// The answer to a CONNECT that crossed ours, when our id is the lower: ours goes on.
     static let punchYield = "busy: our punch with you is in progress"
 
+    /// Whether datagrams can go to `ip` from our socket at all (unicast, and our socket's family:
+    /// a send to another family fails in the kernel, which would close the UDP socket).
+    func punchable(_ ip: IPAddress) -> Bool {
+        ip.isUnicast && (ip.isV4 || !udpFamilyIsV4)
+    }
+
     /// `class, UDP port, TCP port` from integers at `from` on; ports of a consistent side non-zero.
     static func punchTerms(_ payload: [Payload], from: Int) -> (PunchClass, UInt16, UInt16)? {
         let ints = payload.compactMap { p -> Int64? in if case .integer(let v) = p { v } else { nil } }
@@ -243,7 +249,7 @@ extension Node {
         guard ints.count == 5, ints[0] == 0, ints[1] != 0, let (theirs, udp, tcp) = Node.punchTerms(payload, from: 2) else {
             return .error(.badRequest, "CONNECT needs phase 0, a nonce, a class and two ports")
         }
-        guard sender.ip.isUnicast else { return .error(.badRequest, "\(sender.ip) cannot be punched to") }
+        guard punchable(sender.ip) else { return .error(.badRequest, "\(sender.ip) cannot be punched to from here") }
         guard !(mine == .symmetric && theirs == .symmetric) else { return .error(.denied, "both NATs are symmetric: no punch") }
         let nonce = UInt64(bitPattern: ints[1])
         if let other = punchByPeer[sender.id], let p = punches[other] {
@@ -567,6 +573,9 @@ extension Node {
     func endAllPunches() {
         for nonce in Array(punches.keys) { endPunch(nonce, why: "the node stopped", quiet: true) }
         for peer in Array(udpPaths.keys) { dropUDPPath(peer) }
+        // Punched connections belong to no pool: closed here (inbound ones close with the rest).
+        for ch in directPaths.values { ch.close(promise: nil) }
+        directPaths.removeAll()
         pathKeepAlive?.cancel()
         pathKeepAlive = nil
     }
