@@ -87,7 +87,7 @@ struct HolePunchTests {
         let silent = try await SilentPeer()
         defer { silent.channel.close(promise: nil) }
         try await a.eventLoop.submit {
-            if let p = a.udpPaths[b.peerID] { a.udpPaths[b.peerID] = UDPPath(channel: p.channel, address: silent.address.socket.udpSocketAddress) }
+            if let p = a.udpPaths[b.peerID] { a.udpPaths[b.peerID] = UDPPath(socket: p.socket, address: silent.address.socket.udpSocketAddress, heard: 0) }
         }.get()
         let viaRelays = try await a.request(to: b.address, command: a.kernelCommands.ping, transport: .udp, timeout: .seconds(6)).get()
         #expect(viaRelays.type == .ok && viaRelays.sender.id == b.peerID)
@@ -107,7 +107,7 @@ struct HolePunchTests {
             return x && y
         }
         // The symmetric side reaches c from one of its birthday sockets, not the node's own.
-        let (viaBirthday, sockets) = try await s.eventLoop.submit { (s.udpPaths[c.peerID].map { $0.channel !== s.udpChannel } ?? false, s.punchSockets.count) }.get()
+        let (viaBirthday, sockets) = try await s.eventLoop.submit { (s.udpPaths[c.peerID]?.socket != nil, s.punchSockets.count) }.get()
         #expect(viaBirthday && sockets == 1)
         let r = try await c.request(to: s.address, command: c.kernelCommands.ping, transport: .udp).get()
         #expect(r.type == .ok && r.sender.id == s.peerID)
@@ -144,7 +144,8 @@ struct HolePunchTests {
             $0.punchesPerMinute = 5
         }
         var hostile: [Node] = []
-        for _ in 0..<7 { hostile.append(try await loopbackNode(timeout: .seconds(2))) }
+        // They say they are behind consistent NATs (a CONNECT must match its sender's flags).
+        for _ in 0..<7 { hostile.append(try await loopbackNode(timeout: .seconds(2)) { $0.flags([.punchable]) }) }
         let plain = nodes[1]
         let everyone = nodes + hostile + [v]
         defer { Task { for n in everyone { try? await n.shutdown() } } }
@@ -167,6 +168,18 @@ struct HolePunchTests {
             #expect(try await ask(hostile[0], bad).type == .badRequest, "\(bad)")
         }
         #expect(try await ask(hostile[0], connect(4), to: plain.address).type == .denied)
+        // Terms other than its flags announce (a "symmetric" asker whose flags say consistent:
+        // a birthday the limits were not checked for).
+        #expect(try await ask(hostile[6], connect(5, cls: 2)).type == .badRequest)
+        // Many ids from one network: four punches a minute with its /24 (loopback is exempt).
+        let grouped = try await v.eventLoop.submit { () -> [String?] in
+            for _ in 0..<4 { v.notePunch(.random(), ip: .v4(0x0A01_0201), answering: true) }
+            let out = [v.punchRefusal(.random(), ip: .v4(0x0A01_0209), birthday: false), v.punchRefusal(.random(), ip: .v4(0x0A01_0309), birthday: false)]
+            v.punchLog.removeAll()
+            v.punchAnswered.removeAll()
+            return out
+        }.get()
+        #expect(grouped[0]?.contains("network") == true && grouped[1] == nil, "\(grouped)")
         #expect(try await plain.eventLoop.submit { plain.punches.isEmpty }.get())
         // Three at once; the fourth asker waits for one to end.
         for (i, h) in hostile.prefix(3).enumerated() { #expect(try await ask(h, connect(Int64(100 + i))).type == .ok) }

@@ -86,10 +86,13 @@ public struct DirectPath: Sendable, Equatable, CustomStringConvertible {
     }
 }
 
-/// A punched UDP path: the socket (the node's own, or a birthday socket) and the peer's address.
+/// A punched UDP path: the birthday socket it leaves on (nil: the node's own socket, whichever
+/// that is now — it is bound again if it ever closes) and the peer's address.
 struct UDPPath {
-    let channel: any Channel
+    let socket: (any Channel)?
     let address: SocketAddress
+    /// When a datagram last came from `address` (coarse seconds).
+    var heard: UInt32
 }
 
 /// One punch in progress (by nonce).
@@ -97,7 +100,7 @@ struct Punch {
     let peer: PeerAddress
     let initiator: Bool
     let mine: PunchClass
-    var theirs: PunchClass
+    let theirs: PunchClass
     /// The peer's IP with its claimed ports (UDP nil while unknown or when it is symmetric; TCP
     /// only when both sides are consistent).
     var udpTarget: SocketAddress?
@@ -114,6 +117,7 @@ struct Punch {
 
     var birthday: Bool { mine == .symmetric || theirs == .symmetric }
     var wantsTCP: Bool { mine == .consistent && theirs == .consistent }
+    var done: Bool { udpDone && (!wantsTCP || tcpDone) }
 }
 
 extension Node {
@@ -129,21 +133,25 @@ extension Node {
         return (ext.udpPort, ext.tcpPort)
     }
 
-    /// Why a punch with `peer` may not begin now (nil: it may): per node at once and per minute,
-    /// birthdays at once. Forgets tries older than a minute.
-    private func punchRefusal(_ peer: Number160, birthday: Bool, answering: Bool) -> String? {
+    private var punchRetrySeconds: UInt32 { UInt32(max(5, config.nat.punchRetryAfter.components.seconds)) }
+
+    /// Why a punch with `peer` at `ip` may not begin now (nil: it may): one per peer per
+    /// `punchRetryAfter` whoever began it, per node at once and per minute, per address group
+    /// (/24, /48) per minute, birthdays at once.
+    func punchRefusal(_ peer: Number160, ip: IPAddress, birthday: Bool, perPeer: Bool = true) -> String? {
         let now = coarseSeconds
-        let retry = UInt32(max(1, config.nat.punchRetryAfter.components.seconds))
-        let book = answering ? punchAnswered : punchTried
-        if let last = book[peer], now &- last < retry { return "punched to this peer \(now &- last) s ago" }
-        let window = max(60, retry)
-        punchTried = punchTried.filter { now &- $0.value < window }
-        punchAnswered = punchAnswered.filter { now &- $0.value < window }
+        let retry = punchRetrySeconds
+        if perPeer {
+            for book in [punchTried, punchAnswered] {
+                if let last = book[peer], now &- last < retry { return "punched to this peer \(now &- last) s ago" }
+            }
+        }
         let limits = config.limits
         guard punches.count < limits.maxPunchesInProgress else { return "busy: \(limits.maxPunchesInProgress) punches in progress" }
-        let lastMinute = punchTried.values.count(where: { now &- $0 < 60 }) + punchAnswered.values.count(where: { now &- $0 < 60 })
-        guard lastMinute < limits.punchesPerMinute else {
-            return "busy: \(limits.punchesPerMinute) punches in the last minute"
+        if punchLog.first.map({ now &- $0.at >= 60 }) == true { punchLog.removeAll { now &- $0.at >= 60 } }
+        guard punchLog.count < limits.punchesPerMinute else { return "busy: \(limits.punchesPerMinute) punches in the last minute" }
+        if let group = ip.sybilGroup, punchLog.count(where: { $0.group == group }) >= limits.punchesPerMinutePerIPGroup {
+            return "busy: \(limits.punchesPerMinutePerIPGroup) punches with \(ip)'s network in the last minute"
         }
         if birthday, punches.values.count(where: \.birthday) >= limits.maxBirthdaysInProgress {
             return "busy: a birthday punch is in progress"
@@ -151,26 +159,47 @@ extension Node {
         return nil
     }
 
+    /// Books a punch with `peer` (begun or answered) against the limits.
+    func notePunch(_ peer: Number160, ip: IPAddress, answering: Bool) {
+        let now = coarseSeconds
+        if answering { punchAnswered[peer] = now } else { punchTried[peer] = now }
+        punchLog.append((now, ip.sybilGroup ?? 0))
+        let retry = punchRetrySeconds
+        if punchTried.count + punchAnswered.count > 2 * config.limits.punchesPerMinute {
+            punchTried = punchTried.filter { now &- $0.value < retry }
+            punchAnswered = punchAnswered.filter { now &- $0.value < retry }
+        }
+    }
+
+    /// Whether we may punch to `ip`: unicast, our socket's family (a send to another family
+    /// fails in the kernel, which would close the UDP socket), and loopback only for a node on
+    /// loopback.
+    func punchable(_ ip: IPAddress) -> Bool {
+        ip.isUnicast && (ip.isV4 || !udpFamilyIsV4) && (!ip.isLoopback || boundToLoopback)
+    }
+
     // MARK: beginning (the initiator)
 
-    /// After an exchange with `peer` through relays (its or ours): punch a direct path when both
-    /// of us are relayed behind NATs that allow it and none exists yet.
+    /// After a request from `peer` came down one of our relay links: punch a direct path when
+    /// both of us are relayed behind NATs that allow it and the pair lacks one. Only then: the IP
+    /// punched to is the one our own relay saw (a relay the peer named could say anything).
     func considerPunch(with peer: PeerAddress) {
-        guard config.nat.holePunching, sessionsEnabled, running, peer.id != peerID, peer.flags.contains(.relayed),
-              let mine = ownPunchClass, let theirs = peer.flags.punchClass, !(mine == .symmetric && theirs == .symmetric),
-              punchByPeer[peer.id] == nil, punchable(peer.ip), let ports = ownExternalPorts else { return }
+        guard config.nat.holePunching, peer.flags.contains(.relayed), let theirs = peer.flags.punchClass, let mine = ownPunchClass,
+              !(mine == .symmetric && theirs == .symmetric), sessionsEnabled, running, peer.id != peerID,
+              punchByPeer[peer.id] == nil else { return }
         // A path for each transport the pair allows: UDP always, TCP when both are consistent.
         let haveUDP = udpPaths[peer.id] != nil
         guard !haveUDP || (mine == .consistent && theirs == .consistent && directPaths[peer.id] == nil) else { return }
-        let birthday = mine == .symmetric || theirs == .symmetric
-        if let why = punchRefusal(peer.id, birthday: birthday, answering: false) {
+        if let last = punchTried[peer.id], coarseSeconds &- last < punchRetrySeconds { return }
+        guard punchable(peer.ip), let ports = ownExternalPorts else { return }
+        if let why = punchRefusal(peer.id, ip: peer.ip, birthday: mine == .symmetric || theirs == .symmetric) {
             logger.trace("no punch", metadata: ["peer": "\(peer.id)", "why": "\(why)"])
             return
         }
         var fresh: UInt64
         repeat { fresh = UInt64(randomIDs.next()) << 32 | UInt64(randomIDs.next()) } while fresh == 0 || punches[fresh] != nil
         let nonce = fresh
-        punchTried[peer.id] = coarseSeconds
+        notePunch(peer.id, ip: peer.ip, answering: false)
         punches[nonce] = Punch(peer: peer, initiator: true, mine: mine, theirs: theirs, created: .now())
         punches[nonce]?.udpDone = haveUDP
         punchByPeer[peer.id] = nonce
@@ -178,7 +207,7 @@ extension Node {
         let sent = NIODeadline.now()
         let connect: [Payload] = [.integer(0), .integer(Int64(bitPattern: nonce)), .integer(mine.rawValue),
                                   .integer(Int64(ports.udp)), .integer(Int64(ports.tcp))]
-        let command = CommandID.derive(from: KernelCommands.punch)
+        let command = kernelCommands.punch
         requestOnLoop(target: peer.socket, expectedID: peer.id, command: command, payload: connect, transport: .udp,
                       timeout: config.nat.punchBudget).whenComplete { [self] result in
             guard var p = punches[nonce] else { return }
@@ -188,19 +217,20 @@ extension Node {
             case .success(let m): reply = m
             }
             if let error = RPCError.from(reply: reply) {
-                // Refused before anything was sent: not a try. A busy peer is asked again
-                // after the next exchange through relays, 5 s on at the earliest.
-                let retry = UInt32(max(1, config.nat.punchRetryAfter.components.seconds))
-                punchTried[peer.id] = coarseSeconds &- retry &+ 5
                 if case .denied(let text) = error, text == Node.punchYield {
+                    // Its punch with us goes on instead: this one was never a try.
+                    punchTried[peer.id] = nil
                     return endPunch(nonce, why: "the peer's punch goes on", quiet: true)
                 }
+                // Refused before anything was sent: the peer may be asked again 5 s on.
+                punchTried[peer.id] = coarseSeconds &- punchRetrySeconds &+ 5
                 return endPunch(nonce, why: "CONNECT refused: \(error)")
             }
-            guard let (theirs, udp, tcp) = Node.punchTerms(reply.payload, from: 0) else { return endPunch(nonce, why: "CONNECT: malformed answer") }
-            guard !(mine == .symmetric && theirs == .symmetric) else { return endPunch(nonce, why: "both NATs symmetric") }
-            p.theirs = theirs
-            (p.udpTarget, p.tcpTarget) = Node.punchTargets(ip: reply.sender.ip, mine: mine, theirs: theirs, udp: udp, tcp: tcp)
+            // Its terms must be those its flags announced (the limits were checked for those).
+            guard let (cls, udp, tcp) = Node.punchTerms(reply.payload, from: 0), cls == theirs else {
+                return endPunch(nonce, why: "CONNECT: an answer with other terms than the peer announced")
+            }
+            (p.udpTarget, p.tcpTarget) = Node.punchTargets(ip: peer.ip, mine: mine, theirs: theirs, udp: udp, tcp: tcp)
             punches[nonce] = p
             let rtt = NIODeadline.now() - sent
             let sync: [Payload] = [.integer(1), .integer(Int64(bitPattern: nonce))]
@@ -214,12 +244,6 @@ extension Node {
     /// The answer to a CONNECT that crossed ours, when our id is the lower: ours goes on.
     static let punchYield = "busy: our punch with you is in progress"
 
-    /// Whether datagrams can go to `ip` from our socket at all (unicast, and our socket's family:
-    /// a send to another family fails in the kernel, which would close the UDP socket).
-    func punchable(_ ip: IPAddress) -> Bool {
-        ip.isUnicast && (ip.isV4 || !udpFamilyIsV4)
-    }
-
     /// `class, UDP port, TCP port` from integers at `from` on; ports of a consistent side non-zero.
     static func punchTerms(_ payload: [Payload], from: Int) -> (PunchClass, UInt16, UInt16)? {
         let ints = payload.compactMap { p -> Int64? in if case .integer(let v) = p { v } else { nil } }
@@ -232,14 +256,15 @@ extension Node {
     /// Where to send: the peer's UDP port unless it is symmetric (then random ports of its IP),
     /// its TCP port only when both sides are consistent.
     static func punchTargets(ip: IPAddress, mine: PunchClass, theirs: PunchClass, udp: UInt16, tcp: UInt16) -> (SocketAddress?, SocketAddress?) {
-        let u = theirs == .consistent ? try? SocketAddress(ipAddress: "\(ip)", port: Int(udp)) : nil
-        let t = mine == .consistent && theirs == .consistent ? try? SocketAddress(ipAddress: "\(ip)", port: Int(tcp)) : nil
+        let u = theirs == .consistent ? ip.socketAddress(port: udp) : nil
+        let t = mine == .consistent && theirs == .consistent ? ip.socketAddress(port: tcp) : nil
         return (u, t)
     }
 
     // MARK: answering (the responder)
 
-    /// CONNECT from `sender` (its IP as its path reported it): keeps the punch, answers our terms.
+    /// CONNECT from `sender` (its IP as our relay, or its own datagrams, reported it): keeps the
+    /// punch, answers our terms.
     func answerPunch(_ payload: [Payload], from sender: PeerAddress) -> Reply {
         guard sessionsEnabled else { return .error(.denied, "punching needs authenticated sessions") }
         guard config.nat.holePunching, let mine = ownPunchClass, let ports = ownExternalPorts else {
@@ -249,17 +274,20 @@ extension Node {
         guard ints.count == 5, ints[0] == 0, ints[1] != 0, let (theirs, udp, tcp) = Node.punchTerms(payload, from: 2) else {
             return .error(.badRequest, "CONNECT needs phase 0, a nonce, a class and two ports")
         }
+        guard theirs == sender.flags.punchClass else { return .error(.badRequest, "CONNECT with another class than the sender's flags say") }
         guard punchable(sender.ip) else { return .error(.badRequest, "\(sender.ip) cannot be punched to from here") }
         guard !(mine == .symmetric && theirs == .symmetric) else { return .error(.denied, "both NATs are symmetric: no punch") }
         let nonce = UInt64(bitPattern: ints[1])
+        var superseded = false
         if let other = punchByPeer[sender.id], let p = punches[other] {
             // Both began at once: the lower id's punch goes on.
             if p.initiator, peerID < sender.id { return .error(.denied, Node.punchYield) }
             guard p.initiator, p.started == nil else { return .error(.denied, "busy: a punch with you is in progress") }
             endPunch(other, why: "superseded by the peer's", quiet: true)
+            superseded = true
         }
         guard punches[nonce] == nil else { return .error(.denied, "nonce in use") }
-        if let why = punchRefusal(sender.id, birthday: mine == .symmetric || theirs == .symmetric, answering: true) {
+        if let why = punchRefusal(sender.id, ip: sender.ip, birthday: mine == .symmetric || theirs == .symmetric, perPeer: !superseded) {
             return .error(.denied, why)
         }
         var p = Punch(peer: sender, initiator: false, mine: mine, theirs: theirs, created: .now())
@@ -267,7 +295,7 @@ extension Node {
         (p.udpTarget, p.tcpTarget) = Node.punchTargets(ip: sender.ip, mine: mine, theirs: theirs, udp: udp, tcp: tcp)
         punches[nonce] = p
         punchByPeer[sender.id] = nonce
-        punchAnswered[sender.id] = coarseSeconds
+        notePunch(sender.id, ip: sender.ip, answering: true)
         // The SYNC comes within a round trip; without it the punch is dropped.
         expirePunch(nonce, in: config.nat.punchBudget * 2)
         return Reply(payload: [.integer(mine.rawValue), .integer(Int64(ports.udp)), .integer(Int64(ports.tcp))])
@@ -294,32 +322,35 @@ extension Node {
         guard var p = punches[nonce], p.started == nil, running else { return }
         p.started = .now()
         punches[nonce] = p
+        // Already direct (its packets came first): nothing to send.
+        if p.done { return finishIfDone(nonce) }
         expirePunch(nonce, in: config.nat.punchBudget)
         let cfg = config.nat
         switch (p.mine, p.theirs) {
         case (.consistent, .consistent):
-            guard let target = p.udpTarget else { break }
+            dialPunch(nonce)
+            guard let target = p.udpTarget, !p.udpDone else { break }
             punches[nonce]?.spray = eventLoop.scheduleRepeatedTask(initialDelay: .zero, delay: .milliseconds(50)) { [self] task in
                 guard let q = punches[nonce], !q.udpDone, let udp = udpChannel else { return task.cancel() }
                 punches[nonce]?.sent += 1
                 punchPacketsSent += 1
                 udp.writeAndFlush(AddressedEnvelope(remoteAddress: target, data: PunchPacket.make(nonce, answer: false)), promise: nil)
             }
-            dialPunch(nonce)
         case (.consistent, .symmetric):
             // Spray random ports of its IP from our socket: one of its many mappings answers.
             let ip = p.peer.ip
-            let tick = TimeAmount.milliseconds(5)
-            let perTick = max(1, cfg.birthdayProbes * 5 / max(1, Int(cfg.punchBudget.components.seconds * 1000)))
-            punches[nonce]?.spray = eventLoop.scheduleRepeatedTask(initialDelay: .zero, delay: tick) { [self] task in
+            let tick = 5
+            let perTick = max(1, cfg.birthdayProbes * tick / max(tick, Int(ReachabilityReport.ms(cfg.punchBudget))))
+            punches[nonce]?.spray = eventLoop.scheduleRepeatedTask(initialDelay: .zero, delay: .milliseconds(Int64(tick))) { [self] task in
                 guard let q = punches[nonce], !q.udpDone, q.sent < cfg.birthdayProbes, let udp = udpChannel else { return task.cancel() }
-                for _ in 0..<min(perTick, cfg.birthdayProbes - q.sent) {
-                    guard let to = try? SocketAddress(ipAddress: "\(ip)", port: Int.random(in: 1024...65535)) else { continue }
-                    udp.write(AddressedEnvelope(remoteAddress: to, data: PunchPacket.make(nonce, answer: false)), promise: nil)
+                let n = min(perTick, cfg.birthdayProbes - q.sent)
+                for _ in 0..<n {
+                    udp.write(AddressedEnvelope(remoteAddress: ip.socketAddress(port: UInt16.random(in: 1024...65535)),
+                                                data: PunchPacket.make(nonce, answer: false)), promise: nil)
                 }
                 udp.flush()
-                punches[nonce]?.sent += min(perTick, cfg.birthdayProbes - q.sent)
-                punchPacketsSent += min(perTick, cfg.birthdayProbes - q.sent)
+                punches[nonce]?.sent += n
+                punchPacketsSent += n
             }
         case (.symmetric, .consistent):
             guard let target = p.udpTarget else { break }
@@ -355,7 +386,7 @@ extension Node {
         if directPaths[p.peer.id] != nil {
             // Its SYN reached our listener first: the accepted connection is the path.
             punches[nonce]?.tcpDone = true
-            return
+            return finishIfDone(nonce)
         }
         let left = started + TimeAmount(config.nat.punchBudget) - .now()
         guard left > .milliseconds(50) else { return }
@@ -392,7 +423,8 @@ extension Node {
         let remote = ch.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
         requestOnLoop(target: peer.socket, expectedID: peer.id, command: kernelCommands.ping, payload: [], transport: .tcp,
                       timeout: config.nat.punchBudget).whenComplete { [self] result in
-            guard case .success(let reply) = result, reply.type == .ok else {
+            // The answer proves the path only if it came over it (the connection still stands).
+            guard case .success(let reply) = result, reply.type == .ok, let c = directPaths[peer.id], c === ch, ch.isActive else {
                 if let c = directPaths[peer.id], c === ch { directPaths[peer.id] = nil }
                 return ch.close(promise: nil)
             }
@@ -403,7 +435,7 @@ extension Node {
 
     /// Once every path the punch wants is proven it ends, a moment later (late packets are answered till then).
     func finishIfDone(_ nonce: UInt64) {
-        guard let p = punches[nonce], p.udpDone, !p.wantsTCP || p.tcpDone else { return }
+        guard let p = punches[nonce], p.done else { return }
         expirePunch(nonce, in: .milliseconds(500))
     }
 
@@ -431,21 +463,27 @@ extension Node {
         if !answer {
             channel.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: PunchPacket.make(nonce, answer: true)), promise: nil)
         }
-        guard !p.udpDone else { return }
-        let started = p.created
+        punchArrived(nonce, from: remote, channel: channel)
+    }
+
+    /// Something of the peer's came through the hole at `remote` on `channel`: that is the path
+    /// (proven by a ping in the session over it before it is announced).
+    private func punchArrived(_ nonce: UInt64, from remote: SocketAddress, channel: any Channel) {
+        guard let p = punches[nonce], !p.udpDone else { return }
         punches[nonce]?.udpDone = true
         punches[nonce]?.spray?.cancel()
         punches[nonce]?.spray = nil
         for s in p.sockets where s !== channel { s.close(promise: nil) }
         punches[nonce]?.sockets = p.sockets.filter { $0 === channel }
-        installUDPPath(p.peer.id, UDPPath(channel: channel, address: remote))
+        installUDPPath(p.peer.id, socket: channel === udpChannel ? nil : channel, address: remote)
         let method: DirectPathMethod = p.birthday ? .birthday : .holePunch
-        let sent = p.sent
+        let (sent, started) = (p.sent, p.created)
         let seen = "\(remote.ipAddress ?? "?"):\(remote.port ?? 0)"
         requestOnLoop(target: p.peer.socket, expectedID: p.peer.id, command: kernelCommands.ping, payload: [], transport: .udp,
                       timeout: config.nat.punchBudget).whenComplete { [self] result in
-            guard case .success(let reply) = result, reply.type == .ok else {
-                return dropUDPPath(p.peer.id, ifVia: channel)
+            // Proven only if the answer came back while the path stood (it went over it).
+            guard case .success(let reply) = result, reply.type == .ok, udpPaths[p.peer.id]?.address == remote else {
+                return dropUDPPath(p.peer.id, ifTo: remote)
             }
             var path = DirectPath(peer: p.peer.id, transport: .udp, method: method, remote: seen, milliseconds: ms(since: started))
             if method == .birthday { path.remote += " after \(sent) probes" }
@@ -454,53 +492,56 @@ extension Node {
         }
     }
 
-    /// An authenticated request from a relayed peer straight over UDP, from `remote`, to us
-    /// (relayed too): a hole its side punched (our punch may have ended before its answer came). Its session proved
-    /// the id; the address is where its datagrams come from, as a reply to it goes. Used until
-    /// the path's keepalive fails.
-    func noteUDPPath(_ peer: PeerAddress, remote: SocketAddress) {
-        // Both relayed: nothing but a punched hole carries a datagram between us.
-        guard !relayRoutes.isEmpty, relayRoutes[peer.id] != nil, udpPaths[peer.id] == nil, selfAddress.flags.contains(.relayed), sessionsEnabled,
-              let channel = udpSocket(to: remote) else { return }
-        let method: DirectPathMethod
-        var started: NIODeadline?
-        if let nonce = punchByPeer[peer.id], let p = punches[nonce] {
-            punches[nonce]?.udpDone = true
-            punches[nonce]?.spray?.cancel()
-            method = p.birthday ? .birthday : .holePunch
-            started = p.created
-        } else {
-            method = peer.flags.contains(.symmetricNAT) || selfAddress.flags.contains(.symmetricNAT) ? .birthday : .holePunch
+    /// An authenticated request straight over UDP from `peer`, relayed like us, from `remote`:
+    /// a hole its side punched (our punch may have ended before its answer came). Taken only
+    /// from a peer we punch or punched with lately; its session proved the id, and the address
+    /// is where its datagrams come from, as a reply to it goes.
+    func noteUDPPath(_ peer: PeerAddress, remote: SocketAddress, channel: (any Channel)?) {
+        guard selfAddress.flags.contains(.relayed), !relayRoutes.isEmpty, relayRoutes[peer.id] != nil, sessionsEnabled else { return }
+        if let path = udpPaths[peer.id] {
+            if path.address == remote { udpPaths[peer.id]?.heard = coarseSeconds }
+            return
         }
-        installUDPPath(peer.id, UDPPath(channel: channel, address: remote))
-        let seen = "\(remote.ipAddress ?? "?"):\(remote.port ?? 0), from its traffic"
-        announcePath(DirectPath(peer: peer.id, transport: .udp, method: method, remote: seen, milliseconds: started.map { ms(since: $0) } ?? 0))
+        if let nonce = punchByPeer[peer.id], punches[nonce] != nil, let ch = channel ?? udpChannel {
+            return punchArrived(nonce, from: remote, channel: ch)
+        }
+        let now = coarseSeconds, recent = punchRetrySeconds
+        guard [punchTried[peer.id], punchAnswered[peer.id]].contains(where: { $0.map { now &- $0 < recent } ?? false }) else { return }
+        installUDPPath(peer.id, socket: channel, address: remote)
+        let method: DirectPathMethod = peer.flags.contains(.symmetricNAT) || selfAddress.flags.contains(.symmetricNAT) ? .birthday : .holePunch
+        announcePath(DirectPath(peer: peer.id, transport: .udp, method: method,
+                                remote: "\(remote.ipAddress ?? "?"):\(remote.port ?? 0), from its traffic", milliseconds: 0))
     }
 
-    private func installUDPPath(_ peer: Number160, _ path: UDPPath) {
-        if let old = udpPaths[peer] { dropUDPPath(peer, ifVia: old.channel) }
+    private func installUDPPath(_ peer: Number160, socket: (any Channel)?, address: SocketAddress) {
+        if udpPaths[peer] != nil { dropUDPPath(peer) }
         if udpPaths.count >= config.limits.maxDirectPaths, let victim = udpPaths.keys.randomElement() { dropUDPPath(victim) }
-        udpPaths[peer] = path
-        if path.channel !== udpChannel { punchSockets[path.address] = path.channel }
+        udpPaths[peer] = UDPPath(socket: socket, address: address, heard: coarseSeconds)
+        if let socket { punchSockets[address] = socket }
         if pathKeepAlive == nil {
             let every = TimeAmount(config.nat.pathKeepAlive)
             pathKeepAlive = eventLoop.scheduleRepeatedTask(initialDelay: every, delay: every) { [self] _ in keepPathsAlive() }
         }
     }
 
-    /// Forgets the UDP path to `peer` (when it still goes over `channel`, if given); its
-    /// birthday socket closes.
-    func dropUDPPath(_ peer: Number160, ifVia channel: (any Channel)? = nil) {
-        guard let path = udpPaths[peer], channel.map({ $0 === path.channel }) ?? true else { return }
+    /// Forgets the UDP path to `peer` (when it still leads to `ifTo`, if given); its birthday
+    /// socket closes.
+    func dropUDPPath(_ peer: Number160, ifTo address: SocketAddress? = nil) {
+        guard let path = udpPaths[peer], address.map({ $0 == path.address }) ?? true else { return }
         udpPaths[peer] = nil
-        if path.channel !== udpChannel {
-            if let s = punchSockets[path.address], s === path.channel { punchSockets[path.address] = nil }
-            path.channel.close(promise: nil)
+        if let socket = path.socket {
+            if let s = punchSockets[path.address], s === socket { punchSockets[path.address] = nil }
+            socket.close(promise: nil)
         }
         if udpPaths.isEmpty {
             pathKeepAlive?.cancel()
             pathKeepAlive = nil
         }
+    }
+
+    /// A datagram from `remote` over the UDP path to `peer`: the path is alive.
+    func heardOverPath(_ peer: Number160, _ remote: SocketAddress) {
+        if let path = udpPaths[peer], path.address == remote { udpPaths[peer]?.heard = coarseSeconds }
     }
 
     /// Pings every punched UDP path (keeping the NAT mappings open); one whose ping fails is dropped.
@@ -511,8 +552,9 @@ extension Node {
             requestOnLoop(target: target, expectedID: peer, command: kernelCommands.ping, payload: [], transport: .udp, timeout: nil)
                 .whenComplete { [self] result in
                     if case .success(let r) = result, r.type == .ok { return }
+                    guard udpPaths[peer]?.address == path.address else { return }
                     logger.info("direct path to \(peer) over udp lost; its relays carry the traffic again")
-                    dropUDPPath(peer, ifVia: path.channel)
+                    dropUDPPath(peer, ifTo: path.address)
                 }
         }
     }
@@ -520,7 +562,7 @@ extension Node {
     /// A TCP connection that went idle: a direct path is kept (pinged; closed if that fails),
     /// anything else closes.
     func connectionIdle(_ channel: any Channel) {
-        guard let peer = directPaths.first(where: { $0.value === channel })?.key, let remote = channel.remoteAddress,
+        guard !directPaths.isEmpty, let peer = directPaths.first(where: { $0.value === channel })?.key, let remote = channel.remoteAddress,
               let ip = IPAddress(remote) else {
             return channel.close(promise: nil)
         }
@@ -532,12 +574,18 @@ extension Node {
             }
     }
 
-    /// A datagram on a birthday socket: a PUNCH, or the peer's traffic once the socket is its path.
+    /// A datagram on a birthday socket: a PUNCH; the peer's traffic once the socket is its path;
+    /// or, while the punch runs, the peer's first session packet (its answer to our PUNCH was
+    /// lost) — then this socket is the path.
     func receivedOnPunchSocket(_ buffer: ByteBuffer, from remote: SocketAddress, channel: any Channel) {
         guard running, let first = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) else { return }
         if first == PunchPacket.kind {
             receivedPunch(buffer, from: remote, channel: channel)
         } else if let s = punchSockets[remote], s === channel {
+            received(buffer, from: remote, origin: .udp(remote))
+        } else if let (nonce, _) = punches.first(where: { $0.value.sockets.contains { $0 === channel } }),
+                  let p = punches[nonce], !p.udpDone, IPAddress(remote) == p.peer.ip {
+            punchArrived(nonce, from: remote, channel: channel)
             received(buffer, from: remote, origin: .udp(remote))
         } else {
             countDrop("datagram from \(remote) on a punch socket that is no path to it")
@@ -557,7 +605,7 @@ extension Node {
         if punchByPeer[p.peer.id] == nonce { punchByPeer[p.peer.id] = nil }
         p.expiry?.cancel()
         p.spray?.cancel()
-        let keep = udpPaths[p.peer.id]?.channel
+        let keep = udpPaths[p.peer.id]?.socket
         for s in p.sockets where s !== keep { s.close(promise: nil) }
         guard !quiet else { return }
         let udp = p.udpDone ? "direct" : "not punched"

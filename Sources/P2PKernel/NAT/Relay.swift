@@ -134,7 +134,7 @@ extension Node {
             return
         }
         if peer != .zero, !udpPaths.isEmpty, let path = udpPaths[peer] {
-            path.channel.writeAndFlush(AddressedEnvelope(remoteAddress: path.address, data: packet), promise: promise)
+            (path.socket ?? udp).writeAndFlush(AddressedEnvelope(remoteAddress: path.address, data: packet), promise: promise)
             return
         }
         let via = routedTarget(target, expected: peer)
@@ -392,7 +392,7 @@ extension Node {
     func noteDirectPath(_ peer: Number160, origin: Origin) {
         guard case .tcp(let channel) = origin, relayRoutes[peer] != nil, directPaths[peer].map({ $0 !== channel }) ?? true else { return }
         installDirectPath(peer, channel: channel)
-        if let nonce = punchByPeer[peer], let p = punches[nonce], p.wantsTCP {
+        if let nonce = punchByPeer[peer], let p = punches[nonce], p.wantsTCP, !p.tcpDone {
             // The peer's SYN got to our listener during a punch: this connection is the punched path.
             punches[nonce]?.tcpDone = true
             let remote = channel.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"

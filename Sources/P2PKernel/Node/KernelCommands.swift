@@ -6,6 +6,7 @@ struct KernelCommandIDs: Sendable {
     let neighbors = CommandID.derive(from: KernelCommands.neighbors)
     let quit = CommandID.derive(from: KernelCommands.quit)
     let discover = CommandID.derive(from: KernelCommands.discover)
+    let punch = CommandID.derive(from: KernelCommands.punch)
 }
 
 /// The commands every node answers. They go through the registry like any plugin's.

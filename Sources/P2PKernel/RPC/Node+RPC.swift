@@ -110,6 +110,7 @@ extension Node {
     func dispatch(_ message: Message, origin: Origin, remote: SocketAddress, session: UInt64) {
         guard message.sender.id != peerID else { return }
         authenticated(origin)
+        if !udpPaths.isEmpty, case .udp(let remote) = origin { heardOverPath(message.sender.id, remote) }
         if message.type.isReply {
             completePending(message, origin: origin, remote: remote, session: session)
         } else {
@@ -173,7 +174,6 @@ extension Node {
             return
         }
         noteContact(reply.sender)
-        if case .relayed = origin { considerPunch(with: reply.sender) }
         p.promise.succeed(reply)
     }
 
@@ -182,11 +182,18 @@ extension Node {
             noteContact(request.sender)
         }
         switch origin {
-        case .udp(let remote): noteUDPPath(request.sender, remote: remote)
+        case .udp(let remote):
+            if !relayRoutes.isEmpty { noteUDPPath(request.sender, remote: remote, channel: punchSockets.isEmpty ? nil : punchSockets[remote]) }
         case .tcp: noteDirectPath(request.sender.id, origin: origin)
         case .link:
             considerReverseConnection(to: request.sender, origin: origin)
             if request.command != kernelCommands.quit { considerPunch(with: request.sender) }
+        case .relayed:
+            // Its relay is of its own choosing and says what IP it has: no punch on that word.
+            if request.command == kernelCommands.punch {
+                if request.type == .request { sendReply(.error(.denied, "punch through one of my relays"), to: request, origin: origin, session: session) }
+                return
+            }
         default: break
         }
         guard let handler = registry.commands.handler(for: request.command) else {
@@ -405,9 +412,9 @@ extension Node {
             // path that lost two sends in a row is given up: the relays carry it from now on.
             if p.expected != .zero {
                 rotateRelay(for: p.expected)
-                if attempt >= 2, !udpPaths.isEmpty, udpPaths[p.expected] != nil {
+                if attempt >= 2, !udpPaths.isEmpty, let path = udpPaths[p.expected], coarseSeconds &- path.heard >= 2 {
                     logger.info("direct path to \(p.expected) over udp went quiet; its relays carry the traffic again")
-                    dropUDPPath(p.expected)
+                    dropUDPPath(p.expected, ifTo: path.address)
                 }
             }
             transmit(p.plaintext, to: p.target, expected: p.expected, over: .udp, requestID: id)
