@@ -142,6 +142,7 @@ struct HolePunchTests {
         let v = try await HolePunchTests.natted(.portPreserving, nodes, config: HolePunchTests.config(budget: .milliseconds(500))) {
             $0.maxPunchesInProgress = 3
             $0.punchesPerMinute = 5
+            $0.punchesPerMinutePerIPGroup = 2
         }
         var hostile: [Node] = []
         // They say they are behind consistent NATs (a CONNECT must match its sender's flags).
@@ -171,9 +172,10 @@ struct HolePunchTests {
         // Terms other than its flags announce (a "symmetric" asker whose flags say consistent:
         // a birthday the limits were not checked for).
         #expect(try await ask(hostile[6], connect(5, cls: 2)).type == .badRequest)
-        // Many ids from one network: four punches a minute with its /24 (loopback is exempt).
+        // Many ids from one network: a bounded number of punches a minute with its /24 (loopback is exempt).
         let grouped = try await v.eventLoop.submit { () -> [String?] in
-            for _ in 0..<4 { v.notePunch(.random(), ip: .v4(0x0A01_0201), answering: true) }
+            v.punchLog.removeAll()
+            for _ in 0..<v.config.limits.punchesPerMinutePerIPGroup { v.punchLog.append((v.coarseSeconds, IPAddress.v4(0x0A01_0201).sybilGroup ?? 0, .random())) }
             let out = [v.punchRefusal(.random(), ip: .v4(0x0A01_0209), birthday: false), v.punchRefusal(.random(), ip: .v4(0x0A01_0309), birthday: false)]
             v.punchLog.removeAll()
             v.punchAnswered.removeAll()

@@ -129,28 +129,26 @@ extension Node {
 
     /// Our external ports as observed (the ladder's report).
     private var ownExternalPorts: (udp: UInt16, tcp: UInt16)? {
-        guard let ext = nat.report?.external else { return nil }
+        guard let ext = nat.observedExternal else { return nil }
         return (ext.udpPort, ext.tcpPort)
     }
 
     private var punchRetrySeconds: UInt32 { UInt32(max(5, config.nat.punchRetryAfter.components.seconds)) }
 
-    /// Why a punch with `peer` at `ip` may not begin now (nil: it may): one per peer per
-    /// `punchRetryAfter` whoever began it, per node at once and per minute, per address group
-    /// (/24, /48) per minute, birthdays at once.
-    func punchRefusal(_ peer: Number160, ip: IPAddress, birthday: Bool, perPeer: Bool = true) -> String? {
+    /// Why a punch with `peer` at `ip` may not begin now (nil: it may): one begun and one
+    /// answered per peer per `punchRetryAfter`, per node at once and per minute, per address
+    /// group (/24, /48) per minute, birthdays at once.
+    func punchRefusal(_ peer: Number160, ip: IPAddress, birthday: Bool, answering: Bool = true, perPeer: Bool = true) -> String? {
         let now = coarseSeconds
-        let retry = punchRetrySeconds
-        if perPeer {
-            for book in [punchTried, punchAnswered] {
-                if let last = book[peer], now &- last < retry { return "punched to this peer \(now &- last) s ago" }
-            }
+        if perPeer, let last = (answering ? punchAnswered : punchTried)[peer], now &- last < punchRetrySeconds {
+            return "punched to this peer \(now &- last) s ago"
         }
         let limits = config.limits
         guard punches.count < limits.maxPunchesInProgress else { return "busy: \(limits.maxPunchesInProgress) punches in progress" }
         if punchLog.first.map({ now &- $0.at >= 60 }) == true { punchLog.removeAll { now &- $0.at >= 60 } }
-        guard punchLog.count < limits.punchesPerMinute else { return "busy: \(limits.punchesPerMinute) punches in the last minute" }
-        if let group = ip.sybilGroup, punchLog.count(where: { $0.group == group }) >= limits.punchesPerMinutePerIPGroup {
+        let counted = punchLog.contains { $0.peer == peer }
+        guard counted || punchLog.count < limits.punchesPerMinute else { return "busy: \(limits.punchesPerMinute) punches in the last minute" }
+        if let group = ip.sybilGroup, !counted, punchLog.count(where: { $0.group == group }) >= limits.punchesPerMinutePerIPGroup {
             return "busy: \(limits.punchesPerMinutePerIPGroup) punches with \(ip)'s network in the last minute"
         }
         if birthday, punches.values.count(where: \.birthday) >= limits.maxBirthdaysInProgress {
@@ -163,7 +161,8 @@ extension Node {
     func notePunch(_ peer: Number160, ip: IPAddress, answering: Bool) {
         let now = coarseSeconds
         if answering { punchAnswered[peer] = now } else { punchTried[peer] = now }
-        punchLog.append((now, ip.sybilGroup ?? 0))
+        // One entry per peer a minute: the limits count peers punched with, not attempts.
+        if !punchLog.contains(where: { $0.peer == peer }) { punchLog.append((now, ip.sybilGroup ?? 0, peer)) }
         let retry = punchRetrySeconds
         if punchTried.count + punchAnswered.count > 2 * config.limits.punchesPerMinute {
             punchTried = punchTried.filter { now &- $0.value < retry }
@@ -192,7 +191,7 @@ extension Node {
         guard !haveUDP || (mine == .consistent && theirs == .consistent && directPaths[peer.id] == nil) else { return }
         if let last = punchTried[peer.id], coarseSeconds &- last < punchRetrySeconds { return }
         guard punchable(peer.ip), let ports = ownExternalPorts else { return }
-        if let why = punchRefusal(peer.id, ip: peer.ip, birthday: mine == .symmetric || theirs == .symmetric) {
+        if let why = punchRefusal(peer.id, ip: peer.ip, birthday: mine == .symmetric || theirs == .symmetric, answering: false) {
             logger.trace("no punch", metadata: ["peer": "\(peer.id)", "why": "\(why)"])
             return
         }

@@ -212,6 +212,8 @@ public final class NATTraversal: @unchecked Sendable {
         var wantRelays = false
         var relayFailed: [Number160: ContinuousClock.Instant] = [:]
         var settingUpRelays = false
+        /// Where peers saw us last (the classification's address), known before the report.
+        var observed: PeerSocketAddress?
     }
     private let state = NIOLockedValueBox(State())
 
@@ -221,6 +223,9 @@ public final class NATTraversal: @unchecked Sendable {
 
     /// The last report, if the ladder ran.
     public var report: ReachabilityReport? { state.withLockedValue { $0.report } }
+
+    /// Where peers saw our UDP socket and listen port last (hole punching's external ports).
+    var observedExternal: PeerSocketAddress? { state.withLockedValue { $0.observed ?? $0.report?.external } }
 
     /// Runs the ladder and returns what it found; concurrent calls share one run.
     @discardableResult
@@ -282,6 +287,7 @@ public final class NATTraversal: @unchecked Sendable {
         let c = NATTraversal.classify(observations, boundPort: bound, local: local)
         steps.append(.init(name: "classify", milliseconds: 0, outcome: c.type.rawValue))
         let external = PeerSocketAddress(ip: c.ip, tcpPort: c.tcpPort, udpPort: c.udpPort)
+        state.withLockedValue { $0.observed = external }
 
         // Probe the observed ports and, behind a NAT, ask the gateway at the same time.
         let mayMap = cfg.portMapping && c.type != .none && !node.boundToLoopback && !c.ip.isLoopback
@@ -663,6 +669,7 @@ public final class NATTraversal: @unchecked Sendable {
         case .none, .unknown: break
         }
         state.withLockedValue { s in
+            s.observed = external
             s.report = ReachabilityReport(reachable: !s.relays.isEmpty, method: s.relays.isEmpty ? .none : .relay, external: external,
                                           natType: type, observations: [], mappings: [], relays: s.relays, steps: [], elapsed: .zero)
         }

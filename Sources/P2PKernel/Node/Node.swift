@@ -65,7 +65,7 @@ public final class Node: @unchecked Sendable {
     var punchTried: [Number160: UInt32] = [:]
     var punchAnswered: [Number160: UInt32] = [:]
     /// Punches begun or answered in the last minute: when, and the other side's address group.
-    var punchLog: [(at: UInt32, group: UInt64)] = []
+    var punchLog: [(at: UInt32, group: UInt64, peer: Number160)] = []
     /// PUNCH datagrams sent and TCP punch dials made, over the node's life.
     var punchPacketsSent = 0
     var punchDials = 0

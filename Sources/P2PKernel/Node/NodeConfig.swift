@@ -172,8 +172,9 @@ public struct NodeLimits: Sendable {
     /// IP a relay reported and to ports the other side claims, so they are few.
     public var maxPunchesInProgress = 8
     public var punchesPerMinute = 32
-    /// Of those, with peers of one address group (a /24, a /48; loopback exempt): ids cost nothing.
-    public var punchesPerMinutePerIPGroup = 4
+    /// Of those, with peers of one address group (a /24, a /48; loopback exempt): ids cost
+    /// nothing, so one network gets at most half (many honest peers can share one NAT's address).
+    public var punchesPerMinutePerIPGroup = 16
     /// Birthday punches at once (one side symmetric): each holds `NATConfig.birthdaySockets`
     /// sockets, or sprays `NATConfig.birthdayProbes` datagrams at one IP.
     public var maxBirthdaysInProgress = 1
