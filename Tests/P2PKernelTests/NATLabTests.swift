@@ -202,6 +202,7 @@ struct NATLabTests {
             #expect(r["reachable"] as? Bool == true, "\(r)")
             #expect(r["method"] as? String == "relay", "\(r)")
             #expect((r["relays"] as? [Any])?.count == 5, "\(r)")
+            #expect(r["hole_punching"] as? String == "udp+tcp", "\(r)")
             times.append(r["elapsed_ms"] as? Double ?? -1)
         }
         print(NATLabTests.summary("case 4 relay", times))
@@ -290,6 +291,7 @@ struct NATLabTests {
             #expect(r["reachable"] as? Bool == true, "\(r)")
             #expect(r["method"] as? String == "relay", "\(r)")
             #expect(r["nat_type"] as? String == "symmetric", "\(r)")
+            #expect(r["hole_punching"] as? String == "udp by birthday probing", "\(r)")
             let steps = (r["steps"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
             #expect(!steps.contains { $0.contains("punch") }, "punching tried between symmetric NATs: \(steps)")
             times.append(r["elapsed_ms"] as? Double ?? -1)
