@@ -66,6 +66,13 @@ struct TemplateTests {
         }
         #expect(holders.count == 3)
         #expect(try await net.nodes[9].dht.get(ballot).value == Array("5".utf8))
+        // A sum past Int.max (network input) is refused with a reason, not trapped on; the count stays.
+        let big = Number640(location: Number160(hashing: "big ballot"), domain: ballot.domain)
+        #expect(try await net.nodes[0].dht.put(big, Array(String(Int.max).utf8)).isSuccess)
+        let overflow = try await net.nodes[1].dht.put(big, Array("1".utf8))
+        // Every replica that holds the count refuses (the fan-out may still place the put on peers past them).
+        #expect(overflow.failures.count >= 3 && overflow.failures.values.allSatisfy { $0.contains("overflow") }, "\(overflow.failures)")
+        #expect(try await net.nodes[9].dht.get(big).value == Array(String(Int.max).utf8))
 
         // command: routed from another peer to the peers closest to a key.
         var first = DHTOptions()

@@ -11,7 +11,10 @@ struct VoteCounter: PluginPutInterceptor {
             throw PluginFailure(.badRequest, "a vote must be an integer")
         }
         let before = current.flatMap { Int(String(decoding: $0, as: UTF8.self)) } ?? 0
-        return Array(String(before + add).utf8)
+        // Votes come from the network: a sum past Int.max is refused, never trapped on.
+        let (sum, overflow) = before.addingReportingOverflow(add)
+        guard !overflow else { throw PluginFailure(.badRequest, "the vote count would overflow") }
+        return Array(String(sum).utf8)
     }
 }
 
