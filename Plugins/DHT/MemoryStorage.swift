@@ -8,11 +8,27 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
     public struct Limits: Sendable {
         /// Largest single value (1 MiB): a value is sent whole in one message.
         public var maxValueBytes = 1 << 20
-        /// All values together (256 MiB).
+        /// All entries together (256 MiB), each counted whole: its value, its key, the versions
+        /// it is based on and the bookkeeping around it (`MemoryStorage.footprint`), so that a
+        /// million empty values or megabytes of basedOn keys count as what they cost.
         public var maxTotalBytes = 256 << 20
         /// Most entries under one location (10,000): bounds range queries and one location's cost.
         public var maxEntriesPerLocation = 10_000
+        /// Most entries over all locations (500,000).
+        public var maxEntries = 500_000
+        /// Most versions one value may be based on (64): each is a key kept and compared.
+        public var maxBasedOn = 64
         public init() {}
+    }
+
+    /// What one entry costs beyond its value and basedOn keys: the 80-byte key twice (dictionary
+    /// and sorted list), the entry, the arrays' headers and the dictionaries' slack — about what
+    /// a million empty values measured (~450 bytes each).
+    public static let entryOverhead = 400
+
+    /// Bytes an entry holding `v` counts against `Limits.maxTotalBytes`.
+    public static func footprint(_ v: StoredValue) -> Int {
+        entryOverhead + v.value.count + v.basedOn.count * 20
     }
 
     struct Entry {
@@ -42,15 +58,16 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
     private let lock = NIOLock()
     private var locations: [Number160: Location] = [:]
     private var totalBytes = 0
+    private var totalEntries = 0
 
     public init(limits: Limits = Limits()) {
         self.limits = limits
     }
 
-    /// Bytes held by all values.
+    /// Bytes held by all entries, each counted whole (`footprint`).
     public var bytesStored: Int { lock.withLock { totalBytes } }
     /// Entries held, including prepared and not yet swept expired ones.
-    public var entryCount: Int { lock.withLock { locations.values.reduce(0) { $0 + $1.entries.count } } }
+    public var entryCount: Int { lock.withLock { totalEntries } }
 
     public func execute(_ request: StorageRequest, now: UInt64) throws(StorageError) -> StorageResult {
         let result = lock.withLock { () -> Result<StorageResult, StorageError> in
@@ -119,18 +136,24 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
     private func put(_ entries: [Number640: StoredValue], mode: PutMode, now: UInt64) throws(StorageError) -> [Number640: StorageStatus] {
         // Check every bound before changing anything: a refused request stores nothing.
         var added = 0
+        var newEntries = 0
         var newPerLocation: [Number160: Int] = [:]
         for (key, v) in entries {
             guard v.value.count <= limits.maxValueBytes else {
                 throw .valueTooLarge(bytes: v.value.count, limit: limits.maxValueBytes)
             }
+            guard v.basedOn.count <= limits.maxBasedOn else { throw .tooManyBasedOn(count: v.basedOn.count, limit: limits.maxBasedOn) }
             let old = locations[key.location]?.entries[key]
-            added += v.value.count - (old?.stored.value.count ?? 0)
-            if old == nil { newPerLocation[key.location, default: 0] += 1 }
+            added += Self.footprint(v) - (old.map { Self.footprint($0.stored) } ?? 0)
+            if old == nil {
+                newPerLocation[key.location, default: 0] += 1
+                newEntries += 1
+            }
         }
         guard totalBytes + added <= limits.maxTotalBytes else {
             throw .storageFull(bytes: totalBytes + added, limit: limits.maxTotalBytes)
         }
+        guard totalEntries + newEntries <= limits.maxEntries else { throw .entryLimit(limit: limits.maxEntries) }
         for (loc, n) in newPerLocation where (locations[loc]?.entries.count ?? 0) + n > limits.maxEntriesPerLocation {
             throw .tooManyEntries(location: loc, limit: limits.maxEntriesPerLocation)
         }
@@ -142,8 +165,11 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
                 continue
             }
             let fork = isFork(key, basedOn: v.basedOn, now: now)
-            totalBytes += v.value.count - (existing?.stored.value.count ?? 0)
-            if existing == nil { locations[key.location, default: Location()].sortedCache = nil }
+            totalBytes += Self.footprint(v) - (existing.map { Self.footprint($0.stored) } ?? 0)
+            if existing == nil {
+                totalEntries += 1
+                locations[key.location, default: Location()].sortedCache = nil
+            }
             locations[key.location, default: Location()].entries[key] = Entry(stored: v, expiresAt: Self.expiry(v.ttlSeconds, now: now))
             statuses[key] = fork ? .versionFork : .ok
         }
@@ -197,7 +223,8 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
 
     private func removeEntry(_ key: Number640) -> Entry? {
         guard let e = locations[key.location]?.entries.removeValue(forKey: key) else { return nil }
-        totalBytes -= e.stored.value.count
+        totalBytes -= Self.footprint(e.stored)
+        totalEntries -= 1
         if locations[key.location]?.entries.isEmpty == true {
             locations[key.location] = nil
         } else {

@@ -218,6 +218,55 @@ struct BadInputTests {
         await net.shutdown()
     }
 
+    @Test("every entry counts its whole footprint: empty values, basedOn keys and entry counts are bounded, with typed reasons")
+    func footprints() async throws {
+        var limits = MemoryStorage.Limits()
+        limits.maxTotalBytes = 100 * MemoryStorage.entryOverhead + 1_000
+        limits.maxEntries = 150
+        limits.maxBasedOn = 8
+        let store = MemoryStorage(limits: limits)
+        // Empty values are not free: each costs its overhead, and the byte limit stops the flood.
+        var stored = 0
+        var refusal: StorageError?
+        for i in 0..<1_000 {
+            do {
+                _ = try store.execute(.put([key("empty \(i)"): StoredValue([])], mode: .overwrite), now: 1)
+                stored += 1
+            } catch {
+                refusal = error
+                break
+            }
+        }
+        #expect(stored == 102, "\(stored) empty values stored")
+        if case .storageFull? = refusal {} else { Issue.record("flood refused with \(String(describing: refusal))") }
+        #expect(store.bytesStored <= limits.maxTotalBytes && store.entryCount == stored)
+        // basedOn keys count, and more than the limit is refused outright.
+        #expect(throws: StorageError.tooManyBasedOn(count: 9, limit: 8)) {
+            try store.execute(.put([key("based"): StoredValue([1], basedOn: (0..<9).map { _ in .random() })], mode: .overwrite), now: 1)
+        }
+        let before = store.bytesStored
+        _ = try store.execute(.remove(.keys([key("empty 0")]), returnValues: false), now: 1)
+        #expect(store.bytesStored == before - MemoryStorage.entryOverhead && store.entryCount == stored - 1)
+        _ = try store.execute(.put([key("based"): StoredValue([1], basedOn: (0..<2).map { _ in .random() })], mode: .overwrite), now: 1)
+        #expect(store.bytesStored == before - MemoryStorage.entryOverhead + MemoryStorage.entryOverhead + 1 + 40)
+        // The entry limit over all locations.
+        var small = MemoryStorage.Limits()
+        small.maxEntries = 3
+        let few = MemoryStorage(limits: small)
+        for i in 0..<3 { _ = try few.execute(.put([key("n\(i)"): StoredValue([1])], mode: .overwrite), now: 1) }
+        #expect(throws: StorageError.entryLimit(limit: 3)) { try few.execute(.put([key("n3"): StoredValue([1])], mode: .overwrite), now: 1) }
+        // Overwriting an entry held is not a new one.
+        _ = try few.execute(.put([key("n0"): StoredValue([2])], mode: .overwrite), now: 1)
+        // Over the network the reason arrives typed.
+        let bounded = limits
+        let net = try await Testnet.start(peers: 5, routing: .perfect, plugins: { _ in builtIns(backend: MemoryStorage(limits: bounded)) })
+        let r = try await net.nodes[0].dht.put([key("v"): StoredValue([1], basedOn: (0..<9).map { _ in .random() })])
+        #expect(!r.isSuccess && r.failures.values.allSatisfy { $0.contains("based on 9 versions, over the limit of 8") }, "\(r.failures)")
+        try await net.nodes[0].dht.put(key("v"), Array("fine".utf8))
+        #expect(text(try await net.nodes[3].dht.get(key("v")).value) == "fine")
+        await net.shutdown()
+    }
+
     @Test("a request for a domain a peer does not serve is denied with the domain named")
     func unknownDomain() async throws {
         let served = Number160(hashing: "served")

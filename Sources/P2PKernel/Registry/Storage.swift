@@ -119,6 +119,10 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
     case valueTooLarge(bytes: Int, limit: Int)
     case storageFull(bytes: Int, limit: Int)
     case tooManyEntries(location: Number160, limit: Int)
+    /// The peer holds its limit of entries over all locations.
+    case entryLimit(limit: Int)
+    /// A value based on more versions than the peer accepts.
+    case tooManyBasedOn(count: Int, limit: Int)
     case unknownDomain(Number160)
     case denied(String)
     case malformed(String)
@@ -132,6 +136,8 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
         case .valueTooLarge(let b, let l): "value of \(b) bytes exceeds the \(l)-byte limit"
         case .storageFull(let b, let l): "storing would take \(b) bytes, over the \(l)-byte limit of this peer"
         case .tooManyEntries(let loc, let l): "location \(loc) already holds the limit of \(l) entries"
+        case .entryLimit(let l): "this peer already holds its limit of \(l) entries"
+        case .tooManyBasedOn(let n, let l): "a value based on \(n) versions, over the limit of \(l)"
         case .unknownDomain(let d): "domain \(d) is not served by this peer"
         case .denied(let r): "denied: \(r)"
         case .malformed(let r): "malformed storage request: \(r)"
