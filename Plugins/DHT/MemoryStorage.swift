@@ -40,10 +40,22 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         func live(at now: UInt64) -> Bool { expiresAt == 0 || expiresAt > now }
     }
 
-    /// One location's entries, with a sorted key list rebuilt only when a range query needs it.
+    /// An item: the versions under one location, domain and content.
+    struct Item: Hashable {
+        let domain: Number160
+        let content: Number160
+        init(_ key: Number640) {
+            domain = key.domain
+            content = key.content
+        }
+    }
+
+    /// One location's entries, with a sorted key list rebuilt only when a range query needs it,
+    /// and each item's versions (fork detection and getLatest look at one item, not the location).
     struct Location {
         var entries: [Number640: Entry] = [:]
         var sortedCache: [Number640]?
+        var items: [Item: Set<Number160>] = [:]
 
         mutating func sortedKeys() -> [Number640] {
             if let s = sortedCache { return s }
@@ -158,41 +170,55 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             throw .tooManyEntries(location: loc, limit: limits.maxEntriesPerLocation)
         }
         var statuses: [Number640: StorageStatus] = [:]
+        // Each item's heads, found once per put and carried along as its versions are stored: a
+        // put of many versions costs O(n + versions × basedOn), not a scan per version.
+        var headsOf: [Number160: [Item: Set<Number160>]] = [:]
         for (key, v) in entries.sorted(by: { $0.key < $1.key }) {
             let existing = locations[key.location]?.entries[key]
             if mode == .ifAbsent, let existing, existing.live(at: now) {
                 statuses[key] = .failedNotAbsent
                 continue
             }
-            let fork = isFork(key, basedOn: v.basedOn, now: now)
+            let item = Item(key)
+            var heads = headsOf[key.location]?[item]
+                ?? Set(self.heads(location: key.location, domain: key.domain, content: key.content, now: now).map(\.version))
+            // It forks when another head exists that it is not based on.
+            let others = heads.count - (heads.contains(key.version) ? 1 : 0)
+            let covered = Set(v.basedOn).count { $0 != key.version && heads.contains($0) }
+            let fork = others > covered
+            if existing != nil {
+                // An overwrite may change what the old version was based on: look again next time.
+                headsOf[key.location]?[item] = nil
+            } else if !v.prepared {
+                heads.insert(key.version)
+                heads.subtract(v.basedOn)
+                headsOf[key.location, default: [:]][item] = heads
+            }
             totalBytes += Self.footprint(v) - (existing.map { Self.footprint($0.stored) } ?? 0)
             if existing == nil {
                 totalEntries += 1
                 locations[key.location, default: Location()].sortedCache = nil
             }
             locations[key.location, default: Location()].entries[key] = Entry(stored: v, expiresAt: Self.expiry(v.ttlSeconds, now: now))
+            locations[key.location, default: Location()].items[item, default: []].insert(key.version)
             statuses[key] = fork ? .versionFork : .ok
         }
         return statuses
     }
 
-    /// A new version forks when other versions of the item exist and it is not based on all of
-    /// the current heads.
-    private func isFork(_ key: Number640, basedOn: [Number160], now: UInt64) -> Bool {
-        let heads = self.heads(location: key.location, domain: key.domain, content: key.content, now: now, excluding: key.version)
-        guard !heads.isEmpty else { return false }
-        let based = Set(basedOn)
-        return !heads.allSatisfy { based.contains($0.version) }
-    }
-
-    /// Versions of an item that no other version is based on.
-    private func heads(location: Number160, domain: Number160, content: Number160, now: UInt64, excluding: Number160? = nil) -> [Number640] {
-        guard let loc = locations[location] else { return [] }
-        let versions = loc.entries.filter {
-            $0.key.domain == domain && $0.key.content == content && $0.key.version != excluding && $0.value.visible(at: now)
+    /// Visible versions of an item that no other visible version is based on: O(versions of the
+    /// item × basedOn), never a scan of the location.
+    private func heads(location: Number160, domain: Number160, content: Number160, now: UInt64) -> [Number640] {
+        guard let loc = locations[location], let versions = loc.items[Item(Number640(location: location, domain: domain, content: content))] else { return [] }
+        var visible: [Number640] = []
+        var referenced = Set<Number160>()
+        for version in versions {
+            let key = Number640(location: location, domain: domain, content: content, version: version)
+            guard let e = loc.entries[key], e.visible(at: now) else { continue }
+            visible.append(key)
+            referenced.formUnion(e.stored.basedOn)
         }
-        let referenced = Set(versions.values.flatMap(\.stored.basedOn))
-        return versions.keys.filter { !referenced.contains($0.version) }.sorted()
+        return visible.filter { !referenced.contains($0.version) }.sorted()
     }
 
     private func resolve(_ query: StorageQuery, now: UInt64, visibleOnly: Bool) -> [Number640] {
@@ -225,6 +251,9 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         guard let e = locations[key.location]?.entries.removeValue(forKey: key) else { return nil }
         totalBytes -= Self.footprint(e.stored)
         totalEntries -= 1
+        let item = Item(key)
+        locations[key.location]?.items[item]?.remove(key.version)
+        if locations[key.location]?.items[item]?.isEmpty == true { locations[key.location]?.items[item] = nil }
         if locations[key.location]?.entries.isEmpty == true {
             locations[key.location] = nil
         } else {

@@ -188,10 +188,12 @@ struct RegistryTests {
         #expect(text(try await net.nodes[2].dht.get(quiet).value) == "hello")
         let extra = try await Node.builder().host("127.0.0.1").port(0).maintenance(nil).start()
         _ = try await extra.ping(net.nodes[0].address.socket)
-        for _ in 0..<100 {
-            if events.withLockedValue({ e in e.contains(.dataInserted([loud])) && e.contains { if case .peerInserted = $0 { true } else { false } } }) { break }
-            try await Task.sleep(for: .milliseconds(10))
-        }
+        // Policies hear events on a task of their own: wait (bounded) for the very ones asked about.
+        let heard = { events.withLockedValue { e in
+            e.contains(.dataInserted([loud])) && e.contains { if case .peerInserted(let p) = $0 { p.id == extra.peerID } else { false } }
+        } }
+        let deadline = ContinuousClock.now + .seconds(20)
+        while !heard(), ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
         #expect(events.withLockedValue { $0.contains(.dataInserted([loud])) })
         #expect(events.withLockedValue { $0.contains(.peerInserted(extra.address)) || $0.contains { if case .peerInserted(let p) = $0 { p.id == extra.peerID } else { false } } })
         #expect(nodeEvents.withLockedValue { $0.contains { if case .peerInserted(let p, _) = $0 { p.id == extra.peerID } else { false } } })
@@ -265,6 +267,37 @@ struct BadInputTests {
         try await net.nodes[0].dht.put(key("v"), Array("fine".utf8))
         #expect(text(try await net.nodes[3].dht.get(key("v")).value) == "fine")
         await net.shutdown()
+    }
+
+    @Test("one put of 9,000 versions of one item: forks found per item (not by scanning the location per version), getLatest right")
+    func manyVersions() throws {
+        let store = MemoryStorage()
+        let loc = Number160(hashing: "versions")
+        func v(_ i: Int, content: Number160 = .zero) -> Number640 { Number640(location: loc, domain: .zero, content: content, version: Number160(UInt32(i + 1))) }
+        // A chain: each version based on the one before it, all in one request, beside another
+        // item with many versions of its own.
+        var entries: [Number640: StoredValue] = [:]
+        for i in 0..<9_000 { entries[v(i)] = StoredValue([UInt8(i & 0xFF)], basedOn: i == 0 ? [] : [Number160(UInt32(i))]) }
+        let other = Number160(hashing: "other item")
+        for i in 0..<900 { entries[v(i, content: other)] = StoredValue([1]) }
+        guard case .statuses(let s) = try store.execute(.put(entries, mode: .overwrite), now: 1) else {
+            Issue.record("no statuses")
+            return
+        }
+        // The chain never forks; the other item's versions are unrelated, so every one after the first forks.
+        #expect((0..<9_000).allSatisfy { s[v($0)] == .ok })
+        #expect(s[v(0, content: other)] == .ok && (1..<900).allSatisfy { s[v($0, content: other)] == .versionFork })
+        guard case .values(let latest) = try store.execute(.get(.latest(location: loc, domain: .zero, content: .zero)), now: 1) else {
+            Issue.record("no values")
+            return
+        }
+        #expect(Array(latest.keys) == [v(8_999)])
+        // A version based on an old one forks the chain; removing the head makes its parent a head again.
+        guard case .statuses(let fork) = try store.execute(.put([v(9_000): StoredValue([0], basedOn: [Number160(5)])], mode: .overwrite), now: 1) else { return }
+        #expect(fork[v(9_000)] == .versionFork)
+        _ = try store.execute(.remove(.keys([v(9_000), v(8_999)]), returnValues: false), now: 1)
+        guard case .values(let after) = try store.execute(.get(.latest(location: loc, domain: .zero, content: .zero)), now: 1) else { return }
+        #expect(Array(after.keys) == [v(8_998)])
     }
 
     @Test("a request for a domain a peer does not serve is denied with the domain named")
