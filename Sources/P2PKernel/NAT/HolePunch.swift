@@ -189,12 +189,11 @@ extension Node {
         // A path for each transport the pair allows: UDP always, TCP when both are consistent.
         let haveUDP = udpPaths[peer.id] != nil
         guard !haveUDP || (mine == .consistent && theirs == .consistent && directPaths[peer.id] == nil) else { return }
-        if let last = punchTried[peer.id], coarseSeconds &- last < punchRetrySeconds { return }
-        guard punchable(peer.ip), let ports = ownExternalPorts else { return }
         if let why = punchRefusal(peer.id, ip: peer.ip, birthday: mine == .symmetric || theirs == .symmetric, answering: false) {
             logger.trace("no punch", metadata: ["peer": "\(peer.id)", "why": "\(why)"])
             return
         }
+        guard punchable(peer.ip), let ports = ownExternalPorts else { return }
         var fresh: UInt64
         repeat { fresh = UInt64(randomIDs.next()) << 32 | UInt64(randomIDs.next()) } while fresh == 0 || punches[fresh] != nil
         let nonce = fresh
@@ -496,11 +495,9 @@ extension Node {
     /// from a peer we punch or punched with lately; its session proved the id, and the address
     /// is where its datagrams come from, as a reply to it goes.
     func noteUDPPath(_ peer: PeerAddress, remote: SocketAddress, channel: (any Channel)?) {
-        guard selfAddress.flags.contains(.relayed), !relayRoutes.isEmpty, relayRoutes[peer.id] != nil, sessionsEnabled else { return }
-        if let path = udpPaths[peer.id] {
-            if path.address == remote { udpPaths[peer.id]?.heard = coarseSeconds }
-            return
-        }
+        // (A path it already has was marked heard when the message was dispatched.)
+        guard selfAddress.flags.contains(.relayed), !relayRoutes.isEmpty, relayRoutes[peer.id] != nil, sessionsEnabled,
+              udpPaths[peer.id] == nil else { return }
         if let nonce = punchByPeer[peer.id], punches[nonce] != nil, let ch = channel ?? udpChannel {
             return punchArrived(nonce, from: remote, channel: ch)
         }
@@ -607,9 +604,10 @@ extension Node {
         let keep = udpPaths[p.peer.id]?.socket
         for s in p.sockets where s !== keep { s.close(promise: nil) }
         guard !quiet else { return }
+        let tcpDirect = p.tcpDone || directPaths[p.peer.id] != nil
         let udp = p.udpDone ? "direct" : "not punched"
-        let tcp = p.wantsTCP ? (p.tcpDone || directPaths[p.peer.id] != nil ? ", tcp direct" : ", tcp not punched after \(p.tcpAttempts) dials") : ""
-        if p.started == nil || !p.udpDone || (p.wantsTCP && !p.tcpDone && directPaths[p.peer.id] == nil) {
+        let tcp = p.wantsTCP ? (tcpDirect ? ", tcp direct" : ", tcp not punched after \(p.tcpAttempts) dials") : ""
+        if p.started == nil || !p.udpDone || (p.wantsTCP && !tcpDirect) {
             logger.info("hole punching to \(p.peer.id) ended: \(why); udp \(udp) (\(p.sent) packets)\(tcp)")
         } else {
             logger.debug("hole punching to \(p.peer.id) done", metadata: ["udp": "\(udp)", "tcp": "\(tcp)"])
@@ -632,7 +630,7 @@ extension Node {
         registry.publish(.directPath(path))
     }
 
-    private func ms(since t: NIODeadline) -> Double {
+    func ms(since t: NIODeadline) -> Double {
         Double((NIODeadline.now() - t).nanoseconds) / 1e6
     }
 }

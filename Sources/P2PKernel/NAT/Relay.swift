@@ -123,7 +123,8 @@ extension Node {
     /// Where bytes for `expected` at `target` go: its relay when it is relayed and we hold no
     /// direct connection to it, else `target`.
     func routedTarget(_ target: PeerSocketAddress, expected: Number160) -> PeerSocketAddress {
-        guard expected != .zero, directPaths[expected] == nil, let relay = relayRoutes[expected]?.current else { return target }
+        // Most nodes know no relayed peer: the empty table answers before any id is hashed.
+        guard !relayRoutes.isEmpty, expected != .zero, let relay = relayRoutes[expected]?.current, directPaths[expected] == nil else { return target }
         return relay
     }
 
@@ -152,7 +153,7 @@ extension Node {
     /// Writes a frame for `peer` on `channel`: as it is, or wrapped when the channel leads to
     /// the peer's relay rather than to the peer.
     func emitTCP(_ frame: ByteBuffer, on channel: any Channel, peer: Number160, promise: EventLoopPromise<Void>?) {
-        let direct = peer == .zero || relayRoutes[peer] == nil || directPaths[peer].map { $0 === channel } == true
+        let direct = relayRoutes.isEmpty || peer == .zero || relayRoutes[peer] == nil || directPaths[peer].map { $0 === channel } == true
         guard !direct else {
             channel.writeAndFlush(frame, promise: promise)
             return
@@ -390,17 +391,17 @@ extension Node {
     /// A relayed peer that connected to us directly (over TCP, in a session that proved its id):
     /// we reach it over that connection while it lasts, instead of through its relays.
     func noteDirectPath(_ peer: Number160, origin: Origin) {
-        guard case .tcp(let channel) = origin, relayRoutes[peer] != nil, directPaths[peer].map({ $0 !== channel }) ?? true else { return }
+        guard !relayRoutes.isEmpty, case .tcp(let channel) = origin, relayRoutes[peer] != nil,
+              directPaths[peer].map({ $0 !== channel }) ?? true else { return }
         installDirectPath(peer, channel: channel)
+        let remote = channel.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
         if let nonce = punchByPeer[peer], let p = punches[nonce], p.wantsTCP, !p.tcpDone {
             // The peer's SYN got to our listener during a punch: this connection is the punched path.
             punches[nonce]?.tcpDone = true
-            let remote = channel.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
-            announcePath(DirectPath(peer: peer, transport: .tcp, method: .holePunch, remote: remote,
-                                    milliseconds: Double((NIODeadline.now() - p.created).nanoseconds) / 1e6))
+            announcePath(DirectPath(peer: peer, transport: .tcp, method: .holePunch, remote: remote, milliseconds: ms(since: p.created)))
             finishIfDone(nonce)
         } else {
-            logger.debug("direct connection from relayed peer", metadata: ["peer": "\(peer)"])
+            announcePath(DirectPath(peer: peer, transport: .tcp, method: .reverseConnection, remote: remote, milliseconds: 0))
         }
     }
 

@@ -194,7 +194,6 @@ extension Node {
                 if request.type == .request { sendReply(.error(.denied, "punch through one of my relays"), to: request, origin: origin, session: session) }
                 return
             }
-        default: break
         }
         guard let handler = registry.commands.handler(for: request.command) else {
             if request.type == .request {
@@ -329,9 +328,9 @@ extension Node {
     public func handleLocally(command: UInt16, payload: [Payload]) -> EventLoopFuture<Message> {
         let request = Message(networkID: config.networkID, id: 0, type: .request, command: command, sender: address,
                               recipientID: peerID, payload: payload)
-        func message(_ reply: Reply) -> Message {
-            Message(networkID: config.networkID, id: 0, type: reply.type, command: command, sender: address,
-                    recipientID: peerID, payload: reply.payload)
+        let (network, me, sender) = (config.networkID, peerID, address)
+        let message: @Sendable (Reply) -> Message = { reply in
+            Message(networkID: network, id: 0, type: reply.type, command: command, sender: sender, recipientID: me, payload: reply.payload)
         }
         guard let handler = registry.commands.handler(for: command) else {
             return eventLoop.makeSucceededFuture(message(.error(.unknownCommand, "no handler for command 0x\(String(command, radix: 16))")))
@@ -377,7 +376,7 @@ extension Node {
         // A relayed peer we hold a punched UDP path to is asked over it; one we hold a direct
         // connection to (it connected back to us, or a punched one) over that connection.
         let punchedUDP = kind == .udp && !udpPaths.isEmpty && expectedID != .zero && udpPaths[expectedID] != nil
-        let routedKind = !punchedUDP && expectedID != .zero && directPaths[expectedID] != nil ? TransportKind.tcp : kind
+        let routedKind = !punchedUDP && !directPaths.isEmpty && expectedID != .zero && directPaths[expectedID] != nil ? TransportKind.tcp : kind
         if !punchedUDP, let problem = unsendable(routedTarget(target, expected: expectedID), routedKind) {
             return eventLoop.makeFailedFuture(RPCError.invalidAddress(problem))
         }
@@ -512,7 +511,7 @@ extension Node {
     /// The connection to use for `peer`: one it opened to us (a reverse connection), the pooled
     /// one to its relay when it is relayed, else the pooled one to `target`.
     func connection(to target: PeerSocketAddress, peer: Number160) -> EventLoopFuture<any Channel> {
-        if peer != .zero, let direct = directPaths[peer] { return eventLoop.makeSucceededFuture(direct) }
+        if !directPaths.isEmpty, peer != .zero, let direct = directPaths[peer] { return eventLoop.makeSucceededFuture(direct) }
         return connection(to: routedTarget(target, expected: peer))
     }
 
