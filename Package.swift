@@ -7,6 +7,7 @@ let package = Package(
     products: [
         .library(name: "P2PKernel", targets: ["P2PKernel"]),
         .library(name: "P2PTesting", targets: ["P2PTesting"]),
+        .library(name: "P2PStorage", targets: ["P2PStorage"]),
         .library(name: "P2PDHT", targets: ["P2PDHT"]),
         .library(name: "P2PMessaging", targets: ["P2PMessaging"]),
         .library(name: "P2PEvaluation", targets: ["P2PEvaluation"]),
@@ -20,6 +21,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/drmohundro/SWXMLHash.git", from: "8.1.1"),
+        .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
     ],
     targets: [
         .target(
@@ -33,6 +35,18 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 // UPnP gateways describe themselves in XML.
                 .product(name: "SWXMLHash", package: "SWXMLHash"),
+            ]
+        ),
+        // The data model every storage plugin shares (values, TTL, versions, signatures,
+        // protection, queries), the storage pipeline and the memory backend: not the kernel.
+        .target(
+            name: "P2PStorage",
+            dependencies: [
+                "P2PKernel",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "HeapModule", package: "swift-collections"),
             ]
         ),
         .target(
@@ -49,37 +63,39 @@ let package = Package(
         .target(
             name: "P2PLoader",
             dependencies: [
-                "P2PKernel", "P2PPluginABI", "CFFI",
+                "P2PKernel", "P2PStorage", "P2PPluginABI", "CFFI",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
         // Built-in plugins: each uses only the kernel's public registry API.
-        .target(name: "P2PDHT", dependencies: ["P2PKernel", .product(name: "NIOCore", package: "swift-nio")], path: "Plugins/DHT"),
+        .target(name: "P2PDHT", dependencies: ["P2PKernel", "P2PStorage", .product(name: "NIOCore", package: "swift-nio")], path: "Plugins/DHT"),
         .target(name: "P2PMessaging", dependencies: ["P2PKernel", .product(name: "NIOCore", package: "swift-nio")], path: "Plugins/Messaging"),
         .target(name: "P2PEvaluation", dependencies: ["P2PKernel"], path: "Plugins/Evaluation"),
-        .target(name: "P2PPeerVote", dependencies: ["P2PKernel"], path: "Plugins/PeerVote"),
+        .target(name: "P2PPeerVote", dependencies: ["P2PKernel", "P2PStorage"], path: "Plugins/PeerVote"),
         .executableTarget(
             name: "p2p",
             dependencies: [
-                "P2PKernel", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote", "P2PLoader",
+                "P2PKernel", "P2PStorage", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote", "P2PLoader",
+                .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .testTarget(
             name: "P2PKernelTests",
             // P2PDHT: the hostile-peer suite's Sybils answer storage requests like a real peer.
-            dependencies: ["P2PKernel", "P2PTesting", "P2PDHT"]
+            dependencies: ["P2PKernel", "P2PStorage", "P2PTesting", "P2PDHT"]
         ),
         .testTarget(
             name: "P2PLoaderTests",
-            dependencies: ["P2PKernel", "P2PTesting", "P2PLoader", "P2PDHT", "P2PMessaging", "P2PEvaluation"],
+            dependencies: ["P2PKernel", "P2PStorage", "P2PTesting", "P2PLoader", "P2PDHT", "P2PMessaging", "P2PEvaluation"],
             exclude: ["Fixtures"]
         ),
         .testTarget(
             name: "P2PPluginsTests",
-            dependencies: ["P2PKernel", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote"]
+            dependencies: ["P2PKernel", "P2PStorage", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote",
+                           .product(name: "Crypto", package: "swift-crypto")]
         ),
     ]
 )

@@ -1,5 +1,7 @@
+import Crypto
 import NIOCore
 import P2PKernel
+@_exported import P2PStorage
 
 /// Per-request knobs, with TomP2P's defaults.
 public struct DHTOptions: Sendable {
@@ -16,15 +18,32 @@ public struct DHTOptions: Sendable {
     public var evaluation = "majority"
     /// Time to live of stored values; nil keeps them until removed.
     public var ttl: Duration?
+    /// The writer's key (the user's, which may differ from the peer's): write requests carry a
+    /// proof signed by it, and the values a `put(_:_:)` or `add` stores are signed by it.
+    public var signer: Curve25519.Signing.PrivateKey?
+    /// What a signed put protects: its entry (every version of location, domain, content) and/or
+    /// its domain (location, domain). Needs `signer`.
+    public var protect: Protect = []
+
+    /// What a signed put asks to protect.
+    public struct Protect: OptionSet, Sendable, Hashable {
+        public let rawValue: UInt8
+        public init(rawValue: UInt8) { self.rawValue = rawValue }
+        public static let entry = Protect(rawValue: 1)
+        public static let domain = Protect(rawValue: 2)
+    }
 
     public init(replicas: Int = 3, maxFailures: Int = 3, parallelDifference: Int = 0, routing: RoutingConfig? = nil,
-                evaluation: String = "majority", ttl: Duration? = nil) {
+                evaluation: String = "majority", ttl: Duration? = nil, signer: Curve25519.Signing.PrivateKey? = nil,
+                protect: Protect = []) {
         self.replicas = max(1, replicas)
         self.maxFailures = max(0, maxFailures)
         self.parallelDifference = max(0, parallelDifference)
         self.routing = routing
         self.evaluation = evaluation
         self.ttl = ttl
+        self.signer = signer
+        self.protect = protect
     }
 
     var ttlSeconds: UInt32 {
@@ -39,6 +58,8 @@ public enum DHTError: Error, Equatable, CustomStringConvertible {
     case unknownEvaluationScheme(String, available: [String])
     case mixedLocations
     case noPeers
+    /// Protection, signing a value or handing over ownership needs `DHTOptions.signer`.
+    case needsSigner(String)
 
     public var description: String {
         switch self {
@@ -46,6 +67,7 @@ public enum DHTError: Error, Equatable, CustomStringConvertible {
         case .unknownEvaluationScheme(let n, let a): "no evaluation scheme named '\(n)' (registered: \(a.isEmpty ? "none" : a.joined(separator: ", ")))"
         case .mixedLocations: "all keys of one request must share a location"
         case .noPeers: "no peer answered and this node stores no replicas"
+        case .needsSigner(let what): "\(what) needs a signer key (DHTOptions.signer)"
         }
     }
 }
@@ -89,9 +111,23 @@ public struct PutResult: Sendable {
         return .ok
     }
 
-    /// Whether every key was stored (ok or forked) on at least one peer and on every peer that answered.
+    /// Whether every key was stored (ok or forked) on at least one peer and on every peer that
+    /// answered, and no peer refused the request.
     public var isSuccess: Bool {
-        !statuses.isEmpty && keys.allSatisfy { [.ok, .versionFork].contains(status(of: $0)) }
+        refusal == nil && !statuses.isEmpty && keys.allSatisfy { [.ok, .versionFork].contains(status(of: $0)) }
+    }
+
+    /// The first refusal a peer answered with (a protected entry or domain, a bad signature, a
+    /// bound), if any.
+    public var refusal: StorageError? {
+        for o in outcomes { if case .failure(let e as StorageError) = o.result { return e } }
+        return nil
+    }
+
+    /// The owner that refused the write, when a protected entry or domain did.
+    public var deniedBy: SignerKey? {
+        for o in outcomes { if case .failure(StorageError.protected(_, let owner, _)) = o.result { return owner } }
+        return nil
     }
 }
 
@@ -104,8 +140,36 @@ public struct GetResult: Sendable {
     /// What each peer returned.
     public var perPeer: [PeerAddress: [Number640: StoredValue]] {
         var out: [PeerAddress: [Number640: StoredValue]] = [:]
-        for o in outcomes { if case .success(.values(let v)) = o.result { out[o.peer] = v } }
+        for o in outcomes { if case .success(.values(let v, _)) = o.result { out[o.peer] = v } }
         return out
+    }
+
+    /// Who signed the evaluated value under `key`, and whether the signature verifies here (nil
+    /// when no answering peer returned it signed).
+    public func signature(of key: Number640) -> (signer: SignerKey, verified: Bool)? {
+        guard let bytes = entries[key] else { return nil }
+        var unverified: SignerKey?
+        for (_, values) in perPeer {
+            guard let v = values[key], v.value == bytes, let s = v.signature else { continue }
+            if v.verify(at: key) { return (s.signer, true) }
+            unverified = s.signer
+        }
+        return unverified.map { ($0, false) }
+    }
+
+    /// The first refusal a peer answered with, if any.
+    public var refusal: StorageError? {
+        for o in outcomes { if case .failure(let e as StorageError) = o.result { return e } }
+        return nil
+    }
+
+    /// Where to resume a range whose answers were cut at a peer's byte bound (the smallest
+    /// continuation any peer gave); nil when the answers were whole.
+    public var resumeAfter: Number640? {
+        outcomes.compactMap { o -> Number640? in
+            if case .success(.values(_, let r)) = o.result { return r }
+            return nil
+        }.min()
     }
 
     /// The value of the smallest key, for single-key gets.
@@ -138,21 +202,40 @@ public struct DHT: Sendable {
     /// Stores one value under a key.
     @discardableResult
     public func put(_ key: Number640, _ value: [UInt8], basedOn: [Number160] = [], options: DHTOptions = DHTOptions()) async throws -> PutResult {
-        try await put([key: StoredValue(value, ttlSeconds: options.ttlSeconds, basedOn: basedOn)], options: options)
+        try await put([key: try self.value(key, StoredValue(value, ttlSeconds: options.ttlSeconds, basedOn: basedOn), options)], options: options)
     }
 
-    /// Stores several values under one location at once.
+    /// Stores several values under one location at once. The values go as given (sign them with
+    /// `StoredValue.signed(at:by:)`); with `options.signer` the request carries its writer proof,
+    /// and `options.protect` containing `.domain` claims the domain.
     @discardableResult
     public func put(_ entries: [Number640: StoredValue], mode: PutMode = .overwrite, options: DHTOptions = DHTOptions()) async throws -> PutResult {
         let location = try sharedLocation(Array(entries.keys))
+        var mode = mode
+        if options.protect.contains(.domain) {
+            guard options.signer != nil else { throw DHTError.needsSigner("domain protection") }
+            mode.insert(.protectDomain)
+        }
         let outcomes = try await routed(location, .put(entries, mode: mode), options: options)
         return PutResult(keys: entries.keys.sorted(), outcomes: outcomes)
+    }
+
+    /// A value as a single-value put stores it: signed by `options.signer` when there is one, and
+    /// asking for entry protection when `options.protect` says so.
+    private func value(_ key: Number640, _ v: StoredValue, _ options: DHTOptions) throws -> StoredValue {
+        var v = v
+        v.protectEntry = options.protect.contains(.entry)
+        guard let signer = options.signer else {
+            if v.protectEntry { throw DHTError.needsSigner("entry protection") }
+            return v
+        }
+        return try v.signed(at: key, by: signer)
     }
 
     /// Stores a value only where the key holds nothing yet; `failedNotAbsent` otherwise.
     @discardableResult
     public func putIfAbsent(_ key: Number640, _ value: [UInt8], options: DHTOptions = DHTOptions()) async throws -> PutResult {
-        try await put([key: StoredValue(value, ttlSeconds: options.ttlSeconds)], mode: .ifAbsent, options: options)
+        try await put([key: try self.value(key, StoredValue(value, ttlSeconds: options.ttlSeconds), options)], mode: .ifAbsent, options: options)
     }
 
     /// Adds a value under location and domain: its content key is the SHA-1 of the value, or a
@@ -168,7 +251,7 @@ public struct DHT: Sendable {
     /// First phase of a two-phase put: stored, but invisible to gets until `confirm`.
     @discardableResult
     public func prepare(_ key: Number640, _ value: [UInt8], options: DHTOptions = DHTOptions()) async throws -> PutResult {
-        try await put([key: StoredValue(value, ttlSeconds: options.ttlSeconds, prepared: true)], options: options)
+        try await put([key: try self.value(key, StoredValue(value, ttlSeconds: options.ttlSeconds, prepared: true), options)], options: options)
     }
 
     /// Second phase of a two-phase put.
@@ -178,13 +261,42 @@ public struct DHT: Sendable {
         return PutResult(keys: keys, outcomes: outcomes)
     }
 
-    /// Changes the TTL of stored values without sending them again (0 = keep forever).
+    /// Changes the TTL of stored values without sending them again (nil = keep forever).
+    ///
+    /// A signed value's TTL is part of what its signature covers, so a signed value needs a new
+    /// signature: with `signWith`, the current values are fetched, signed with the new TTL by that
+    /// key and only the signatures are sent. A key other than the owner's hands a protected entry
+    /// to that key (the request itself is signed by `options.signer`, who must own it).
     @discardableResult
-    public func putMeta(_ keys: [Number640], ttl: Duration?, options: DHTOptions = DHTOptions()) async throws -> PutResult {
+    public func putMeta(_ keys: [Number640], ttl: Duration?, signWith newKey: Curve25519.Signing.PrivateKey? = nil,
+                        options: DHTOptions = DHTOptions()) async throws -> PutResult {
         var o = options
         o.ttl = ttl
-        let outcomes = try await routed(try sharedLocation(keys), .putMeta(keys, ttlSeconds: o.ttlSeconds), options: options)
+        let ttlSeconds = o.ttlSeconds
+        var signatures: [Number640: ValueSignature] = [:]
+        if let newKey {
+            let current = try await get(.keys(keys), options: options)
+            for key in keys {
+                guard let bytes = current.entries[key],
+                      let stored = current.perPeer.values.lazy.compactMap({ $0[key] }).first(where: { $0.value == bytes }) else { continue }
+                var v = stored
+                v.ttlSeconds = ttlSeconds
+                v.remainingSeconds = nil
+                signatures[key] = try v.signed(at: key, by: newKey).signature
+            }
+        }
+        let outcomes = try await routed(try sharedLocation(keys), .putMeta(keys, ttlSeconds: ttlSeconds, signatures: signatures), options: options)
         return PutResult(keys: keys, outcomes: outcomes)
+    }
+
+    /// Hands a protected domain to another key; `options.signer` must own it (or be its master key).
+    @discardableResult
+    public func transferDomain(location: Number160, domain: Number160, to newOwner: SignerKey,
+                               options: DHTOptions = DHTOptions()) async throws -> PutResult {
+        guard options.signer != nil else { throw DHTError.needsSigner("handing over a domain") }
+        let key = Number640(location: location, domain: domain)
+        let outcomes = try await routed(location, .transferDomain(location: location, domain: domain, to: newOwner), options: options)
+        return PutResult(keys: [key], outcomes: outcomes)
     }
 
     // MARK: gets
@@ -275,8 +387,8 @@ public struct DHT: Sendable {
 
     /// Runs a storage request on this peer (through the interceptors) and tells replication
     /// policies about stored data. Used for local replicas and by the `dht.storage` command.
-    static func executeLocally(_ request: StorageRequest, sender: PeerAddress?, node: Node) -> EventLoopFuture<StorageResult> {
-        node.storage.executeFuture(request, sender: sender, node: node).map { result in
+    static func executeLocally(_ request: StorageRequest, proof: WriterProof?, sender: PeerAddress?, node: Node) -> EventLoopFuture<StorageResult> {
+        node.storage.executeFuture(request, proof: proof, sender: sender, node: node).map { result in
             if case .put = request, case .statuses(let s) = result {
                 let stored = s.filter { $0.value == .ok || $0.value == .versionFork }.map(\.key)
                 if !stored.isEmpty { node.replicate(.dataInserted(stored)) }
@@ -287,15 +399,16 @@ public struct DHT: Sendable {
 
     private func routed(_ location: Number160, _ request: StorageRequest, options: DHTOptions) async throws -> [PeerOutcome] {
         guard node.registry.plugin(DHTPlugin.self) != nil else { throw DHTError.pluginNotInstalled }
-        let payload = StorageCodec.encode(request)
+        let proof = try request.isWrite ? options.signer.map { try WriterProof(signing: request, with: $0) } : nil
+        let payload = StorageCodec.encode(request, proof: proof)
         let answers = try await fanOut(location, options: options, remote: { peer in
             node.request(to: peer, command: DHTPlugin.storageCommand, payload: payload).flatMapThrowing { reply in
                 if let e = RPCError.from(reply: reply) { throw e }
                 return try StorageCodec.decodeResult(reply.payload)
             }
         }, local: {
-            DHT.executeLocally(request, sender: nil, node: node)
-        }).get()
+            DHT.executeLocally(request, proof: proof, sender: nil, node: node)
+        }, answered: DHT.answered).get()
         return answers.map { PeerOutcome(peer: $0.0, result: $0.1) }
     }
 
@@ -308,7 +421,7 @@ public struct DHT: Sendable {
         var hits = 0
         if plugin.acceptsReplicas, let mine = node.storage.executeImmediately(request) {
             known[node.peerID] = mine.mapError { $0 as any Error }
-            if case .success(.values(let v)) = mine, !v.isEmpty { hits = 1 }
+            if case .success(.values(let v, _)) = mine, !v.isEmpty { hits = 1 }
         }
         var routing = routingConfig(options)
         routing.maxDirectHits = options.replicas
@@ -328,7 +441,8 @@ public struct DHT: Sendable {
                                                if let e = RPCError.from(reply: reply) { throw e }
                                                return try StorageCodec.decodeResult(reply.payload)
                                            }
-                                       }, local: { DHT.executeLocally(request, sender: nil, node: node) }).get()
+                                       }, local: { DHT.executeLocally(request, proof: nil, sender: nil, node: node) },
+                                       answered: DHT.answered).get()
         return answers.map { PeerOutcome(peer: $0.0, result: $0.1) }
     }
 
@@ -359,11 +473,27 @@ public struct DHT: Sendable {
     /// this node among them when it accepts replicas), replacing failed ones from the spares.
     private func fanOut<T: Sendable>(_ location: Number160, options: DHTOptions,
                                      remote: @escaping @Sendable (PeerAddress) -> EventLoopFuture<T>,
-                                     local: @escaping @Sendable () -> EventLoopFuture<T>) -> EventLoopFuture<[(PeerAddress, Result<T, any Error>)]> {
+                                     local: @escaping @Sendable () -> EventLoopFuture<T>,
+                                     answered: @escaping @Sendable (Result<T, any Error>) -> Bool = FanOut<T>.succeeded) -> EventLoopFuture<[(PeerAddress, Result<T, any Error>)]> {
         let dht = self
         return node.lookup(location, config: routingConfig(options)).flatMap { result in
             dht.fanOut(location, candidates: dht.candidates(result.peers, location: location), known: [:], options: options,
-                       remote: remote, local: local)
+                       remote: remote, local: local, answered: answered)
+        }
+    }
+
+    /// Whether a peer's storage outcome is its answer. A refusal by protection, signature or
+    /// shape is: the next peers are not asked instead (a write one replica refuses must not land
+    /// on others). A full or busy peer, or one that did not answer, is replaced by the next.
+    static func answered(_ r: Result<StorageResult, any Error>) -> Bool {
+        switch r {
+        case .success: return true
+        case .failure(let e as StorageError):
+            switch e {
+            case .storageFull, .entryLimit, .tooManyEntries, .busy, .noBackend, .quotaExceeded: return false
+            default: return true
+            }
+        case .failure: return false
         }
     }
 
@@ -371,10 +501,11 @@ public struct DHT: Sendable {
     private func fanOut<T: Sendable>(_ location: Number160, candidates: [PeerAddress], known: [Number160: Result<T, any Error>],
                                      options: DHTOptions,
                                      remote: @escaping @Sendable (PeerAddress) -> EventLoopFuture<T>,
-                                     local: @escaping @Sendable () -> EventLoopFuture<T>) -> EventLoopFuture<[(PeerAddress, Result<T, any Error>)]> {
+                                     local: @escaping @Sendable () -> EventLoopFuture<T>,
+                                     answered: @escaping @Sendable (Result<T, any Error>) -> Bool = FanOut<T>.succeeded) -> EventLoopFuture<[(PeerAddress, Result<T, any Error>)]> {
         let node = self.node
         return node.eventLoop.flatSubmit {
-            FanOut<T>(node: node, candidates: candidates, options: options, remote: { peer in
+            FanOut<T>(node: node, candidates: candidates, options: options, answered: answered, remote: { peer in
                 if let answer = known[peer.id] { return node.eventLoop.makeCompletedFuture(answer) }
                 return remote(peer)
             }, local: {
@@ -394,7 +525,7 @@ public struct DHT: Sendable {
     private func evaluate(_ outcomes: [PeerOutcome], options: DHTOptions) throws -> [Number640: [UInt8]] {
         let scheme = try scheme(options.evaluation)
         let answers = outcomes.compactMap { o -> PeerAnswer? in
-            guard case .success(.values(let v)) = o.result else { return nil }
+            guard case .success(.values(let v, _)) = o.result else { return nil }
             return PeerAnswer(peer: o.peer, entries: v.mapValues(\.value))
         }
         return scheme.evaluate(answers)
@@ -425,6 +556,7 @@ final class FanOut<T: Sendable>: @unchecked Sendable {
     private let options: DHTOptions
     private let remote: @Sendable (PeerAddress) -> EventLoopFuture<T>
     private let local: @Sendable () -> EventLoopFuture<T>
+    private let answered: @Sendable (Result<T, any Error>) -> Bool
     private let promise: EventLoopPromise<[(PeerAddress, Result<T, any Error>)]>
     private var next = 0, inFlight = 0, successes = 0, failures = 0
     private var outcomes: [(PeerAddress, Result<T, any Error>)] = []
@@ -432,9 +564,16 @@ final class FanOut<T: Sendable>: @unchecked Sendable {
     private var pumping = false
     private var again = false
 
-    init(node: Node, candidates: [PeerAddress], options: DHTOptions,
+    /// A success is an answer; anything else replaces the peer with the next candidate.
+    @Sendable static func succeeded(_ r: Result<T, any Error>) -> Bool {
+        if case .success = r { return true }
+        return false
+    }
+
+    init(node: Node, candidates: [PeerAddress], options: DHTOptions, answered: @escaping @Sendable (Result<T, any Error>) -> Bool = FanOut<T>.succeeded,
          remote: @escaping @Sendable (PeerAddress) -> EventLoopFuture<T>, local: @escaping @Sendable () -> EventLoopFuture<T>) {
         self.node = node
+        self.answered = answered
         self.candidates = candidates
         self.options = options
         self.remote = remote
@@ -470,7 +609,7 @@ final class FanOut<T: Sendable>: @unchecked Sendable {
                     inFlight -= 1
                     guard !done else { return }
                     outcomes.append((peer, result))
-                    if case .success = result { successes += 1 } else { failures += 1 }
+                    if answered(result) { successes += 1 } else { failures += 1 }
                     pump()
                 }
             }

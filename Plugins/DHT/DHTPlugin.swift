@@ -1,5 +1,6 @@
 import NIOCore
 import P2PKernel
+import P2PStorage
 
 /// Storage and the DHT operations as a plugin: a storage backend, the `dht.storage` command that
 /// serves other peers' storage requests, and `dht.send` for routed messages.
@@ -19,10 +20,15 @@ public struct DHTPlugin: Plugin {
     /// `p2p put` tool, whose data would leave with them).
     public let acceptsReplicas: Bool
 
-    public init(backend: any StorageBackend = MemoryStorage(), domains: Set<Number160>? = nil, acceptsReplicas: Bool = true) {
+    /// How often expired values are swept (each sweep costs what expired, not what is stored).
+    public let sweepInterval: Duration
+
+    public init(backend: any StorageBackend = MemoryStorage(), domains: Set<Number160>? = nil, acceptsReplicas: Bool = true,
+                sweepInterval: Duration = .seconds(1)) {
         self.backend = backend
         self.domains = domains
         self.acceptsReplicas = acceptsReplicas
+        self.sweepInterval = sweepInterval
     }
 
     public func install(into registry: PluginRegistry) throws {
@@ -30,6 +36,14 @@ public struct DHTPlugin: Plugin {
         try registry.register(command: StorageCommand(domains: domains, acceptsReplicas: acceptsReplicas))
         try registry.register(command: RoutedSendCommand())
         try registry.register(question: GetQuestion(domains: domains))
+    }
+
+    public func start(node: Node) async throws {
+        node.storage.startSweeping(node: node, every: sweepInterval)
+    }
+
+    public func stop(node: Node) async {
+        node.storage.stopSweeping()
     }
 
     static let storageCommand = CommandID.derive(from: StorageCommand.commandName)
@@ -45,8 +59,9 @@ struct StorageCommand: CommandHandler {
 
     func handle(_ request: Message, context: CommandContext) -> CommandResult {
         let storageRequest: StorageRequest
+        let proof: WriterProof?
         do {
-            storageRequest = try StorageCodec.decodeRequest(request.payload)
+            (storageRequest, proof) = try StorageCodec.decodeSignedRequest(request.payload)
         } catch {
             return .reply(.error(.badRequest, "\(error)"))
         }
@@ -60,13 +75,14 @@ struct StorageCommand: CommandHandler {
             }
         }
         let node = context.node
-        return .future(DHT.executeLocally(storageRequest, sender: context.sender, node: node).map { result in
+        return .future(DHT.executeLocally(storageRequest, proof: proof, sender: context.sender, node: node).map { result in
             Reply(payload: StorageCodec.encode(result))
         }.flatMapErrorThrowing { error in
-            // A refused request is an answer, not a failure of the peer.
+            // A refused request is an answer, not a failure of the peer: the asker decodes the
+            // same typed error (who owns a protected entry, which bound was hit).
             if let e = error as? StorageError {
                 if case .malformed = e { return Reply.error(.badRequest, "\(e)") }
-                return Reply.error(.denied, "\(e)")
+                return Reply(payload: StorageCodec.encode(refusal: e))
             }
             throw error
         })
@@ -101,7 +117,7 @@ struct GetQuestion: RoutingQuestionHandler {
 
     /// Whether an answer holds at least one value.
     static func isHit(_ answer: [Payload]) -> Bool {
-        guard case .values(let v)? = try? StorageCodec.decodeResult(answer) else { return false }
+        guard case .values(let v, _)? = try? StorageCodec.decodeResult(answer) else { return false }
         return !v.isEmpty
     }
 }

@@ -1,4 +1,5 @@
 import P2PKernel
+import P2PStorage
 
 /// TomP2P's storage-extension example as an interceptor: in the domain "vote", a put adds the
 /// stored integer (decimal text) to the one already there instead of replacing it.
@@ -35,7 +36,7 @@ public struct VoteCounter: StorageInterceptor {
     public func intercept(_ request: StorageRequest, context: StorageContext, next: StorageNext) async throws -> StorageResult {
         guard case .put(let entries, let mode) = request else { return try await next(request) }
         let current = try context.backend.execute(.get(.keys(Array(entries.keys))), now: StoragePipeline.now())
-        guard case .values(let stored) = current else { return try await next(request) }
+        guard case .values(let stored, _) = current else { return try await next(request) }
         var summed: [Number640: StoredValue] = [:]
         for (key, vote) in entries {
             let add = try Self.integer(vote.value)

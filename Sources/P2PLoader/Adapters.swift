@@ -1,4 +1,5 @@
 import P2PKernel
+import P2PStorage
 import P2PPluginABI
 
 /// A command registered by a loaded plugin: the first byte section in, one byte section out.
@@ -60,7 +61,7 @@ struct LoadedPutInterceptor: StorageInterceptor, @unchecked Sendable {
         }
         let keys = entries.keys.filter(covered)
         guard !keys.isEmpty else { return try await next(request) }
-        guard case .values(let current) = try context.backend.execute(.get(.keys(keys)), now: StoragePipeline.now()) else {
+        guard case .values(let current, _) = try context.backend.execute(.get(.keys(keys)), now: StoragePipeline.now()) else {
             return try await next(request)
         }
         var changed = entries

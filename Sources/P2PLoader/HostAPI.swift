@@ -1,6 +1,7 @@
 import Logging
 import NIOCore
 import P2PKernel
+import P2PStorage
 import P2PPluginABI
 #if canImport(Glibc)
 import Glibc
@@ -67,7 +68,7 @@ enum HostAPI {
                 guard let c = HostContext.from(ctx), let backend = c.node?.registry.storageBackend else { return ABI.failed }
                 guard let key, let out else { return ABI.badRequest }
                 let k = key.pointee.number
-                guard case .values(let v)? = try? backend.execute(.get(.keys([k])), now: StoragePipeline.now()), let value = v[k] else {
+                guard case .values(let v, _)? = try? backend.execute(.get(.keys([k])), now: StoragePipeline.now()), let value = v[k] else {
                     return ABI.notFound
                 }
                 out.pointee = hostAllocated(value.value)

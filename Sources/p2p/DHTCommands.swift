@@ -1,4 +1,5 @@
 import ArgumentParser
+import Crypto
 import Foundation
 import P2PDHT
 import P2PKernel
@@ -33,6 +34,12 @@ struct DHTClientOptions: ParsableArguments {
         return try parseKey(domain)
     }
 
+    /// The key that signs values and write requests: the one given with --key, if any.
+    func signer() throws -> Curve25519.Signing.PrivateKey? {
+        guard let path = identity.key else { return nil }
+        do { return try PeerKeyPair(contentsOfFile: path).privateKey } catch { throw CLIError.usage("\(error)") }
+    }
+
     /// Starts a client node, joins, runs `body`, and always leaves.
     func withClient<T: Sendable>(_ body: @Sendable (Node) async throws -> T) async throws -> T {
         // A client is never routed to: it says so, and stays out of peer maps.
@@ -45,6 +52,7 @@ struct DHTClientOptions: ParsableArguments {
         } catch {
             await node.shutdown()
             if error is CLIError || error is ExitCode { throw error }
+        if case DHTError.needsSigner(let what) = error { throw CLIError.usage("\(what) needs --key FILE (p2p keygen FILE makes one)") }
             throw CLIError.failed("\(error)")
         }
     }
@@ -56,27 +64,44 @@ struct PutCommand: AsyncParsableCommand {
     @OptionGroup var dht: DHTClientOptions
     @Option(help: "Seconds until the value expires (default: never).")
     var ttl: Int?
+    @Option(help: "With --key: protect the entry (only this key may change or remove it) or the whole domain.")
+    var protect: ProtectMode?
     @Argument(help: "The key: hashed with SHA-1, unless given as 0x and 40 hex digits.")
     var key: String
     @Argument(help: "The value (stored as its UTF-8 bytes).")
     var value: String
 
+    enum ProtectMode: String, ExpressibleByArgument, CaseIterable {
+        case entry, domain
+    }
+
     func validate() throws {
         if let ttl { guard ttl > 0 else { throw ValidationError("--ttl must be positive, got \(ttl)") } }
+        if protect != nil, dht.identity.key == nil { throw ValidationError("--protect needs --key FILE (p2p keygen FILE makes one)") }
     }
 
     func run() async throws {
         let k = Number640(location: try parseKey(key), domain: try dht.domainKey())
-        let options = DHTOptions(replicas: dht.replicas, ttl: ttl.map { .seconds($0) })
+        let options = DHTOptions(replicas: dht.replicas, ttl: ttl.map { .seconds($0) }, signer: try dht.signer(),
+                                 protect: protect == .entry ? .entry : protect == .domain ? .domain : [])
         let bytes = Array(value.utf8)
         let result = try await dht.withClient { node in try await node.dht.put(k, bytes, options: options) }
+        try refuseDenied(result, what: "put of \(key)")
         for (peer, statuses) in result.statuses.sorted(by: { $0.key.id < $1.key.id }) {
             say("\(peer.socket)  \(statuses[k]?.description ?? "?")")
         }
         for (peer, why) in result.failures { note("\(peer.socket)  failed: \(why)") }
-        guard result.isSuccess else { throw CLIError.failed("put of \(k.location) did not succeed: \(result.status(of: k))") }
-        say("stored on \(result.statuses.count) peers")
+        guard result.isSuccess else { throw CLIError.failed("put of \(k.location) did not succeed: \(result.refusal.map { "\($0)" } ?? "\(result.status(of: k))")") }
+        say("stored on \(result.statuses.count) peers\(options.signer.map { ", signed by \(SignerKey($0.publicKey).id)" } ?? "")")
     }
+}
+
+/// A write a protected entry or domain refused: one line naming the owner, exit 1.
+func refuseDenied(_ result: PutResult, what: String) throws {
+    guard let owner = result.deniedBy else { return }
+    var domain = false
+    if case .protected(_, _, let d)? = result.refusal { domain = d }
+    throw CLIError.failed("denied: \(what): the \(domain ? "domain" : "entry") is owned by \(owner.id)")
 }
 
 struct GetCommand: AsyncParsableCommand {
@@ -87,7 +112,7 @@ struct GetCommand: AsyncParsableCommand {
     @OptionGroup var dht: DHTClientOptions
     @Flag(help: "Every value under the key's location and domain.")
     var all = false
-    @Flag(help: "Print JSON: {\"key\": …, \"values\": {content key: value}}.")
+    @Flag(help: "Print JSON: {\"key\": …, \"values\": {content key: value}, \"signers\": {content key: {\"signer\": peer id, \"verified\": bool}}}.")
     var json = false
     @Argument(help: "The key: hashed with SHA-1, unless given as 0x and 40 hex digits.")
     var key: String
@@ -104,8 +129,17 @@ struct GetCommand: AsyncParsableCommand {
         }
         if json {
             var values: [String: String] = [:]
-            for (k, v) in result.entries { values[k.content.description] = String(decoding: v, as: UTF8.self) }
-            let object: [String: Any] = ["key": location.description, "domain": domain.description, "values": values]
+            var signers: [String: Any] = [:]
+            for (k, v) in result.entries {
+                values[k.content.description] = String(decoding: v, as: UTF8.self)
+                if let s = result.signature(of: k) {
+                    signers[k.content.description] = ["signer": s.signer.id.description, "verified": s.verified]
+                } else {
+                    signers[k.content.description] = ["signer": NSNull(), "verified": false]
+                }
+            }
+            var object: [String: Any] = ["key": location.description, "domain": domain.description, "values": values, "signers": signers]
+            if let more = result.resumeAfter { object["resumeAfter"] = more.description }
             let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
             say(String(decoding: data, as: UTF8.self))
         } else if all {
@@ -127,8 +161,11 @@ struct RemoveCommand: AsyncParsableCommand {
 
     func run() async throws {
         let query = try dht.query(key: key, all: all)
-        let options = DHTOptions(replicas: dht.replicas)
+        let options = DHTOptions(replicas: dht.replicas, signer: try dht.signer())
         let result = try await dht.withClient { node in try await node.dht.remove(query, returnValues: true, options: options) }
+        if case .protected(_, let owner, let domain)? = result.refusal {
+            throw CLIError.failed("denied: remove of \(key): the \(domain ? "domain" : "entry") is owned by \(owner.id)")
+        }
         guard !result.isEmpty else {
             note("not found: \(key)")
             throw ExitCode(1)

@@ -61,7 +61,7 @@ struct TemplateTests {
         let ballot = Number640(location: Number160(hashing: "ballot"), domain: try #require(Number160(bytes: votesDomain)))
         for i in 0..<5 { #expect(try await net.nodes[i].dht.put(ballot, Array("1".utf8)).isSuccess) }
         let holders = try net.nodes.filter { n in
-            guard case .values(let v)? = try n.registry.storageBackend?.execute(.get(.keys([ballot])), now: StoragePipeline.now()) else { return false }
+            guard case .values(let v, _)? = try n.registry.storageBackend?.execute(.get(.keys([ballot])), now: StoragePipeline.now()) else { return false }
             return v[ballot]?.value == Array("5".utf8)
         }
         #expect(holders.count == 3)

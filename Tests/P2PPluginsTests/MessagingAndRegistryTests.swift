@@ -287,7 +287,7 @@ struct BadInputTests {
         // The chain never forks; the other item's versions are unrelated, so every one after the first forks.
         #expect((0..<9_000).allSatisfy { s[v($0)] == .ok })
         #expect(s[v(0, content: other)] == .ok && (1..<900).allSatisfy { s[v($0, content: other)] == .versionFork })
-        guard case .values(let latest) = try store.execute(.get(.latest(location: loc, domain: .zero, content: .zero)), now: 1) else {
+        guard case .values(let latest, _) = try store.execute(.get(.latest(location: loc, domain: .zero, content: .zero)), now: 1) else {
             Issue.record("no values")
             return
         }
@@ -296,7 +296,7 @@ struct BadInputTests {
         guard case .statuses(let fork) = try store.execute(.put([v(9_000): StoredValue([0], basedOn: [Number160(5)])], mode: .overwrite), now: 1) else { return }
         #expect(fork[v(9_000)] == .versionFork)
         _ = try store.execute(.remove(.keys([v(9_000), v(8_999)]), returnValues: false), now: 1)
-        guard case .values(let after) = try store.execute(.get(.latest(location: loc, domain: .zero, content: .zero)), now: 1) else { return }
+        guard case .values(let after, _) = try store.execute(.get(.latest(location: loc, domain: .zero, content: .zero)), now: 1) else { return }
         #expect(Array(after.keys) == [v(8_998)])
     }
 

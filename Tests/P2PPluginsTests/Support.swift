@@ -37,7 +37,7 @@ func text(_ bytes: [UInt8]?) -> String? { bytes.map { String(decoding: $0, as: U
 /// Whether this peer's own storage holds the key (read straight from its backend).
 func holds(_ node: Node, _ k: Number640) throws -> Bool {
     guard let backend = node.registry.storageBackend,
-          case .values(let v) = try backend.execute(.get(.keys([k])), now: StoragePipeline.now()) else { return false }
+          case .values(let v, _) = try backend.execute(.get(.keys([k])), now: StoragePipeline.now()) else { return false }
     return v[k] != nil
 }
 

@@ -139,12 +139,6 @@ extension Node {
     /// enough is removed by the RPC layer's failure accounting.
     func startMaintenance() {
         guard running else { return }
-        if registry.storageBackend != nil {
-            let sweep = TimeAmount(config.storageSweepInterval)
-            backgroundTasks.append(eventLoop.scheduleRepeatedTask(initialDelay: sweep, delay: sweep) { [self] _ in
-                _ = registry.storageBackend?.sweepExpired(now: StoragePipeline.now())
-            })
-        }
         for policy in registry.replicationPolicies {
             guard let every = policy.timerInterval else { continue }
             let t = TimeAmount(every)

@@ -29,10 +29,9 @@ public final class Node: @unchecked Sendable {
     /// The loop every channel and callback of this node runs on.
     public let eventLoop: any EventLoop
     public let peerMap: PeerMap
-    /// What plugins registered: commands, storage, interceptors, handlers, schemes, policies.
+    /// What plugins registered: commands, reply handlers, schemes, policies, and the state
+    /// plugins share (storage keeps its backend and interceptors there).
     public let registry: PluginRegistry
-    /// Storage requests through interceptors to the backend.
-    public let storage: StoragePipeline
     public let logger: Logger
     /// This node as others reach it: its announced ports, flags and relays. It changes at run
     /// time (a port mapping, relays); read from any thread.
@@ -141,7 +140,6 @@ public final class Node: @unchecked Sendable {
         self.eventLoop = config.eventLoopGroup.next()
         self.peerMap = PeerMap(selfID: peerID, config: config.peerMap)
         self.registry = PluginRegistry()
-        self.storage = StoragePipeline(registry: registry, maxQueued: config.limits.maxInterceptorQueue)
         var logger = config.logger
         logger[metadataKey: "peer"] = "\(peerID.hexString.prefix(8))"
         self.logger = logger

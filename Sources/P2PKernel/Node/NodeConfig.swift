@@ -39,8 +39,6 @@ public struct NodeConfig: Sendable {
     public var tcpIdleTimeout: Duration = .seconds(30)
     /// How often maintenance runs; `nil` disables it (simulations that measure other things).
     public var maintenanceInterval: Duration? = .seconds(1)
-    /// How often expired values are swept from storage.
-    public var storageSweepInterval: Duration = .seconds(1)
     /// Most peers one maintenance round pings.
     public var maintenancePingsPerRound = 2
     /// The event loops the node runs on; every node in a process shares the singleton by default.
@@ -203,8 +201,6 @@ public struct NodeLimits: Sendable {
     /// Requests whose handler answers later (a future) in progress at once, and from one peer.
     public var maxHandlersInFlight = 1_024
     public var maxHandlersInFlightPerPeer = 64
-    /// Storage requests waiting for the interceptor chain (which runs one request at a time).
-    public var maxInterceptorQueue = 256
     /// Peer joins and leaves logged per second; the rest are counted and summarised.
     public var peerEventLogsPerSecond = 10.0
 

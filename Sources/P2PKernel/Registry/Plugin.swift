@@ -35,7 +35,6 @@ public enum PluginError: Error, Equatable, CustomStringConvertible {
     case duplicatePlugin(String)
     case duplicateEvaluationScheme(String)
     case duplicateObjectHandler(String)
-    case storageBackendAlreadySet(existing: String, new: String)
     case installFailed(plugin: String, reason: String)
 
     public var description: String {
@@ -43,7 +42,6 @@ public enum PluginError: Error, Equatable, CustomStringConvertible {
         case .duplicatePlugin(let n): "a plugin named '\(n)' is already installed"
         case .duplicateEvaluationScheme(let n): "an evaluation scheme named '\(n)' is already registered"
         case .duplicateObjectHandler(let n): "an object reply handler for '\(n)' is already registered"
-        case .storageBackendAlreadySet(let e, let n): "storage backend '\(n)' cannot replace '\(e)': a node has one backend"
         case .installFailed(let p, let r): "plugin '\(p)' failed to install: \(r)"
         }
     }

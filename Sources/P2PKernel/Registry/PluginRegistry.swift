@@ -1,7 +1,8 @@
 import NIOConcurrencyHelpers
 
-/// Everything plugins register into a node: commands, storage, interceptors, reply handlers,
-/// evaluation schemes, replication policies and event subscriptions. Registration happens while
+/// Everything plugins register into a node: commands, reply handlers, evaluation schemes,
+/// replication policies, event subscriptions, and state that plugins share by type (storage keeps
+/// its backend and interceptors there: the kernel knows nothing of storage). Registration happens while
 /// the node is assembled; lookups happen per request under an uncontended lock.
 public final class PluginRegistry: Sendable {
     /// Commands by name and wire id.
@@ -9,8 +10,7 @@ public final class PluginRegistry: Sendable {
 
     private struct State: Sendable {
         var plugins: [any Plugin] = []
-        var backend: (any StorageBackend)?
-        var interceptors: [any StorageInterceptor] = []
+        var shared: [ObjectIdentifier: any Sendable] = [:]
         var rawReplyHandler: (any RawReplyHandler)?
         var objectHandlers: [String: any AnyObjectReplyHandler] = [:]
         var schemes: [String: any EvaluationScheme] = [:]
@@ -78,41 +78,23 @@ public final class PluginRegistry: Sendable {
         state.withLockedValue { $0.questions[id] }
     }
 
-    // MARK: storage
+    // MARK: shared state
 
-    /// Sets the node's storage backend; a node has one.
-    public func setStorageBackend(_ backend: any StorageBackend) throws {
+    /// Reads and changes the value of type `T` that plugins share in this node (created by `make`
+    /// on first use), under the registry's lock: a module such as P2PStorage keeps its registrations
+    /// here, and a plugin whose install fails leaves it as it was.
+    public func withShared<T: Sendable, R>(_ type: T.Type, default make: () -> T, _ body: (inout T) throws -> R) rethrows -> R {
         try state.withLockedValue { s in
-            if let existing = s.backend {
-                throw PluginError.storageBackendAlreadySet(existing: existing.name, new: backend.name)
-            }
-            s.backend = backend
+            var value = s.shared[ObjectIdentifier(type)] as? T ?? make()
+            defer { s.shared[ObjectIdentifier(type)] = value }
+            return try body(&value)
         }
     }
 
-    /// The storage backend, if a plugin set one.
-    public var storageBackend: (any StorageBackend)? { state.withLockedValue { $0.backend } }
-
-    /// Adds a storage interceptor; interceptors run in the order they were added, outermost first.
-    public func add(interceptor: any StorageInterceptor) {
-        state.withLockedValue { $0.interceptors.append(interceptor) }
+    /// The shared value of type `T`, if one was set.
+    public func shared<T: Sendable>(_ type: T.Type) -> T? {
+        state.withLockedValue { $0.shared[ObjectIdentifier(type)] as? T }
     }
-
-    /// The interceptors that cover any of `domains` (every one when nil), in install order.
-    public func interceptors(covering domains: Set<Number160>?) -> [any StorageInterceptor] {
-        state.withLockedValue { s in
-            guard let domains else { return s.interceptors }
-            return s.interceptors.filter { i in
-                switch i.scope {
-                case .all: true
-                case .domain(let d): domains.contains(d)
-                }
-            }
-        }
-    }
-
-    /// Whether any interceptor is registered at all (lets the storage path skip the lookup).
-    public var hasInterceptors: Bool { state.withLockedValue { !$0.interceptors.isEmpty } }
 
     // MARK: direct-message handlers
 

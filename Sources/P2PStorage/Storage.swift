@@ -1,19 +1,36 @@
+import P2PKernel
+
 /// A value as stored, with its metadata.
 public struct StoredValue: Sendable, Hashable {
     /// The bytes.
     public var value: [UInt8]
-    /// Seconds until the value expires; 0 keeps it until removed.
+    /// Seconds the value lives after it is stored (its TTL as written, and signed); 0 keeps it
+    /// until removed.
     public var ttlSeconds: UInt32
     /// The versions (version keys of the same location, domain and content) this one is based on.
     public var basedOn: [Number160]
     /// A prepared value (first phase of a two-phase put) is invisible to gets until confirmed.
     public var prepared: Bool
+    /// Asks for entry protection: the value's signer becomes the owner of its entry (location,
+    /// domain, content: every version), and only the owner may write or remove it afterwards.
+    /// Needs a signature.
+    public var protectEntry: Bool
+    /// The owner's Ed25519 signature over key, bytes, TTL, basedOn and `protectEntry`, with the
+    /// owner's public key; it travels with the value, so any peer can check it (`verify(at:)`).
+    public var signature: ValueSignature?
+    /// Set in answers only, by the peer that answered: whole seconds the value has left there,
+    /// rounded up (a value with 0.3 s left says 1, never 0), nil when it never expires.
+    public var remainingSeconds: UInt32?
 
-    public init(_ value: [UInt8], ttlSeconds: UInt32 = 0, basedOn: [Number160] = [], prepared: Bool = false) {
+    public init(_ value: [UInt8], ttlSeconds: UInt32 = 0, basedOn: [Number160] = [], prepared: Bool = false,
+                protectEntry: Bool = false, signature: ValueSignature? = nil) {
         self.value = value
         self.ttlSeconds = ttlSeconds
         self.basedOn = basedOn
         self.prepared = prepared
+        self.protectEntry = protectEntry
+        self.signature = signature
+        self.remainingSeconds = nil
     }
 }
 
@@ -33,11 +50,17 @@ public enum StorageQuery: Sendable, Hashable {
     }
 }
 
-/// How a put treats a key that already holds a value.
-public enum PutMode: UInt8, Sendable {
-    case overwrite = 0
+/// How a put treats a key that already holds a value, and what else it asks for.
+public struct PutMode: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt8
+    public init(rawValue: UInt8) { self.rawValue = rawValue }
+    /// Replace what the key holds (the default).
+    public static let overwrite: PutMode = []
     /// Refuse with `failedNotAbsent` when the key exists.
-    case ifAbsent = 1
+    public static let ifAbsent = PutMode(rawValue: 1)
+    /// Claim the domain (location, domain) for the request's writer: afterwards only the writer
+    /// may write or remove anything in it. Needs a signed request (`WriterProof`).
+    public static let protectDomain = PutMode(rawValue: 2)
 }
 
 /// A request to storage: what the DHT sends to the responsible peers, and what interceptors see.
@@ -49,15 +72,20 @@ public enum StorageRequest: Sendable, Hashable {
     case digest(StorageQuery)
     /// Second phase of a two-phase put: makes prepared values visible.
     case confirm([Number640])
-    /// Changes the TTL of stored values without sending them again.
-    case putMeta([Number640], ttlSeconds: UInt32)
+    /// Changes the TTL of stored values without sending them again. A signed value needs a new
+    /// signature over the new TTL (`signatures`); a signature by another key hands a protected
+    /// entry to that key.
+    case putMeta([Number640], ttlSeconds: UInt32, signatures: [Number640: ValueSignature] = [:])
+    /// Hands a protected domain to another key (only its owner may).
+    case transferDomain(location: Number160, domain: Number160, to: SignerKey)
 
     /// The domains the request touches; nil when it may touch any (a range across domains).
     public var domains: Set<Number160>? {
         switch self {
         case .put(let entries, _): return Set(entries.keys.map(\.domain))
         case .get(let q), .remove(let q, _), .digest(let q): return q.domains
-        case .confirm(let keys), .putMeta(let keys, _): return Set(keys.map(\.domain))
+        case .confirm(let keys), .putMeta(let keys, _, _): return Set(keys.map(\.domain))
+        case .transferDomain(_, let domain, _): return [domain]
         }
     }
 
@@ -108,8 +136,9 @@ public enum StorageStatus: UInt8, Sendable, Hashable, CustomStringConvertible {
 public enum StorageResult: Sendable, Hashable {
     /// Per key (puts, confirms, putMeta, removes without values).
     case statuses([Number640: StorageStatus])
-    /// Stored values (gets, removes with values).
-    case values([Number640: StoredValue])
+    /// Stored values (gets, removes with values). When the answer was cut at the peer's byte
+    /// bound, `resumeAfter` is the last key it holds: ask again from the key after it.
+    case values([Number640: StoredValue], resumeAfter: Number640? = nil)
     /// Keys and their basedOn sets (digests).
     case digest([Number640: [Number160]])
 }
@@ -125,6 +154,14 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
     case tooManyBasedOn(count: Int, limit: Int)
     case unknownDomain(Number160)
     case denied(String)
+    /// A write to a protected entry or domain by someone other than its owner: names the owner.
+    case protected(key: Number640, owner: SignerKey, domain: Bool)
+    /// A value's signature does not verify over what it claims to sign.
+    case badSignature(Number640)
+    /// The request's writer proof is forged, too old, from the future, or seen before.
+    case badWriterProof(String)
+    /// The writer holds its quota of bytes on this peer.
+    case quotaExceeded(writer: SignerKey, bytes: Int, limit: Int)
     case malformed(String)
     /// No storage backend is installed on this node.
     case noBackend
@@ -140,6 +177,10 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
         case .tooManyBasedOn(let n, let l): "a value based on \(n) versions, over the limit of \(l)"
         case .unknownDomain(let d): "domain \(d) is not served by this peer"
         case .denied(let r): "denied: \(r)"
+        case .protected(let k, let o, let d): "denied: \(d ? "domain \(k.domain) at \(k.location)" : "entry \(k)") is protected by owner \(o.id)"
+        case .badSignature(let k): "the signature of the value at \(k) does not verify"
+        case .badWriterProof(let r): "bad writer proof: \(r)"
+        case .quotaExceeded(let w, let b, let l): "writer \(w.id) would hold \(b) bytes, over its quota of \(l)"
         case .malformed(let r): "malformed storage request: \(r)"
         case .noBackend: "this peer has no storage backend"
         case .busy(let r): "busy: \(r)"
@@ -153,10 +194,19 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
 public protocol StorageBackend: Sendable {
     /// Shown by tools and in errors.
     var name: String { get }
-    /// Carries out one request. `now` is the uptime clock in nanoseconds (for TTLs).
-    func execute(_ request: StorageRequest, now: UInt64) throws(StorageError) -> StorageResult
-    /// Removes expired values; returns how many.
+    /// Carries out one request for `writer` (the verified key of the request's writer proof, nil
+    /// for an unsigned request), applying the node's protection rules. Value signatures were
+    /// verified before the call. `now` is the uptime clock in nanoseconds (for TTLs).
+    func execute(_ request: StorageRequest, writer: SignerKey?, now: UInt64) throws(StorageError) -> StorageResult
+    /// Removes expired values; returns how many. Costs what expired, not what is stored.
     func sweepExpired(now: UInt64) -> Int
+}
+
+extension StorageBackend {
+    /// An unsigned request (no writer).
+    public func execute(_ request: StorageRequest, now: UInt64) throws(StorageError) -> StorageResult {
+        try execute(request, writer: nil, now: now)
+    }
 }
 
 /// Which requests an interceptor sees.
@@ -172,6 +222,8 @@ public enum InterceptorScope: Sendable, Hashable {
 public struct StorageContext: Sendable {
     /// The peer that sent the request; nil when it comes from this node itself.
     public let sender: PeerAddress?
+    /// The request's writer, proven by its signature; nil for an unsigned request.
+    public let writer: SignerKey?
     public let node: Node
     /// The backend, for reads an interceptor needs (e.g. the current value to add to).
     public let backend: any StorageBackend

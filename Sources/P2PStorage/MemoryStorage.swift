@@ -1,0 +1,471 @@
+import HeapModule
+import NIOConcurrencyHelpers
+import P2PKernel
+
+/// The default storage backend: values in memory, bounded in value size, total bytes, entries
+/// (per location and overall), basedOn keys, result bytes and optionally bytes per writer; with
+/// TTL expiry by a heap, versions, two-phase puts, and TomP2P's protection (`ProtectionPolicy`).
+public final class MemoryStorage: StorageBackend, @unchecked Sendable {
+    /// The bounds of one peer's storage.
+    public struct Limits: Sendable {
+        /// Largest single value (1 MiB): a value is sent whole in one message.
+        public var maxValueBytes = 1 << 20
+        /// All entries together (256 MiB), each counted whole: its value, its key, the versions
+        /// it is based on, its signature and the bookkeeping around it (`MemoryStorage.footprint`),
+        /// so that a million empty values or megabytes of basedOn keys count as what they cost.
+        public var maxTotalBytes = 256 << 20
+        /// Most entries under one location (10,000): bounds range queries and one location's cost.
+        public var maxEntriesPerLocation = 10_000
+        /// Most entries over all locations (500,000).
+        public var maxEntries = 500_000
+        /// Most versions one value may be based on (64): each is a key kept and compared.
+        public var maxBasedOn = 64
+        /// Most bytes one answer carries (2 MiB, at least one value): a larger range, key list or
+        /// remove-with-values stops there and says where to resume.
+        public var maxResultBytes = 2 << 20
+        /// Most bytes (footprints) the values one writer key wrote may hold here; nil for no quota.
+        /// Unsigned writes are not counted against any writer.
+        public var maxBytesPerWriter: Int?
+        public init() {}
+    }
+
+    /// What one entry costs beyond its value, basedOn keys and signature: the 80-byte key twice
+    /// (dictionary and sorted list), the entry, the arrays' headers, the expiry heap's node and
+    /// the dictionaries' slack — about what a million empty values measured.
+    public static let entryOverhead = 400
+
+    /// Bytes an entry holding `v` counts against `Limits.maxTotalBytes`.
+    public static func footprint(_ v: StoredValue) -> Int {
+        entryOverhead + v.value.count + v.basedOn.count * 20 + (v.signature == nil ? 0 : 160)
+    }
+
+    struct Entry {
+        var stored: StoredValue
+        /// Uptime nanoseconds at which it expires; 0 never.
+        var expiresAt: UInt64
+        /// Who wrote it (the request's proven writer), for the per-writer quota.
+        var writer: SignerKey?
+
+        func visible(at now: UInt64) -> Bool { !stored.prepared && (expiresAt == 0 || expiresAt > now) }
+        func live(at now: UInt64) -> Bool { expiresAt == 0 || expiresAt > now }
+    }
+
+    /// An item: the versions under one location, domain and content.
+    struct Item: Hashable {
+        let domain: Number160
+        let content: Number160
+        init(_ key: Number640) {
+            domain = key.domain
+            content = key.content
+        }
+    }
+
+    /// One location's entries, with a sorted key list rebuilt only when a range query needs it,
+    /// each item's versions (fork detection and getLatest look at one item, not the location),
+    /// and who owns which item and domain.
+    struct Location {
+        var entries: [Number640: Entry] = [:]
+        var sortedCache: [Number640]?
+        var items: [Item: Set<Number160>] = [:]
+        var entryOwners: [Item: SignerKey] = [:]
+        var domainOwners: [Number160: SignerKey] = [:]
+        var domainCounts: [Number160: Int] = [:]
+
+        mutating func sortedKeys() -> [Number640] {
+            if let s = sortedCache { return s }
+            let s = entries.keys.sorted()
+            sortedCache = s
+            return s
+        }
+    }
+
+    /// When a value expires; stale once its entry changed (checked when it comes up).
+    struct Expiry: Comparable {
+        let at: UInt64
+        let key: Number640
+        static func < (a: Expiry, b: Expiry) -> Bool { a.at < b.at }
+    }
+
+    public let name = "memory"
+    public let limits: Limits
+    public let protection: ProtectionPolicy
+    private let lock = NIOLock()
+    private var locations: [Number160: Location] = [:]
+    private var totalBytes = 0
+    private var totalEntries = 0
+    private var expiries = Heap<Expiry>()
+    private var writerBytes: [SignerKey: Int] = [:]
+
+    public init(limits: Limits = Limits(), protection: ProtectionPolicy = ProtectionPolicy()) {
+        self.limits = limits
+        self.protection = protection
+    }
+
+    /// Bytes held by all entries, each counted whole (`footprint`).
+    public var bytesStored: Int { lock.withLock { totalBytes } }
+    /// Entries held, including prepared and not yet swept expired ones.
+    public var entryCount: Int { lock.withLock { totalEntries } }
+    /// Bytes held for one writer key (its quota's use).
+    public func bytes(writtenBy writer: SignerKey) -> Int { lock.withLock { writerBytes[writer] ?? 0 } }
+
+    /// The owner of an entry (every version of location, domain, content), if protected.
+    public func owner(ofEntry key: Number640) -> SignerKey? {
+        lock.withLock { locations[key.location]?.entryOwners[Item(key)] }
+    }
+
+    /// The owner of a domain at a location, if protected.
+    public func owner(ofDomain domain: Number160, at location: Number160) -> SignerKey? {
+        lock.withLock { locations[location]?.domainOwners[domain] }
+    }
+
+    public func execute(_ request: StorageRequest, writer: SignerKey?, now: UInt64) throws(StorageError) -> StorageResult {
+        let result = lock.withLock { () -> Result<StorageResult, StorageError> in
+            Result { () throws(StorageError) -> StorageResult in try executeLocked(request, writer: writer, now: now) }
+        }
+        return try result.get()
+    }
+
+    private func executeLocked(_ request: StorageRequest, writer: SignerKey?, now: UInt64) throws(StorageError) -> StorageResult {
+        switch request {
+        case .put(let entries, let mode):
+            return .statuses(try put(entries, mode: mode, writer: writer, now: now))
+        case .get(let query):
+            var out: [Number640: StoredValue] = [:]
+            var bytes = 0
+            var resume: Number640?, last: Number640?
+            for key in resolve(query, now: now, visibleOnly: true) {
+                guard let e = locations[key.location]?.entries[key] else { continue }
+                bytes += 100 + e.stored.value.count + e.stored.basedOn.count * 20
+                if bytes > limits.maxResultBytes, last != nil {
+                    resume = last
+                    break
+                }
+                out[key] = answer(e, now: now)
+                last = key
+            }
+            return .values(out, resumeAfter: resume)
+        case .digest(let query):
+            var out: [Number640: [Number160]] = [:]
+            var bytes = 0
+            for key in resolve(query, now: now, visibleOnly: true) {
+                guard let e = locations[key.location]?.entries[key] else { continue }
+                bytes += 100 + e.stored.basedOn.count * 20
+                if bytes > limits.maxResultBytes { break }
+                out[key] = e.stored.basedOn
+            }
+            return .digest(out)
+        case .remove(let query, let returnValues):
+            var keys = resolve(query, now: now, visibleOnly: false)
+            // Only the owners may remove: one refused key refuses the whole request.
+            for key in keys {
+                guard let loc = locations[key.location] else { continue }
+                if let denial = protection.checkDomain(owner: loc.domainOwners[key.domain], writer: writer, key: key)
+                    ?? protection.checkEntry(owner: loc.entryOwners[Item(key)], writer: writer, key: key) {
+                    throw denial
+                }
+            }
+            var resume: Number640?
+            if returnValues {
+                var bytes = 0
+                for (i, key) in keys.enumerated() {
+                    bytes += 100 + (locations[key.location]?.entries[key]?.stored.value.count ?? 0)
+                    if bytes > limits.maxResultBytes, i > 0 {
+                        resume = keys[i - 1]
+                        keys = Array(keys[..<i])
+                        break
+                    }
+                }
+            }
+            var values: [Number640: StoredValue] = [:]
+            var statuses: [Number640: StorageStatus] = [:]
+            if case .keys(let asked) = query { for k in asked { statuses[k] = .notFound } }
+            for key in keys {
+                guard let e = removeEntry(key) else { continue }
+                statuses[key] = .ok
+                if returnValues { values[key] = answer(e, now: now) }
+            }
+            return returnValues ? .values(values, resumeAfter: resume) : .statuses(statuses)
+        case .confirm(let keys):
+            for key in keys {
+                guard let loc = locations[key.location], loc.entries[key] != nil else { continue }
+                if let denial = protection.checkDomain(owner: loc.domainOwners[key.domain], writer: writer, key: key)
+                    ?? protection.checkEntry(owner: loc.entryOwners[Item(key)], writer: writer, key: key) {
+                    throw denial
+                }
+            }
+            var statuses: [Number640: StorageStatus] = [:]
+            for key in keys {
+                if let e = locations[key.location]?.entries[key], e.live(at: now) {
+                    locations[key.location]?.entries[key]?.stored.prepared = false
+                    statuses[key] = .ok
+                } else {
+                    statuses[key] = .notFound
+                }
+            }
+            return .statuses(statuses)
+        case .putMeta(let keys, let ttl, let signatures):
+            return .statuses(try putMeta(keys, ttl: ttl, signatures: signatures, writer: writer, now: now))
+        case .transferDomain(let location, let domain, let to):
+            let key = Number640(location: location, domain: domain)
+            guard let owner = locations[location]?.domainOwners[domain] else {
+                throw .denied("domain \(domain) at \(location) is not protected: protect it with a signed put first")
+            }
+            if let denial = protection.checkDomain(owner: owner, writer: writer, key: key) { throw denial }
+            locations[location]?.domainOwners[domain] = to
+            return .statuses([key: .ok])
+        }
+    }
+
+    /// A stored value as it goes out: with the whole seconds it has left, rounded up.
+    private func answer(_ e: Entry, now: UInt64) -> StoredValue {
+        var v = e.stored
+        if e.expiresAt != 0 {
+            let left = e.expiresAt > now ? e.expiresAt - now : 0
+            v.remainingSeconds = UInt32(clamping: max(1, (left + 999_999_999) / 1_000_000_000))
+        }
+        return v
+    }
+
+    static func expiry(_ ttl: UInt32, now: UInt64) -> UInt64 {
+        ttl == 0 ? 0 : now &+ UInt64(ttl) * 1_000_000_000
+    }
+
+    private func put(_ entries: [Number640: StoredValue], mode: PutMode, writer: SignerKey?, now: UInt64) throws(StorageError) -> [Number640: StorageStatus] {
+        // Check every bound and every owner before changing anything: a refused request stores nothing.
+        var added = 0
+        var newEntries = 0
+        var newPerLocation: [Number160: Int] = [:]
+        for (key, v) in entries {
+            guard v.value.count <= limits.maxValueBytes else {
+                throw .valueTooLarge(bytes: v.value.count, limit: limits.maxValueBytes)
+            }
+            guard v.basedOn.count <= limits.maxBasedOn else { throw .tooManyBasedOn(count: v.basedOn.count, limit: limits.maxBasedOn) }
+            let loc = locations[key.location]
+            let old = loc?.entries[key]
+            if mode.contains(.ifAbsent), let old, old.live(at: now) { continue }
+            if let denial = protection.checkDomain(owner: loc?.domainOwners[key.domain], writer: writer, key: key)
+                ?? protection.checkEntry(owner: loc?.entryOwners[Item(key)], writer: writer, valueSigner: v.signature?.signer,
+                                         versionExists: old != nil, key: key) {
+                throw denial
+            }
+            added += Self.footprint(v) - (old.map { Self.footprint($0.stored) } ?? 0)
+            if old == nil {
+                newPerLocation[key.location, default: 0] += 1
+                newEntries += 1
+            }
+        }
+        guard totalBytes + added <= limits.maxTotalBytes else {
+            throw .storageFull(bytes: totalBytes + added, limit: limits.maxTotalBytes)
+        }
+        guard totalEntries + newEntries <= limits.maxEntries else { throw .entryLimit(limit: limits.maxEntries) }
+        for (loc, n) in newPerLocation where (locations[loc]?.entries.count ?? 0) + n > limits.maxEntriesPerLocation {
+            throw .tooManyEntries(location: loc, limit: limits.maxEntriesPerLocation)
+        }
+        if let quota = limits.maxBytesPerWriter, let writer {
+            // What this writer adds, less what it replaces of its own.
+            var mine = writerBytes[writer] ?? 0
+            for (key, v) in entries {
+                let old = locations[key.location]?.entries[key]
+                if mode.contains(.ifAbsent), let old, old.live(at: now) { continue }
+                mine += Self.footprint(v)
+                if let old, old.writer == writer { mine -= Self.footprint(old.stored) }
+            }
+            guard mine <= quota else { throw .quotaExceeded(writer: writer, bytes: mine, limit: quota) }
+        }
+        var statuses: [Number640: StorageStatus] = [:]
+        // Each item's heads, found once per put and carried along as its versions are stored: a
+        // put of many versions costs O(n + versions × basedOn), not a scan per version.
+        var headsOf: [Number160: [Item: Set<Number160>]] = [:]
+        for (key, v) in entries.sorted(by: { $0.key < $1.key }) {
+            let existing = locations[key.location]?.entries[key]
+            if mode.contains(.ifAbsent), let existing, existing.live(at: now) {
+                statuses[key] = .failedNotAbsent
+                continue
+            }
+            let item = Item(key)
+            var heads = headsOf[key.location]?[item]
+                ?? Set(self.heads(location: key.location, domain: key.domain, content: key.content, now: now).map(\.version))
+            // It forks when another head exists that it is not based on.
+            let others = heads.count - (heads.contains(key.version) ? 1 : 0)
+            let covered = Set(v.basedOn).count { $0 != key.version && heads.contains($0) }
+            let fork = others > covered
+            if existing != nil {
+                // An overwrite may change what the old version was based on: look again next time.
+                headsOf[key.location]?[item] = nil
+            } else if !v.prepared {
+                heads.insert(key.version)
+                heads.subtract(v.basedOn)
+                headsOf[key.location, default: [:]][item] = heads
+            }
+            if let existing { forget(existing) } else { totalEntries += 1 }
+            let entry = Entry(stored: v, expiresAt: Self.expiry(v.ttlSeconds, now: now), writer: writer)
+            remember(entry)
+            var loc = locations.removeValue(forKey: key.location) ?? Location()
+            if existing == nil {
+                loc.sortedCache = nil
+                loc.domainCounts[key.domain, default: 0] += 1
+            }
+            loc.entries[key] = entry
+            loc.items[item, default: []].insert(key.version)
+            loc.entryOwners[item] = protection.entryOwner(after: loc.entryOwners[item], value: v, key: key)
+            if mode.contains(.protectDomain) {
+                loc.domainOwners[key.domain] = protection.domainOwner(after: loc.domainOwners[key.domain], writer: writer, key: key)
+            }
+            locations[key.location] = loc
+            if entry.expiresAt != 0 { expiries.insert(Expiry(at: entry.expiresAt, key: key)) }
+            statuses[key] = fork ? .versionFork : .ok
+        }
+        return statuses
+    }
+
+    private func putMeta(_ keys: [Number640], ttl: UInt32, signatures: [Number640: ValueSignature], writer: SignerKey?,
+                         now: UInt64) throws(StorageError) -> [Number640: StorageStatus] {
+        // Everything is checked first: a putMeta that fails anywhere changes nothing (no owner moves).
+        var updates: [Number640: StoredValue] = [:]
+        var statuses: [Number640: StorageStatus] = [:]
+        for key in keys {
+            guard let loc = locations[key.location], let e = loc.entries[key], e.live(at: now) else {
+                statuses[key] = .notFound
+                continue
+            }
+            if let denial = protection.checkDomain(owner: loc.domainOwners[key.domain], writer: writer, key: key)
+                ?? protection.checkEntry(owner: loc.entryOwners[Item(key)], writer: writer, key: key) {
+                throw denial
+            }
+            var v = e.stored
+            v.ttlSeconds = ttl
+            if let s = signatures[key] {
+                v.signature = s
+                guard v.verify(at: key) else { throw .badSignature(key) }
+            } else if e.stored.signature != nil, ttl != e.stored.ttlSeconds {
+                throw .denied("the value at \(key) is signed: a new TTL needs a new signature over it")
+            }
+            updates[key] = v
+        }
+        for (key, v) in updates {
+            guard var loc = locations.removeValue(forKey: key.location), var e = loc.entries[key] else { continue }
+            forget(e)
+            e.stored = v
+            e.expiresAt = Self.expiry(ttl, now: now)
+            remember(e)
+            loc.entries[key] = e
+            let item = Item(key)
+            // A new signer takes over a protected entry.
+            if loc.entryOwners[item] != nil, let signer = v.signature?.signer { loc.entryOwners[item] = signer }
+            locations[key.location] = loc
+            if e.expiresAt != 0 { expiries.insert(Expiry(at: e.expiresAt, key: key)) }
+            statuses[key] = .ok
+        }
+        return statuses
+    }
+
+    /// Counts an entry into the totals (bytes, its writer's quota).
+    private func remember(_ e: Entry) {
+        let f = Self.footprint(e.stored)
+        totalBytes += f
+        if let w = e.writer { writerBytes[w, default: 0] += f }
+    }
+
+    /// Takes an entry out of the totals.
+    private func forget(_ e: Entry) {
+        let f = Self.footprint(e.stored)
+        totalBytes -= f
+        if let w = e.writer {
+            let left = (writerBytes[w] ?? 0) - f
+            writerBytes[w] = left > 0 ? left : nil
+        }
+    }
+
+    /// Visible versions of an item that no other visible version is based on: O(versions of the
+    /// item × basedOn), never a scan of the location.
+    private func heads(location: Number160, domain: Number160, content: Number160, now: UInt64) -> [Number640] {
+        guard let loc = locations[location], let versions = loc.items[Item(Number640(location: location, domain: domain, content: content))] else { return [] }
+        var visible: [Number640] = []
+        var referenced = Set<Number160>()
+        for version in versions {
+            let key = Number640(location: location, domain: domain, content: content, version: version)
+            guard let e = loc.entries[key], e.visible(at: now) else { continue }
+            visible.append(key)
+            referenced.formUnion(e.stored.basedOn)
+        }
+        return visible.filter { !referenced.contains($0.version) }.sorted()
+    }
+
+    /// The keys a query names, in order. A range stays within one location (the pipeline refuses
+    /// others), so it walks at most that location's sorted keys.
+    private func resolve(_ query: StorageQuery, now: UInt64, visibleOnly: Bool) -> [Number640] {
+        func ok(_ e: Entry) -> Bool { visibleOnly ? e.visible(at: now) : e.live(at: now) }
+        switch query {
+        case .keys(let keys):
+            return keys.filter { k in locations[k.location]?.entries[k].map(ok) ?? false }.sorted()
+        case .latest(let location, let domain, let content):
+            return heads(location: location, domain: domain, content: content, now: now)
+        case .range(let from, let to, let limit, let descending):
+            guard from <= to, limit > 0, from.location == to.location, locations[from.location] != nil else { return [] }
+            let keys = locations[from.location]?.sortedKeys() ?? []
+            let lower = Self.firstIndex(in: keys, notBelow: from)
+            var upper = Self.firstIndex(in: keys, notBelow: to)
+            if upper < keys.count, keys[upper] == to { upper += 1 }
+            guard lower < upper else { return [] }
+            var out: [Number640] = []
+            let span = keys[lower..<upper]
+            let ordered: AnySequence<Number640> = descending ? AnySequence(span.reversed()) : AnySequence(span)
+            for k in ordered {
+                guard let e = locations[k.location]?.entries[k], ok(e) else { continue }
+                out.append(k)
+                if out.count >= limit { break }
+            }
+            return out
+        }
+    }
+
+    private static func firstIndex(in keys: [Number640], notBelow key: Number640) -> Int {
+        var lo = 0, hi = keys.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if keys[mid] < key { lo = mid + 1 } else { hi = mid }
+        }
+        return lo
+    }
+
+    private func removeEntry(_ key: Number640) -> Entry? {
+        guard var loc = locations.removeValue(forKey: key.location) else { return nil }
+        defer { if !loc.entries.isEmpty { locations[key.location] = loc } }
+        guard let e = loc.entries.removeValue(forKey: key) else { return nil }
+        forget(e)
+        totalEntries -= 1
+        loc.sortedCache = nil
+        let item = Item(key)
+        loc.items[item]?.remove(key.version)
+        if loc.items[item]?.isEmpty == true {
+            // Removing an entry's last version clears its protection.
+            loc.items[item] = nil
+            loc.entryOwners[item] = nil
+        }
+        let left = (loc.domainCounts[key.domain] ?? 1) - 1
+        loc.domainCounts[key.domain] = left > 0 ? left : nil
+        // A protected domain that becomes empty becomes unprotected.
+        if left <= 0 { loc.domainOwners[key.domain] = nil }
+        return e
+    }
+
+    public func sweepExpired(now: UInt64) -> Int {
+        lock.withLock {
+            var removed = 0
+            while let next = expiries.min, next.at <= now {
+                _ = expiries.removeMin()
+                // Stale when the entry was removed, overwritten or given a new TTL since.
+                guard let e = locations[next.key.location]?.entries[next.key], e.expiresAt == next.at else { continue }
+                _ = removeEntry(next.key)
+                removed += 1
+            }
+            // Stale nodes left by overwrites and putMeta: rebuild when they outnumber live ones.
+            if expiries.count > 2 * totalEntries + 1_024 {
+                var live: [Expiry] = []
+                for (_, loc) in locations { for (k, e) in loc.entries where e.expiresAt != 0 { live.append(Expiry(at: e.expiresAt, key: k)) } }
+                expiries = Heap(live)
+            }
+            return removed
+        }
+    }
+}

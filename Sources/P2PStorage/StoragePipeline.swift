@@ -1,0 +1,311 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import P2PKernel
+
+/// What storage keeps in a node's registry: the backend, the interceptors, the pipeline.
+struct StorageRegistration: Sendable {
+    var backend: (any StorageBackend)?
+    var interceptors: [any StorageInterceptor] = []
+    var pipeline: StoragePipeline?
+}
+
+/// Why storage could not be set up.
+public enum StorageSetupError: Error, Equatable, CustomStringConvertible {
+    case backendAlreadySet(existing: String, new: String)
+
+    public var description: String {
+        switch self {
+        case .backendAlreadySet(let e, let n): "storage backend '\(n)' cannot replace '\(e)': a node has one backend"
+        }
+    }
+}
+
+extension PluginRegistry {
+    /// Sets the node's storage backend; a node has one.
+    public func setStorageBackend(_ backend: any StorageBackend) throws {
+        try withShared(StorageRegistration.self, default: { StorageRegistration() }) { r in
+            if let existing = r.backend { throw StorageSetupError.backendAlreadySet(existing: existing.name, new: backend.name) }
+            r.backend = backend
+        }
+    }
+
+    /// The storage backend, if a plugin set one.
+    public var storageBackend: (any StorageBackend)? { shared(StorageRegistration.self)?.backend }
+
+    /// Adds a storage interceptor; interceptors run in the order they were added, outermost first.
+    public func add(interceptor: any StorageInterceptor) {
+        withShared(StorageRegistration.self, default: { StorageRegistration() }) { $0.interceptors.append(interceptor) }
+    }
+
+    /// The interceptors that cover any of `domains` (every one when nil), in install order.
+    public func interceptors(covering domains: Set<Number160>?) -> [any StorageInterceptor] {
+        let all = shared(StorageRegistration.self)?.interceptors ?? []
+        guard let domains else { return all }
+        return all.filter { i in
+            switch i.scope {
+            case .all: true
+            case .domain(let d): domains.contains(d)
+            }
+        }
+    }
+
+    /// Whether any interceptor is registered at all (lets the storage path skip the lookup).
+    public var hasInterceptors: Bool { !(shared(StorageRegistration.self)?.interceptors.isEmpty ?? true) }
+}
+
+extension Node {
+    /// Storage requests through the interceptors to the backend.
+    public var storage: StoragePipeline {
+        let registry = self.registry
+        return registry.withShared(StorageRegistration.self, default: { StorageRegistration() }) { r in
+            if let p = r.pipeline { return p }
+            let p = StoragePipeline(registry: registry)
+            r.pipeline = p
+            return p
+        }
+    }
+}
+
+/// The bounds of what one request may make the pipeline do before it reaches the backend.
+public struct StorageRequestLimits: Sendable {
+    /// Signatures (values' and putMeta's) one request may carry: each costs a verification on
+    /// the event loop (~0.1 ms), so 32 keep a request under a few milliseconds.
+    public var maxSignaturesPerRequest = 32
+    /// How far a writer proof's timestamp may lie from this peer's clock (10 minutes).
+    public var proofWindowMillis: UInt64 = 600_000
+    /// Writer proofs remembered to refuse replays (65,536; the oldest are forgotten first).
+    public var rememberedProofs = 65_536
+    /// Storage requests waiting for the interceptor chain (which runs one request at a time).
+    public var maxInterceptorQueue = 256
+    public init() {}
+}
+
+/// Runs storage requests through the interceptors that cover them and then the backend.
+///
+/// ```
+///  request ─ admit (signatures, writer proof, shape) ─┬─ no interceptor covers it ── backend (on the loop)
+///                                                      └─ gate (one chain at a time) ─ interceptor 1 ─ … ─ backend
+/// ```
+/// The fast path is synchronous: a request nobody intercepts never leaves the event loop.
+public final class StoragePipeline: Sendable {
+    private let registry: PluginRegistry
+    private let gate: AsyncGate
+    public let limits: StorageRequestLimits
+    private let proofs: NIOLockedValueBox<ProofMemory>
+    private let sweeper = NIOLockedValueBox<RepeatedTask?>(nil)
+
+    init(registry: PluginRegistry, limits: StorageRequestLimits = StorageRequestLimits()) {
+        self.registry = registry
+        self.limits = limits
+        self.gate = AsyncGate(maxWaiting: limits.maxInterceptorQueue)
+        self.proofs = NIOLockedValueBox(ProofMemory(capacity: limits.rememberedProofs))
+    }
+
+    /// The uptime clock storage uses for TTLs.
+    public static func now() -> UInt64 { NIODeadline.now().uptimeNanoseconds }
+
+    /// Checks what a request claims before anything runs: its shape, every value signature, and
+    /// the writer proof (signature, time window, replay). Returns the proven writer.
+    public func admit(_ request: StorageRequest, proof: WriterProof?, sender: Number160?) throws(StorageError) -> SignerKey? {
+        var signatures = 0
+        switch request {
+        case .put(let entries, let mode):
+            if mode.contains(.protectDomain), proof == nil { throw .denied("domain protection needs a signed request") }
+            for (key, v) in entries {
+                if v.protectEntry, v.signature == nil { throw .malformed("entry protection at \(key) needs a signed value") }
+                guard v.signature != nil else { continue }
+                signatures += 1
+                guard signatures <= limits.maxSignaturesPerRequest else {
+                    throw .denied("more than \(limits.maxSignaturesPerRequest) signed values in one request")
+                }
+            }
+        case .get(let q), .digest(let q), .remove(let q, _):
+            if case .range(let from, let to, _, _) = q, from.location != to.location {
+                throw .malformed("a range must stay within one location")
+            }
+            if case .remove = request, case .keys(let keys) = q, Set(keys.map(\.location)).count > 1 {
+                throw .malformed("a remove must stay within one location")
+            }
+        case .putMeta(_, _, let sigs):
+            guard sigs.count <= limits.maxSignaturesPerRequest else {
+                throw .denied("more than \(limits.maxSignaturesPerRequest) signatures in one request")
+            }
+            signatures = sigs.count
+        case .transferDomain:
+            if proof == nil { throw .denied("handing a domain to another key needs a signed request") }
+        case .confirm: break
+        }
+        var writer: SignerKey?
+        if let proof {
+            guard signatures < limits.maxSignaturesPerRequest else {
+                throw .denied("more than \(limits.maxSignaturesPerRequest) signatures in one request")
+            }
+            let now = WriterProof.nowMillis()
+            let skew = now > proof.timestampMillis ? now - proof.timestampMillis : proof.timestampMillis - now
+            guard skew <= limits.proofWindowMillis else {
+                throw .badWriterProof("signed \(skew / 1000) s \(now > proof.timestampMillis ? "ago" : "ahead"), outside this peer's window of \(limits.proofWindowMillis / 1000) s")
+            }
+            guard proof.verifies(request) else { throw .badWriterProof("the signature by \(proof.signer.id) does not cover this request") }
+            let fresh = proofs.withLockedValue { $0.note(proof, sender: sender, now: now, window: limits.proofWindowMillis) }
+            guard fresh else { throw .badWriterProof("this signed request was already delivered by another peer") }
+            writer = proof.signer
+        }
+        if case .put(let entries, _) = request {
+            for (key, v) in entries where v.signature != nil && !v.verify(at: key) { throw .badSignature(key) }
+        }
+        return writer
+    }
+
+    /// Carries out the request at once when no interceptor covers it; nil when it must go through
+    /// the async chain (`execute`).
+    public func executeImmediately(_ request: StorageRequest, proof: WriterProof? = nil, sender: Number160? = nil) -> Result<StorageResult, StorageError>? {
+        guard let backend = registry.storageBackend else { return .failure(.noBackend) }
+        guard interceptors(for: request).isEmpty else { return nil }
+        return Result { () throws(StorageError) -> StorageResult in
+            let writer = try admit(request, proof: proof, sender: sender)
+            return try backend.execute(request, writer: writer, now: Self.now())
+        }
+    }
+
+    /// Carries out the request through every interceptor that covers it.
+    public func execute(_ request: StorageRequest, proof: WriterProof? = nil, sender: PeerAddress?, node: Node) async throws -> StorageResult {
+        guard let backend = registry.storageBackend else { throw StorageError.noBackend }
+        let writer = try admit(request, proof: proof, sender: sender?.id)
+        let chain = interceptors(for: request)
+        guard !chain.isEmpty else { return try backend.execute(request, writer: writer, now: Self.now()) }
+        let context = StorageContext(sender: sender, writer: writer, node: node, backend: backend)
+        guard await gate.enter() else {
+            throw StorageError.busy("more than \(gate.maxWaiting) storage requests wait for the interceptor chain")
+        }
+        defer { gate.leave() }
+        return try await run(request, chain[...], context: context, backend: backend)
+    }
+
+    /// As `execute`, for callers on the event loop: the fast path completes at once.
+    public func executeFuture(_ request: StorageRequest, proof: WriterProof? = nil, sender: PeerAddress?, node: Node) -> EventLoopFuture<StorageResult> {
+        if let now = executeImmediately(request, proof: proof, sender: sender?.id) {
+            return node.eventLoop.makeCompletedFuture(now.mapError { $0 as any Error })
+        }
+        return node.eventLoop.makeFutureWithTask { try await self.execute(request, proof: proof, sender: sender, node: node) }
+    }
+
+    /// Sweeps expired values on the node's loop every `interval` until `stopSweeping` (the plugin
+    /// that set the backend starts it). A backend's sweep costs what expired, not what is stored.
+    public func startSweeping(node: Node, every interval: Duration = .seconds(1)) {
+        let registry = self.registry
+        let t = TimeAmount(interval)
+        let task = node.eventLoop.scheduleRepeatedTask(initialDelay: t, delay: t) { _ in
+            _ = registry.storageBackend?.sweepExpired(now: StoragePipeline.now())
+        }
+        sweeper.withLockedValue { old in
+            old?.cancel()
+            old = task
+        }
+    }
+
+    public func stopSweeping() {
+        sweeper.withLockedValue { t in
+            t?.cancel()
+            t = nil
+        }
+    }
+
+    private func run(_ request: StorageRequest, _ chain: ArraySlice<any StorageInterceptor>, context: StorageContext,
+                     backend: any StorageBackend) async throws -> StorageResult {
+        guard let first = chain.first else { return try backend.execute(request, writer: context.writer, now: Self.now()) }
+        let rest = chain.dropFirst()
+        return try await first.intercept(request, context: context) { next in
+            try await self.run(next, rest, context: context, backend: backend)
+        }
+    }
+
+    private func interceptors(for request: StorageRequest) -> [any StorageInterceptor] {
+        guard registry.hasInterceptors else { return [] }
+        return registry.interceptors(covering: request.domains)
+    }
+}
+
+/// Writer proofs seen within the window, and which peer delivered each: the same peer may
+/// deliver a request again (a resend after a lost reply), another peer may not (a replay).
+struct ProofMemory: Sendable {
+    struct Seen: Sendable {
+        let signature: [UInt8]
+        let at: UInt64
+    }
+    let capacity: Int
+    private var sender: [[UInt8]: Number160] = [:]
+    private var order: [Seen] = []
+    private var head = 0
+
+    init(capacity: Int) { self.capacity = max(1, capacity) }
+
+    /// False when another sender delivered this proof before.
+    mutating func note(_ proof: WriterProof, sender from: Number160?, now: UInt64, window: UInt64) -> Bool {
+        // Forget what left the window, and the oldest beyond the capacity.
+        while head < order.count, order[head].at + 2 * window < now || order.count - head >= capacity {
+            sender[order[head].signature] = nil
+            head += 1
+        }
+        if head > 1024, head * 2 > order.count {
+            order.removeFirst(head)
+            head = 0
+        }
+        let who = from ?? .zero
+        if let first = sender[proof.signature] { return first == who }
+        sender[proof.signature] = who
+        order.append(Seen(signature: proof.signature, at: now))
+        return true
+    }
+}
+
+/// A FIFO async mutex: callers wait their turn without blocking a thread, and at most
+/// `maxWaiting` wait at once: a peer that sends requests faster than the chain runs them gets
+/// refusals, not a queue that grows without end.
+final class AsyncGate: Sendable {
+    let maxWaiting: Int
+    private struct State {
+        var busy = false
+        var waiters: [CheckedContinuation<Bool, Never>] = []
+        var head = 0
+    }
+    private let state = NIOLockedValueBox(State())
+
+    init(maxWaiting: Int) {
+        self.maxWaiting = max(0, maxWaiting)
+    }
+
+    /// Waits for the gate; false at once when `maxWaiting` callers already wait.
+    func enter() async -> Bool {
+        await withCheckedContinuation { (c: CheckedContinuation<Bool, Never>) in
+            let now: Bool? = state.withLockedValue { s -> Bool? in
+                if !s.busy {
+                    s.busy = true
+                    return true
+                }
+                guard s.waiters.count - s.head < maxWaiting else { return false }
+                if s.head > 64, s.head * 2 > s.waiters.count {
+                    s.waiters.removeFirst(s.head)
+                    s.head = 0
+                }
+                s.waiters.append(c)
+                return nil
+            }
+            if let now { c.resume(returning: now) }
+        }
+    }
+
+    func leave() {
+        let next = state.withLockedValue { s -> CheckedContinuation<Bool, Never>? in
+            guard s.head < s.waiters.count else {
+                s.busy = false
+                s.waiters.removeAll()
+                s.head = 0
+                return nil
+            }
+            let c = s.waiters[s.head]
+            s.head += 1
+            return c
+        }
+        next?.resume(returning: true)
+    }
+}
