@@ -215,7 +215,9 @@ struct BadInputTests {
         let big = try await net.nodes[1].dht.put(k, Array(repeating: 7, count: 5_000))
         #expect(!big.isSuccess)
         #expect(big.failures.values.allSatisfy { $0.contains("value of 5000 bytes exceeds the 1000-byte limit") })
-        #expect(big.failures.count == 4)
+        // A refusal is an answer: the 3 replicas refused, and no further peer was asked instead.
+        #expect(big.failures.count == 3)
+        #expect(big.refusal == .valueTooLarge(bytes: 5_000, limit: 1_000))
         #expect(text(try await net.nodes[2].dht.get(k).value) == "small")
         await net.shutdown()
     }
