@@ -1,8 +1,11 @@
 import ArgumentParser
+import Crypto
 import Foundation
 import NIOCore
 import P2PKernel
 import P2PLoader
+import P2PDHT
+import P2PStorage
 import P2PTesting
 
 struct SimCommand: AsyncParsableCommand {
@@ -125,11 +128,20 @@ struct SimCommand: AsyncParsableCommand {
         if ops > 0 {
             let workload = DHTWorkload(net: net, ops: ops, valueSize: valueSize, domain: try domain.map(parseKey) ?? .zero,
                                        fixedValue: value.map { Array($0.utf8) })
-            for (name, concurrent, isPut) in [("seq_put", false, true), ("seq_get", false, false), ("put", true, true), ("get", true, false)] {
+            // The signed phases store values signed by a user key, with the request's writer proof
+            // and entry protection, and read them back verifying each signature: the cost of the
+            // security model beside the unsigned phases of the same run.
+            let signer = Curve25519.Signing.PrivateKey()
+            let plan: [(String, Bool, Bool, Curve25519.Signing.PrivateKey?)] = [
+                ("seq_put", false, true, nil), ("seq_get", false, false, nil), ("put", true, true, nil), ("get", true, false, nil),
+                ("signed_put", true, true, signer), ("signed_get", true, false, signer),
+            ]
+            for (name, concurrent, isPut, key) in plan {
                 note("\(name): \(ops) operations\(concurrent ? ", \(concurrency) in flight" : ", one at a time")…")
                 let before = net.nodes.reduce(0) { $0 + $1.handshakesCompleted }
                 let cpu = processCPUSeconds()
-                phases[name] = await workload.run(isPut: isPut, concurrency: concurrent ? concurrency : 1, keySet: concurrent ? 1 : 0)
+                phases[name] = await workload.run(isPut: isPut, concurrency: concurrent ? concurrency : 1,
+                                                  keySet: key != nil ? 2 : concurrent ? 1 : 0, signer: key)
                 phases[name]?.cpuMicrosecondsPerOp = (processCPUSeconds() - cpu) * 1e6 / Double(ops)
                 phases[name]?.handshakes = (net.nodes.reduce(0) { $0 + $1.handshakesCompleted } - before) / 2
             }
@@ -137,6 +149,7 @@ struct SimCommand: AsyncParsableCommand {
         let verified = net.nodes.map { $0.peerMap.counts.verified }
         note("shutting down…")
         await net.shutdown()
+        let footprint = ops > 0 ? try storageFootprint() : nil
 
         latencies.sort()
         let sortedRecalls = recalls.sorted()
@@ -158,7 +171,8 @@ struct SimCommand: AsyncParsableCommand {
             memoryPerPeerKiB: memoryPerPeerKiB,
             rssMiB: Double(rssAfter) / 1_048_576,
             verifiedMean: Double(verified.reduce(0, +)) / Double(max(1, verified.count)),
-            phases: phases
+            phases: phases,
+            footprint: footprint
         )
         if json {
             print(report.json())
@@ -166,6 +180,35 @@ struct SimCommand: AsyncParsableCommand {
             print(report.summary())
         }
     }
+
+    /// Resident bytes per stored 100-byte entry in a memory backend: 100,000 unsigned entries,
+    /// then 100,000 signed and protected ones (each in a fresh backend, measured by RSS growth).
+    func storageFootprint() throws -> StorageFootprint {
+        let n = 100_000
+        let key = Curve25519.Signing.PrivateKey()
+        let value = Array(repeating: UInt8(42), count: 100)
+        func measure(signed: Bool) throws -> Double {
+            var rng = SystemRandomNumberGenerator()
+            let keys = (0..<n).map { _ in Number640(location: .random(using: &rng)) }
+            let values = try keys.map { k -> StoredValue in
+                signed ? try StoredValue(value, protectEntry: true).signed(at: k, by: key) : StoredValue(value)
+            }
+            let before = residentMemoryBytes() ?? 0
+            let store = MemoryStorage()
+            let writer: SignerKey? = signed ? SignerKey(key.publicKey) : nil
+            for (k, v) in zip(keys, values) { _ = try store.execute(.put([k: v], mode: .overwrite), writer: writer, now: 1) }
+            let after = residentMemoryBytes() ?? 0
+            withExtendedLifetime(store) {}
+            return Double(max(0, after - before)) / Double(n)
+        }
+        return StorageFootprint(unsigned: try measure(signed: false), signed: try measure(signed: true))
+    }
+}
+
+/// Measured resident bytes per stored 100-byte entry.
+struct StorageFootprint {
+    var unsigned: Double
+    var signed: Double
 }
 
 func percentile(_ sorted: [Double], _ p: Double) -> Double {
@@ -190,6 +233,7 @@ struct SimReport {
     var rssMiB: Double
     var verifiedMean: Double
     var phases: [String: PhaseReport]
+    var footprint: StorageFootprint?
 
     func json() -> String {
         func r(_ v: Double, _ digits: Int = 4) -> Double { (v * pow(10, Double(digits))).rounded() / pow(10, Double(digits)) }
@@ -214,6 +258,13 @@ struct SimReport {
                             "p99_ms": r(p.p99), "success_rate": r(p.successRate, 5), "concurrency": p.concurrency,
                             "handshakes": p.handshakes, "cpu_us_per_op": r(p.cpuMicrosecondsPerOp, 1)] as [String: Any]
         }
+        if let put = phases["put"], let sput = phases["signed_put"], let get = phases["get"], let sget = phases["signed_get"] {
+            object["signed_vs_unsigned"] = ["put": r(sput.opsPerSecond / max(put.opsPerSecond, 1e-9), 3),
+                                            "get": r(sget.opsPerSecond / max(get.opsPerSecond, 1e-9), 3)]
+        }
+        if let footprint {
+            object["storage_bytes_per_100_byte_entry"] = ["unsigned": r(footprint.unsigned, 0), "signed": r(footprint.signed, 0)]
+        }
         let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
         return String(decoding: data, as: UTF8.self)
     }
@@ -229,11 +280,11 @@ struct SimReport {
           per lookup    \(f(hopsMean, 2)) hops · \(f(messagesMean, 1)) messages
           recall        \(f(recall, 4)) of the true 20 closest on average (median \(f(recallMedian, 2)), worst \(f(recallMin, 2)))
           memory        \(f(memoryPerPeerKiB, 1)) KiB per peer (RSS \(f(rssMiB, 1)) MiB)
-        """ + ["seq_put", "seq_get", "put", "get"].compactMap { name in
+        """ + ["seq_put", "seq_get", "put", "get", "signed_put", "signed_get"].compactMap { name in
             phases[name].map { p in
                 "\n  \(name.padding(toLength: 12, withPad: " ", startingAt: 0))  \(f(p.opsPerSecond, 0)) ops/s with \(p.concurrency) in flight · p50 \(f(p.p50)) ms · p95 \(f(p.p95)) ms · p99 \(f(p.p99)) ms · success \(f(p.successRate * 100, 2)) %"
             }
-        }.joined()
+        }.joined() + (footprint.map { "\n  storage       \(f($0.unsigned, 0)) bytes per stored 100-byte entry (\(f($0.signed, 0)) signed and protected)" } ?? "")
     }
 }
 
@@ -262,11 +313,12 @@ final class DHTWorkload: @unchecked Sendable {
         self.net = net
         self.ops = ops
         var rng = SystemRandomNumberGenerator()
-        keys = (0..<2).map { _ in (0..<ops).map { _ in Number640(location: .random(using: &rng), domain: domain) } }
-        values = (0..<2).map { _ in (0..<ops).map { _ in fixedValue ?? (0..<valueSize).map { _ in UInt8.random(in: 0...255, using: &rng) } } }
+        keys = (0..<3).map { _ in (0..<ops).map { _ in Number640(location: .random(using: &rng), domain: domain) } }
+        values = (0..<3).map { _ in (0..<ops).map { _ in fixedValue ?? (0..<valueSize).map { _ in UInt8.random(in: 0...255, using: &rng) } } }
     }
 
-    func run(isPut: Bool, concurrency: Int, keySet: Int) async -> PhaseReport {
+    func run(isPut: Bool, concurrency: Int, keySet: Int, signer: Curve25519.Signing.PrivateKey? = nil) async -> PhaseReport {
+        let options = signer.map { DHTOptions(signer: $0, protect: .entry) } ?? DHTOptions()
         let clock = ContinuousClock()
         let start = clock.now
         let results = await withTaskGroup(of: (Double, Bool).self) { group in
@@ -282,7 +334,11 @@ final class DHTWorkload: @unchecked Sendable {
                     let t0 = ContinuousClock.now
                     let ok: Bool
                     if isPut {
-                        ok = (try? await node.dht.put(key, value).isSuccess) ?? false
+                        ok = (try? await node.dht.put(key, value, options: options).isSuccess) ?? false
+                    } else if signer != nil {
+                        // A signed read counts only when the value's signature verifies here.
+                        let got = try? await node.dht.get(key)
+                        ok = got?.value == value && got?.signature(of: key)?.verified == true
                     } else {
                         ok = (try? await node.dht.get(key).value) == value
                     }
