@@ -11,7 +11,8 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         /// Largest single value (1 MiB): a value is sent whole in one message.
         public var maxValueBytes = 1 << 20
         /// All entries together (256 MiB), each counted whole: its value, its key, the versions
-        /// it is based on, its signature and the bookkeeping around it (`MemoryStorage.footprint`),
+        /// it is based on, its signature and the bookkeeping around it (`MemoryStorage.footprint`,
+        /// calibrated against resident memory),
         /// so that a million empty values or megabytes of basedOn keys count as what they cost.
         public var maxTotalBytes = 256 << 20
         /// Most entries under one location (10,000): bounds range queries and one location's cost.
@@ -30,13 +31,16 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
     }
 
     /// What one entry costs beyond its value, basedOn keys and signature: the 80-byte key twice
-    /// (dictionary and sorted list), the entry, the arrays' headers, the expiry heap's node and
-    /// the dictionaries' slack — about what a million empty values measured.
-    public static let entryOverhead = 400
+    /// (dictionary and sorted list), the entry, the arrays' headers, its location's and item's
+    /// bookkeeping and the dictionaries' slack — what `p2p sim --ops` measures as resident bytes
+    /// per stored 100-byte entry (~920, value included).
+    public static let entryOverhead = 800
+    /// What a signature adds (its 96 bytes, their arrays, the owner's key): measured ~400.
+    public static let signatureOverhead = 400
 
     /// Bytes an entry holding `v` counts against `Limits.maxTotalBytes`.
     public static func footprint(_ v: StoredValue) -> Int {
-        entryOverhead + v.value.count + v.basedOn.count * 20 + (v.signature == nil ? 0 : 160)
+        entryOverhead + v.value.count + v.basedOn.count * 20 + (v.signature == nil ? 0 : signatureOverhead)
     }
 
     struct Entry {

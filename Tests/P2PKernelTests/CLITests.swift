@@ -177,6 +177,44 @@ struct CLIIdentityTests {
         }
     }
 
+    @Test("put --key --protect entry signs and protects; a stranger's put and remove exit 1 naming the owner; get --json shows the verified signer; the owner removes")
+    func signedAndProtected() throws {
+        let alice = temporaryPath("alice.key"), bob = temporaryPath("bob.key")
+        let aliceID = try P2PTool.run(["keygen", alice]).out.trimmingCharacters(in: .whitespacesAndNewlines)
+        _ = try P2PTool.run(["keygen", bob])
+        let a = try NodeProcess(["--port", "0"])
+        defer { a.stop() }
+        #expect(a.waitFor("listening on"))
+        let port = try #require(a.port)
+        let b = try NodeProcess(["--port", "0", "--bootstrap", "127.0.0.1:\(port)"])
+        defer { b.stop() }
+        #expect(b.waitFor("bootstrapped via"))
+        let seed = ["--bootstrap", "127.0.0.1:\(port)"]
+
+        let put = try P2PTool.run(["put"] + seed + ["--key", alice, "--protect", "entry", "diary", "day one"])
+        #expect(put.code == 0, "\(put.err)")
+        #expect(put.out.contains("signed by \(aliceID)"))
+        for args in [["put"] + seed + ["--key", bob, "diary", "bob was here"], ["put"] + seed + ["diary", "anonymous"],
+                     ["remove"] + seed + ["--key", bob, "diary"]] {
+            let denied = try P2PTool.run(args)
+            #expect(denied.code == 1, "\(args): \(denied.err)")
+            #expect(denied.err.split(separator: "\n").count == 1, "\(denied.err)")
+            #expect(denied.err.contains("owned by \(aliceID)"), "\(denied.err)")
+        }
+        let get = try P2PTool.run(["get"] + seed + ["--json", "diary"])
+        #expect(get.code == 0)
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(get.out.utf8)) as? [String: Any])
+        let values = try #require(object["values"] as? [String: String])
+        #expect(Array(values.values) == ["day one"])
+        let signers = try #require(object["signers"] as? [String: [String: Any]])
+        #expect(signers.values.first?["signer"] as? String == aliceID)
+        #expect(signers.values.first?["verified"] as? Bool == true)
+        #expect(try P2PTool.run(["put"] + seed + ["--protect", "entry", "diary", "x"]).code == 2)  // --protect needs --key
+        let removed = try P2PTool.run(["remove"] + seed + ["--key", alice, "diary"])
+        #expect(removed.code == 0, "\(removed.err)")
+        #expect(try P2PTool.run(["get"] + seed + ["diary"]).code == 1)
+    }
+
     @Test("bad key files exit 2 with one clear line", arguments: ["missing", "open", "garbage"])
     func badKeys(kind: String) throws {
         let path = temporaryPath("bad.key")
