@@ -60,6 +60,8 @@ public enum DHTError: Error, Equatable, CustomStringConvertible {
     case noPeers
     /// Protection, signing a value or handing over ownership needs `DHTOptions.signer`.
     case needsSigner(String)
+    /// A peer answered with something that is no storage result.
+    case badAnswer(String)
 
     public var description: String {
         switch self {
@@ -68,6 +70,7 @@ public enum DHTError: Error, Equatable, CustomStringConvertible {
         case .mixedLocations: "all keys of one request must share a location"
         case .noPeers: "no peer answered and this node stores no replicas"
         case .needsSigner(let what): "\(what) needs a signer key (DHTOptions.signer)"
+        case .badAnswer(let why): "a peer's answer is no storage result: \(why)"
         }
     }
 }
@@ -403,8 +406,7 @@ public struct DHT: Sendable {
         let payload = StorageCodec.encode(request, proof: proof)
         let answers = try await fanOut(location, options: options, remote: { peer in
             node.request(to: peer, command: DHTPlugin.storageCommand, payload: payload).flatMapThrowing { reply in
-                if let e = RPCError.from(reply: reply) { throw e }
-                return try StorageCodec.decodeResult(reply.payload)
+                try DHT.decodeAnswer(reply)
             }
         }, local: {
             DHT.executeLocally(request, proof: proof, sender: nil, node: node)
@@ -438,8 +440,7 @@ public struct DHT: Sendable {
         let answers = try await fanOut(location, candidates: candidates(result.peers, location: location), known: known, options: options,
                                        remote: { peer in
                                            node.request(to: peer, command: DHTPlugin.storageCommand, payload: payload).flatMapThrowing { reply in
-                                               if let e = RPCError.from(reply: reply) { throw e }
-                                               return try StorageCodec.decodeResult(reply.payload)
+                                               try DHT.decodeAnswer(reply)
                                            }
                                        }, local: { DHT.executeLocally(request, proof: nil, sender: nil, node: node) },
                                        answered: DHT.answered).get()
@@ -479,6 +480,18 @@ public struct DHT: Sendable {
         return node.lookup(location, config: routingConfig(options)).flatMap { result in
             dht.fanOut(location, candidates: dht.candidates(result.peers, location: location), known: [:], options: options,
                        remote: remote, local: local, answered: answered)
+        }
+    }
+
+    /// A peer's storage answer: its result, or the typed refusal it sent. An answer that does not
+    /// decode is the peer failing (`DHTError.badAnswer`), not a refusal: the next peer is asked.
+    static func decodeAnswer(_ reply: Message) throws -> StorageResult {
+        if let e = RPCError.from(reply: reply) { throw e }
+        do {
+            return try StorageCodec.decodeResult(reply.payload)
+        } catch {
+            if StorageCodec.isRefusal(reply.payload) { throw error }
+            throw DHTError.badAnswer("\(error)")
         }
     }
 

@@ -27,6 +27,9 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         /// Most bytes (footprints) the values one writer key wrote may hold here; nil for no quota.
         /// Unsigned writes are not counted against any writer.
         public var maxBytesPerWriter: Int?
+        /// Most expired entries one sweep removes (10,000): a mass expiry is spread over several
+        /// sweeps (expired values are invisible at once either way).
+        public var maxSweptPerRound = 10_000
         public init() {}
     }
 
@@ -456,7 +459,7 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
     public func sweepExpired(now: UInt64) -> Int {
         lock.withLock {
             var removed = 0
-            while let next = expiries.min, next.at <= now {
+            while removed < limits.maxSweptPerRound, let next = expiries.min, next.at <= now {
                 _ = expiries.removeMin()
                 // Stale when the entry was removed, overwritten or given a new TTL since.
                 guard let e = locations[next.key.location]?.entries[next.key], e.expiresAt == next.at else { continue }

@@ -270,6 +270,12 @@ public enum StorageCodec {
                 .bytes(Array(text.utf8.prefix(maxRefusalText)))]
     }
 
+    /// Whether an answer is a refusal (result kind 4).
+    public static func isRefusal(_ payload: [Payload]) -> Bool {
+        if case .integer(ResultKind.refused.rawValue)? = payload.first { return true }
+        return false
+    }
+
     /// Longest reason text kept from a remote refusal.
     static let maxRefusalText = 512
 

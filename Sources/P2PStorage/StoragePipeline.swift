@@ -94,7 +94,8 @@ public final class StoragePipeline: Sendable {
     private let proofs: NIOLockedValueBox<ProofMemory>
     private let sweeper = NIOLockedValueBox<RepeatedTask?>(nil)
 
-    init(registry: PluginRegistry, limits: StorageRequestLimits = StorageRequestLimits()) {
+    /// A pipeline over a registry's backend and interceptors (a node makes its own: `node.storage`).
+    public init(registry: PluginRegistry, limits: StorageRequestLimits = StorageRequestLimits()) {
         self.registry = registry
         self.limits = limits
         self.gate = AsyncGate(maxWaiting: limits.maxInterceptorQueue)
@@ -201,6 +202,11 @@ public final class StoragePipeline: Sendable {
             old?.cancel()
             old = task
         }
+    }
+
+    /// One sweep of the backend (what the repeated task runs): how many values it removed.
+    public func sweepOnce(now: UInt64 = StoragePipeline.now()) -> Int {
+        registry.storageBackend?.sweepExpired(now: now) ?? 0
     }
 
     public func stopSweeping() {

@@ -2,6 +2,8 @@ import ArgumentParser
 import Foundation
 import P2PKernel
 import P2PLoader
+import P2PStorage
+import Crypto
 import P2PTesting
 import NIOCore
 
@@ -9,7 +11,7 @@ struct BenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Micro-benchmarks (build with -c release).",
-        subcommands: [CodecBench.self, SessionBench.self, RPCBench.self, FFIBench.self]
+        subcommands: [CodecBench.self, SessionBench.self, RPCBench.self, FFIBench.self, StorageBench.self]
     )
 }
 
@@ -209,6 +211,101 @@ struct RPCBench: AsyncParsableCommand {
             print(String(format: "%@: %.0f round trips/s, %.1f µs CPU per round trip (%d in flight, %d-byte payload)",
                          mode == .insecure ? "insecure" : "secure  ", Double(count) / seconds, cpuPer, concurrency, bytes))
             await a.shutdown(); await b.shutdown()
+        }
+    }
+}
+
+/// What the costliest single requests make a storing peer do on its event loop: decoding, the
+/// admission checks (signatures, writer proof) and the backend, as `dht.storage` runs them.
+struct StorageBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "storage",
+        abstract: "Milliseconds one hostile storage request holds a peer's event loop (worst of --rounds), on one core."
+    )
+
+    @Option(help: "Repetitions of each case (the worst is reported).")
+    var rounds = 5
+
+    @Flag(help: "Print one JSON object.")
+    var json = false
+
+    func validate() throws {
+        guard (1...1000).contains(rounds) else { throw ValidationError("--rounds must be from 1 to 1000") }
+    }
+
+    func run() async throws {
+        let clock = ContinuousClock()
+        var worst: [(String, Double)] = []
+        func measure(_ name: String, setup: () throws -> (StoragePipeline, [Payload]), body: (StoragePipeline, [Payload]) throws -> Void) throws {
+            var ms = 0.0
+            for _ in 0..<rounds {
+                let (pipe, payload) = try setup()
+                let t0 = clock.now
+                try body(pipe, payload)
+                ms = max(ms, (clock.now - t0).milliseconds)
+            }
+            worst.append((name, ms))
+        }
+        func pipeline(_ store: MemoryStorage) throws -> StoragePipeline {
+            let registry = PluginRegistry()
+            try registry.setStorageBackend(store)
+            return StoragePipeline(registry: registry)
+        }
+        func serve(_ pipe: StoragePipeline, _ payload: [Payload]) throws {
+            let (request, proof) = try StorageCodec.decodeSignedRequest(payload)
+            _ = pipe.executeImmediately(request, proof: proof, sender: .zero)
+        }
+        let location = Number160(hashing: "bench")
+        let key = Curve25519.Signing.PrivateKey()
+
+        try measure("put_9000_versions", setup: {
+            var versions: [Number640: StoredValue] = [:]
+            for i in 1...9_000 {
+                versions[Number640(location: location, version: Number160(UInt32(i)))] = StoredValue([], basedOn: [Number160(UInt32(i - 1))])
+            }
+            return (try pipeline(MemoryStorage()), StorageCodec.encode(.put(versions, mode: .overwrite)))
+        }, body: serve)
+        try measure("put_32_signed_values_with_proof", setup: {
+            var values: [Number640: StoredValue] = [:]
+            for i in 0..<31 {
+                let k = Number640(location: location, content: Number160(UInt32(i)))
+                values[k] = try StoredValue(Array(repeating: 1, count: 100), protectEntry: true).signed(at: k, by: key)
+            }
+            let request = StorageRequest.put(values, mode: .overwrite)
+            return (try pipeline(MemoryStorage()), StorageCodec.encode(request, proof: try WriterProof(signing: request, with: key)))
+        }, body: serve)
+        try measure("put_1000_signed_values_refused", setup: {
+            let proto = try StoredValue([1]).signed(at: Number640(location: location), by: key)
+            var values: [Number640: StoredValue] = [:]
+            for i in 0..<1_000 { values[Number640(location: location, content: Number160(UInt32(i)))] = proto }
+            return (try pipeline(MemoryStorage()), StorageCodec.encode(.put(values, mode: .overwrite)))
+        }, body: serve)
+        try measure("get_whole_location_10000_entries", setup: {
+            let store = MemoryStorage()
+            for i in 0..<10_000 {
+                _ = try store.execute(.put([Number640(location: location, content: Number160(UInt32(i))): StoredValue(Array(repeating: 2, count: 1_000))],
+                                           mode: .overwrite), now: 1)
+            }
+            return (try pipeline(store), StorageCodec.encode(.get(.all(location: location))))
+        }, body: { pipe, payload in
+            let (request, _) = try StorageCodec.decodeSignedRequest(payload)
+            guard case .success(let result)? = pipe.executeImmediately(request) else { throw CLIError.failed("the get failed") }
+            _ = StorageCodec.encode(result)
+        })
+        try measure("sweep_100000_expired", setup: {
+            let store = MemoryStorage()
+            for i in 0..<100_000 {
+                _ = try store.execute(.put([Number640(location: Number160(UInt32(i))): StoredValue([1], ttlSeconds: 1)], mode: .overwrite), now: 1)
+            }
+            return (try pipeline(store), [])
+        }, body: { pipe, _ in
+            _ = pipe.sweepOnce(now: 10_000_000_000)
+        })
+        if json {
+            let fields = worst.map { "\"\($0.0)_ms\":\((($0.1) * 1000).rounded() / 1000)" }.joined(separator: ",")
+            print("{\(fields)}")
+        } else {
+            for (name, ms) in worst { print("\(name.padding(toLength: 36, withPad: " ", startingAt: 0)) \(String(format: "%.3f", ms)) ms (worst of \(rounds))") }
         }
     }
 }

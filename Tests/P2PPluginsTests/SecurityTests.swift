@@ -276,4 +276,44 @@ struct SecurityTests {
         #expect(try await net.nodes[1].dht.put(k, Array("b".utf8), options: Self.as_(k2)).isSuccess)
         await net.shutdown()
     }
+    @Test("ProtectionPolicy .none: only master keys may protect; anyone else's request to protect is stored unprotected")
+    func protectionModeNone() throws {
+        let store = MemoryStorage(protection: ProtectionPolicy(domains: .none, entries: .none))
+        let (k1, k2) = (Key(), Key())
+        let (w1, w2) = (SignerKey(k1.publicKey), SignerKey(k2.publicKey))
+        let k = Number640(location: Number160(hashing: "mode"), domain: Number160(hashing: "d"), content: Number160(hashing: "c"))
+        let v = try StoredValue([1], protectEntry: true).signed(at: k, by: k1)
+        _ = try store.execute(.put([k: v], mode: .protectDomain), writer: w1, now: 1)
+        #expect(store.owner(ofEntry: k) == nil)
+        #expect(store.owner(ofDomain: k.domain, at: k.location) == nil)
+        // The content's master key protects its entry; the domain's master key claims its domain.
+        let entry = Number640(location: k.location, domain: k.domain, content: w2.id)
+        _ = try store.execute(.put([entry: try StoredValue([2], protectEntry: true).signed(at: entry, by: k2)], mode: .overwrite), writer: w2, now: 1)
+        #expect(store.owner(ofEntry: entry) == w2)
+        let domain = Number640(location: k.location, domain: w2.id)
+        _ = try store.execute(.put([domain: StoredValue([3])], mode: .protectDomain), writer: w2, now: 1)
+        #expect(store.owner(ofDomain: w2.id, at: k.location) == w2)
+        let intruder = Number640(location: k.location, domain: w2.id, content: Number160(9))
+        #expect(throws: StorageError.protected(key: intruder, owner: w2, domain: true)) {
+            try store.execute(.put([intruder: StoredValue([4])], mode: .overwrite), writer: w1, now: 1)
+        }
+    }
+
+    @Test("a mass expiry is swept in rounds of a bounded size, from the heap, and every expired value is invisible at once")
+    func boundedSweep() throws {
+        var limits = MemoryStorage.Limits()
+        limits.maxSweptPerRound = 10
+        let store = MemoryStorage(limits: limits)
+        for i in 0..<25 { _ = try store.execute(.put([key("expiring \(i)"): StoredValue([1], ttlSeconds: 1)], mode: .overwrite), now: 1) }
+        _ = try store.execute(.put([key("lasting"): StoredValue([2])], mode: .overwrite), now: 1)
+        let later: UInt64 = 3_000_000_000
+        guard case .values(let seen, _) = try store.execute(.get(.keys((0..<25).map { key("expiring \($0)") })), now: later) else {
+            Issue.record("no values answer")
+            return
+        }
+        #expect(seen.isEmpty)
+        #expect([store.sweepExpired(now: later), store.sweepExpired(now: later), store.sweepExpired(now: later), store.sweepExpired(now: later)] == [10, 10, 5, 0])
+        #expect(store.entryCount == 1)
+    }
 }
+
