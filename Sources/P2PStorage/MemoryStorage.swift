@@ -242,6 +242,8 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         var added = 0
         var newEntries = 0
         var newPerLocation: [Number160: Int] = [:]
+        // What the writer would hold: what it adds, less what it replaces of its own.
+        var writerTotal = writer.map { writerBytes[$0] ?? 0 } ?? 0
         for (key, v) in entries {
             guard v.value.count <= limits.maxValueBytes else {
                 throw .valueTooLarge(bytes: v.value.count, limit: limits.maxValueBytes)
@@ -256,6 +258,7 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
                 throw denial
             }
             added += Self.footprint(v) - (old.map { Self.footprint($0.stored) } ?? 0)
+            writerTotal += Self.footprint(v) - (old.flatMap { $0.writer == writer ? Self.footprint($0.stored) : nil } ?? 0)
             if old == nil {
                 newPerLocation[key.location, default: 0] += 1
                 newEntries += 1
@@ -268,16 +271,8 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         for (loc, n) in newPerLocation where (locations[loc]?.entries.count ?? 0) + n > limits.maxEntriesPerLocation {
             throw .tooManyEntries(location: loc, limit: limits.maxEntriesPerLocation)
         }
-        if let quota = limits.maxBytesPerWriter, let writer {
-            // What this writer adds, less what it replaces of its own.
-            var mine = writerBytes[writer] ?? 0
-            for (key, v) in entries {
-                let old = locations[key.location]?.entries[key]
-                if mode.contains(.ifAbsent), let old, old.live(at: now) { continue }
-                mine += Self.footprint(v)
-                if let old, old.writer == writer { mine -= Self.footprint(old.stored) }
-            }
-            guard mine <= quota else { throw .quotaExceeded(writer: writer, bytes: mine, limit: quota) }
+        if let quota = limits.maxBytesPerWriter, let writer, writerTotal > quota {
+            throw .quotaExceeded(writer: writer, bytes: writerTotal, limit: quota)
         }
         var statuses: [Number640: StorageStatus] = [:]
         // Each item's heads, found once per put and carried along as its versions are stored: a

@@ -7,6 +7,17 @@ struct StorageRegistration: Sendable {
     var backend: (any StorageBackend)?
     var interceptors: [any StorageInterceptor] = []
     var pipeline: StoragePipeline?
+
+    /// Those of `all` that cover any of `domains` (every one when nil), in install order.
+    static func covering(_ all: [any StorageInterceptor], _ domains: Set<Number160>?) -> [any StorageInterceptor] {
+        guard let domains else { return all }
+        return all.filter { i in
+            switch i.scope {
+            case .all: true
+            case .domain(let d): domains.contains(d)
+            }
+        }
+    }
 }
 
 /// Why storage could not be set up.
@@ -39,14 +50,7 @@ extension PluginRegistry {
 
     /// The interceptors that cover any of `domains` (every one when nil), in install order.
     public func interceptors(covering domains: Set<Number160>?) -> [any StorageInterceptor] {
-        let all = shared(StorageRegistration.self)?.interceptors ?? []
-        guard let domains else { return all }
-        return all.filter { i in
-            switch i.scope {
-            case .all: true
-            case .domain(let d): domains.contains(d)
-            }
-        }
+        StorageRegistration.covering(shared(StorageRegistration.self)?.interceptors ?? [], domains)
     }
 
     /// Whether any interceptor is registered at all (lets the storage path skip the lookup).
@@ -160,8 +164,9 @@ public final class StoragePipeline: Sendable {
     /// Carries out the request at once when no interceptor covers it; nil when it must go through
     /// the async chain (`execute`).
     public func executeImmediately(_ request: StorageRequest, proof: WriterProof? = nil, sender: Number160? = nil) -> Result<StorageResult, StorageError>? {
-        guard let backend = registry.storageBackend else { return .failure(.noBackend) }
-        guard interceptors(for: request).isEmpty else { return nil }
+        let registration = registry.shared(StorageRegistration.self)
+        guard let backend = registration?.backend else { return .failure(.noBackend) }
+        guard Self.interceptors(registration, for: request).isEmpty else { return nil }
         return Result { () throws(StorageError) -> StorageResult in
             let writer = try admit(request, proof: proof, sender: sender)
             return try backend.execute(request, writer: writer, now: Self.now())
@@ -170,9 +175,10 @@ public final class StoragePipeline: Sendable {
 
     /// Carries out the request through every interceptor that covers it.
     public func execute(_ request: StorageRequest, proof: WriterProof? = nil, sender: PeerAddress?, node: Node) async throws -> StorageResult {
-        guard let backend = registry.storageBackend else { throw StorageError.noBackend }
+        let registration = registry.shared(StorageRegistration.self)
+        guard let backend = registration?.backend else { throw StorageError.noBackend }
         let writer = try admit(request, proof: proof, sender: sender?.id)
-        let chain = interceptors(for: request)
+        let chain = Self.interceptors(registration, for: request)
         guard !chain.isEmpty else { return try backend.execute(request, writer: writer, now: Self.now()) }
         let context = StorageContext(sender: sender, writer: writer, node: node, backend: backend)
         guard await gate.enter() else {
@@ -225,9 +231,10 @@ public final class StoragePipeline: Sendable {
         }
     }
 
-    private func interceptors(for request: StorageRequest) -> [any StorageInterceptor] {
-        guard registry.hasInterceptors else { return [] }
-        return registry.interceptors(covering: request.domains)
+    /// The interceptors covering the request, from one read of the registration (one lock, not three).
+    private static func interceptors(_ registration: StorageRegistration?, for request: StorageRequest) -> [any StorageInterceptor] {
+        guard let all = registration?.interceptors, !all.isEmpty else { return [] }
+        return StorageRegistration.covering(all, request.domains)
     }
 }
 
