@@ -94,7 +94,7 @@ public struct PutResult: Sendable {
     /// Statuses by peer (peers that answered).
     public var statuses: [PeerAddress: [Number640: StorageStatus]] {
         var out: [PeerAddress: [Number640: StorageStatus]] = [:]
-        for o in outcomes { if case .success(.statuses(let s)) = o.result { out[o.peer] = s } }
+        for o in outcomes { if case .success(.statuses(let s, _)) = o.result { out[o.peer] = s } }
         return out
     }
 
@@ -170,8 +170,10 @@ public struct GetResult: Sendable {
     /// continuation any peer gave); nil when the answers were whole.
     public var resumeAfter: Number640? {
         outcomes.compactMap { o -> Number640? in
-            if case .success(.values(_, let r)) = o.result { return r }
-            return nil
+            switch o.result {
+            case .success(.values(_, let r)), .success(.statuses(_, let r)): r
+            default: nil
+            }
         }.min()
     }
 
@@ -392,7 +394,7 @@ public struct DHT: Sendable {
     /// policies about stored data. Used for local replicas and by the `dht.storage` command.
     static func executeLocally(_ request: StorageRequest, proof: WriterProof?, sender: PeerAddress?, node: Node) -> EventLoopFuture<StorageResult> {
         node.storage.executeFuture(request, proof: proof, sender: sender, node: node).map { result in
-            if case .put = request, case .statuses(let s) = result {
+            if case .put = request, case .statuses(let s, _) = result {
                 let stored = s.filter { $0.value == .ok || $0.value == .versionFork }.map(\.key)
                 if !stored.isEmpty { node.replicate(.dataInserted(stored)) }
             }
@@ -400,8 +402,16 @@ public struct DHT: Sendable {
         }
     }
 
+    /// A request naming more entries than peers serve at once fails here, before it is sent:
+    /// the caller splits it (a put is all or nothing per request, so the DHT does not).
+    private func checkSize(_ request: StorageRequest) throws(StorageError) {
+        let limit = node.storage.limits.maxEntriesPerRequest
+        guard request.namedEntries <= limit else { throw .requestTooLarge(entries: request.namedEntries, limit: limit) }
+    }
+
     private func routed(_ location: Number160, _ request: StorageRequest, options: DHTOptions) async throws -> [PeerOutcome] {
         guard node.registry.plugin(DHTPlugin.self) != nil else { throw DHTError.pluginNotInstalled }
+        try checkSize(request)
         let proof = try request.isWrite ? options.signer.map { try WriterProof(signing: request, with: $0) } : nil
         let payload = StorageCodec.encode(request, proof: proof)
         let answers = try await fanOut(location, options: options, remote: { peer in
@@ -417,6 +427,7 @@ public struct DHT: Sendable {
     /// A get with the question carried in the lookup; see `get(_:options:)`.
     private func routedGet(_ location: Number160, _ request: StorageRequest, options: DHTOptions) async throws -> [PeerOutcome] {
         guard let plugin = node.registry.plugin(DHTPlugin.self) else { throw DHTError.pluginNotInstalled }
+        try checkSize(request)
         let node = self.node
         let payload = StorageCodec.encode(request)
         var known: [Number160: Result<StorageResult, any Error>] = [:]

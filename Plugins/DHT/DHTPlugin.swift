@@ -61,7 +61,9 @@ struct StorageCommand: CommandHandler {
         let storageRequest: StorageRequest
         let proof: WriterProof?
         do {
-            (storageRequest, proof) = try StorageCodec.decodeSignedRequest(request.payload)
+            (storageRequest, proof) = try StorageCodec.decodeSignedRequest(request.payload, maxEntries: context.node.storage.limits.maxEntriesPerRequest)
+        } catch .requestTooLarge(let n, let limit) {
+            return .reply(Reply(payload: StorageCodec.encode(refusal: .requestTooLarge(entries: n, limit: limit))))
         } catch {
             return .reply(.error(.badRequest, "\(error)"))
         }

@@ -24,12 +24,16 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         /// Most bytes one answer carries (2 MiB, at least one value): a larger range, key list or
         /// remove-with-values stops there and says where to resume.
         public var maxResultBytes = 2 << 20
+        /// Most entries one answer covers (1,000): a get, digest or remove over a larger range
+        /// stops there (a get or remove says where to resume), so no single request holds the
+        /// event loop for more than a few milliseconds.
+        public var maxResultEntries = 1_000
         /// Most bytes (footprints) the values one writer key wrote may hold here; nil for no quota.
         /// Unsigned writes are not counted against any writer.
         public var maxBytesPerWriter: Int?
-        /// Most expired entries one sweep removes (10,000): a mass expiry is spread over several
-        /// sweeps (expired values are invisible at once either way).
-        public var maxSweptPerRound = 10_000
+        /// Most expired entries one sweep removes (2,000, ~3 ms): a mass expiry is spread over
+        /// several sweeps (expired values are invisible at once either way).
+        public var maxSweptPerRound = 2_000
         public init() {}
     }
 
@@ -67,13 +71,61 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         }
     }
 
+    /// The versions of one item and which of them are heads, kept up to date as versions come
+    /// and go, so that fork detection and getLatest cost O(basedOn) per version, never a scan of
+    /// the item. A version counts once it is stored and confirmed (not prepared); an expired
+    /// version counts until the sweep removes it (readers filter heads by visibility).
+    struct VersionIndex {
+        private(set) var versions: Set<Number160> = []
+        /// Confirmed versions no counted version is based on.
+        private(set) var heads: Set<Number160> = []
+        /// How many counted versions are based on each version (absent: none).
+        private var refs: [Number160: Int] = [:]
+        /// Stored but prepared versions (not counted until confirmed).
+        private var pending: Set<Number160> = []
+
+        var isEmpty: Bool { versions.isEmpty }
+
+        mutating func insert(_ version: Number160, basedOn: [Number160], prepared: Bool) {
+            versions.insert(version)
+            if prepared { pending.insert(version) } else { count(version, basedOn: basedOn) }
+        }
+
+        mutating func remove(_ version: Number160, basedOn: [Number160], prepared: Bool) {
+            if prepared { pending.remove(version) } else { uncount(version, basedOn: basedOn) }
+            versions.remove(version)
+        }
+
+        mutating func confirm(_ version: Number160, basedOn: [Number160]) {
+            guard pending.remove(version) != nil else { return }
+            count(version, basedOn: basedOn)
+        }
+
+        private mutating func count(_ version: Number160, basedOn: [Number160]) {
+            for b in Set(basedOn) where b != version {
+                refs[b, default: 0] += 1
+                if refs[b] == 1 { heads.remove(b) }
+            }
+            if refs[version] == nil { heads.insert(version) }
+        }
+
+        private mutating func uncount(_ version: Number160, basedOn: [Number160]) {
+            heads.remove(version)
+            for b in Set(basedOn) where b != version {
+                let left = (refs[b] ?? 1) - 1
+                refs[b] = left > 0 ? left : nil
+                if left <= 0, versions.contains(b), !pending.contains(b) { heads.insert(b) }
+            }
+        }
+    }
+
     /// One location's entries, with a sorted key list rebuilt only when a range query needs it,
     /// each item's versions (fork detection and getLatest look at one item, not the location),
     /// and who owns which item and domain.
     struct Location {
         var entries: [Number640: Entry] = [:]
         var sortedCache: [Number640]?
-        var items: [Item: Set<Number160>] = [:]
+        var items: [Item: VersionIndex] = [:]
         var entryOwners: [Item: SignerKey] = [:]
         var domainOwners: [Number160: SignerKey] = [:]
         var domainCounts: [Number160: Int] = [:]
@@ -139,8 +191,9 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         case .get(let query):
             var out: [Number640: StoredValue] = [:]
             var bytes = 0
-            var resume: Number640?, last: Number640?
-            for key in resolve(query, now: now, visibleOnly: true) {
+            let matched = page(resolve(query, now: now, visibleOnly: true, cap: limits.maxResultEntries + 1))
+            var resume = matched.resume, last: Number640?
+            for key in matched.keys {
                 guard let e = locations[key.location]?.entries[key] else { continue }
                 bytes += 100 + e.stored.value.count + e.stored.basedOn.count * 20
                 if bytes > limits.maxResultBytes, last != nil {
@@ -154,7 +207,7 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         case .digest(let query):
             var out: [Number640: [Number160]] = [:]
             var bytes = 0
-            for key in resolve(query, now: now, visibleOnly: true) {
+            for key in page(resolve(query, now: now, visibleOnly: true, cap: limits.maxResultEntries + 1)).keys {
                 guard let e = locations[key.location]?.entries[key] else { continue }
                 bytes += 100 + e.stored.basedOn.count * 20
                 if bytes > limits.maxResultBytes { break }
@@ -162,7 +215,7 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             }
             return .digest(out)
         case .remove(let query, let returnValues):
-            var keys = resolve(query, now: now, visibleOnly: false)
+            var (keys, resume) = page(resolve(query, now: now, visibleOnly: false, cap: limits.maxResultEntries + 1))
             // Only the owners may remove: one refused key refuses the whole request.
             for key in keys {
                 guard let loc = locations[key.location] else { continue }
@@ -171,7 +224,6 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
                     throw denial
                 }
             }
-            var resume: Number640?
             if returnValues {
                 var bytes = 0
                 for (i, key) in keys.enumerated() {
@@ -185,13 +237,13 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             }
             var values: [Number640: StoredValue] = [:]
             var statuses: [Number640: StorageStatus] = [:]
-            if case .keys(let asked) = query { for k in asked { statuses[k] = .notFound } }
+            if case .keys(let asked) = query { for k in asked where resume.map({ k <= $0 }) ?? true { statuses[k] = .notFound } }
             for key in keys {
                 guard let e = removeEntry(key) else { continue }
                 statuses[key] = .ok
                 if returnValues { values[key] = answer(e, now: now) }
             }
-            return returnValues ? .values(values, resumeAfter: resume) : .statuses(statuses)
+            return returnValues ? .values(values, resumeAfter: resume) : .statuses(statuses, resumeAfter: resume)
         case .confirm(let keys):
             for key in keys {
                 guard let loc = locations[key.location], loc.entries[key] != nil else { continue }
@@ -204,6 +256,7 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             for key in keys {
                 if let e = locations[key.location]?.entries[key], e.live(at: now) {
                     locations[key.location]?.entries[key]?.stored.prepared = false
+                    locations[key.location]?.items[Item(key)]?.confirm(key.version, basedOn: e.stored.basedOn)
                     statuses[key] = .ok
                 } else {
                     statuses[key] = .notFound
@@ -275,9 +328,6 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             throw .quotaExceeded(writer: writer, bytes: writerTotal, limit: quota)
         }
         var statuses: [Number640: StorageStatus] = [:]
-        // Each item's heads, found once per put and carried along as its versions are stored: a
-        // put of many versions costs O(n + versions × basedOn), not a scan per version.
-        var headsOf: [Number160: [Item: Set<Number160>]] = [:]
         for (key, v) in entries.sorted(by: { $0.key < $1.key }) {
             let existing = locations[key.location]?.entries[key]
             if mode.contains(.ifAbsent), let existing, existing.live(at: now) {
@@ -285,30 +335,18 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
                 continue
             }
             let item = Item(key)
-            var heads = headsOf[key.location]?[item]
-                ?? Set(self.heads(location: key.location, domain: key.domain, content: key.content, now: now).map(\.version))
-            // It forks when another head exists that it is not based on.
-            let others = heads.count - (heads.contains(key.version) ? 1 : 0)
-            let covered = Set(v.basedOn).count { $0 != key.version && heads.contains($0) }
-            let fork = others > covered
-            if existing != nil {
-                // An overwrite may change what the old version was based on: look again next time.
-                headsOf[key.location]?[item] = nil
-            } else if !v.prepared {
-                heads.insert(key.version)
-                heads.subtract(v.basedOn)
-                headsOf[key.location, default: [:]][item] = heads
-            }
+            var loc = locations.removeValue(forKey: key.location) ?? Location()
+            let fork = Self.forks(key, basedOn: v.basedOn, loc: loc, now: now)
             if let existing { forget(existing) } else { totalEntries += 1 }
             let entry = Entry(stored: v, expiresAt: Self.expiry(v.ttlSeconds, now: now), writer: writer)
             remember(entry)
-            var loc = locations.removeValue(forKey: key.location) ?? Location()
             if existing == nil {
                 loc.sortedCache = nil
                 loc.domainCounts[key.domain, default: 0] += 1
             }
             loc.entries[key] = entry
-            loc.items[item, default: []].insert(key.version)
+            if let existing { loc.items[item]?.remove(key.version, basedOn: existing.stored.basedOn, prepared: existing.stored.prepared) }
+            loc.items[item, default: VersionIndex()].insert(key.version, basedOn: v.basedOn, prepared: v.prepared)
             loc.entryOwners[item] = protection.entryOwner(after: loc.entryOwners[item], value: v, key: key)
             if mode.contains(.protectDomain) {
                 loc.domainOwners[key.domain] = protection.domainOwner(after: loc.domainOwners[key.domain], writer: writer, key: key)
@@ -378,30 +416,57 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         }
     }
 
-    /// Visible versions of an item that no other visible version is based on: O(versions of the
-    /// item × basedOn), never a scan of the location.
-    private func heads(location: Number160, domain: Number160, content: Number160, now: UInt64) -> [Number640] {
-        guard let loc = locations[location], let versions = loc.items[Item(Number640(location: location, domain: domain, content: content))] else { return [] }
-        var visible: [Number640] = []
-        var referenced = Set<Number160>()
-        for version in versions {
+    /// Visible versions of an item that no other stored version is based on, in order, at most
+    /// `cap`: O(heads log heads) from the item's index, never a scan of its versions.
+    private func heads(location: Number160, domain: Number160, content: Number160, now: UInt64, cap: Int = .max) -> [Number640] {
+        let item = Number640(location: location, domain: domain, content: content)
+        guard let loc = locations[location], let index = loc.items[Item(item)] else { return [] }
+        var out: [Number640] = []
+        for version in index.heads.sorted() {
             let key = Number640(location: location, domain: domain, content: content, version: version)
-            guard let e = loc.entries[key], e.visible(at: now) else { continue }
-            visible.append(key)
-            referenced.formUnion(e.stored.basedOn)
+            guard loc.entries[key]?.visible(at: now) == true else { continue }
+            out.append(key)
+            if out.count >= cap { break }
         }
-        return visible.filter { !referenced.contains($0.version) }.sorted()
+        return out
     }
 
-    /// The keys a query names, in order. A range stays within one location (the pipeline refuses
-    /// others), so it walks at most that location's sorted keys.
-    private func resolve(_ query: StorageQuery, now: UInt64, visibleOnly: Bool) -> [Number640] {
+    /// Heads looked at to decide a fork before calling it one (many heads are a fork anyway).
+    static let forkCheckHeads = 64
+
+    /// Whether storing `key` based on `basedOn` forks its item: another visible head exists that
+    /// it is not based on.
+    private static func forks(_ key: Number640, basedOn: [Number160], loc: Location, now: UInt64) -> Bool {
+        guard let index = loc.items[Item(key)] else { return false }
+        let covered = Set(basedOn)
+        var looked = 0
+        for head in index.heads where head != key.version && !covered.contains(head) {
+            looked += 1
+            if looked > forkCheckHeads { return true }
+            if loc.entries[Number640(location: key.location, domain: key.domain, content: key.content, version: head)]?.visible(at: now) == true {
+                return true
+            }
+        }
+        return false
+    }
+
+    /// The first `maxResultEntries` of resolved keys, and the last of them when more were left.
+    private func page(_ keys: [Number640]) -> (keys: [Number640], resume: Number640?) {
+        guard keys.count > limits.maxResultEntries else { return (keys, nil) }
+        let kept = Array(keys.prefix(limits.maxResultEntries))
+        return (kept, kept.last)
+    }
+
+    /// The keys a query matches, in the order answered, at most `cap` of them. A range stays
+    /// within one location (the pipeline refuses others), so it walks at most that location's
+    /// sorted keys.
+    private func resolve(_ query: StorageQuery, now: UInt64, visibleOnly: Bool, cap: Int) -> [Number640] {
         func ok(_ e: Entry) -> Bool { visibleOnly ? e.visible(at: now) : e.live(at: now) }
         switch query {
         case .keys(let keys):
-            return keys.filter { k in locations[k.location]?.entries[k].map(ok) ?? false }.sorted()
+            return Array(keys.filter { k in locations[k.location]?.entries[k].map(ok) ?? false }.sorted().prefix(cap))
         case .latest(let location, let domain, let content):
-            return heads(location: location, domain: domain, content: content, now: now)
+            return heads(location: location, domain: domain, content: content, now: now, cap: cap)
         case .range(let from, let to, let limit, let descending):
             guard from <= to, limit > 0, from.location == to.location, locations[from.location] != nil else { return [] }
             let keys = locations[from.location]?.sortedKeys() ?? []
@@ -415,7 +480,7 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             for k in ordered {
                 guard let e = locations[k.location]?.entries[k], ok(e) else { continue }
                 out.append(k)
-                if out.count >= limit { break }
+                if out.count >= min(limit, cap) { break }
             }
             return out
         }
@@ -438,7 +503,7 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         totalEntries -= 1
         loc.sortedCache = nil
         let item = Item(key)
-        loc.items[item]?.remove(key.version)
+        loc.items[item]?.remove(key.version, basedOn: e.stored.basedOn, prepared: e.stored.prepared)
         if loc.items[item]?.isEmpty == true {
             // Removing an entry's last version clears its protection.
             loc.items[item] = nil

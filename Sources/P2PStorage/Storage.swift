@@ -48,6 +48,48 @@ public enum StorageQuery: Sendable, Hashable {
         .range(from: Number640(location: location, domain: domain),
                to: Number640(location: location, domain: domain, content: .max, version: .max), limit: limit, descending: false)
     }
+
+    /// What is left of this query after an answer cut at `key` (an answer's `resumeAfter`): the
+    /// keys after it, or the range beyond it; nil when nothing is left.
+    public func resuming(after key: Number640) -> StorageQuery? {
+        switch self {
+        case .keys(let keys):
+            let rest = keys.filter { $0 > key }
+            return rest.isEmpty ? nil : .keys(rest)
+        case .range(let from, let to, let limit, let descending):
+            if descending {
+                guard let before = key.predecessor, before >= from else { return nil }
+                return .range(from: from, to: before, limit: limit, descending: true)
+            }
+            guard let after = key.successor, after <= to else { return nil }
+            return .range(from: after, to: to, limit: limit, descending: false)
+        case .latest:
+            return nil
+        }
+    }
+}
+
+extension Number640 {
+    /// The next key in order; nil after `.max`.
+    public var successor: Number640? { step(up: true) }
+    /// The previous key in order; nil before `.zero`.
+    public var predecessor: Number640? { step(up: false) }
+
+    private func step(up: Bool) -> Number640? {
+        var bytes = location.bytes + domain.bytes + content.bytes + version.bytes
+        var i = bytes.count - 1
+        while i >= 0 {
+            if up {
+                if bytes[i] == 0xFF { bytes[i] = 0 } else { bytes[i] += 1; break }
+            } else {
+                if bytes[i] == 0 { bytes[i] = 0xFF } else { bytes[i] -= 1; break }
+            }
+            i -= 1
+        }
+        guard i >= 0, let l = Number160(bytes: bytes[0..<20]), let d = Number160(bytes: bytes[20..<40]),
+              let c = Number160(bytes: bytes[40..<60]), let v = Number160(bytes: bytes[60..<80]) else { return nil }
+        return Number640(location: l, domain: d, content: c, version: v)
+    }
 }
 
 /// How a put treats a key that already holds a value, and what else it asks for.
@@ -86,6 +128,16 @@ public enum StorageRequest: Sendable, Hashable {
         case .get(let q), .remove(let q, _), .digest(let q): return q.domains
         case .confirm(let keys), .putMeta(let keys, _, _): return Set(keys.map(\.domain))
         case .transferDomain(_, let domain, _): return [domain]
+        }
+    }
+
+    /// How many entries the request names itself (a range names none: the answering peer
+    /// bounds what it covers).
+    public var namedEntries: Int {
+        switch self {
+        case .put(let entries, _): entries.count
+        case .get(.keys(let k)), .remove(.keys(let k), _), .digest(.keys(let k)), .confirm(let k), .putMeta(let k, _, _): k.count
+        case .get, .remove, .digest, .transferDomain: 0
         }
     }
 
@@ -134,10 +186,12 @@ public enum StorageStatus: UInt8, Sendable, Hashable, CustomStringConvertible {
 
 /// What storage answers.
 public enum StorageResult: Sendable, Hashable {
-    /// Per key (puts, confirms, putMeta, removes without values).
-    case statuses([Number640: StorageStatus])
-    /// Stored values (gets, removes with values). When the answer was cut at the peer's byte
-    /// bound, `resumeAfter` is the last key it holds: ask again from the key after it.
+    /// Per key (puts, confirms, putMeta, removes without values). A remove cut at the peer's
+    /// bound of entries per answer says where to resume (`resumeAfter`), as values do.
+    case statuses([Number640: StorageStatus], resumeAfter: Number640? = nil)
+    /// Stored values (gets, removes with values). When the answer was cut at the peer's bound of
+    /// bytes or entries, `resumeAfter` is the last key it holds: ask again for the rest
+    /// (`StorageQuery.resuming(after:)`).
     case values([Number640: StoredValue], resumeAfter: Number640? = nil)
     /// Keys and their basedOn sets (digests).
     case digest([Number640: [Number160]])
@@ -152,6 +206,8 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
     case entryLimit(limit: Int)
     /// A value based on more versions than the peer accepts.
     case tooManyBasedOn(count: Int, limit: Int)
+    /// A request naming more entries than a peer serves in one request (split it).
+    case requestTooLarge(entries: Int, limit: Int)
     case unknownDomain(Number160)
     case denied(String)
     /// A write to a protected entry or domain by someone other than its owner: names the owner.
@@ -175,6 +231,7 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
         case .tooManyEntries(let loc, let l): "location \(loc) already holds the limit of \(l) entries"
         case .entryLimit(let l): "this peer already holds its limit of \(l) entries"
         case .tooManyBasedOn(let n, let l): "a value based on \(n) versions, over the limit of \(l)"
+        case .requestTooLarge(let n, let l): "a request of \(n) entries, over the limit of \(l) per request (split it)"
         case .unknownDomain(let d): "domain \(d) is not served by this peer"
         case .denied(let r): "denied: \(r)"
         case .protected(let k, let o, let d): "denied: \(d ? "domain \(k.domain) at \(k.location)" : "entry \(k)") is protected by owner \(o.id)"

@@ -157,7 +157,9 @@ public enum StorageCodec {
         try decodeSignedRequest(payload).request
     }
 
-    public static func decodeSignedRequest(_ payload: [Payload]) throws(StorageError) -> (request: StorageRequest, proof: WriterProof?) {
+    /// A request and its writer proof. A request naming more than `maxEntries` entries (values
+    /// or keys) is refused before any of them is decoded.
+    public static func decodeSignedRequest(_ payload: [Payload], maxEntries: Int = .max) throws(StorageError) -> (request: StorageRequest, proof: WriterProof?) {
         guard case .integer(let h)? = payload.first, h >= 0 else { throw .malformed("missing request header") }
         guard let op = Op(rawValue: UInt8(truncatingIfNeeded: h)) else { throw .malformed("unknown storage operation \(h & 0xFF)") }
         let flags = h >> 8 & 0xFF
@@ -191,6 +193,15 @@ public enum StorageCodec {
                 guard k.count == 1 else { throw .malformed("latest needs exactly one key") }
                 return .latest(location: k[0].location, domain: k[0].domain, content: k[0].content)
             }
+        }
+        if payload.count > 1 {
+            let named: Int
+            switch payload[1] {
+            case .dataMap(let m): named = m.count
+            case .keys640(let k): named = k.count
+            default: named = 0
+            }
+            guard named <= maxEntries else { throw .requestTooLarge(entries: named, limit: maxEntries) }
         }
         let request: StorageRequest
         switch op {
@@ -233,9 +244,11 @@ public enum StorageCodec {
 
     public static func encode(_ result: StorageResult) -> [Payload] {
         switch result {
-        case .statuses(let s):
+        case .statuses(let s, let resumeAfter):
             let sorted = s.sorted { $0.key < $1.key }
-            return [.integer(ResultKind.statuses.rawValue), .keys640(sorted.map(\.key)), .bytes(sorted.map(\.value.rawValue))]
+            var out: [Payload] = [.integer(ResultKind.statuses.rawValue), .keys640(sorted.map(\.key)), .bytes(sorted.map(\.value.rawValue))]
+            if let resumeAfter { out.append(.keys640([resumeAfter])) }
+            return out
         case .values(let v, let resumeAfter):
             var out: [Payload] = [.integer(ResultKind.values.rawValue), .dataMap(v.sorted { $0.key < $1.key }.map { DataEntry(key: $0.key, value: encode($0.value)) })]
             if let resumeAfter { out.append(.keys640([resumeAfter])) }
@@ -256,6 +269,7 @@ public enum StorageCodec {
         case .tooManyEntries(let l, let y): (code, b, key) = (3, Int64(y), [Number640(location: l)])
         case .entryLimit(let y): (code, b) = (4, Int64(y))
         case .tooManyBasedOn(let x, let y): (code, a, b) = (5, Int64(x), Int64(y))
+        case .requestTooLarge(let x, let y): (code, a, b) = (15, Int64(x), Int64(y))
         case .unknownDomain(let d): (code, key) = (6, [Number640(location: .zero, domain: d)])
         case .denied(let r): (code, text) = (7, r)
         case .protected(let k, let o, let d): (code, key, owner, a) = (8, [k], o.bytes, d ? 1 : 0)
@@ -284,7 +298,8 @@ public enum StorageCodec {
         guard case .integer(let k)? = payload.first, let kind = ResultKind(rawValue: k) else { throw .malformed("missing result kind") }
         switch kind {
         case .statuses:
-            guard payload.count == 3, case .keys640(let keys) = payload[1], case .bytes(let codes) = payload[2], keys.count == codes.count else {
+            guard payload.count == 3 || payload.count == 4, case .keys640(let keys) = payload[1], case .bytes(let codes) = payload[2],
+                  keys.count == codes.count else {
                 throw .malformed("statuses need as many codes as keys")
             }
             var out: [Number640: StorageStatus] = [:]
@@ -292,17 +307,12 @@ public enum StorageCodec {
                 guard let s = StorageStatus(rawValue: code) else { throw .malformed("unknown status \(code)") }
                 out[key] = s
             }
-            return .statuses(out)
+            return .statuses(out, resumeAfter: try continuation(payload, at: 3))
         case .values:
             guard payload.count == 2 || payload.count == 3, case .dataMap(let entries) = payload[1] else { throw .malformed("values need a data map") }
-            var resumeAfter: Number640?
-            if payload.count == 3 {
-                guard case .keys640(let k) = payload[2], k.count == 1 else { throw .malformed("a continuation is one key") }
-                resumeAfter = k[0]
-            }
             var out: [Number640: StoredValue] = [:]
             for e in entries { out[e.key] = try decodeValue(e.value) }
-            return .values(out, resumeAfter: resumeAfter)
+            return .values(out, resumeAfter: try continuation(payload, at: 2))
         case .digest:
             guard payload.count == 2, case .dataMap(let entries) = payload[1] else { throw .malformed("a digest needs a data map") }
             var out: [Number640: [Number160]] = [:]
@@ -314,6 +324,13 @@ public enum StorageCodec {
         case .refused:
             throw refusal(payload)
         }
+    }
+
+    /// The optional continuation key at `index` of a result.
+    private static func continuation(_ payload: [Payload], at index: Int) throws(StorageError) -> Number640? {
+        guard payload.count > index else { return nil }
+        guard case .keys640(let k) = payload[index], k.count == 1 else { throw .malformed("a continuation is one key") }
+        return k[0]
     }
 
     private static func refusal(_ p: [Payload]) -> StorageError {
@@ -329,6 +346,7 @@ public enum StorageCodec {
         case 3: return .tooManyEntries(location: keys.first?.location ?? .zero, limit: y)
         case 4: return .entryLimit(limit: y)
         case 5: return .tooManyBasedOn(count: x, limit: y)
+        case 15: return .requestTooLarge(entries: x, limit: y)
         case 6: return .unknownDomain(keys.first?.domain ?? .zero)
         case 7: return .denied(text)
         case 8:

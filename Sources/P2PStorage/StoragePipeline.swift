@@ -75,6 +75,10 @@ public struct StorageRequestLimits: Sendable {
     /// Signatures (values' and putMeta's) one request may carry: each costs a verification on
     /// the event loop (~0.1 ms), so 32 keep a request under a few milliseconds.
     public var maxSignaturesPerRequest = 32
+    /// Entries one request may name — a put's values, a query's or a confirm's keys (1,000): a
+    /// request's cost on the event loop grows with them (fork detection, protection checks), and
+    /// 1,000 keep the costliest under a few milliseconds (`p2p bench storage`).
+    public var maxEntriesPerRequest = 1_000
     /// How far a writer proof's timestamp may lie from this peer's clock (10 minutes).
     public var proofWindowMillis: UInt64 = 600_000
     /// Writer proofs remembered to refuse replays (65,536; the oldest are forgotten first).
@@ -113,6 +117,8 @@ public final class StoragePipeline: Sendable {
     /// the writer proof (signature, time window, replay). Returns the proven writer.
     public func admit(_ request: StorageRequest, proof: WriterProof?, sender: Number160?) throws(StorageError) -> SignerKey? {
         var signatures = 0
+        let named = request.namedEntries
+        guard named <= limits.maxEntriesPerRequest else { throw .requestTooLarge(entries: named, limit: limits.maxEntriesPerRequest) }
         switch request {
         case .put(let entries, let mode):
             if mode.contains(.protectDomain), proof == nil { throw .denied("domain protection needs a signed request") }

@@ -159,18 +159,36 @@ struct RemoveCommand: AsyncParsableCommand {
     @Argument(help: "The key: hashed with SHA-1, unless given as 0x and 40 hex digits.")
     var key: String
 
+    /// Pages a `--all` remove goes through at most (a location holds at most 10,000 entries by
+    /// default, a peer removes 1,000 per request).
+    static let maxPages = 64
+
     func run() async throws {
         let query = try dht.query(key: key, all: all)
         let options = DHTOptions(replicas: dht.replicas, signer: try dht.signer())
-        let result = try await dht.withClient { node in try await node.dht.remove(query, returnValues: true, options: options) }
-        if case .protected(_, let owner, let domain)? = result.refusal {
+        // Peers remove a bounded page per request; a whole location is removed page by page
+        // (at most `maxPages`, each strictly after the last).
+        let (removed, peers, refusal) = try await dht.withClient { node in
+            var next: StorageQuery? = query
+            var removed = 0, peers = 0, pages = 0
+            while let q = next, pages < Self.maxPages {
+                pages += 1
+                let result = try await node.dht.remove(q, returnValues: true, options: options)
+                if let refusal = result.refusal, result.isEmpty { return (removed, peers, Optional(refusal)) }
+                removed += result.entries.count
+                peers = max(peers, result.outcomes.filter { if case .success = $0.result { true } else { false } }.count)
+                next = result.resumeAfter.flatMap { q.resuming(after: $0) }
+            }
+            return (removed, peers, StorageError?.none)
+        }
+        if case .protected(_, let owner, let domain)? = refusal {
             throw CLIError.failed("denied: remove of \(key): the \(domain ? "domain" : "entry") is owned by \(owner.id)")
         }
-        guard !result.isEmpty else {
-            note("not found: \(key)")
+        guard removed > 0 else {
+            note("not found: \(key)\(refusal.map { " (\($0))" } ?? "")")
             throw ExitCode(1)
         }
-        say("removed \(result.entries.count) value(s) from \(result.outcomes.filter { if case .success = $0.result { true } else { false } }.count) peers")
+        say("removed \(removed) value(s) from \(peers) peers")
     }
 }
 

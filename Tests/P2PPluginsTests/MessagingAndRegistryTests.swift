@@ -282,7 +282,7 @@ struct BadInputTests {
         for i in 0..<9_000 { entries[v(i)] = StoredValue([UInt8(i & 0xFF)], basedOn: i == 0 ? [] : [Number160(UInt32(i))]) }
         let other = Number160(hashing: "other item")
         for i in 0..<900 { entries[v(i, content: other)] = StoredValue([1]) }
-        guard case .statuses(let s) = try store.execute(.put(entries, mode: .overwrite), now: 1) else {
+        guard case .statuses(let s, _) = try store.execute(.put(entries, mode: .overwrite), now: 1) else {
             Issue.record("no statuses")
             return
         }
@@ -295,11 +295,52 @@ struct BadInputTests {
         }
         #expect(Array(latest.keys) == [v(8_999)])
         // A version based on an old one forks the chain; removing the head makes its parent a head again.
-        guard case .statuses(let fork) = try store.execute(.put([v(9_000): StoredValue([0], basedOn: [Number160(5)])], mode: .overwrite), now: 1) else { return }
+        guard case .statuses(let fork, _) = try store.execute(.put([v(9_000): StoredValue([0], basedOn: [Number160(5)])], mode: .overwrite), now: 1) else { return }
         #expect(fork[v(9_000)] == .versionFork)
         _ = try store.execute(.remove(.keys([v(9_000), v(8_999)]), returnValues: false), now: 1)
         guard case .values(let after, _) = try store.execute(.get(.latest(location: loc, domain: .zero, content: .zero)), now: 1) else { return }
         #expect(Array(after.keys) == [v(8_998)])
+    }
+
+    @Test("an item's heads follow overwrites that rewire basedOn, prepared versions and their confirms, and removals")
+    func headsIndex() throws {
+        let store = MemoryStorage()
+        let loc = Number160(hashing: "heads")
+        func v(_ i: UInt32) -> Number640 { Number640(location: loc, version: Number160(i)) }
+        func heads() throws -> [Number640] {
+            guard case .values(let h, _) = try store.execute(.get(.latest(location: loc, domain: .zero, content: .zero)), now: 1) else { return [] }
+            return h.keys.sorted()
+        }
+        func put(_ k: Number640, basedOn: [UInt32], prepared: Bool = false) throws -> StorageStatus? {
+            guard case .statuses(let s, _) = try store.execute(.put([k: StoredValue([1], basedOn: basedOn.map { Number160($0) }, prepared: prepared)], mode: .overwrite), now: 1) else { return nil }
+            return s[k]
+        }
+        // 1 ← 2 ← 3
+        #expect(try put(v(1), basedOn: []) == .ok)
+        #expect(try put(v(2), basedOn: [1]) == .ok)
+        #expect(try put(v(3), basedOn: [2]) == .ok)
+        #expect(try heads() == [v(3)])
+        // 3 rewired onto 1: 2 and 3 are both heads, and the overwrite itself was no fork (3 was
+        // the only head).
+        #expect(try put(v(3), basedOn: [1]) == .ok)
+        #expect(try heads() == [v(2), v(3)])
+        // A prepared 4 based on both is invisible and changes nothing until confirmed; a put based
+        // on 2 alone forks (3 is another head).
+        #expect(try put(v(4), basedOn: [2, 3], prepared: true) == .ok)
+        #expect(try heads() == [v(2), v(3)])
+        _ = try store.execute(.confirm([v(4)]), now: 1)
+        #expect(try heads() == [v(4)])
+        #expect(try put(v(5), basedOn: [2]) == .versionFork)
+        #expect(try heads() == [v(4), v(5)])
+        // Removing 4 and 5 makes 2 and 3 heads again; removing 3 leaves 2.
+        _ = try store.execute(.remove(.keys([v(4), v(5)]), returnValues: false), now: 1)
+        #expect(try heads() == [v(2), v(3)])
+        _ = try store.execute(.remove(.keys([v(3)]), returnValues: false), now: 1)
+        #expect(try heads() == [v(2)])
+        // A version based on itself and on one never stored is a head beside 2, and forks (2 is
+        // a head it is not based on).
+        #expect(try put(v(6), basedOn: [6, 99]) == .versionFork)
+        #expect(try heads() == [v(2), v(6)])
     }
 
     @Test("a request for a domain a peer does not serve is denied with the domain named")

@@ -136,12 +136,43 @@ struct StorageHostileTests {
         let many = await Self.refusal { try await Self.raw(attacker, to: target, StorageCodec.encode(.put(signed, mode: .overwrite))) }
         guard case .denied? = many else { Issue.record("1,000 signatures: \(String(describing: many))"); return }
 
-        // 9,000 versions of one item in one put (unsigned).
-        var versions: [Number640: StoredValue] = [:]
-        for i in 1...9_000 {
-            versions[Number640(location: location, content: .zero, version: Number160(UInt32(i)))] = StoredValue([], basedOn: [Number160(UInt32(i - 1))])
+        // 9,000 versions of one item in one put: refused before any is decoded (1,000 per request).
+        func versions(_ range: ClosedRange<Int>, basedOnBack: Int = 1, value: [UInt8] = []) -> [Number640: StoredValue] {
+            var out: [Number640: StoredValue] = [:]
+            for i in range {
+                out[Number640(location: location, content: .zero, version: Number160(UInt32(i)))] =
+                    StoredValue(value, basedOn: [Number160(UInt32(max(0, i - basedOnBack)))])
+            }
+            return out
         }
-        _ = await Self.refusal { try await Self.raw(attacker, to: target, StorageCodec.encode(.put(versions, mode: .overwrite))) }
+        let huge = await Self.refusal { try await Self.raw(attacker, to: target, StorageCodec.encode(.put(versions(1...9_000), mode: .overwrite))) }
+        #expect(huge == .requestTooLarge(entries: 9_000, limit: 1_000))
+        // The same item grown to the location's 10,000 entries in requests of 1,000 each, then
+        // 1,000 overwrites that rewire what versions are based on (each moves the item's heads),
+        // the item's heads, and the whole location read and removed: each request is bounded.
+        for batch in 0..<10 {
+            let r = try await Self.raw(attacker, to: target, StorageCodec.encode(.put(versions(batch * 1_000 + 1...batch * 1_000 + 1_000), mode: .overwrite)))
+            guard case .statuses(let s, _) = r else { Issue.record("batch \(batch): \(r)"); return }
+            #expect(s.count == 1_000)
+        }
+        let rewired = try await Self.raw(attacker, to: target, StorageCodec.encode(.put(
+            versions(1...1_000, basedOnBack: 2, value: [1]).filter { $0.key.version.low % 2 == 0 }, mode: .overwrite)))
+        guard case .statuses(let rs, _) = rewired else { Issue.record("rewired: \(rewired)"); return }
+        #expect(rs.count == 500)
+        // Every even version up to 1,000 now skips its odd predecessor, so each odd version up to
+        // 999 became a head beside the chain's end (10,000).
+        let latest = try await Self.raw(attacker, to: target, StorageCodec.encode(.get(.latest(location: location, domain: .zero, content: .zero))))
+        guard case .values(let heads, _) = latest else { Issue.record("latest: \(latest)"); return }
+        #expect(heads.count == 501)
+        #expect(heads.keys.contains { $0.version == Number160(10_000) })
+        let page = try await Self.raw(attacker, to: target, StorageCodec.encode(.get(.all(location: location))))
+        guard case .values(let got, let resume) = page else { Issue.record("page: \(page)"); return }
+        #expect(got.count == 1_000)
+        #expect(resume != nil)
+        let removed = try await Self.raw(attacker, to: target, StorageCodec.encode(.remove(.all(location: location), returnValues: false)))
+        guard case .statuses(let gone, let more) = removed else { Issue.record("remove: \(removed)"); return }
+        #expect(gone.count == 1_000)
+        #expect(more != nil)
 
         // A range over every location: refused.
         let everything = await Self.refusal {
@@ -173,6 +204,42 @@ struct StorageHostileTests {
         let k = key("honest")
         #expect(try await net.nodes[3].dht.put(k, Array("fine".utf8), options: DHTOptions(signer: Key())).isSuccess)
         #expect(text(try await net.nodes[4].dht.get(k).value) == "fine")
+        await net.shutdown()
+    }
+
+    @Test("a request naming more entries than peers serve fails before it is sent; a remove of a whole location goes page by page")
+    func requestBounds() async throws {
+        let net = try await testnet(6)
+        let location = Number160(hashing: "many entries")
+        var entries: [Number640: StoredValue] = [:]
+        for i in 0..<1_001 { entries[Number640(location: location, content: Number160(UInt32(i)))] = StoredValue([UInt8(i & 0xFF)]) }
+        await #expect(throws: StorageError.requestTooLarge(entries: 1_001, limit: 1_000)) {
+            try await net.nodes[0].dht.put(entries)
+        }
+        await #expect(throws: StorageError.requestTooLarge(entries: 1_001, limit: 1_000)) {
+            try await net.nodes[0].dht.get(.keys(Array(entries.keys)))
+        }
+        // 2,500 entries in three puts; a remove of the location answers 1,000 at a time.
+        let keys = (0..<2_500).map { Number640(location: location, content: Number160(UInt32($0))) }
+        for chunk in stride(from: 0, to: keys.count, by: 1_000) {
+            let part = keys[chunk..<min(chunk + 1_000, keys.count)]
+            #expect(try await net.nodes[0].dht.put(Dictionary(uniqueKeysWithValues: part.map { ($0, StoredValue([7])) })).isSuccess)
+        }
+        #expect(net.nodes.contains { ((try? SecurityTests.memory($0).entryCount) ?? 0) > 1_000 })
+        var query: StorageQuery? = .all(location: location)
+        var pages = 0
+        while let q = query, pages < 10 {
+            pages += 1
+            let r = try await net.nodes[1].dht.remove(q)
+            #expect(r.refusal == nil)
+            query = r.resumeAfter.flatMap { q.resuming(after: $0) }
+        }
+        // A peer holding all 2,500 needs three pages; one holding fewer (a put's replicas may
+        // differ from another's) needs as many as its share.
+        #expect((2...3).contains(pages))
+        for peer in net.nodes {
+            #expect(try SecurityTests.memory(peer).entryCount == 0, "\(peer.peerID) still holds entries")
+        }
         await net.shutdown()
     }
 
