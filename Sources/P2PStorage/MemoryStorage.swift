@@ -74,48 +74,65 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
     /// The versions of one item and which of them are heads, kept up to date as versions come
     /// and go, so that fork detection and getLatest cost O(basedOn) per version, never a scan of
     /// the item. A version counts once it is stored and confirmed (not prepared); an expired
-    /// version counts until the sweep removes it (readers filter heads by visibility).
+    /// version counts until the sweep removes it (readers filter heads by visibility). Which
+    /// versions exist is the location's entries; the index keeps only their number, the heads
+    /// and how many counted versions are based on each version (absent: none).
     struct VersionIndex {
-        private(set) var versions: Set<Number160> = []
-        /// Confirmed versions no counted version is based on.
+        private(set) var count = 0
         private(set) var heads: Set<Number160> = []
-        /// How many counted versions are based on each version (absent: none).
         private var refs: [Number160: Int] = [:]
-        /// Stored but prepared versions (not counted until confirmed).
-        private var pending: Set<Number160> = []
 
-        var isEmpty: Bool { versions.isEmpty }
+        var isEmpty: Bool { count == 0 }
 
         mutating func insert(_ version: Number160, basedOn: [Number160], prepared: Bool) {
-            versions.insert(version)
-            if prepared { pending.insert(version) } else { count(version, basedOn: basedOn) }
+            count += 1
+            if !prepared { counted(version, basedOn: basedOn) }
         }
 
-        mutating func remove(_ version: Number160, basedOn: [Number160], prepared: Bool) {
-            if prepared { pending.remove(version) } else { uncount(version, basedOn: basedOn) }
-            versions.remove(version)
+        /// Takes a version out; returns the versions no counted version is based on any more:
+        /// the caller makes those that are stored and confirmed heads (`promote`).
+        mutating func remove(_ version: Number160, basedOn: [Number160], prepared: Bool) -> [Number160] {
+            count -= 1
+            guard !prepared else { return [] }
+            heads.remove(version)
+            var freed: [Number160] = []
+            for b in Self.distinct(basedOn) where b != version {
+                let left = (refs[b] ?? 1) - 1
+                refs[b] = left > 0 ? left : nil
+                if left <= 0 { freed.append(b) }
+            }
+            return freed
         }
 
-        mutating func confirm(_ version: Number160, basedOn: [Number160]) {
-            guard pending.remove(version) != nil else { return }
-            count(version, basedOn: basedOn)
+        /// A prepared version confirmed: it counts from now on.
+        mutating func confirm(_ version: Number160, basedOn: [Number160]) { counted(version, basedOn: basedOn) }
+
+        /// A stored, confirmed version that nothing is based on any more becomes a head.
+        mutating func promote(_ version: Number160) {
+            if refs[version] == nil { heads.insert(version) }
         }
 
-        private mutating func count(_ version: Number160, basedOn: [Number160]) {
-            for b in Set(basedOn) where b != version {
+        /// basedOn without repeats (most values have none or one: no set is built for those).
+        static func distinct(_ basedOn: [Number160]) -> [Number160] {
+            basedOn.count < 2 ? basedOn : Array(Set(basedOn))
+        }
+
+        private mutating func counted(_ version: Number160, basedOn: [Number160]) {
+            for b in Self.distinct(basedOn) where b != version {
                 refs[b, default: 0] += 1
                 if refs[b] == 1 { heads.remove(b) }
             }
             if refs[version] == nil { heads.insert(version) }
         }
+    }
 
-        private mutating func uncount(_ version: Number160, basedOn: [Number160]) {
-            heads.remove(version)
-            for b in Set(basedOn) where b != version {
-                let left = (refs[b] ?? 1) - 1
-                refs[b] = left > 0 ? left : nil
-                if left <= 0, versions.contains(b), !pending.contains(b) { heads.insert(b) }
-            }
+    /// Takes an entry's version out of its item's index, making the versions it freed heads.
+    private static func unindex(_ key: Number640, _ stored: StoredValue, in loc: inout Location) {
+        let item = Item(key)
+        guard let freed = loc.items[item]?.remove(key.version, basedOn: stored.basedOn, prepared: stored.prepared) else { return }
+        for b in freed {
+            let k = Number640(location: key.location, domain: key.domain, content: key.content, version: b)
+            if let e = loc.entries[k], !e.stored.prepared { loc.items[item]?.promote(b) }
         }
     }
 
@@ -256,7 +273,7 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             for key in keys {
                 if let e = locations[key.location]?.entries[key], e.live(at: now) {
                     locations[key.location]?.entries[key]?.stored.prepared = false
-                    locations[key.location]?.items[Item(key)]?.confirm(key.version, basedOn: e.stored.basedOn)
+                    if e.stored.prepared { locations[key.location]?.items[Item(key)]?.confirm(key.version, basedOn: e.stored.basedOn) }
                     statuses[key] = .ok
                 } else {
                     statuses[key] = .notFound
@@ -327,15 +344,23 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         if let quota = limits.maxBytesPerWriter, let writer, writerTotal > quota {
             throw .quotaExceeded(writer: writer, bytes: writerTotal, limit: quota)
         }
-        var statuses: [Number640: StorageStatus] = [:]
+        var statuses = [Number640: StorageStatus](minimumCapacity: entries.count)
+        // In key order, so one location's entries come together: it is taken out of the map
+        // once, changed in place and put back once.
+        var heldLocation: Number160?
+        var loc = Location()
         for (key, v) in entries.sorted(by: { $0.key < $1.key }) {
-            let existing = locations[key.location]?.entries[key]
+            if heldLocation != key.location {
+                if let h = heldLocation { locations[h] = loc }
+                loc = locations.removeValue(forKey: key.location) ?? Location()
+                heldLocation = key.location
+            }
+            let existing = loc.entries[key]
             if mode.contains(.ifAbsent), let existing, existing.live(at: now) {
                 statuses[key] = .failedNotAbsent
                 continue
             }
             let item = Item(key)
-            var loc = locations.removeValue(forKey: key.location) ?? Location()
             let fork = Self.forks(key, basedOn: v.basedOn, loc: loc, now: now)
             if let existing { forget(existing) } else { totalEntries += 1 }
             let entry = Entry(stored: v, expiresAt: Self.expiry(v.ttlSeconds, now: now), writer: writer)
@@ -345,16 +370,18 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
                 loc.domainCounts[key.domain, default: 0] += 1
             }
             loc.entries[key] = entry
-            if let existing { loc.items[item]?.remove(key.version, basedOn: existing.stored.basedOn, prepared: existing.stored.prepared) }
+            if let existing { Self.unindex(key, existing.stored, in: &loc) }
             loc.items[item, default: VersionIndex()].insert(key.version, basedOn: v.basedOn, prepared: v.prepared)
-            loc.entryOwners[item] = protection.entryOwner(after: loc.entryOwners[item], value: v, key: key)
+            let owner = loc.entryOwners[item]
+            let newOwner = protection.entryOwner(after: owner, value: v, key: key)
+            if newOwner != owner { loc.entryOwners[item] = newOwner }
             if mode.contains(.protectDomain) {
                 loc.domainOwners[key.domain] = protection.domainOwner(after: loc.domainOwners[key.domain], writer: writer, key: key)
             }
-            locations[key.location] = loc
             if entry.expiresAt != 0 { expiries.insert(Expiry(at: entry.expiresAt, key: key)) }
             statuses[key] = fork ? .versionFork : .ok
         }
+        if let h = heldLocation { locations[h] = loc }
         return statuses
     }
 
@@ -438,9 +465,10 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
     /// it is not based on.
     private static func forks(_ key: Number640, basedOn: [Number160], loc: Location, now: UInt64) -> Bool {
         guard let index = loc.items[Item(key)] else { return false }
-        let covered = Set(basedOn)
+        let covered = basedOn.count < 2 ? [] : Set(basedOn)
+        func isCovered(_ head: Number160) -> Bool { basedOn.count < 2 ? basedOn.first == head : covered.contains(head) }
         var looked = 0
-        for head in index.heads where head != key.version && !covered.contains(head) {
+        for head in index.heads where head != key.version && !isCovered(head) {
             looked += 1
             if looked > forkCheckHeads { return true }
             if loc.entries[Number640(location: key.location, domain: key.domain, content: key.content, version: head)]?.visible(at: now) == true {
@@ -503,7 +531,7 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         totalEntries -= 1
         loc.sortedCache = nil
         let item = Item(key)
-        loc.items[item]?.remove(key.version, basedOn: e.stored.basedOn, prepared: e.stored.prepared)
+        Self.unindex(key, e.stored, in: &loc)
         if loc.items[item]?.isEmpty == true {
             // Removing an entry's last version clears its protection.
             loc.items[item] = nil

@@ -42,6 +42,17 @@ public struct Number160: Hashable, Comparable, Sendable, CustomStringConvertible
     /// Creates a number from exactly 20 big-endian bytes; `nil` for any other count.
     public init?<Bytes: Collection>(bytes: Bytes) where Bytes.Element == UInt8 {
         guard bytes.count == Number160.byteCount else { return nil }
+        // Contiguous bytes (arrays and their slices, as the codec has them): read the words directly.
+        if let words = bytes.withContiguousStorageIfAvailable({ b -> (UInt64, UInt64, UInt32) in
+            var h: UInt64 = 0, m: UInt64 = 0, l: UInt32 = 0
+            for i in 0..<8 { h = h << 8 | UInt64(b[i]) }
+            for i in 8..<16 { m = m << 8 | UInt64(b[i]) }
+            for i in 16..<20 { l = l << 8 | UInt32(b[i]) }
+            return (h, m, l)
+        }) {
+            self.init(high: words.0, middle: words.1, low: words.2)
+            return
+        }
         var h: UInt64 = 0, m: UInt64 = 0, l: UInt32 = 0
         for (i, b) in bytes.enumerated() {
             switch i {
