@@ -12,6 +12,7 @@ let package = Package(
         .library(name: "P2PMessaging", targets: ["P2PMessaging"]),
         .library(name: "P2PEvaluation", targets: ["P2PEvaluation"]),
         .library(name: "P2PPeerVote", targets: ["P2PPeerVote"]),
+        .library(name: "P2PReplication", targets: ["P2PReplication"]),
         .library(name: "P2PLoader", targets: ["P2PLoader"]),
         .executable(name: "p2p", targets: ["p2p"]),
     ],
@@ -74,10 +75,12 @@ let package = Package(
         .target(name: "P2PMessaging", dependencies: ["P2PKernel", .product(name: "NIOCore", package: "swift-nio")], path: "Plugins/Messaging"),
         .target(name: "P2PEvaluation", dependencies: ["P2PKernel"], path: "Plugins/Evaluation"),
         .target(name: "P2PPeerVote", dependencies: ["P2PKernel", "P2PStorage"], path: "Plugins/PeerVote"),
+        .target(name: "P2PReplication", dependencies: ["P2PKernel", "P2PStorage", .product(name: "NIOCore", package: "swift-nio"),
+                                                       .product(name: "NIOConcurrencyHelpers", package: "swift-nio")], path: "Plugins/Replication"),
         .executableTarget(
             name: "p2p",
             dependencies: [
-                "P2PKernel", "P2PStorage", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote", "P2PLoader",
+                "P2PKernel", "P2PStorage", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote", "P2PLoader", "P2PReplication",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
@@ -95,7 +98,7 @@ let package = Package(
         .testTarget(
             name: "P2PPluginsTests",
             dependencies: ["P2PKernel", "P2PStorage", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote",
-                           .product(name: "Crypto", package: "swift-crypto")]
+                           "P2PReplication", .product(name: "Crypto", package: "swift-crypto")]
         ),
     ]
 )

@@ -394,9 +394,16 @@ public struct DHT: Sendable {
     /// policies about stored data. Used for local replicas and by the `dht.storage` command.
     static func executeLocally(_ request: StorageRequest, proof: WriterProof?, sender: PeerAddress?, node: Node) -> EventLoopFuture<StorageResult> {
         node.storage.executeFuture(request, proof: proof, sender: sender, node: node).map { result in
-            if case .put = request, case .statuses(let s, _) = result {
+            switch (request, result) {
+            case (.put, .statuses(let s, _)), (.confirm, .statuses(let s, _)):
                 let stored = s.filter { $0.value == .ok || $0.value == .versionFork }.map(\.key)
                 if !stored.isEmpty { node.replicate(.dataInserted(stored)) }
+            case (.remove, .statuses(let s, _)):
+                let removed = s.filter { $0.value == .ok }.map(\.key)
+                if !removed.isEmpty { node.replicate(.dataRemoved(removed)) }
+            case (.remove, .values(let v, _)):
+                if !v.isEmpty { node.replicate(.dataRemoved(Array(v.keys))) }
+            default: break
             }
             return result
         }

@@ -544,6 +544,10 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         return e
     }
 
+    public func storedLocations() -> [Number160] {
+        lock.withLock { Array(locations.keys) }
+    }
+
     public func sweepExpired(now: UInt64) -> Int {
         lock.withLock {
             var removed = 0

@@ -257,9 +257,14 @@ public protocol StorageBackend: Sendable {
     func execute(_ request: StorageRequest, writer: SignerKey?, now: UInt64) throws(StorageError) -> StorageResult
     /// Removes expired values; returns how many. Costs what expired, not what is stored.
     func sweepExpired(now: UInt64) -> Int
+    /// Every location holding at least one entry (for replication, which walks what is stored).
+    func storedLocations() -> [Number160]
 }
 
 extension StorageBackend {
+    /// A backend that cannot list its locations is not replicated.
+    public func storedLocations() -> [Number160] { [] }
+
     /// An unsigned request (no writer).
     public func execute(_ request: StorageRequest, now: UInt64) throws(StorageError) -> StorageResult {
         try execute(request, writer: nil, now: now)

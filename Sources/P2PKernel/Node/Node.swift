@@ -223,6 +223,7 @@ public final class Node: @unchecked Sendable {
     public func replicate(_ event: ReplicationEvent) {
         let policies = registry.replicationPolicies
         guard !policies.isEmpty else { return }
+        for p in policies { p.record(event) }
         let context = ReplicationContext(node: self)
         Task {
             for p in policies { await p.handle(event, context: context) }
@@ -319,8 +320,10 @@ public final class Node: @unchecked Sendable {
     }
 
     /// Announces that this node leaves (a quit to every verified peer it has a session with),
-    /// fails what is pending, and closes every socket. Safe to call more than once.
-    public func shutdown() async {
+    /// fails what is pending, and closes every socket. Safe to call more than once. With
+    /// `announce: false` no quit is sent: the node vanishes as a crashed one would (for tests of
+    /// churn).
+    public func shutdown(announce: Bool = true) async {
         let first: Bool = (try? await eventLoop.submit { [self] in
             defer { stopping = true }
             return running && !stopping
@@ -341,7 +344,7 @@ public final class Node: @unchecked Sendable {
             // With sessions, quit goes to the peers we hold a session with: a peer we have no
             // session with has not talked to us lately, and a handshake per peer at exit would
             // cost more than the quit saves.
-            for peer in peerMap.verifiedPeers where !sessionsEnabled || sessions.slot(peer: peer.id) != nil {
+            for peer in peerMap.verifiedPeers where announce && (!sessionsEnabled || sessions.slot(peer: peer.id) != nil) {
                 if let f = sendFireAndForget(to: peer, command: kernelCommands.quit) { writes.append(f) }
             }
             let grace = eventLoop.makePromise(of: Void.self)

@@ -22,16 +22,23 @@ public protocol ReplicationPolicy: Sendable {
     /// How often the node sends `.timer`; nil for never.
     var timerInterval: Duration? { get }
     func handle(_ event: ReplicationEvent, context: ReplicationContext) async
+    /// Called synchronously, before `handle`, where the event happens (for what must be known at
+    /// once, such as a removal that a replica in flight must not undo).
+    func record(_ event: ReplicationEvent)
 }
 
 extension ReplicationPolicy {
     public var timerInterval: Duration? { nil }
+    public func record(_ event: ReplicationEvent) {}
 }
 
 /// What a replication policy is told.
 public enum ReplicationEvent: Sendable, Hashable {
     /// Values were stored on this peer (from a put by anyone).
     case dataInserted([Number640])
+    /// Values were removed from this peer by a remove request (not by expiry): replication must
+    /// not bring them back.
+    case dataRemoved([Number640])
     case peerInserted(PeerAddress)
     case peerRemoved(PeerAddress)
     case timer

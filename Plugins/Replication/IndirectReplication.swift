@@ -1,0 +1,234 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import P2PKernel
+import P2PStorage
+
+/// Indirect replication: the peers responsible for a location keep its replica set filled.
+///
+/// ```
+///  event (data stored, peer joined or left, timer) ─ locations to look at ─ one worker
+///     for each location: targets (Responsibility) ─ replication.offer: the keys held here
+///                                                 ─ the target answers which it lacks
+///                                                 ─ dht.storage put of just those values
+/// ```
+/// Only missing keys are sent (an offer is the key list, so unchanged data is never re-sent) and
+/// a replica never overwrites what a peer holds. A key removed here by a remove request is not
+/// taken back from an offer for `tombstoneLifetime` (TomP2P #129: removed data came back).
+/// Traffic to each peer is bounded by `maxBytesPerPeerPerSecond`; what does not fit is sent on a
+/// later round.
+///
+/// ```swift
+/// let node = try await Node.builder().plugin(DHTPlugin()).plugin(ReplicationPlugin(.indirect())).start()
+/// ```
+public final class IndirectReplication: ReplicationPolicy, Sendable {
+    public let name = "replication.indirect"
+    public let mode: ReplicationMode
+    /// Copies of a location, this peer's included (TomP2P's default is 6).
+    public let factor: Int
+    /// How often every location this peer is responsible for is checked (60 s).
+    public let interval: Duration
+    /// Bytes of values sent to one peer per second, at most (1 MiB).
+    public let maxBytesPerPeerPerSecond: Int
+    /// How long a removed key is refused from offers (10 minutes).
+    public let tombstoneLifetime: Duration
+    /// Removed keys remembered, at most (65,536; the oldest are forgotten first).
+    public let maxTombstones: Int
+
+    public var timerInterval: Duration? { interval }
+
+    private struct State {
+        var dirty: Set<Number160> = []
+        var everything = false
+        var newPeers: [PeerAddress] = []
+        var working = false
+        var tombstones: [Number640: UInt64] = [:]
+        var tombstoneOrder: [(key: Number640, at: UInt64)] = []
+        var budget: [Number160: (second: UInt64, bytes: Int)] = [:]
+        var stats = ReplicationStats()
+    }
+    private let state = NIOLockedValueBox(State())
+
+    public init(mode: ReplicationMode = .nRoot, factor: Int = 6, interval: Duration = .seconds(60),
+                maxBytesPerPeerPerSecond: Int = 1 << 20, tombstoneLifetime: Duration = .seconds(600), maxTombstones: Int = 65_536) {
+        self.mode = mode
+        self.factor = max(1, factor)
+        self.interval = interval
+        self.maxBytesPerPeerPerSecond = maxBytesPerPeerPerSecond
+        self.tombstoneLifetime = tombstoneLifetime
+        self.maxTombstones = maxTombstones
+    }
+
+    /// What this peer has sent so far.
+    public var stats: ReplicationStats { state.withLockedValue { $0.stats } }
+
+    /// A removal is remembered at once, before any replica in flight can land.
+    public func record(_ event: ReplicationEvent) {
+        guard case .dataRemoved(let keys) = event else { return }
+        let until = StoragePipeline.now() + UInt64(tombstoneLifetime.components.seconds) * 1_000_000_000
+        state.withLockedValue { s in
+            for k in keys {
+                s.tombstones[k] = until
+                s.tombstoneOrder.append((k, until))
+            }
+            while s.tombstones.count > maxTombstones, !s.tombstoneOrder.isEmpty {
+                let oldest = s.tombstoneOrder.removeFirst()
+                if s.tombstones[oldest.key] == oldest.at { s.tombstones[oldest.key] = nil }
+            }
+            if s.tombstoneOrder.count > 2 * maxTombstones { s.tombstoneOrder = s.tombstoneOrder.filter { s.tombstones[$0.key] == $0.at } }
+        }
+    }
+
+    public func handle(_ event: ReplicationEvent, context: ReplicationContext) async {
+        let start: Bool = state.withLockedValue { s in
+            switch event {
+            case .dataInserted(let keys):
+                s.dirty.formUnion(keys.map(\.location))
+            case .dataRemoved:
+                return false
+            case .peerInserted(let p):
+                if s.newPeers.count < 1_024 { s.newPeers.append(p) } else { s.everything = true }
+            case .peerRemoved, .timer:
+                s.everything = true
+            }
+            guard !s.working else { return false }
+            s.working = true
+            return true
+        }
+        guard start else { return }
+        await work(context.node)
+    }
+
+    /// Whether a key was removed here lately (an offer of it is not taken).
+    func isTombstoned(_ key: Number640) -> Bool {
+        let now = StoragePipeline.now()
+        return state.withLockedValue { s in
+            guard let until = s.tombstones[key] else { return false }
+            if until > now { return true }
+            s.tombstones[key] = nil
+            return false
+        }
+    }
+
+    /// Drains what events asked for, one location at a time, until nothing is left.
+    private func work(_ node: Node) async {
+        while true {
+            let (locations, newPeers): ([Number160], [PeerAddress]) = state.withLockedValue { s in
+                var locs = Array(s.dirty)
+                if s.everything { locs = node.registry.storageBackend?.storedLocations() ?? [] }
+                let peers = s.newPeers
+                s.dirty = []
+                s.everything = false
+                s.newPeers = []
+                if locs.isEmpty, peers.isEmpty { s.working = false }
+                return (locs, peers)
+            }
+            if locations.isEmpty, newPeers.isEmpty { return }
+            guard await node.isRunning else {
+                state.withLockedValue { $0.working = false }
+                return
+            }
+            let fresh = Set(newPeers.map(\.id))
+            let stored = newPeers.isEmpty ? [] : (node.registry.storageBackend?.storedLocations() ?? [])
+            // A peer that joined gets at once what it is now a replica of.
+            for location in stored {
+                await syncAll(location, to: self.targets(node, location).filter { fresh.contains($0.id) }, node: node)
+            }
+            for location in locations {
+                await syncAll(location, to: self.targets(node, location), node: node)
+            }
+        }
+    }
+
+    /// Syncs a location to its targets at once (a dead target costs one timeout, not one each).
+    private func syncAll(_ location: Number160, to targets: [PeerAddress], node: Node) async {
+        await withTaskGroup(of: Void.self) { group in
+            for t in targets { group.addTask { await self.sync(location, to: t, node: node) } }
+        }
+    }
+
+    private func targets(_ node: Node, _ location: Number160) -> [PeerAddress] {
+        let known = node.peerMap.closest(to: location, count: factor + 1)
+        let ids = Responsibility.targets(mode, for: location, me: node.peerID, peers: known.map(\.id), factor: factor)
+        return known.filter { ids.contains($0.id) }
+    }
+
+    /// Offers one location's keys to a peer, then sends the values it lacks.
+    private func sync(_ location: Number160, to peer: PeerAddress, node: Node) async {
+        guard let backend = node.registry.storageBackend else { return }
+        var query: StorageQuery? = .range(from: Number640(location: location),
+                                          to: Number640(location: location, domain: .max, content: .max, version: .max),
+                                          limit: .max, descending: false)
+        var pages = 0
+        while let q = query, pages < 64 {
+            pages += 1
+            guard case .values(let values, let resume)? = try? backend.execute(.get(q), now: StoragePipeline.now()), !values.isEmpty else { return }
+            query = resume.flatMap { q.resuming(after: $0) }
+            let keys = values.keys.sorted()
+            guard let reply = try? await node.request(to: peer, command: ReplicationOfferCommand.commandName, payload: [.keys640(keys)]),
+                  case .keys640(let wanted)? = reply.payload.first else {
+                state.withLockedValue { $0.stats.failedOffers += 1 }
+                return
+            }
+            state.withLockedValue { $0.stats.offers += 1 }
+            var batch: [Number640: StoredValue] = [:]
+            var batchBytes = 0
+            for key in wanted.prefix(keys.count) {
+                guard var v = values[key] else { continue }
+                // An unsigned value goes with the time it has left; a signed one with the TTL
+                // its signature covers.
+                if v.signature == nil, let left = v.remainingSeconds { v.ttlSeconds = left }
+                v.remainingSeconds = nil
+                let size = v.value.count + 200
+                if batchBytes + size > 2 << 20, !batch.isEmpty {
+                    guard await send(batch, bytes: batchBytes, to: peer, node: node) else { return }
+                    batch = [:]
+                    batchBytes = 0
+                }
+                batch[key] = v
+                batchBytes += size
+            }
+            if !batch.isEmpty { guard await send(batch, bytes: batchBytes, to: peer, node: node) else { return } }
+        }
+    }
+
+    /// Sends values as a plain put, within the peer's byte budget; false when over it.
+    private func send(_ values: [Number640: StoredValue], bytes: Int, to peer: PeerAddress, node: Node) async -> Bool {
+        let second = StoragePipeline.now() / 1_000_000_000
+        let allowed: Bool = state.withLockedValue { s in
+            var b = s.budget[peer.id] ?? (second, 0)
+            if b.second != second { b = (second, 0) }
+            guard b.bytes + bytes <= maxBytesPerPeerPerSecond || b.bytes == 0 else {
+                s.stats.deferred += 1
+                return false
+            }
+            b.bytes += bytes
+            if s.budget.count > 4_096 { s.budget = s.budget.filter { $0.value.second == second } }
+            s.budget[peer.id] = b
+            return true
+        }
+        guard allowed else { return false }
+        let payload = StorageCodec.encode(.put(values, mode: .overwrite))
+        let reply = try? await node.request(to: peer, command: ReplicationPushCommand.commandName, payload: payload)
+        let ok = reply.map { !StorageCodec.isRefusal($0.payload) } ?? false
+        state.withLockedValue { s in
+            if ok {
+                s.stats.valuesSent += values.count
+                s.stats.bytesSent += bytes
+            } else {
+                s.stats.failedPuts += 1
+            }
+        }
+        return ok
+    }
+}
+
+/// What a replication policy sent.
+public struct ReplicationStats: Sendable, Hashable {
+    public var offers = 0
+    public var failedOffers = 0
+    public var valuesSent = 0
+    public var bytesSent = 0
+    public var failedPuts = 0
+    /// Sends put off because a peer's byte budget for the second was spent.
+    public var deferred = 0
+}

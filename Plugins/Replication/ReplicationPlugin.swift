@@ -1,0 +1,80 @@
+import NIOCore
+import P2PKernel
+import P2PStorage
+
+/// Replication as a plugin: installs a `ReplicationPolicy` and, for indirect replication, the
+/// `replication.offer` command through which a responsible peer asks which keys a replica lacks.
+/// Needs a storage backend (the DHT plugin's), installed before it.
+public struct ReplicationPlugin: Plugin {
+    public let name = "replication"
+    public let version = "1.0.0"
+    public let policy: IndirectReplication
+
+    public init(_ policy: IndirectReplication = IndirectReplication()) {
+        self.policy = policy
+    }
+
+    public func install(into registry: PluginRegistry) throws {
+        try registry.register(command: ReplicationOfferCommand(policy: policy))
+        try registry.register(command: ReplicationPushCommand(policy: policy))
+        registry.add(replicationPolicy: policy)
+    }
+}
+
+/// Answers an offer of keys with those this peer lacks and has not removed lately.
+///
+/// Request: `keys640` (at most `maxKeys`, all of one location). Reply: `keys640` of the keys
+/// wanted. An offer costs one lookup per key; a larger one is refused as a bad request.
+struct ReplicationOfferCommand: CommandHandler {
+    static let commandName = "replication.offer"
+    let name = ReplicationOfferCommand.commandName
+    let policy: IndirectReplication
+    /// Keys one offer may carry (as many as one storage request names).
+    static let maxKeys = 1_000
+
+    func handle(_ request: Message, context: CommandContext) -> CommandResult {
+        guard case .keys640(let keys)? = request.payload.first else { return .reply(.error(.badRequest, "an offer is one keys640 section")) }
+        guard keys.count <= Self.maxKeys else { return .reply(.error(.badRequest, "an offer of \(keys.count) keys, over \(Self.maxKeys)")) }
+        guard let location = keys.first?.location, keys.allSatisfy({ $0.location == location }) else {
+            return .reply(Reply(payload: [.keys640([])]))
+        }
+        guard let backend = context.node.registry.storageBackend else { return .reply(.error(.denied, "no storage here")) }
+        let held: Set<Number640>
+        if case .digest(let d)? = try? backend.execute(.digest(.keys(keys)), now: StoragePipeline.now()) {
+            held = Set(d.keys)
+        } else {
+            held = []
+        }
+        let wanted = keys.filter { !held.contains($0) && !policy.isTombstoned($0) }
+        return .reply(Reply(payload: [.keys640(wanted)]))
+    }
+}
+
+/// Stores the values a responsible peer pushes after an offer: a put (the `dht.storage` encoding,
+/// through the node's storage pipeline: admission, interceptors, protection), less any key
+/// removed here lately — so a replica already on its way cannot undo a remove.
+struct ReplicationPushCommand: CommandHandler {
+    static let commandName = "replication.push"
+    let name = ReplicationPushCommand.commandName
+    let policy: IndirectReplication
+
+    func handle(_ request: Message, context: CommandContext) -> CommandResult {
+        let node = context.node
+        guard case .put(let entries, let mode)? = try? StorageCodec.decodeSignedRequest(request.payload, maxEntries: node.storage.limits.maxEntriesPerRequest).request else {
+            return .reply(.error(.badRequest, "a push is one put of at most \(node.storage.limits.maxEntriesPerRequest) values"))
+        }
+        let kept = entries.filter { !policy.isTombstoned($0.key) }
+        guard !kept.isEmpty else { return .reply(Reply(payload: StorageCodec.encode(.statuses([:])))) }
+        let put = StorageRequest.put(kept, mode: mode.subtracting(.protectDomain))
+        return .future(node.storage.executeFuture(put, sender: context.sender, node: node).map { result in
+            if case .statuses(let s, _) = result {
+                let stored = s.filter { $0.value == .ok || $0.value == .versionFork }.map(\.key)
+                if !stored.isEmpty { node.replicate(.dataInserted(stored)) }
+            }
+            return Reply(payload: StorageCodec.encode(result))
+        }.flatMapErrorThrowing { error in
+            guard let e = error as? StorageError else { throw error }
+            return Reply(payload: StorageCodec.encode(refusal: e))
+        })
+    }
+}

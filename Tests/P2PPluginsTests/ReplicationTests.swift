@@ -1,0 +1,95 @@
+import NIOCore
+import P2PDHT
+import P2PKernel
+import P2PReplication
+import P2PStorage
+import P2PTesting
+import Testing
+
+@Suite("Replication", .serialized)
+struct ReplicationTests {
+    @Test("responsibility: the replica set is the factor closest (self included); 0-root: only the closest copies, n-root: every member does")
+    func responsibility() {
+        let (a, b, c, d) = (Number160(0x0a), Number160(0x0b), Number160(0x0c), Number160(0x0d))
+        // Key a with b, c, d known: by XOR a 0, b 1, c 6, d 7.
+        #expect(Responsibility.replicaSet(of: a, me: a, peers: [d, c, b], factor: 3) == [a, b, c])
+        #expect(Responsibility.isResponsible(.zeroRoot, for: a, me: a, peers: [b, c, d], factor: 3))
+        #expect(!Responsibility.isResponsible(.zeroRoot, for: a, me: b, peers: [a, c, d], factor: 3))
+        #expect(Responsibility.isResponsible(.nRoot, for: a, me: b, peers: [a, c, d], factor: 3))
+        #expect(!Responsibility.isResponsible(.nRoot, for: a, me: d, peers: [a, b, c], factor: 3))
+        #expect(Responsibility.targets(.zeroRoot, for: a, me: a, peers: [b, c, d], factor: 3) == [b, c])
+        // Not responsible: 0-root hands its copy to the root, n-root to the replica set.
+        #expect(Responsibility.targets(.zeroRoot, for: a, me: d, peers: [a, b, c], factor: 3) == [a])
+        #expect(Responsibility.targets(.nRoot, for: a, me: d, peers: [a, b, c], factor: 3) == [a, b, c])
+        // Factor 1: nobody else holds it.
+        #expect(Responsibility.targets(.nRoot, for: b, me: b, peers: [a, c, d], factor: 1).isEmpty)
+        // Key b with a alone known (the "+b" step of TomP2P's tables, seen from a): a is not the
+        // root of b at factor 1 and hands its copy to b; at factor 2 it is a replica in n-root.
+        #expect(Responsibility.targets(.zeroRoot, for: b, me: a, peers: [b], factor: 1) == [b])
+        #expect(Responsibility.isResponsible(.nRoot, for: b, me: a, peers: [b], factor: 2))
+    }
+
+    static func holders(_ nodes: [Node], _ key: Number640) -> [Node] {
+        nodes.filter { n in
+            guard case .values(let v, _)? = try? n.registry.storageBackend?.execute(.get(.keys([key])), now: StoragePipeline.now()) else { return false }
+            return !v.isEmpty
+        }
+    }
+
+    @Test("11 peers, factor 6, 1 s interval: five of the six holders vanish without a word, and the six closest survivors come to hold the value")
+    func consistency() async throws {
+        let net = try await Testnet.start(peers: 11, routing: .perfect, plugins: { _ in
+            builtIns() + [ReplicationPlugin(IndirectReplication(mode: .nRoot, factor: 6, interval: .seconds(1)))]
+        }, configure: { _, c in c.requestTimeout = .seconds(1) })
+        let key = Number640(location: .max)
+        #expect(try await net.nodes[5].dht.put(key, Array("survives".utf8), options: DHTOptions(replicas: 6)).isSuccess)
+        let first = Self.holders(net.nodes, key)
+        #expect(first.count >= 6)
+        // Five holders other than the writer vanish (no quit).
+        let dead = Array(first.filter { $0 !== net.nodes[5] }.prefix(5))
+        for n in dead { await n.shutdown(announce: false) }
+        let alive = net.nodes.filter { n in !dead.contains { $0 === n } }
+        let closest = Set(net.trueClosest(to: key.location, count: 11).filter { id in alive.contains { $0.peerID == id } }.prefix(6))
+        let clock = ContinuousClock()
+        let start = clock.now
+        var holding: Set<Number160> = []
+        while clock.now - start < .seconds(60) {
+            holding = Set(Self.holders(alive, key).map(\.peerID))
+            if closest.isSubset(of: holding) { break }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        #expect(closest.isSubset(of: holding), "the six closest survivors: \(closest.count), holding: \(holding.intersection(closest).count)")
+        print("replication: the six closest survivors held the value after \(clock.now - start)")
+        await net.shutdown()
+    }
+
+    @Test("a removed value is not brought back by replication")
+    func removedStaysRemoved() async throws {
+        let policies = (0..<8).map { _ in IndirectReplication(mode: .nRoot, factor: 4, interval: .seconds(1)) }
+        let net = try await Testnet.start(peers: 8, routing: .perfect, plugins: { i in builtIns() + [ReplicationPlugin(policies[i])] })
+        let key = Number640(location: Number160(hashing: "gone"))
+        #expect(try await net.nodes[0].dht.put(key, [1], options: DHTOptions(replicas: 4)).isSuccess)
+        // Wait until the replicas hold it, then remove it from all but one holder, as a remove
+        // that missed a peer would.
+        let clock = ContinuousClock()
+        let start = clock.now
+        while Self.holders(net.nodes, key).count < 4, clock.now - start < .seconds(30) { try await Task.sleep(for: .milliseconds(100)) }
+        let holders = Self.holders(net.nodes, key)
+        #expect(holders.count >= 4)
+        for h in holders.dropFirst() {
+            // As the DHT does after a remove: the policies learn it before anything else lands.
+            h.replicate(.dataRemoved([key]))
+            _ = try await h.storage.execute(.remove(.keys([key]), returnValues: false), sender: nil, node: h)
+        }
+        // After the remaining holder has offered it three more times, the removed copies are
+        // still gone (each offer was answered "not wanted").
+        let keeper = try #require(holders.first)
+        let policy = try #require(net.nodes.firstIndex { $0 === keeper }.map { policies[$0] })
+        let offered = policy.stats.offers
+        let wait = clock.now
+        while policy.stats.offers < offered + 3, clock.now - wait < .seconds(30) { try await Task.sleep(for: .milliseconds(100)) }
+        #expect(policy.stats.offers >= offered + 3)
+        #expect(Self.holders(net.nodes, key).count == 1)
+        await net.shutdown()
+    }
+}
