@@ -92,4 +92,70 @@ struct ReplicationTests {
         #expect(Self.holders(net.nodes, key).count == 1)
         await net.shutdown()
     }
+
+    static func node(_ policy: IndirectReplication) async throws -> Node {
+        try await Node.builder().host("127.0.0.1").port(0).maintenance(nil).requestTimeout(.seconds(2))
+            .plugins(builtIns() + [ReplicationPlugin(policy)]).start()
+    }
+
+    /// Waits until `condition` holds (deadline 30 s); whether it did.
+    static func eventually(_ condition: () -> Bool) async throws -> Bool {
+        let clock = ContinuousClock()
+        let start = clock.now
+        while !condition() {
+            guard clock.now - start < .seconds(30) else { return false }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        return true
+    }
+
+    @Test("a peer that joins closest to a stored location receives its data at once, not at the next timer (which is an hour away)")
+    func joinerReceivesAtOnce() async throws {
+        let net = try await Testnet.start(peers: 6, routing: .perfect, plugins: { _ in
+            builtIns() + [ReplicationPlugin(IndirectReplication(mode: .nRoot, factor: 3, interval: .seconds(3_600)))]
+        })
+        let newcomer = try await Self.node(IndirectReplication(mode: .nRoot, factor: 3, interval: .seconds(3_600)))
+        // The data lives at the newcomer's own id: once it joins it is the closest peer there.
+        let key = Number640(location: newcomer.peerID)
+        #expect(try await net.nodes[0].dht.put(key, Array("yours".utf8), options: DHTOptions(replicas: 3)).isSuccess)
+        #expect(Self.holders([newcomer], key).isEmpty)
+        try await newcomer.bootstrap(to: net.nodes[0].address.socket)
+        #expect(try await Self.eventually { !Self.holders([newcomer], key).isEmpty })
+        await newcomer.shutdown()
+        await net.shutdown()
+    }
+
+    @Test("TomP2P's responsibility walk (a stores, b, c, d join one by one, then leave one by one), factors 1-3, 0-root and n-root: after every step the f closest live peers hold the data", arguments: [ReplicationMode.zeroRoot, .nRoot], [1, 2, 3])
+    func responsibilityWalk(mode: ReplicationMode, factor: Int) async throws {
+        let peers = try await (0..<4).asyncMap { _ in try await Self.node(IndirectReplication(mode: mode, factor: factor, interval: .seconds(1))) }
+        let a = peers[0]
+        let key = Number640(location: Number160(hashing: "walk \(mode) \(factor)"))
+        #expect(try await a.dht.put(key, [1], options: DHTOptions(replicas: 1)).isSuccess)
+        var live = [a]
+        func closestHold() -> Bool {
+            let ids = Set(Responsibility.replicaSet(of: key.location, me: a.peerID, peers: live.map(\.peerID), factor: factor))
+            return Set(Self.holders(live, key).map(\.peerID)).isSuperset(of: ids)
+        }
+        for joiner in peers.dropFirst() {
+            // Made known first-hand to every live peer (in 0-root only the root copies, so it
+            // must know the peers it copies to; TomP2P's test counts a's notifications instead).
+            for p in live { _ = try await joiner.ping(p.address.socket) }
+            live.append(joiner)
+            #expect(try await Self.eventually(closestHold), "after +\(live.count - 1): \(mode) f=\(factor)")
+        }
+        for leaver in peers.dropFirst() {
+            await leaver.shutdown()
+            live.removeAll { $0 === leaver }
+            #expect(try await Self.eventually(closestHold), "after a leave, \(live.count) live: \(mode) f=\(factor)")
+        }
+        for p in peers { await p.shutdown() }
+    }
+}
+
+extension Sequence {
+    func asyncMap<T>(_ transform: (Element) async throws -> T) async rethrows -> [T] {
+        var out: [T] = []
+        for e in self { out.append(try await transform(e)) }
+        return out
+    }
 }
