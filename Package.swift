@@ -75,7 +75,7 @@ let package = Package(
         .target(name: "P2PMessaging", dependencies: ["P2PKernel", .product(name: "NIOCore", package: "swift-nio")], path: "Plugins/Messaging"),
         .target(name: "P2PEvaluation", dependencies: ["P2PKernel"], path: "Plugins/Evaluation"),
         .target(name: "P2PPeerVote", dependencies: ["P2PKernel", "P2PStorage"], path: "Plugins/PeerVote"),
-        .target(name: "P2PReplication", dependencies: ["P2PKernel", "P2PStorage", .product(name: "NIOCore", package: "swift-nio"),
+        .target(name: "P2PReplication", dependencies: ["P2PKernel", "P2PStorage", "P2PDHT", .product(name: "NIOCore", package: "swift-nio"),
                                                        .product(name: "NIOConcurrencyHelpers", package: "swift-nio")], path: "Plugins/Replication"),
         .executableTarget(
             name: "p2p",

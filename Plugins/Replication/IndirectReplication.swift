@@ -39,6 +39,14 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
     private struct State {
         var dirty: Set<Number160> = []
         var everything = false
+        /// A peer left: copies held outside a replica set are handed in too (its root may have
+        /// been the one that left).
+        var handIn = false
+        /// Changes per location (stores and removes here), and what each peer was last brought
+        /// up to: (location's generation, round) by peer and location.
+        var generations: [Number160: UInt64] = [:]
+        var synced: [SyncKey: (generation: UInt64, round: Int)] = [:]
+        var round = 0
         var newPeers: [PeerAddress] = []
         var working = false
         var tombstones: [Number640: UInt64] = [:]
@@ -82,13 +90,20 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
         let start: Bool = state.withLockedValue { s in
             switch event {
             case .dataInserted(let keys):
-                s.dirty.formUnion(keys.map(\.location))
+                for l in Set(keys.map(\.location)) {
+                    s.dirty.insert(l)
+                    s.generations[l, default: 0] += 1
+                }
             case .dataRemoved:
                 return false
             case .peerInserted(let p):
                 if s.newPeers.count < 1_024 { s.newPeers.append(p) } else { s.everything = true }
-            case .peerRemoved, .timer:
+            case .timer:
+                s.round += 1
                 s.everything = true
+            case .peerRemoved:
+                s.everything = true
+                s.handIn = true
             }
             guard !s.working else { return false }
             s.working = true
@@ -112,16 +127,18 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
     /// Drains what events asked for, one location at a time, until nothing is left.
     private func work(_ node: Node) async {
         while true {
-            let (locations, newPeers): ([Number160], [PeerAddress]) = state.withLockedValue { s in
-                var locs = Array(s.dirty)
-                if s.everything { locs = node.registry.storageBackend?.storedLocations() ?? [] }
-                let peers = s.newPeers
-                s.dirty = []
-                s.everything = false
-                s.newPeers = []
-                if locs.isEmpty, peers.isEmpty { s.working = false }
-                return (locs, peers)
+            let (inserted, everything, handIn, newPeers): (Set<Number160>, Bool, Bool, [PeerAddress]) = state.withLockedValue { s in
+                defer {
+                    s.dirty = []
+                    s.everything = false
+                    s.handIn = false
+                    s.newPeers = []
+                }
+                if s.dirty.isEmpty, !s.everything, s.newPeers.isEmpty { s.working = false }
+                return (s.dirty, s.everything, s.handIn, s.newPeers)
             }
+            var locations = Array(inserted)
+            if everything { locations = Array(Set(node.registry.storageBackend?.storedLocations() ?? []).union(inserted)) }
             if locations.isEmpty, newPeers.isEmpty { return }
             guard await node.isRunning else {
                 state.withLockedValue { $0.working = false }
@@ -129,11 +146,14 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
             }
             let fresh = Set(newPeers.map(\.id))
             let stored = newPeers.isEmpty ? [] : (node.registry.storageBackend?.storedLocations() ?? [])
-            // A peer that joined gets at once what it is now a replica of.
+            // A peer that joined gets at once what it is now a replica (or the root) of.
             for location in stored {
                 await syncAll(location, to: self.targets(node, location).filter { fresh.contains($0.id) }, node: node)
             }
             for location in locations {
+                // A copy stored here that this peer is not responsible for is handed in when it
+                // arrives and when a peer leaves; the timer serves the responsible peers only.
+                guard handIn || inserted.contains(location) || isResponsible(node, location) else { continue }
                 await syncAll(location, to: self.targets(node, location), node: node)
             }
         }
@@ -146,15 +166,32 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
         }
     }
 
+    private func isResponsible(_ node: Node, _ location: Number160) -> Bool {
+        let known = node.peerMap.closest(to: location, count: factor + 1)
+        return Responsibility.isResponsible(mode, for: location, me: node.peerID, peers: known.map(\.id), factor: factor)
+    }
+
     private func targets(_ node: Node, _ location: Number160) -> [PeerAddress] {
         let known = node.peerMap.closest(to: location, count: factor + 1)
         let ids = Responsibility.targets(mode, for: location, me: node.peerID, peers: known.map(\.id), factor: factor)
         return known.filter { ids.contains($0.id) }
     }
 
-    /// Offers one location's keys to a peer, then sends the values it lacks.
+    /// Rounds after which a peer already brought up to date is offered a location again (it may
+    /// have lost data without changing its id).
+    static let reofferRounds = 3
+
+    /// Offers one location's keys to a peer, then sends the values it lacks — unless the peer
+    /// was brought up to date with this location as it is now, fewer than `reofferRounds` ago.
     private func sync(_ location: Number160, to peer: PeerAddress, node: Node) async {
         guard let backend = node.registry.storageBackend else { return }
+        let memo = SyncKey(peer: peer.id, location: location)
+        let (generation, upToDate): (UInt64, Bool) = state.withLockedValue { s in
+            let g = s.generations[location] ?? 0
+            guard let last = s.synced[memo] else { return (g, false) }
+            return (g, last.generation == g && s.round - last.round < Self.reofferRounds)
+        }
+        guard !upToDate else { return }
         var query: StorageQuery? = .range(from: Number640(location: location),
                                           to: Number640(location: location, domain: .max, content: .max, version: .max),
                                           limit: .max, descending: false)
@@ -169,7 +206,10 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
                 state.withLockedValue { $0.stats.failedOffers += 1 }
                 return
             }
-            state.withLockedValue { $0.stats.offers += 1 }
+            state.withLockedValue {
+                $0.stats.offers += 1
+                $0.stats.keysOffered += keys.count
+            }
             var batch: [Number640: StoredValue] = [:]
             var batchBytes = 0
             for key in wanted.prefix(keys.count) {
@@ -188,6 +228,11 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
                 batchBytes += size
             }
             if !batch.isEmpty { guard await send(batch, bytes: batchBytes, to: peer, node: node) else { return } }
+        }
+        guard query == nil else { return }
+        state.withLockedValue { s in
+            if s.synced.count >= 200_000 { s.synced.removeAll(keepingCapacity: true) }
+            s.synced[memo] = (generation, s.round)
         }
     }
 
@@ -222,9 +267,17 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
     }
 }
 
+/// A peer and a location (what a sync brought up to date).
+struct SyncKey: Hashable {
+    let peer: Number160
+    let location: Number160
+}
+
 /// What a replication policy sent.
 public struct ReplicationStats: Sendable, Hashable {
     public var offers = 0
+    /// Keys named in offers (80 bytes each on the wire).
+    public var keysOffered = 0
     public var failedOffers = 0
     public var valuesSent = 0
     public var bytesSent = 0

@@ -8,16 +8,30 @@ import P2PStorage
 public struct ReplicationPlugin: Plugin {
     public let name = "replication"
     public let version = "1.0.0"
-    public let policy: IndirectReplication
+    /// Indirect replication (the responsible peers keep the copies), if chosen.
+    public let indirect: IndirectReplication?
+    /// Direct replication (the owner republishes), if chosen.
+    public let direct: DirectReplication?
 
+    /// Indirect replication (n-root, factor 6, every 60 s by default).
     public init(_ policy: IndirectReplication = IndirectReplication()) {
-        self.policy = policy
+        indirect = policy
+        direct = nil
+    }
+
+    /// Direct replication: publish through `direct.publish`.
+    public init(direct: DirectReplication) {
+        indirect = nil
+        self.direct = direct
     }
 
     public func install(into registry: PluginRegistry) throws {
-        try registry.register(command: ReplicationOfferCommand(policy: policy))
-        try registry.register(command: ReplicationPushCommand(policy: policy))
-        registry.add(replicationPolicy: policy)
+        if let indirect {
+            try registry.register(command: ReplicationOfferCommand(policy: indirect))
+            try registry.register(command: ReplicationPushCommand(policy: indirect))
+            registry.add(replicationPolicy: indirect)
+        }
+        if let direct { registry.add(replicationPolicy: direct) }
     }
 }
 

@@ -3,6 +3,7 @@ import Dispatch
 import Foundation
 import P2PKernel
 import P2PLoader
+import P2PReplication
 
 struct NodeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -28,11 +29,17 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(name: .customLong("plugin"), help: "A plugin .so file to load (repeatable); one that fails to load is refused and the node runs without it.")
     var pluginFiles: [String] = []
 
-    @Option(help: "A JSON config file: {\"port\", \"host\", \"network_id\", \"bootstrap\": [..], \"plugins\": [..], \"plugin_files\": [..], \"key\", \"insecure\", \"nat\"}; flags given here win.")
+    @Option(help: "A JSON config file: {\"port\", \"host\", \"network_id\", \"bootstrap\": [..], \"plugins\": [..], \"plugin_files\": [..], \"key\", \"insecure\", \"nat\", \"replication\", \"replication_factor\"}; flags given here win.")
     var config: String?
 
     @Option(help: "NAT traversal: auto (observe, probe, map ports on the gateway; the default) or off.")
     var nat: NATModeArgument?
+
+    @Option(help: "Replication with the dht plugin: indirect (the peers responsible for a location keep its copies; the default), direct (this node republishes what it publishes), none.")
+    var replication: ReplicationArgument?
+
+    @Option(name: .customLong("replication-factor"), help: "Copies of each location with indirect replication (1 to 20; default 6).")
+    var replicationFactor: Int?
 
     @OptionGroup var identity: IdentityOptions
 
@@ -59,7 +66,21 @@ struct NodeCommand: AsyncParsableCommand {
         }
         let names = plugins.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
         let id = IDBox()
-        let list = try BuiltInPlugins.make(names, peerID: { id.value })
+        var list = try BuiltInPlugins.make(names, peerID: { id.value })
+        if let text = file.replication, ReplicationArgument(rawValue: text) == nil {
+            throw CLIError.usage("config \(config ?? ""): replication must be indirect, direct or none, not '\(text)'")
+        }
+        let replicationMode = replication ?? file.replication.flatMap(ReplicationArgument.init(rawValue:)) ?? .indirect
+        let factor = replicationFactor ?? file.replication_factor ?? 6
+        guard (1...20).contains(factor) else { throw CLIError.usage("--replication-factor must be from 1 to 20, got \(factor)") }
+        if replicationMode != .none {
+            if names.contains("dht") {
+                list.append(replicationMode == .indirect ? ReplicationPlugin(IndirectReplication(mode: .nRoot, factor: factor))
+                                                         : ReplicationPlugin(direct: DirectReplication()))
+            } else if replication != nil || file.replication != nil {
+                throw CLIError.usage("--replication \(replicationMode.rawValue) needs the dht plugin")
+            }
+        }
         var builder = try identity.apply(to: Node.builder(), keyFile: file.key, insecure: file.insecure)
         if let text = file.nat, NATModeArgument(rawValue: text) == nil {
             throw CLIError.usage("config \(config ?? ""): nat must be auto or off, not '\(text)'")
@@ -78,6 +99,9 @@ struct NodeCommand: AsyncParsableCommand {
         id.value = node.peerID.description
         for (name, reason) in node.refusedPlugins { say("plugin \(name) refused: \(reason)") }
         if !names.isEmpty { say("plugins: \(names.joined(separator: ", "))") }
+        if names.contains("dht") {
+            say(replicationMode == .indirect ? "replication: indirect, n-root, factor \(factor)" : "replication: \(replicationMode.rawValue)")
+        }
         say("node \(node.peerID) listening on \(host):\(node.address.udpPort) (udp+tcp\(node.config.security == .insecure ? ", INSECURE: plaintext, unauthenticated" : ", authenticated sessions"))")
         // Peers come and go at a rate others control: a budget keeps the log from being a lever.
         let budget = LogBudget(perSecond: node.config.limits.peerEventLogsPerSecond)
@@ -117,6 +141,11 @@ struct NodeCommand: AsyncParsableCommand {
 /// `--nat auto|off`.
 enum NATModeArgument: String, ExpressibleByArgument {
     case auto, off
+}
+
+/// `--replication indirect|direct|none`.
+enum ReplicationArgument: String, ExpressibleByArgument {
+    case indirect, direct, none
 }
 
 /// Holds the node's id for handlers created before the node exists.
@@ -165,6 +194,8 @@ struct NodeConfigFile: Decodable {
     var key: String?
     var insecure: Bool?
     var nat: String?
+    var replication: String?
+    var replication_factor: Int?
 
     init() {}
 

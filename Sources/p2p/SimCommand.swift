@@ -5,6 +5,7 @@ import NIOCore
 import P2PKernel
 import P2PLoader
 import P2PDHT
+import P2PReplication
 import P2PStorage
 import P2PTesting
 
@@ -56,6 +57,21 @@ struct SimCommand: AsyncParsableCommand {
     @Flag(help: "Run every peer without sessions (plaintext, unauthenticated), to compare with the default.")
     var insecure = false
 
+    @Option(help: "Values to store before churn (0: no churn phase). Every peer then runs indirect replication (n-root).")
+    var values: Int = 0
+
+    @Option(help: "Fraction of the peers that leave abruptly (no quit) in each wave, as many new ones joining.")
+    var churn: Double = 0.3
+
+    @Option(name: .customLong("churn-waves"), help: "Waves of churn.")
+    var churnWaves: Int = 1
+
+    @Option(name: .customLong("replication-factor"), help: "Copies of each value (with --values).")
+    var replicationFactor: Int = 6
+
+    @Option(name: .customLong("replication-interval"), help: "Seconds between replication rounds (with --values).")
+    var replicationInterval: Double = 2
+
     func validate() throws {
         guard peers >= 1 else { throw ValidationError("--peers must be at least 1, got \(peers)") }
         guard lookups >= 0 else { throw ValidationError("--lookups must not be negative, got \(lookups)") }
@@ -64,6 +80,12 @@ struct SimCommand: AsyncParsableCommand {
         guard (0...(1 << 20)).contains(valueSize) else { throw ValidationError("--value-size must be from 0 to 1048576") }
         guard (1...64).contains(parallel) else { throw ValidationError("--parallel must be from 1 to 64, got \(parallel)") }
         guard joinConcurrency >= 1 else { throw ValidationError("--join-concurrency must be at least 1") }
+        guard (0...100_000).contains(values) else { throw ValidationError("--values must be from 0 to 100000, got \(values)") }
+        guard churn >= 0, churn < 1 else { throw ValidationError("--churn must be from 0 to below 1, got \(churn)") }
+        guard (1...100).contains(churnWaves) else { throw ValidationError("--churn-waves must be from 1 to 100, got \(churnWaves)") }
+        guard (1...20).contains(replicationFactor) else { throw ValidationError("--replication-factor must be from 1 to 20, got \(replicationFactor)") }
+        guard replicationInterval >= 0.1, replicationInterval <= 3_600 else { throw ValidationError("--replication-interval must be from 0.1 to 3600 seconds") }
+        guard values == 0 || peers >= 2 else { throw ValidationError("churn needs at least 2 peers") }
     }
 
     func run() async throws {
@@ -71,8 +93,12 @@ struct SimCommand: AsyncParsableCommand {
         let rssBefore = residentMemoryBytes() ?? 0
         note("starting \(peers) peers…")
         let net: Testnet
+        let policies = PolicyRegistry(factor: replicationFactor, interval: .milliseconds(Int(replicationInterval * 1000)))
+        let replicating = values > 0
         do {
-            let names = ops > 0 ? plugins.split(separator: ",").map(String.init).filter { !$0.isEmpty } : []
+            var chosen = ops > 0 ? plugins.split(separator: ",").map(String.init).filter { !$0.isEmpty } : []
+            if replicating { for p in ["dht", "evaluation"] where !chosen.contains(p) { chosen.append(p) } }
+            let names = chosen
             _ = try BuiltInPlugins.make(names, peerID: { "" })
             for file in pluginFiles {
                 do { _ = try PluginLoader.load(file) } catch { throw CLIError.usage("\(error)") }
@@ -84,6 +110,7 @@ struct SimCommand: AsyncParsableCommand {
                                           plugins: { _ in
                                               ((try? BuiltInPlugins.make(names, peerID: { "" })) ?? [])
                                                   + files.compactMap { try? PluginLoader.load($0) }
+                                                  + (replicating ? [ReplicationPlugin(policies.make())] : [])
                                           },
                                           configure: { _, config in config.security = security },
                                           progress: { phase, done, total in note("  \(phase): \(done)/\(total)") })
@@ -146,6 +173,16 @@ struct SimCommand: AsyncParsableCommand {
                 phases[name]?.handshakes = (net.nodes.reduce(0) { $0 + $1.handshakesCompleted } - before) / 2
             }
         }
+        var churnReport: [ChurnWave]?
+        if replicating {
+            let names = ["dht", "evaluation"]
+            let sim = ChurnSim(values: values, churn: churn, waves: churnWaves, valueSize: valueSize, policies: policies, makePlugins: {
+                ((try? BuiltInPlugins.make(names, peerID: { "" })) ?? []) + [ReplicationPlugin(policies.make())]
+            })
+            let (waves, live) = try await sim.run(net)
+            churnReport = waves
+            for n in live where !net.nodes.contains(where: { $0 === n }) { await n.shutdown() }
+        }
         let verified = net.nodes.map { $0.peerMap.counts.verified }
         note("shutting down…")
         await net.shutdown()
@@ -172,7 +209,8 @@ struct SimCommand: AsyncParsableCommand {
             rssMiB: Double(rssAfter) / 1_048_576,
             verifiedMean: Double(verified.reduce(0, +)) / Double(max(1, verified.count)),
             phases: phases,
-            footprint: footprint
+            footprint: footprint,
+            churn: churnReport.map { ChurnReport(churn: churn, factor: replicationFactor, values: values, waves: $0) }
         )
         if json {
             print(report.json())
@@ -239,6 +277,7 @@ struct SimReport {
     var verifiedMean: Double
     var phases: [String: PhaseReport]
     var footprint: StorageFootprint?
+    var churn: ChurnReport?
 
     func json() -> String {
         func r(_ v: Double, _ digits: Int = 4) -> Double { (v * pow(10, Double(digits))).rounded() / pow(10, Double(digits)) }
@@ -270,6 +309,17 @@ struct SimReport {
         if let footprint {
             object["storage_bytes_per_100_byte_entry"] = ["unsigned": r(footprint.unsigned, 0), "signed": r(footprint.signed, 0)]
         }
+        if let churn {
+            object["churn"] = [
+                "fraction": churn.churn, "factor": churn.factor, "values": churn.values, "waves": churn.waves.count,
+                "retrievable": r(churn.retrievable, 5), "replicas_mean": r(churn.replicasMean, 3),
+                "replication_bytes_per_value_per_wave": r(churn.bytesPerValuePerWave, 1),
+                "per_wave": churn.waves.map { w in
+                    ["left": w.left, "joined": w.joined, "retrievable": r(w.retrievable, 5), "replicas_mean": r(w.replicasMean, 3),
+                     "replication_bytes_per_value": r(w.bytesPerValue, 1), "settle_s": r(w.settleSeconds, 2)] as [String: Any]
+                },
+            ] as [String: Any]
+        }
         let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
         return String(decoding: data, as: UTF8.self)
     }
@@ -290,6 +340,10 @@ struct SimReport {
                 "\n  \(name.padding(toLength: 12, withPad: " ", startingAt: 0))  \(f(p.opsPerSecond, 0)) ops/s with \(p.concurrency) in flight · p50 \(f(p.p50)) ms · p95 \(f(p.p95)) ms · p99 \(f(p.p99)) ms · success \(f(p.successRate * 100, 2)) %"
             }
         }.joined() + (footprint.map { "\n  storage       \(f($0.unsigned, 0)) bytes per stored 100-byte entry (\(f($0.signed, 0)) signed and protected)" } ?? "")
+            + (churn.map { c in
+                "\n  churn         \(c.waves.count) waves of \(f(c.churn * 100, 0)) %: \(f(c.retrievable * 100, 2)) % of \(c.values) values retrievable (worst wave), "
+                    + "\(f(c.replicasMean, 2)) replicas on average (factor \(c.factor)), \(f(c.bytesPerValuePerWave, 0)) replication bytes per value per wave"
+            } ?? "")
     }
 }
 
@@ -370,3 +424,15 @@ final class DHTWorkload: @unchecked Sendable {
 @_silgen_name("malloc_trim")
 func glibcMallocTrim(_ pad: Int) -> Int32
 #endif
+
+/// The churn phase's figures.
+struct ChurnReport {
+    var churn: Double
+    var factor: Int
+    var values: Int
+    var waves: [ChurnWave]
+    /// The worst wave's share of values found with their exact bytes.
+    var retrievable: Double { waves.map(\.retrievable).min() ?? 0 }
+    var replicasMean: Double { waves.last?.replicasMean ?? 0 }
+    var bytesPerValuePerWave: Double { waves.isEmpty ? 0 : waves.map(\.bytesPerValue).reduce(0, +) / Double(waves.count) }
+}

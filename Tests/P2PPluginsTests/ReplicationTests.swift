@@ -40,7 +40,11 @@ struct ReplicationTests {
     func consistency() async throws {
         let net = try await Testnet.start(peers: 11, routing: .perfect, plugins: { _ in
             builtIns() + [ReplicationPlugin(IndirectReplication(mode: .nRoot, factor: 6, interval: .seconds(1)))]
-        }, configure: { _, c in c.requestTimeout = .seconds(1) })
+        }, configure: { _, c in
+            c.requestTimeout = .seconds(1)
+            // As a running node does: peers are pinged now and then, so the dead are noticed.
+            c.maintenanceInterval = .seconds(1)
+        })
         let key = Number640(location: .max)
         #expect(try await net.nodes[5].dht.put(key, Array("survives".utf8), options: DHTOptions(replicas: 6)).isSuccess)
         let first = Self.holders(net.nodes, key)
@@ -149,6 +153,45 @@ struct ReplicationTests {
             #expect(try await Self.eventually(closestHold), "after a leave, \(live.count) live: \(mode) f=\(factor)")
         }
         for p in peers { await p.shutdown() }
+    }
+}
+
+@Suite("Direct replication", .serialized)
+struct DirectReplicationTests {
+    @Test("the owner republishes a value with a 3 s TTL every second: it outlives its TTL; cancelled, it expires everywhere; removed, it is removed again each interval")
+    func republish() async throws {
+        let direct = DirectReplication(tick: .milliseconds(200), removeRepeats: 3)
+        let net = try await Testnet.start(peers: 6, routing: .perfect, plugins: { i in
+            builtIns() + (i == 0 ? [ReplicationPlugin(direct: direct)] : [])
+        })
+        let owner = net.nodes[0]
+        let key = Number640(location: Number160(hashing: "refreshed"))
+        #expect(try await direct.publish(key, Array("alive".utf8), ttl: .seconds(3), every: .seconds(1), options: DHTOptions(replicas: 3), on: owner).isSuccess)
+        await #expect(throws: DirectReplication.PublishError.intervalNotBelowTTL) {
+            try await direct.publish(key, [1], ttl: .seconds(1), every: .seconds(2), on: owner)
+        }
+        // Six refreshes a second apart: twice the TTL has passed since the first put.
+        #expect(try await ReplicationTests.eventually { direct.sent.puts >= 7 })
+        #expect(ReplicationTests.holders(net.nodes, key).count >= 3)
+        #expect(text(try await net.nodes[4].dht.get(key).value) == "alive")
+        // Cancelled: no more puts, and the copies lapse by their TTL.
+        direct.cancel(key)
+        let putsAtCancel = direct.sent.puts
+        #expect(direct.published.isEmpty)
+        #expect(try await ReplicationTests.eventually { ReplicationTests.holders(net.nodes, key).isEmpty })
+        // (A tick already under way when it was cancelled may have sent one more.)
+        #expect(direct.sent.puts <= putsAtCancel + 1)
+        #expect((try await net.nodes[4].dht.get(key)).isEmpty)
+
+        // Published again, then removed: the remove goes out now and twice more.
+        let other = Number640(location: Number160(hashing: "removed"))
+        #expect(try await direct.publish(other, [7], ttl: .seconds(60), every: .seconds(1), options: DHTOptions(replicas: 3), on: owner).isSuccess)
+        #expect(try await ReplicationTests.eventually { !ReplicationTests.holders(net.nodes, other).isEmpty })
+        try await direct.remove(other, on: owner)
+        #expect(try await ReplicationTests.eventually { direct.sent.removes >= 3 })
+        #expect(ReplicationTests.holders(net.nodes, other).isEmpty)
+        #expect(direct.published.isEmpty)
+        await net.shutdown()
     }
 }
 

@@ -1,0 +1,147 @@
+import Foundation
+import NIOConcurrencyHelpers
+import P2PDHT
+import P2PKernel
+import P2PReplication
+import P2PStorage
+import P2PTesting
+
+/// Every replication policy the simulation made, to sum what they sent.
+final class PolicyRegistry: Sendable {
+    private let all = NIOLockedValueBox<[IndirectReplication]>([])
+    let factor: Int
+    let interval: Duration
+
+    init(factor: Int, interval: Duration) {
+        self.factor = factor
+        self.interval = interval
+    }
+
+    func make() -> IndirectReplication {
+        let p = IndirectReplication(mode: .nRoot, factor: factor, interval: interval)
+        all.withLockedValue { $0.append(p) }
+        return p
+    }
+
+    /// Bytes of values and of offered keys sent so far, and how many values moved (offers go on
+    /// every round; values move only while replica sets are being refilled).
+    var sent: (bytes: Int, activity: Int) {
+        all.withLockedValue { ps in
+            ps.reduce((0, 0)) { acc, p in
+                let s = p.stats
+                return (acc.0 + s.bytesSent + s.keysOffered * 80, acc.1 + s.valuesSent + s.failedPuts)
+            }
+        }
+    }
+}
+
+/// What one wave of churn left.
+struct ChurnWave {
+    var left: Int
+    var joined: Int
+    var retrievable: Double
+    var replicasMean: Double
+    var bytesPerValue: Double
+    var settleSeconds: Double
+}
+
+/// Stores values, then in waves makes a fraction of the peers vanish without a word and as many
+/// new ones join, lets replication run until it is quiet, and checks every value from a random
+/// live peer.
+struct ChurnSim {
+    let values: Int
+    let churn: Double
+    let waves: Int
+    let valueSize: Int
+    let policies: PolicyRegistry
+    let makePlugins: @Sendable () -> [any Plugin]
+
+    func run(_ net: Testnet) async throws -> (waves: [ChurnWave], live: [Node]) {
+        var live = net.nodes
+        var rng = SystemRandomNumberGenerator()
+        let keys = (0..<values).map { Number640(location: Number160(hashing: "churn value \($0)")) }
+        let data = (0..<values).map { i in Array("value \(i) ".utf8) + (0..<valueSize).map { _ in UInt8.random(in: 0...255, using: &rng) } }
+        note("churn: storing \(values) values with \(policies.factor) replicas…")
+        var stored = 0
+        for (k, v) in zip(keys, data) {
+            let node = live[Int.random(in: 0..<live.count, using: &rng)]
+            if (try? await node.dht.put(k, v, options: DHTOptions(replicas: policies.factor)).isSuccess) == true { stored += 1 }
+        }
+        guard stored == values else { throw CLIError.failed("only \(stored) of \(values) values were stored before churn") }
+        _ = try await settle()
+        var report: [ChurnWave] = []
+        for wave in 1...max(1, waves) {
+            let leaving = min(live.count - 1, Int((Double(live.count) * churn).rounded()))
+            live.shuffle(using: &rng)
+            let gone = Array(live.prefix(leaving))
+            live.removeFirst(leaving)
+            for n in gone { await n.shutdown(announce: false) }
+            let before = policies.sent.bytes
+            var joined = 0
+            for _ in 0..<leaving {
+                let seed = live[Int.random(in: 0..<live.count, using: &rng)]
+                let node = try await Node.builder().host("127.0.0.1").port(0).maintenance(nil).requestTimeout(.seconds(2))
+                    .plugins(makePlugins()).start()
+                do {
+                    try await node.bootstrap(to: seed.address.socket)
+                    live.append(node)
+                    joined += 1
+                } catch {
+                    await node.shutdown()
+                }
+            }
+            note("churn wave \(wave): \(leaving) left, \(joined) joined; replicating…")
+            let settleSeconds = try await settle()
+            let bytes = policies.sent.bytes - before
+            // Every value read from a random live peer (32 at a time), and its exact copies counted.
+            let askers = keys.map { _ in live[Int.random(in: 0..<live.count, using: &rng)] }
+            let found = await withTaskGroup(of: Bool.self) { group in
+                var hits = 0
+                var next = 0
+                func add() {
+                    let (asker, k, v) = (askers[next], keys[next], data[next])
+                    next += 1
+                    group.addTask { (try? await asker.dht.get(k).value) == v }
+                }
+                while next < min(32, keys.count) { add() }
+                while let hit = await group.next() {
+                    if hit { hits += 1 }
+                    if next < keys.count { add() }
+                }
+                return hits
+            }
+            var replicas = 0
+            for (k, v) in zip(keys, data) {
+                replicas += live.count { n in
+                    guard case .values(let got, _)? = try? n.registry.storageBackend?.execute(.get(.keys([k])), now: StoragePipeline.now()) else { return false }
+                    return got[k]?.value == v
+                }
+            }
+            let w = ChurnWave(left: leaving, joined: joined, retrievable: Double(found) / Double(max(1, values)),
+                              replicasMean: Double(replicas) / Double(max(1, values)),
+                              bytesPerValue: Double(bytes) / Double(max(1, values)), settleSeconds: settleSeconds)
+            note("churn wave \(wave): \(found)/\(values) retrievable, \(String(format: "%.2f", w.replicasMean)) replicas on average")
+            report.append(w)
+        }
+        return (report, live)
+    }
+
+    /// Waits until replication has been quiet for three intervals (at most 120 s); how long it took.
+    private func settle() async throws -> Double {
+        let clock = ContinuousClock()
+        let start = clock.now
+        var last = policies.sent.activity
+        var quietSince = clock.now
+        while clock.now - start < .seconds(120) {
+            try await Task.sleep(for: .milliseconds(200))
+            let now = policies.sent.activity
+            if now != last {
+                last = now
+                quietSince = clock.now
+            } else if clock.now - quietSince >= policies.interval * 3 {
+                break
+            }
+        }
+        return (clock.now - start).milliseconds / 1000
+    }
+}
