@@ -68,7 +68,9 @@ struct ChurnSim {
             if (try? await node.dht.put(k, v, options: DHTOptions(replicas: policies.factor)).isSuccess) == true { stored += 1 }
         }
         guard stored == values else { throw CLIError.failed("only \(stored) of \(values) values were stored before churn") }
-        _ = try await settle()
+        note("churn: stored; replicating…")
+        let initial = try await settle()
+        note("churn: replication quiet after \(String(format: "%.1f", initial)) s")
         var report: [ChurnWave] = []
         for wave in 1...max(1, waves) {
             let leaving = min(live.count - 1, Int((Double(live.count) * churn).rounded()))
@@ -77,19 +79,37 @@ struct ChurnSim {
             live.removeFirst(leaving)
             for n in gone { await n.shutdown(announce: false) }
             let before = policies.sent.bytes
-            var joined = 0
-            for _ in 0..<leaving {
-                let seed = live[Int.random(in: 0..<live.count, using: &rng)]
-                let node = try await Node.builder().host("127.0.0.1").port(0).maintenance(nil).requestTimeout(.seconds(2))
-                    .plugins(makePlugins()).start()
-                do {
-                    try await node.bootstrap(to: seed.address.socket)
-                    live.append(node)
-                    joined += 1
-                } catch {
-                    await node.shutdown()
+            // New peers join 16 at a time, each through a random survivor (a join meets the dead
+            // in other peers' maps and waits out their timeouts, as a real one would).
+            let seeds = (0..<leaving).map { _ in live[Int.random(in: 0..<live.count, using: &rng)].address.socket }
+            let plugins = makePlugins
+            let newcomers: [Node] = await withTaskGroup(of: Node?.self) { group in
+                var out: [Node] = []
+                var next = 0
+                func add() {
+                    let seed = seeds[next]
+                    next += 1
+                    group.addTask {
+                        guard let node = try? await Node.builder().host("127.0.0.1").port(0).maintenance(nil).requestTimeout(.seconds(2))
+                            .plugins(plugins()).start() else { return nil }
+                        do {
+                            try await node.bootstrap(to: seed)
+                            return node
+                        } catch {
+                            await node.shutdown()
+                            return nil
+                        }
+                    }
                 }
+                while next < min(16, seeds.count) { add() }
+                while let n = await group.next() {
+                    if let n { out.append(n) }
+                    if next < seeds.count { add() }
+                }
+                return out
             }
+            live.append(contentsOf: newcomers)
+            let joined = newcomers.count
             note("churn wave \(wave): \(leaving) left, \(joined) joined; replicating…")
             let settleSeconds = try await settle()
             let bytes = policies.sent.bytes - before
