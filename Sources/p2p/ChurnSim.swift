@@ -90,7 +90,7 @@ struct ChurnSim {
                     let seed = seeds[next]
                     next += 1
                     group.addTask {
-                        guard let node = try? await Node.builder().host("127.0.0.1").port(0).maintenance(nil).requestTimeout(.seconds(2))
+                        guard let node = try? await Node.builder().host("127.0.0.1").port(0).maintenance(.seconds(1)).requestTimeout(.seconds(2))
                             .plugins(plugins()).start() else { return nil }
                         do {
                             try await node.bootstrap(to: seed)
@@ -146,19 +146,21 @@ struct ChurnSim {
         return (report, live)
     }
 
-    /// Waits until replication has been quiet for three intervals (at most 120 s); how long it took.
+    /// Waits until replication has been quiet for five intervals — longer than a peer waits
+    /// before offering a location again to a peer it brought up to date (three rounds), so the
+    /// dead are noticed first — at most 180 s; how long it took.
     private func settle() async throws -> Double {
         let clock = ContinuousClock()
         let start = clock.now
         var last = policies.sent.activity
         var quietSince = clock.now
-        while clock.now - start < .seconds(120) {
+        while clock.now - start < .seconds(180) {
             try await Task.sleep(for: .milliseconds(200))
             let now = policies.sent.activity
             if now != last {
                 last = now
                 quietSince = clock.now
-            } else if clock.now - quietSince >= policies.interval * 3 {
+            } else if clock.now - quietSince >= policies.interval * 5 {
                 break
             }
         }

@@ -112,7 +112,12 @@ struct SimCommand: AsyncParsableCommand {
                                                   + files.compactMap { try? PluginLoader.load($0) }
                                                   + (replicating ? [ReplicationPlugin(policies.make())] : [])
                                           },
-                                          configure: { _, config in config.security = security },
+                                          configure: { _, config in
+                                              config.security = security
+                                              // Replicating peers run as real nodes do: they ping
+                                              // their peers now and then and notice the dead.
+                                              if replicating { config.maintenanceInterval = .seconds(1) }
+                                          },
                                           progress: { phase, done, total in note("  \(phase): \(done)/\(total)") })
         } catch let error as CLIError {
             throw error

@@ -1,3 +1,4 @@
+import Crypto
 import NIOCore
 import P2PDHT
 import P2PKernel
@@ -153,6 +154,51 @@ struct ReplicationTests {
             #expect(try await Self.eventually(closestHold), "after a leave, \(live.count) live: \(mode) f=\(factor)")
         }
         for p in peers { await p.shutdown() }
+    }
+}
+
+@Suite("Replication under attack", .serialized)
+struct ReplicationHostileTests {
+    @Test("offers and pushes from a hostile peer: oversized ones are refused, mixed locations get nothing, a push cannot revive a removed key or overwrite a protected entry")
+    func hostileOffersAndPushes() async throws {
+        let policies = (0..<4).map { _ in IndirectReplication(mode: .nRoot, factor: 3, interval: .seconds(3_600)) }
+        let net = try await Testnet.start(peers: 4, routing: .perfect, plugins: { i in builtIns() + [ReplicationPlugin(policies[i])] })
+        let (attacker, target) = (net.nodes[0], net.nodes[1])
+        let location = Number160(hashing: "contested")
+        let keys = (0..<1_001).map { Number640(location: location, content: Number160(UInt32($0))) }
+        await #expect(throws: RPCError.self) {
+            try await attacker.request(to: target.address, command: "replication.offer", payload: [.keys640(keys)])
+        }
+        let mixed = try await attacker.request(to: target.address, command: "replication.offer",
+                                               payload: [.keys640([keys[0], Number640(location: Number160(hashing: "elsewhere"))])])
+        #expect(mixed.payload.first == .keys640([]))
+        let wanted = try await attacker.request(to: target.address, command: "replication.offer", payload: [.keys640(Array(keys.prefix(3)))])
+        #expect(wanted.payload.first == .keys640(Array(keys.prefix(3))))
+        var many: [Number640: StoredValue] = [:]
+        for k in keys { many[k] = StoredValue([1]) }
+        await #expect(throws: RPCError.self) {
+            try await attacker.request(to: target.address, command: "replication.push", payload: StorageCodec.encode(.put(many, mode: .overwrite)))
+        }
+        // A key removed on the target is not taken back, by offer or by push.
+        let removed = keys[5]
+        target.replicate(.dataRemoved([removed]))
+        let afterRemove = try await attacker.request(to: target.address, command: "replication.offer", payload: [.keys640([removed])])
+        #expect(afterRemove.payload.first == .keys640([]))
+        _ = try await attacker.request(to: target.address, command: "replication.push", payload: StorageCodec.encode(.put([removed: StoredValue([9])], mode: .overwrite)))
+        #expect(ReplicationTests.holders([target], removed).isEmpty)
+        // A protected entry is not overwritten by a push from someone else.
+        let owner = Curve25519.Signing.PrivateKey()
+        let entry = keys[7]
+        #expect(try await net.nodes[2].dht.put(entry, Array("mine".utf8), options: DHTOptions(replicas: 4, signer: owner, protect: .entry)).isSuccess)
+        let reply = try await attacker.request(to: target.address, command: "replication.push",
+                                               payload: StorageCodec.encode(.put([entry: StoredValue(Array("yours".utf8))], mode: .overwrite)))
+        #expect(StorageCodec.isRefusal(reply.payload))
+        guard case .values(let v, _)? = try? target.registry.storageBackend?.execute(.get(.keys([entry])), now: StoragePipeline.now()) else {
+            Issue.record("the entry is gone")
+            return
+        }
+        #expect(v[entry]?.value == Array("mine".utf8))
+        await net.shutdown()
     }
 }
 
