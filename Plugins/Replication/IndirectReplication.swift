@@ -100,6 +100,7 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
                 if s.newPeers.count < 1_024 { s.newPeers.append(p) } else { s.everything = true }
             case .timer:
                 s.round += 1
+                s.stats.rounds += 1
                 s.everything = true
             case .peerRemoved:
                 s.everything = true
@@ -137,9 +138,12 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
                 if s.dirty.isEmpty, !s.everything, s.newPeers.isEmpty { s.working = false }
                 return (s.dirty, s.everything, s.handIn, s.newPeers)
             }
+            if inserted.isEmpty, !everything, newPeers.isEmpty { return }
             var locations = Array(inserted)
             if everything { locations = Array(Set(node.registry.storageBackend?.storedLocations() ?? []).union(inserted)) }
-            if locations.isEmpty, newPeers.isEmpty { return }
+            // (A pass over an empty store still ends here: the next turn of the loop finds
+            // nothing pending and clears `working`; returning here left it set for good and
+            // stopped replication on a node whose first timer came before its first value.)
             guard await node.isRunning else {
                 state.withLockedValue { $0.working = false }
                 return
@@ -275,6 +279,8 @@ struct SyncKey: Hashable {
 
 /// What a replication policy sent.
 public struct ReplicationStats: Sendable, Hashable {
+    /// Timer rounds seen.
+    public var rounds = 0
     public var offers = 0
     /// Keys named in offers (80 bytes each on the wire).
     public var keysOffered = 0

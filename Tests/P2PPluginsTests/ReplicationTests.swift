@@ -68,6 +68,19 @@ struct ReplicationTests {
         await net.shutdown()
     }
 
+    @Test("peers whose timers ran while they stored nothing still replicate what arrives later")
+    func emptyRoundsThenData() async throws {
+        let policies = (0..<8).map { _ in IndirectReplication(mode: .nRoot, factor: 4, interval: .milliseconds(200)) }
+        let net = try await Testnet.start(peers: 8, routing: .perfect, plugins: { i in builtIns() + [ReplicationPlugin(policies[i])] })
+        #expect(try await Self.eventually { policies.allSatisfy { $0.stats.rounds >= 3 } })
+        // Stored on one peer only; replication must bring it to the four closest.
+        let key = Number640(location: Number160(hashing: "late"))
+        #expect(try await net.nodes[0].dht.put(key, [3], options: DHTOptions(replicas: 1)).isSuccess)
+        let closest = Set(net.trueClosest(to: key.location, count: 4))
+        #expect(try await Self.eventually { Set(Self.holders(net.nodes, key).map(\.peerID)).isSuperset(of: closest) })
+        await net.shutdown()
+    }
+
     @Test("a removed value is not brought back by replication")
     func removedStaysRemoved() async throws {
         let policies = (0..<8).map { _ in IndirectReplication(mode: .nRoot, factor: 4, interval: .seconds(1)) }
