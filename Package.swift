@@ -76,7 +76,8 @@ let package = Package(
         .target(name: "P2PEvaluation", dependencies: ["P2PKernel"], path: "Plugins/Evaluation"),
         .target(name: "P2PPeerVote", dependencies: ["P2PKernel", "P2PStorage"], path: "Plugins/PeerVote"),
         .target(name: "P2PReplication", dependencies: ["P2PKernel", "P2PStorage", "P2PDHT", .product(name: "NIOCore", package: "swift-nio"),
-                                                       .product(name: "NIOConcurrencyHelpers", package: "swift-nio")], path: "Plugins/Replication"),
+                                                       .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                                                       .product(name: "DequeModule", package: "swift-collections")], path: "Plugins/Replication"),
         .executableTarget(
             name: "p2p",
             dependencies: [

@@ -1,3 +1,4 @@
+import DequeModule
 import NIOConcurrencyHelpers
 import NIOCore
 import P2PKernel
@@ -50,7 +51,7 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
         var newPeers: [PeerAddress] = []
         var working = false
         var tombstones: [Number640: UInt64] = [:]
-        var tombstoneOrder: [(key: Number640, at: UInt64)] = []
+        var tombstoneOrder = Deque<(key: Number640, at: UInt64)>()
         var budget: [Number160: (second: UInt64, bytes: Int)] = [:]
         var stats = ReplicationStats()
     }
@@ -82,7 +83,7 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
                 let oldest = s.tombstoneOrder.removeFirst()
                 if s.tombstones[oldest.key] == oldest.at { s.tombstones[oldest.key] = nil }
             }
-            if s.tombstoneOrder.count > 2 * maxTombstones { s.tombstoneOrder = s.tombstoneOrder.filter { s.tombstones[$0.key] == $0.at } }
+            if s.tombstoneOrder.count > 2 * maxTombstones { s.tombstoneOrder = Deque(s.tombstoneOrder.filter { s.tombstones[$0.key] == $0.at }) }
         }
     }
 
@@ -90,6 +91,9 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
         let start: Bool = state.withLockedValue { s in
             switch event {
             case .dataInserted(let keys):
+                // Change counts only tell "changed since the last sync"; forgetting them all
+                // (past a bound) just means one more offer per pair.
+                if s.generations.count > Self.maxRemembered { s.generations.removeAll(keepingCapacity: true) }
                 for l in Set(keys.map(\.location)) {
                     s.dirty.insert(l)
                     s.generations[l, default: 0] += 1
@@ -152,13 +156,14 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
             let stored = newPeers.isEmpty ? [] : (node.registry.storageBackend?.storedLocations() ?? [])
             // A peer that joined gets at once what it is now a replica (or the root) of.
             for location in stored {
-                await syncAll(location, to: self.targets(node, location).filter { fresh.contains($0.id) }, node: node)
+                await syncAll(location, to: plan(node, location).targets.filter { fresh.contains($0.id) }, node: node)
             }
             for location in locations {
                 // A copy stored here that this peer is not responsible for is handed in when it
                 // arrives and when a peer leaves; the timer serves the responsible peers only.
-                guard handIn || inserted.contains(location) || isResponsible(node, location) else { continue }
-                await syncAll(location, to: self.targets(node, location), node: node)
+                let (responsible, targets) = plan(node, location)
+                guard handIn || inserted.contains(location) || responsible else { continue }
+                await syncAll(location, to: targets, node: node)
             }
         }
     }
@@ -170,16 +175,18 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
         }
     }
 
-    private func isResponsible(_ node: Node, _ location: Number160) -> Bool {
+    /// Whether this peer is responsible for a location, and whom it copies it to (one look at
+    /// the peer map).
+    private func plan(_ node: Node, _ location: Number160) -> (responsible: Bool, targets: [PeerAddress]) {
         let known = node.peerMap.closest(to: location, count: factor + 1)
-        return Responsibility.isResponsible(mode, for: location, me: node.peerID, peers: known.map(\.id), factor: factor)
+        let ids = known.map(\.id)
+        let responsible = Responsibility.isResponsible(mode, for: location, me: node.peerID, peers: ids, factor: factor)
+        let targets = Responsibility.targets(mode, for: location, me: node.peerID, peers: ids, factor: factor)
+        return (responsible, known.filter { targets.contains($0.id) })
     }
 
-    private func targets(_ node: Node, _ location: Number160) -> [PeerAddress] {
-        let known = node.peerMap.closest(to: location, count: factor + 1)
-        let ids = Responsibility.targets(mode, for: location, me: node.peerID, peers: known.map(\.id), factor: factor)
-        return known.filter { ids.contains($0.id) }
-    }
+    /// Locations and (peer, location) pairs remembered at most (200,000 each).
+    static let maxRemembered = 200_000
 
     /// Rounds after which a peer already brought up to date is offered a location again (it may
     /// have lost data without changing its id).
@@ -235,7 +242,7 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
         }
         guard query == nil else { return }
         state.withLockedValue { s in
-            if s.synced.count >= 200_000 { s.synced.removeAll(keepingCapacity: true) }
+            if s.synced.count >= Self.maxRemembered { s.synced.removeAll(keepingCapacity: true) }
             s.synced[memo] = (generation, s.round)
         }
     }

@@ -64,31 +64,28 @@ struct ReplicationOfferCommand: CommandHandler {
     }
 }
 
-/// Stores the values a responsible peer pushes after an offer: a put (the `dht.storage` encoding,
-/// through the node's storage pipeline: admission, interceptors, protection), less any key
-/// removed here lately — so a replica already on its way cannot undo a remove.
+/// Stores the values a responsible peer pushes after an offer: a put in the `dht.storage`
+/// encoding, less any key removed here lately (so a replica already on its way cannot undo a
+/// remove), handed to this node's own `dht.storage` command — the same admission, domain and
+/// replica rules, interceptors, protection and events as any put.
 struct ReplicationPushCommand: CommandHandler {
     static let commandName = "replication.push"
+    static let storageCommand = CommandID.derive(from: "dht.storage")
     let name = ReplicationPushCommand.commandName
     let policy: IndirectReplication
 
     func handle(_ request: Message, context: CommandContext) -> CommandResult {
         let node = context.node
+        guard let storage = node.registry.commands.handler(for: Self.storageCommand) else {
+            return .reply(.error(.denied, "no dht.storage command here"))
+        }
         guard case .put(let entries, let mode)? = try? StorageCodec.decodeSignedRequest(request.payload, maxEntries: node.storage.limits.maxEntriesPerRequest).request else {
             return .reply(.error(.badRequest, "a push is one put of at most \(node.storage.limits.maxEntriesPerRequest) values"))
         }
         let kept = entries.filter { !policy.isTombstoned($0.key) }
         guard !kept.isEmpty else { return .reply(Reply(payload: StorageCodec.encode(.statuses([:])))) }
-        let put = StorageRequest.put(kept, mode: mode.subtracting(.protectDomain))
-        return .future(node.storage.executeFuture(put, sender: context.sender, node: node).map { result in
-            if case .statuses(let s, _) = result {
-                let stored = s.filter { $0.value == .ok || $0.value == .versionFork }.map(\.key)
-                if !stored.isEmpty { node.replicate(.dataInserted(stored)) }
-            }
-            return Reply(payload: StorageCodec.encode(result))
-        }.flatMapErrorThrowing { error in
-            guard let e = error as? StorageError else { throw error }
-            return Reply(payload: StorageCodec.encode(refusal: e))
-        })
+        var forwarded = request
+        forwarded.payload = StorageCodec.encode(.put(kept, mode: mode.subtracting(.protectDomain)))
+        return storage.handle(forwarded, context: context)
     }
 }

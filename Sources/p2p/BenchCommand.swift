@@ -265,12 +265,13 @@ struct StorageBench: AsyncParsableCommand {
 
         // The largest put a peer admits (1,000 entries), each a version of one item that already
         // has 8,999: fork detection over the whole item.
+        /// A chain of versions of one item, each based on the one before.
+        func versions(_ range: ClosedRange<Int>) -> [Number640: StoredValue] {
+            var out: [Number640: StoredValue] = [:]
+            for i in range { out[Number640(location: location, version: Number160(UInt32(i)))] = StoredValue([], basedOn: [Number160(UInt32(i - 1))]) }
+            return out
+        }
         try measure("put_1000_versions_onto_9000", setup: {
-            func versions(_ range: ClosedRange<Int>) -> [Number640: StoredValue] {
-                var out: [Number640: StoredValue] = [:]
-                for i in range { out[Number640(location: location, version: Number160(UInt32(i)))] = StoredValue([], basedOn: [Number160(UInt32(i - 1))]) }
-                return out
-            }
             let store = MemoryStorage()
             for batch in 0..<9 { _ = try store.execute(.put(versions(batch * 1_000 + 1...batch * 1_000 + 1_000), mode: .overwrite), now: 1) }
             return (try pipeline(store), StorageCodec.encode(.put(versions(9_001...10_000), mode: .overwrite)))
@@ -281,13 +282,7 @@ struct StorageBench: AsyncParsableCommand {
         // Overwrites that change what each version is based on: each moves the item's heads.
         try measure("put_1000_overwrites_onto_10000", setup: {
             let store = MemoryStorage()
-            for batch in 0..<10 {
-                var chain: [Number640: StoredValue] = [:]
-                for i in batch * 1_000 + 1...batch * 1_000 + 1_000 {
-                    chain[Number640(location: location, version: Number160(UInt32(i)))] = StoredValue([], basedOn: [Number160(UInt32(i - 1))])
-                }
-                _ = try store.execute(.put(chain, mode: .overwrite), now: 1)
-            }
+            for batch in 0..<10 { _ = try store.execute(.put(versions(batch * 1_000 + 1...batch * 1_000 + 1_000), mode: .overwrite), now: 1) }
             var rewired: [Number640: StoredValue] = [:]
             for i in stride(from: 2, through: 10_000, by: 10) {
                 rewired[Number640(location: location, version: Number160(UInt32(i)))] = StoredValue([1], basedOn: [Number160(UInt32(i - 2))])
@@ -308,11 +303,6 @@ struct StorageBench: AsyncParsableCommand {
             _ = StorageCodec.encode(result)
         })
         try measure("put_1_version_onto_9999", setup: {
-            func versions(_ range: ClosedRange<Int>) -> [Number640: StoredValue] {
-                var out: [Number640: StoredValue] = [:]
-                for i in range { out[Number640(location: location, version: Number160(UInt32(i)))] = StoredValue([], basedOn: [Number160(UInt32(i - 1))]) }
-                return out
-            }
             let store = MemoryStorage()
             for batch in 0..<10 { _ = try store.execute(.put(versions(batch * 1_000 + 1...batch * 1_000 + 999), mode: .overwrite), now: 1) }
             return (try pipeline(store), StorageCodec.encode(.put(versions(10_000...10_000), mode: .overwrite)))
@@ -326,11 +316,7 @@ struct StorageBench: AsyncParsableCommand {
             return (try pipeline(MemoryStorage()), StorageCodec.encode(.put(values, mode: .overwrite)))
         }, body: serve)
         try measure("put_9000_versions_refused", setup: {
-            var versions: [Number640: StoredValue] = [:]
-            for i in 1...9_000 {
-                versions[Number640(location: location, version: Number160(UInt32(i)))] = StoredValue([], basedOn: [Number160(UInt32(i - 1))])
-            }
-            return (try pipeline(MemoryStorage()), StorageCodec.encode(.put(versions, mode: .overwrite)))
+            (try pipeline(MemoryStorage()), StorageCodec.encode(.put(versions(1...9_000), mode: .overwrite)))
         }, body: serve)
         // The largest message a peer reads (4 MiB over TCP), a put of 20,000 values: the wire
         // decode every message pays, then the refusal before any value is decoded.
