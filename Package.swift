@@ -13,6 +13,7 @@ let package = Package(
         .library(name: "P2PEvaluation", targets: ["P2PEvaluation"]),
         .library(name: "P2PPeerVote", targets: ["P2PPeerVote"]),
         .library(name: "P2PReplication", targets: ["P2PReplication"]),
+        .library(name: "P2PTracker", targets: ["P2PTracker"]),
         .library(name: "P2PLoader", targets: ["P2PLoader"]),
         .executable(name: "p2p", targets: ["p2p"]),
     ],
@@ -78,10 +79,12 @@ let package = Package(
         .target(name: "P2PReplication", dependencies: ["P2PKernel", "P2PStorage", "P2PDHT", .product(name: "NIOCore", package: "swift-nio"),
                                                        .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                                                        .product(name: "DequeModule", package: "swift-collections")], path: "Plugins/Replication"),
+        .target(name: "P2PTracker", dependencies: ["P2PKernel", .product(name: "NIOCore", package: "swift-nio"),
+                                                   .product(name: "NIOConcurrencyHelpers", package: "swift-nio")], path: "Plugins/Tracker"),
         .executableTarget(
             name: "p2p",
             dependencies: [
-                "P2PKernel", "P2PStorage", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote", "P2PLoader", "P2PReplication",
+                "P2PKernel", "P2PStorage", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote", "P2PLoader", "P2PReplication", "P2PTracker",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
@@ -99,7 +102,7 @@ let package = Package(
         .testTarget(
             name: "P2PPluginsTests",
             dependencies: ["P2PKernel", "P2PStorage", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote",
-                           "P2PReplication", .product(name: "Crypto", package: "swift-crypto")]
+                           "P2PReplication", "P2PTracker", .product(name: "Crypto", package: "swift-crypto")]
         ),
     ]
 )

@@ -45,7 +45,7 @@ struct P2P: AsyncParsableCommand {
         commandName: "p2p",
         abstract: "SwiftP2P: run a peer, talk to peers, or simulate a whole overlay in one process.",
         subcommands: [NodeCommand.self, KeygenCommand.self, IDCommand.self, PingCommand.self, LookupCommand.self, PutCommand.self, GetCommand.self,
-                      RemoveCommand.self, SendCommand.self, CallCommand.self, NATCheckCommand.self, SimCommand.self, BenchCommand.self, PluginCommand.self]
+                      RemoveCommand.self, SendCommand.self, CallCommand.self, NATCheckCommand.self, TrackerCommand.self, SimCommand.self, BenchCommand.self, PluginCommand.self]
     )
 }
 

@@ -3,10 +3,11 @@ import P2PEvaluation
 import P2PKernel
 import P2PMessaging
 import P2PPeerVote
+import P2PTracker
 
 /// The built-in plugins by the names `--plugins` takes.
 enum BuiltInPlugins {
-    static let names = ["dht", "messaging", "evaluation", "peervote"]
+    static let names = ["dht", "messaging", "evaluation", "peervote", "tracker"]
 
     /// The plugins for a node that serves others.
     static func make(_ names: [String], peerID: @escaping @Sendable () -> String) throws -> [any Plugin] {
@@ -16,13 +17,14 @@ enum BuiltInPlugins {
             case "messaging": MessagingPlugin(raw: EchoReply(peerID: peerID))
             case "evaluation": EvaluationPlugin()
             case "peervote": PeerVotePlugin()
+            case "tracker": TrackerPlugin()
             default: throw CLIError.usage("unknown plugin '\(name)' (built-in: \(Self.names.joined(separator: ", ")))")
             }
         }
     }
 
     /// The plugins of a short-lived client: it reads and writes but stores nothing for others.
-    static let client: [any Plugin] = [DHTPlugin(acceptsReplicas: false), EvaluationPlugin(), MessagingPlugin()]
+    static var client: [any Plugin] { [DHTPlugin(acceptsReplicas: false), EvaluationPlugin(), MessagingPlugin(), TrackerPlugin()] }
 }
 
 /// What `p2p node` answers to raw direct messages and routed sends: the text back, signed with
