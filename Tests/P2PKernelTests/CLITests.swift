@@ -33,8 +33,8 @@ final class NodeProcess: @unchecked Sendable {
     private let lock = NSLock()
     private var text = ""
 
-    init(_ args: [String], host: String = "127.0.0.1", launcher: [String] = []) throws {
-        let command = ["node", "--host", host] + args
+    init(_ args: [String], host: String = "127.0.0.1", launcher: [String] = [], subcommand: [String] = ["node"]) throws {
+        let command = subcommand + ["--host", host] + args
         process.executableURL = URL(fileURLWithPath: launcher.first ?? P2PTool.path)
         process.arguments = launcher.isEmpty ? command : Array(launcher.dropFirst()) + [P2PTool.path] + command
         let pipe = Pipe()
@@ -213,6 +213,42 @@ struct CLIIdentityTests {
         let removed = try P2PTool.run(["remove"] + seed + ["--key", alice, "diary"])
         #expect(removed.code == 0, "\(removed.err)")
         #expect(try P2PTool.run(["get"] + seed + ["diary"]).code == 1)
+    }
+
+    @Test("tracker: add --once lists the peer with its attachment, get prints it (and --json); an announcer stays listed; nobody listed exits 1; bad arguments exit 2")
+    func tracker() throws {
+        let a = try NodeProcess(["--port", "0"])
+        defer { a.stop() }
+        #expect(a.waitFor("listening on"))
+        let port = try #require(a.port)
+        let b = try NodeProcess(["--port", "0", "--bootstrap", "127.0.0.1:\(port)"])
+        defer { b.stop() }
+        #expect(b.waitFor("bootstrapped via"))
+        let seed = ["--bootstrap", "127.0.0.1:\(port)"]
+
+        let add = try P2PTool.run(["tracker", "add", "--host", "127.0.0.1"] + seed + ["--once", "--attachment", "hello tracker", "swarm"])
+        #expect(add.code == 0, "\(add.err)")
+        // Both nodes and the adder itself are the trackers (two, if a lookup missed one).
+        #expect(add.out.contains("on 3 trackers") || add.out.contains("on 2 trackers"), "\(add.out)")
+        let id = try #require(add.out.split(separator: " ").dropFirst().first.map(String.init))
+        let get = try P2PTool.run(["tracker", "get"] + seed + ["--json", "swarm"])
+        #expect(get.code == 0, "\(get.err)")
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(get.out.utf8)) as? [String: Any])
+        let peers = try #require(object["peers"] as? [[String: String]])
+        #expect(peers.map { $0["id"] } == [id])
+        #expect(peers.first?["attachment"] == "hello tracker")
+
+        let announcer = try NodeProcess(seed + ["--attachment", "still here", "swarm2"], subcommand: ["tracker", "add"])
+        defer { announcer.stop() }
+        #expect(announcer.waitFor("re-adding every"), "\(announcer.output)")
+        let listed = try P2PTool.run(["tracker", "get"] + seed + ["swarm2"])
+        #expect(listed.code == 0 && listed.out.contains("still here"), "\(listed.out) \(listed.err)")
+
+        let nobody = try P2PTool.run(["tracker", "get"] + seed + ["nobody here"])
+        #expect(nobody.code == 1 && nobody.err.contains("nobody is listed"), "\(nobody.err)")
+        #expect(try P2PTool.run(["tracker", "add", "swarm"]).code == 2)
+        #expect(try P2PTool.run(["tracker", "add"] + seed + ["--attachment", String(repeating: "x", count: 1_025), "swarm"]).code == 2)
+        #expect(try P2PTool.run(["tracker", "get"] + seed + ["0x12"]).code == 2)
     }
 
     @Test("bad key files exit 2 with one clear line", arguments: ["missing", "open", "garbage"])
