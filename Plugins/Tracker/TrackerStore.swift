@@ -49,6 +49,8 @@ public struct TrackerConfig: Sendable {
     public var maxEntries = 100_000
     /// Bytes of one attachment.
     public var maxAttachmentBytes = 1_024
+    /// Bytes of all attachments held.
+    public var maxTotalAttachmentBytes = 16 << 20
     /// Keys one peer can be listed under here.
     public var maxKeysPerPeer = 256
     /// Peers held off at once (the oldest hold-offs are forgotten first).
@@ -99,6 +101,7 @@ public final class TrackerStore: Sendable {
         var keys: [Number160: [Number160: Entry]] = [:]
         var keysOfPeer: [Number160: Set<Number160>] = [:]
         var entries = 0
+        var attachmentBytes = 0
         var heldOff: [Number160: UInt64] = [:]
     }
 
@@ -128,6 +131,11 @@ public final class TrackerStore: Sendable {
             }
             if var existing = s.keys[key]?[peer.id] {
                 if existing.firstHand && !firstHand { return .refreshed }
+                let grown = attachment.count - existing.attachment.count
+                if grown > 0, s.attachmentBytes + grown > config.maxTotalAttachmentBytes {
+                    return .denied("attachments here fill \(config.maxTotalAttachmentBytes) bytes, the most this tracker holds")
+                }
+                s.attachmentBytes += grown
                 existing.peer = peer
                 existing.attachment = attachment
                 existing.expires = firstHand ? now + life : max(existing.expires, now + life)
@@ -139,6 +147,10 @@ public final class TrackerStore: Sendable {
             if (s.keys[key]?.count ?? 0) >= config.maxEntriesPerKey { return .denied("\(config.maxEntriesPerKey) peers listed under this key, the most it holds") }
             if s.entries >= config.maxEntries { return .denied("\(config.maxEntries) entries held, the most this tracker holds") }
             if (s.keysOfPeer[peer.id]?.count ?? 0) >= config.maxKeysPerPeer { return .denied("listed under \(config.maxKeysPerPeer) keys here, the most one peer may be") }
+            if s.attachmentBytes + attachment.count > config.maxTotalAttachmentBytes {
+                return .denied("attachments here fill \(config.maxTotalAttachmentBytes) bytes, the most this tracker holds")
+            }
+            s.attachmentBytes += attachment.count
             s.keys[key, default: [:]][peer.id] = Entry(peer: peer, attachment: attachment, expires: now + life, firstHand: firstHand)
             s.keysOfPeer[peer.id, default: []].insert(key)
             s.entries += 1
@@ -188,12 +200,17 @@ public final class TrackerStore: Sendable {
     public var keys: [Number160] { state.withLockedValue { Array($0.keys.keys) } }
     /// Entries over all keys (expired ones until the next sweep).
     public var entryCount: Int { state.withLockedValue { $0.entries } }
+    /// Bytes of attachments held.
+    public var attachmentBytes: Int { state.withLockedValue { $0.attachmentBytes } }
 
     /// Drops every entry of `id`; with `holdOff`, it cannot be added here again until it ends.
     public func remove(peer id: Number160, holdOff: Bool, now: UInt64 = TrackerStore.now) {
         state.withLockedValue { s in
             for key in s.keysOfPeer.removeValue(forKey: id) ?? [] {
-                if s.keys[key]?.removeValue(forKey: id) != nil { s.entries -= 1 }
+                if let gone = s.keys[key]?.removeValue(forKey: id) {
+                    s.entries -= 1
+                    s.attachmentBytes -= gone.attachment.count
+                }
                 if s.keys[key]?.isEmpty == true { s.keys[key] = nil }
             }
             guard holdOff else { return }
@@ -219,6 +236,7 @@ public final class TrackerStore: Sendable {
                 let expired = entries.filter { $0.value.expires <= now }.map(\.key)
                 guard !expired.isEmpty else { continue }
                 for id in expired {
+                    s.attachmentBytes -= entries[id]?.attachment.count ?? 0
                     s.keys[key]?[id] = nil
                     s.keysOfPeer[id]?.remove(key)
                     if s.keysOfPeer[id]?.isEmpty == true { s.keysOfPeer[id] = nil }

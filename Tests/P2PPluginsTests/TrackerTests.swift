@@ -73,6 +73,19 @@ struct TrackerStoreTests {
         guard case .denied = store.add(key: Number160(hashing: "k3"), peer: peer(1), attachment: [], firstHand: true, now: 0) else { Issue.record("a 3rd key for one peer"); return }
         for k in ["k3", "k4"] { #expect(store.add(key: Number160(hashing: k), peer: peer(9), attachment: [], firstHand: true, now: 0) == .added) }
         guard case .denied = store.add(key: Number160(hashing: "k5"), peer: peer(8), attachment: [], firstHand: true, now: 0) else { Issue.record("a 5th key of 4"); return }
+        // Attachments in all: at most `maxTotalAttachmentBytes`, also when one grows on a re-add.
+        var small = TrackerConfig()
+        small.maxTotalAttachmentBytes = 2_000
+        let tight = TrackerStore(config: small)
+        #expect(tight.add(key: key, peer: peer(1), attachment: [UInt8](repeating: 1, count: 1_000), firstHand: true, now: 0) == .added)
+        #expect(tight.add(key: key, peer: peer(2), attachment: [UInt8](repeating: 1, count: 900), firstHand: true, now: 0) == .added)
+        guard case .denied = tight.add(key: key, peer: peer(3), attachment: [UInt8](repeating: 1, count: 101), firstHand: true, now: 0) else { Issue.record("over the total"); return }
+        guard case .denied = tight.add(key: key, peer: peer(2), attachment: [UInt8](repeating: 1, count: 1_001), firstHand: true, now: 0) else { Issue.record("grown over the total"); return }
+        #expect(tight.add(key: key, peer: peer(3), attachment: [UInt8](repeating: 1, count: 100), firstHand: true, now: 0) == .added)
+        tight.remove(peer: peer(1).id, holdOff: false)
+        #expect(tight.sweep(now: 61 * s) == 2)
+        #expect(tight.attachmentBytes == 0)
+
         store.remove(peer: peer(1).id, holdOff: true, now: 10 * s)
         #expect(store.count(key: key, now: 10 * s) == 2)
         guard case .denied(let why) = store.add(key: key, peer: peer(1), attachment: [], firstHand: true, now: 20 * s) else { Issue.record("re-added while held off"); return }
@@ -159,11 +172,14 @@ struct TrackerTests {
         // Without the filter a get mostly repeats itself (35 random of 300 per tracker); with it, it moves on.
         var all = firstIDs.union(secondIDs)
         var known = second.known
+        var gets = 2
         for _ in 0..<20 where all.count < 300 {
             let more = try await asker.tracker.get(key, known: known)
             known = more.known
             all.formUnion(more.peers.map(\.id))
+            gets += 1
         }
+        print("tracker: \(gets) gets with the known-peers filter found \(all.count) of 300 adders (first \(firstIDs.count), second \(secondIDs.count) more)")
         let expected = Set(adders.map(\.peerID))
         #expect(all.isSubset(of: expected))
         #expect(all.count >= 297, "found \(all.count) of 300 (a Bloom false positive may hide a few)")
