@@ -156,33 +156,50 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
             let stored = newPeers.isEmpty ? [] : (node.registry.storageBackend?.storedLocations() ?? [])
             // A peer that joined gets at once what it is now a replica (or the root) of.
             for location in stored {
-                await syncAll(location, to: plan(node, location).targets.filter { fresh.contains($0.id) }, node: node)
+                await syncAll(location, to: plan(node, location).targets.filter { fresh.contains($0.id) }, spares: [], node: node)
             }
             for location in locations {
                 // A copy stored here that this peer is not responsible for is handed in when it
                 // arrives and when a peer leaves; the timer serves the responsible peers only.
-                let (responsible, targets) = plan(node, location)
+                let (responsible, targets, spares) = plan(node, location)
                 guard handIn || inserted.contains(location) || responsible else { continue }
-                await syncAll(location, to: targets, node: node)
+                await syncAll(location, to: targets, spares: spares, node: node)
             }
         }
     }
 
     /// Syncs a location to its targets at once (a dead target costs one timeout, not one each).
-    private func syncAll(_ location: Number160, to targets: [PeerAddress], node: Node) async {
-        await withTaskGroup(of: Void.self) { group in
-            for t in targets { group.addTask { await self.sync(location, to: t, node: node) } }
+    /// A target that does not answer the offer is replaced by the next closest spare, so a
+    /// replica set whose members died keeps its copies before the peer map has noticed (which
+    /// takes `offlineAfterFailures` failed requests).
+    private func syncAll(_ location: Number160, to targets: [PeerAddress], spares: [PeerAddress], node: Node) async {
+        var wave = targets
+        var spares = spares[...]
+        while !wave.isEmpty {
+            let missed = await withTaskGroup(of: Bool.self) { group in
+                for t in wave { group.addTask { await self.sync(location, to: t, node: node) } }
+                var missed = 0
+                for await reached in group where !reached { missed += 1 }
+                return missed
+            }
+            wave = Array(spares.prefix(missed))
+            spares = spares.dropFirst(wave.count)
         }
     }
 
-    /// Whether this peer is responsible for a location, and whom it copies it to (one look at
-    /// the peer map).
-    private func plan(_ node: Node, _ location: Number160) -> (responsible: Bool, targets: [PeerAddress]) {
-        let known = node.peerMap.closest(to: location, count: factor + 1)
-        let ids = known.map(\.id)
+    /// Whether this peer is responsible for a location, whom it copies it to, and the next
+    /// closest peers that stand in for targets that do not answer (one look at the peer map).
+    private func plan(_ node: Node, _ location: Number160) -> (responsible: Bool, targets: [PeerAddress], spares: [PeerAddress]) {
+        let known = node.peerMap.closest(to: location, count: 2 * factor + 1)
+        let ids = Array(known.prefix(factor + 1).map(\.id))
         let responsible = Responsibility.isResponsible(mode, for: location, me: node.peerID, peers: ids, factor: factor)
         let targets = Responsibility.targets(mode, for: location, me: node.peerID, peers: ids, factor: factor)
-        return (responsible, known.filter { targets.contains($0.id) })
+        let chosen = known.filter { targets.contains($0.id) }
+        // The next closest known peers, in order. A peer copying to the whole set (n-root, or
+        // a 0-root root) may use them all; a 0-root hand-in to a root that does not answer
+        // goes to the next root candidate only.
+        let spares = known.filter { !targets.contains($0.id) }
+        return (responsible, chosen, responsible || mode == .nRoot ? Array(spares) : Array(spares.prefix(1)))
     }
 
     /// Locations and (peer, location) pairs remembered at most (200,000 each).
@@ -190,32 +207,36 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
 
     /// Rounds after which a peer already brought up to date is offered a location again (it may
     /// have lost data without changing its id).
-    static let reofferRounds = 3
+    static let reofferRounds = 2
 
     /// Offers one location's keys to a peer, then sends the values it lacks — unless the peer
     /// was brought up to date with this location as it is now, fewer than `reofferRounds` ago.
-    private func sync(_ location: Number160, to peer: PeerAddress, node: Node) async {
-        guard let backend = node.registry.storageBackend else { return }
+    /// Returns whether the peer answered (false only when an offer went unanswered).
+    @discardableResult
+    private func sync(_ location: Number160, to peer: PeerAddress, node: Node) async -> Bool {
+        guard let backend = node.registry.storageBackend else { return true }
         let memo = SyncKey(peer: peer.id, location: location)
         let (generation, upToDate): (UInt64, Bool) = state.withLockedValue { s in
             let g = s.generations[location] ?? 0
             guard let last = s.synced[memo] else { return (g, false) }
             return (g, last.generation == g && s.round - last.round < Self.reofferRounds)
         }
-        guard !upToDate else { return }
+        // A peer that has missed a request lately (a maintenance ping, say) is offered again
+        // at once: if it is dead, the offer fails and a spare takes its place.
+        guard !upToDate || (node.peerMap.failureCount(peer.id) ?? 0) > 0 else { return true }
         var query: StorageQuery? = .range(from: Number640(location: location),
                                           to: Number640(location: location, domain: .max, content: .max, version: .max),
                                           limit: .max, descending: false)
         var pages = 0
         while let q = query, pages < 64 {
             pages += 1
-            guard case .values(let values, let resume)? = try? backend.execute(.get(q), now: StoragePipeline.now()), !values.isEmpty else { return }
+            guard case .values(let values, let resume)? = try? backend.execute(.get(q), now: StoragePipeline.now()), !values.isEmpty else { return true }
             query = resume.flatMap { q.resuming(after: $0) }
             let keys = values.keys.sorted()
             guard let reply = try? await node.request(to: peer, command: ReplicationOfferCommand.commandName, payload: [.keys640(keys)]),
                   case .keys640(let wanted)? = reply.payload.first else {
                 state.withLockedValue { $0.stats.failedOffers += 1 }
-                return
+                return false
             }
             state.withLockedValue {
                 $0.stats.offers += 1
@@ -231,20 +252,21 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
                 v.remainingSeconds = nil
                 let size = v.value.count + 200
                 if batchBytes + size > 2 << 20, !batch.isEmpty {
-                    guard await send(batch, bytes: batchBytes, to: peer, node: node) else { return }
+                    guard await send(batch, bytes: batchBytes, to: peer, node: node) else { return true }
                     batch = [:]
                     batchBytes = 0
                 }
                 batch[key] = v
                 batchBytes += size
             }
-            if !batch.isEmpty { guard await send(batch, bytes: batchBytes, to: peer, node: node) else { return } }
+            if !batch.isEmpty { guard await send(batch, bytes: batchBytes, to: peer, node: node) else { return true } }
         }
-        guard query == nil else { return }
+        guard query == nil else { return true }
         state.withLockedValue { s in
             if s.synced.count >= Self.maxRemembered { s.synced.removeAll(keepingCapacity: true) }
             s.synced[memo] = (generation, s.round)
         }
+        return true
     }
 
     /// Sends values as a plain put, within the peer's byte budget; false when over it.
