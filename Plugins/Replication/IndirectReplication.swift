@@ -163,14 +163,7 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
                 // arrives and when a peer leaves; the timer serves the responsible peers only.
                 let (responsible, targets, spares) = plan(node, location)
                 guard handIn || inserted.contains(location) || responsible else { continue }
-                let surplus = !responsible && isSurplus(node, location)
-                let confirmed = await syncAll(location, to: targets, spares: spares, node: node, confirm: surplus)
-                // A copy held well outside the replica set goes once every target has confirmed
-                // holding the keys offered (not a remove: nothing is tombstoned or announced).
-                if surplus, let keys = confirmed, !keys.isEmpty, let backend = node.registry.storageBackend {
-                    let dropped = backend.dropReplicas(keys)
-                    state.withLockedValue { $0.stats.dropped += dropped }
-                }
+                await syncAll(location, to: targets, spares: spares, node: node)
             }
         }
     }
@@ -179,47 +172,19 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
     /// A target that does not answer the offer is replaced by the next closest spare, so a
     /// replica set whose members died keeps its copies before the peer map has noticed (which
     /// takes `offlineAfterFailures` failed requests).
-    ///
-    /// With `confirm`, every target is offered the keys even if it was brought up to date lately,
-    /// and the result is the keys every target confirmed holding (nil unless all of them did).
-    @discardableResult
-    private func syncAll(_ location: Number160, to targets: [PeerAddress], spares: [PeerAddress], node: Node, confirm: Bool = false) async -> [Number640]? {
+    private func syncAll(_ location: Number160, to targets: [PeerAddress], spares: [PeerAddress], node: Node) async {
         var wave = targets
         var spares = spares[...]
-        var confirmed: Set<Number640>?
-        var everyone = !targets.isEmpty
         while !wave.isEmpty {
-            let outcomes = await withTaskGroup(of: SyncOutcome.self) { group in
-                for t in wave { group.addTask { await self.sync(location, to: t, node: node, force: confirm) } }
-                var all: [SyncOutcome] = []
-                for await o in group { all.append(o) }
-                return all
-            }
-            var missed = 0
-            for o in outcomes {
-                switch o {
-                case .unreachable: missed += 1
-                case .partial: everyone = false
-                case .confirmed(let keys): confirmed = confirmed.map { $0.intersection(keys) } ?? keys
-                }
+            let missed = await withTaskGroup(of: Bool.self) { group in
+                for t in wave { group.addTask { await self.sync(location, to: t, node: node) } }
+                var missed = 0
+                for await reached in group where !reached { missed += 1 }
+                return missed
             }
             wave = Array(spares.prefix(missed))
             spares = spares.dropFirst(wave.count)
-            if missed > wave.count { everyone = false }
         }
-        guard confirm, everyone, let confirmed else { return nil }
-        return Array(confirmed)
-    }
-
-    /// Peers past the replica set within which a copy is kept anyway (so one peer joining or
-    /// leaving near the edge does not make copies go and come back).
-    static let keepMargin = 2
-
-    /// Whether this peer is outside the `factor + keepMargin` closest to a location it knows of.
-    private func isSurplus(_ node: Node, _ location: Number160) -> Bool {
-        let window = factor + Self.keepMargin
-        let closer = node.peerMap.closest(to: location, count: window)
-        return closer.count >= window && closer.allSatisfy { location.isCloser($0.id, than: node.peerID) }
     }
 
     /// Whether this peer is responsible for a location, whom it copies it to, and the next
@@ -246,19 +211,10 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
 
     /// Offers one location's keys to a peer, then sends the values it lacks — unless the peer
     /// was brought up to date with this location as it is now, fewer than `reofferRounds` ago.
-    /// What a sync found: the peer did not answer an offer; it answered but not everything it
-    /// lacked could be sent (budget, refusal); or it now holds every key named (those keys; none
-    /// when it was up to date already and nothing was offered).
-    enum SyncOutcome {
-        case unreachable
-        case partial
-        case confirmed(Set<Number640>)
-    }
-
-    /// Brings a peer up to date with a location. With `force`, the keys are offered even if the
-    /// peer was brought up to date lately.
-    private func sync(_ location: Number160, to peer: PeerAddress, node: Node, force: Bool = false) async -> SyncOutcome {
-        guard let backend = node.registry.storageBackend else { return .partial }
+    /// Returns whether the peer answered (false only when an offer went unanswered).
+    @discardableResult
+    private func sync(_ location: Number160, to peer: PeerAddress, node: Node) async -> Bool {
+        guard let backend = node.registry.storageBackend else { return true }
         let memo = SyncKey(peer: peer.id, location: location)
         let (generation, upToDate): (UInt64, Bool) = state.withLockedValue { s in
             let g = s.generations[location] ?? 0
@@ -267,21 +223,20 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
         }
         // A peer that has missed a request lately (a maintenance ping, say) is offered again
         // at once: if it is dead, the offer fails and a spare takes its place.
-        guard force || !upToDate || (node.peerMap.failureCount(peer.id) ?? 0) > 0 else { return .confirmed([]) }
-        var held: Set<Number640> = []
+        guard !upToDate || (node.peerMap.failureCount(peer.id) ?? 0) > 0 else { return true }
         var query: StorageQuery? = .range(from: Number640(location: location),
                                           to: Number640(location: location, domain: .max, content: .max, version: .max),
                                           limit: .max, descending: false)
         var pages = 0
         while let q = query, pages < 64 {
             pages += 1
-            guard case .values(let values, let resume)? = try? backend.execute(.get(q), now: StoragePipeline.now()), !values.isEmpty else { break }
+            guard case .values(let values, let resume)? = try? backend.execute(.get(q), now: StoragePipeline.now()), !values.isEmpty else { return true }
             query = resume.flatMap { q.resuming(after: $0) }
             let keys = values.keys.sorted()
             guard let reply = try? await node.request(to: peer, command: ReplicationOfferCommand.commandName, payload: [.keys640(keys)]),
                   case .keys640(let wanted)? = reply.payload.first else {
                 state.withLockedValue { $0.stats.failedOffers += 1 }
-                return .unreachable
+                return false
             }
             state.withLockedValue {
                 $0.stats.offers += 1
@@ -297,27 +252,24 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
                 v.remainingSeconds = nil
                 let size = v.value.count + 200
                 if batchBytes + size > 2 << 20, !batch.isEmpty {
-                    guard await send(batch, bytes: batchBytes, to: peer, node: node) else { return .partial }
+                    guard await send(batch, bytes: batchBytes, to: peer, node: node) else { return true }
                     batch = [:]
                     batchBytes = 0
                 }
                 batch[key] = v
                 batchBytes += size
             }
-            if !batch.isEmpty { guard await send(batch, bytes: batchBytes, to: peer, node: node) else { return .partial } }
-            // Keys it did not ask for it holds already; the rest it has just taken.
-            held.formUnion(keys)
+            if !batch.isEmpty { guard await send(batch, bytes: batchBytes, to: peer, node: node) else { return true } }
         }
-        guard query == nil else { return .partial }
+        guard query == nil else { return true }
         state.withLockedValue { s in
             if s.synced.count >= Self.maxRemembered { s.synced.removeAll(keepingCapacity: true) }
             s.synced[memo] = (generation, s.round)
         }
-        return .confirmed(held)
+        return true
     }
 
-    /// Sends values as a plain put, within the peer's byte budget; false when over it, refused,
-    /// or when the peer did not store every value.
+    /// Sends values as a plain put, within the peer's byte budget; false when over it.
     private func send(_ values: [Number640: StoredValue], bytes: Int, to peer: PeerAddress, node: Node) async -> Bool {
         let second = StoragePipeline.now() / 1_000_000_000
         let allowed: Bool = state.withLockedValue { s in
@@ -335,10 +287,7 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
         guard allowed else { return false }
         let payload = StorageCodec.encode(.put(values, mode: .overwrite))
         let reply = try? await node.request(to: peer, command: ReplicationPushCommand.commandName, payload: payload)
-        var ok = false
-        if let reply, !StorageCodec.isRefusal(reply.payload), case .statuses(let statuses, _)? = try? StorageCodec.decodeResult(reply.payload) {
-            ok = values.keys.allSatisfy { statuses[$0] == .ok || statuses[$0] == .versionFork }
-        }
+        let ok = reply.map { !StorageCodec.isRefusal($0.payload) } ?? false
         state.withLockedValue { s in
             if ok {
                 s.stats.valuesSent += values.count
@@ -370,7 +319,4 @@ public struct ReplicationStats: Sendable, Hashable {
     public var failedPuts = 0
     /// Sends put off because a peer's byte budget for the second was spent.
     public var deferred = 0
-    /// Copies forgotten because this peer was well outside their replica set and the set
-    /// confirmed holding them.
-    public var dropped = 0
 }

@@ -548,10 +548,6 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         lock.withLock { Array(locations.keys) }
     }
 
-    public func dropReplicas(_ keys: [Number640]) -> Int {
-        lock.withLock { keys.reduce(0) { $0 + (removeEntry($1) == nil ? 0 : 1) } }
-    }
-
     public func sweepExpired(now: UInt64) -> Int {
         lock.withLock {
             var removed = 0

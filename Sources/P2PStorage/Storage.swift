@@ -259,17 +259,11 @@ public protocol StorageBackend: Sendable {
     func sweepExpired(now: UInt64) -> Int
     /// Every location holding at least one entry (for replication, which walks what is stored).
     func storedLocations() -> [Number160]
-    /// Forgets entries this peer held only as a replica, now held by the peers responsible for
-    /// them: no protection check and no events (it is not a remove; nothing is tombstoned).
-    /// Returns how many went. A backend that cannot drops nothing and keeps its copies.
-    func dropReplicas(_ keys: [Number640]) -> Int
 }
 
 extension StorageBackend {
     /// A backend that cannot list its locations is not replicated.
     public func storedLocations() -> [Number160] { [] }
-
-    public func dropReplicas(_ keys: [Number640]) -> Int { 0 }
 
     /// An unsigned request (no writer).
     public func execute(_ request: StorageRequest, now: UInt64) throws(StorageError) -> StorageResult {
