@@ -66,7 +66,7 @@ public struct Tracker: Sendable {
         var learned: [Number160: TrackerPeer] = [:]
         var next = 0
         var wanted = config.replicas
-        while wanted > 0, next < candidates.count {
+        while wanted > 0, next < candidates.count, !Task.isCancelled {
             let wave = Array(candidates[next..<min(candidates.count, next + wanted)])
             next += wave.count
             wanted = 0
@@ -145,11 +145,12 @@ public struct Tracker: Sendable {
             asked = 1
             for p in local.peers { peers[p.id] = p }
         }
-        var routing = routing(config, extra: 0)
-        routing.maxDirectHits = config.trackersPerGet
+        // The lookup converges (no early stop on hits): only trackers among the key's closest
+        // are asked, so peers on the path claiming entries cannot capture the answer.
         let question = RoutingQuestion(handlerName: TrackerDigestQuestion.handlerName, payload: [], isHit: TrackerDigestQuestion.isHit)
-        let result = try await node.lookup(key, config: routing, question: question, initialHits: asked).get()
-        let hits = result.answers.filter { $0.isHit && $0.peer.id != node.peerID }.map(\.peer).sorted { key.isCloser($0.id, than: $1.id) }
+        let result = try await node.lookup(key, config: routing(config, extra: 0), question: question, initialHits: asked).get()
+        let closest = Set(result.peers.map(\.id))
+        let hits = result.answers.filter { $0.isHit && $0.peer.id != node.peerID && closest.contains($0.peer.id) }.map(\.peer).sorted { key.isCloser($0.id, than: $1.id) }
         let payload: [Payload] = [.keys([key]), .bytes(known?.encoded ?? [])]
         var next = 0
         while asked < config.trackersPerGet, next < hits.count {
@@ -162,7 +163,8 @@ public struct Tracker: Sendable {
                               reply.type == .ok,
                               let entries = try? TrackerCodec.decode(reply.payload, maxPeers: config.maxPeersPerMessage, maxAttachment: config.maxAttachmentBytes)
                         else { return nil }
-                        return (peer, entries.map(\.0), Int(clamping: reply.firstInteger ?? 0))
+                        let valid = entries.map(\.0).filter { $0.peer.socket.isValidPeerRecord && $0.peer.isContactable }
+                        return (peer, valid, min(config.maxEntriesPerKey, Int(clamping: reply.firstInteger ?? 0)))
                     }
                 }
                 var all: [(PeerAddress, [TrackerPeer], Int)] = []
@@ -194,6 +196,7 @@ public final class TrackerAnnouncement: Sendable {
         var failures = 0
         var last: TrackerAddResult
         var lastError: String?
+        var stopped = false
     }
     private let state: NIOLockedValueBox<State>
 
@@ -211,6 +214,7 @@ public final class TrackerAnnouncement: Sendable {
 
     func run(tracker: Tracker, attachment: [UInt8], every: Duration, service: TrackerService) {
         let key = self.key
+        let every = max(.seconds(1), every)
         let task = Task { [self] in
             while !Task.isCancelled {
                 do { try await Task.sleep(for: every) } catch { break }
@@ -223,12 +227,16 @@ public final class TrackerAnnouncement: Sendable {
             }
             service.unregister(self)
         }
-        state.withLockedValue { $0.task = task }
+        let stopped = state.withLockedValue { s in
+            if !s.stopped { s.task = task }
+            return s.stopped
+        }
+        if stopped { task.cancel() }
     }
 
     /// Stops refreshing (the entries then expire by their TTL).
     public func stop() async {
-        let task = state.withLockedValue { s in defer { s.task = nil }; return s.task }
+        let task = state.withLockedValue { s in defer { s.task = nil; s.stopped = true }; return s.task }
         task?.cancel()
         await task?.value
     }

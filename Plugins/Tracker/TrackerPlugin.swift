@@ -83,6 +83,7 @@ public final class TrackerService: Sendable {
         var pexWindow: UInt64 = 0
         var pending: [Number160: Pending] = [:]
         var verifying = 0
+        var stopped = false
         var stats = TrackerStats()
     }
     private let state = NIOLockedValueBox(State())
@@ -97,10 +98,11 @@ public final class TrackerService: Sendable {
 
     func start(node: Node) {
         let sweepEvery = max(Duration.seconds(1), config.ttl / 4)
+        let pexEvery = max(Duration.milliseconds(100), config.pexInterval)
         let sweep = node.eventLoop.scheduleRepeatedTask(initialDelay: .nanoseconds(sweepEvery.nanoseconds), delay: .nanoseconds(sweepEvery.nanoseconds)) { [store] _ in
             store.sweep()
         }
-        let pex = node.eventLoop.scheduleRepeatedTask(initialDelay: .nanoseconds(config.pexInterval.nanoseconds), delay: .nanoseconds(config.pexInterval.nanoseconds)) { [self] _ in
+        let pex = node.eventLoop.scheduleRepeatedTask(initialDelay: .nanoseconds(pexEvery.nanoseconds), delay: .nanoseconds(pexEvery.nanoseconds)) { [self] _ in
             exchange(node)
         }
         state.withLockedValue { s in
@@ -111,7 +113,7 @@ public final class TrackerService: Sendable {
 
     func stop() async {
         let (timers, announcements) = state.withLockedValue { s in
-            defer { s.timers = []; s.announcements = [:]; s.node = nil }
+            defer { s.timers = []; s.announcements = [:]; s.node = nil; s.pending = [:]; s.stopped = true }
             return (s.timers, Array(s.announcements.values))
         }
         for t in timers { t.cancel() }
@@ -133,9 +135,10 @@ public final class TrackerService: Sendable {
     // MARK: peer exchange
 
     /// Whether this node is among the `replicas` closest to `key` that it knows of.
-    func isResponsible(for key: Number160, node: Node) -> Bool {
-        let closest = node.peerMap.closest(to: key, count: config.replicas)
-        guard closest.count >= config.replicas, let last = closest.last else { return true }
+    func isResponsible(for key: Number160, node: Node, window: Int? = nil) -> Bool {
+        let n = window ?? config.replicas
+        let closest = node.peerMap.closest(to: key, count: n)
+        guard closest.count >= n, let last = closest.last else { return true }
         return key.isCloser(node.peerID, than: last.id)
     }
 
@@ -175,17 +178,18 @@ public final class TrackerService: Sendable {
         var taken = 0
         var queued = false
         for (entry, seconds) in entries {
-            guard entry.peer.socket.isValidPeerRecord, entry.id != node.peerID, !store.isHeldOff(entry.id) else { continue }
+            guard seconds > 0, entry.peer.socket.isValidPeerRecord, entry.id != node.peerID, !store.isHeldOff(entry.id) else { continue }
             if let known = node.peerMap.verifiedPeer(entry.id), known.ip == entry.peer.ip {
-                if case .denied = store.add(key: key, peer: entry.peer, attachment: entry.attachment, firstHand: false, ttl: .seconds(Int64(seconds))) {
+                // Listed at the address this node verified, not the one the sender wrote.
+                if case .denied = store.add(key: key, peer: known, attachment: entry.attachment, firstHand: false, ttl: .seconds(Int64(seconds))) {
                     continue
                 }
                 taken += 1
                 continue
             }
-            guard entry.peer.isDirectlyReachable else { continue }
+            guard entry.peer.isDirectlyReachable, entry.peer.relays.isEmpty else { continue }
             let added = state.withLockedValue { s in
-                guard s.pending[entry.id] == nil, s.pending.count < config.maxPendingVerifications else { return false }
+                guard !s.stopped, s.pending[entry.id] == nil, s.pending.count < config.maxPendingVerifications else { return false }
                 s.pending[entry.id] = Pending(key: key, peer: entry, seconds: seconds)
                 return true
             }
@@ -200,7 +204,7 @@ public final class TrackerService: Sendable {
     private func verifyPending(_ node: Node) {
         let batch: [Pending] = state.withLockedValue { s in
             var out: [Pending] = []
-            while s.verifying < config.maxVerificationsInFlight, let (id, p) = s.pending.first {
+            while !s.stopped, s.verifying < config.maxVerificationsInFlight, let (id, p) = s.pending.first {
                 s.pending[id] = nil
                 s.verifying += 1
                 out.append(p)
@@ -246,6 +250,15 @@ struct TrackerAddCommand: CommandHandler {
                 throw TrackerError.badRequest("an attachment of \(attachment.count) bytes, over \(config.maxAttachmentBytes)")
             }
             let known = try TrackerCodec.filter(bytes.dropFirst().first)
+            guard context.sender.socket.isValidPeerRecord else {
+                return .reply(.error(.badRequest, "the sender's address \(context.sender.socket) cannot be listed"))
+            }
+            // Keys far from this node are not its to track (a peer cannot fill it with keys it
+            // would never be asked about); twice the replica window leaves room for other views.
+            guard service.isResponsible(for: key, node: context.node, window: 2 * config.replicas) else {
+                service.count { $0.addsDenied += 1 }
+                return .reply(.error(.denied, "not among the \(2 * config.replicas) closest to \(key) here"))
+            }
             guard context.sender.isContactable else {
                 service.count { $0.addsDenied += 1 }
                 return .reply(.error(.denied, "\(context.sender.id) is not reachable by others (firewalled, no relays): listing it would help nobody"))

@@ -144,9 +144,22 @@ public final class TrackerStore: Sendable {
                 return .refreshed
             }
             if s.keys[key] == nil, s.keys.count >= config.maxKeys { return .denied("tracking \(config.maxKeys) keys, the most this tracker holds") }
-            if (s.keys[key]?.count ?? 0) >= config.maxEntriesPerKey { return .denied("\(config.maxEntriesPerKey) peers listed under this key, the most it holds") }
+            if (s.keys[key]?.count ?? 0) >= config.maxEntriesPerKey {
+                // A peer's own add makes room by evicting an entry only heard of by exchange.
+                guard firstHand, let (victim, e) = s.keys[key]?.first(where: { !$0.value.firstHand }) else {
+                    return .denied("\(config.maxEntriesPerKey) peers listed under this key, the most it holds")
+                }
+                s.keys[key]?[victim] = nil
+                s.keysOfPeer[victim]?.remove(key)
+                if s.keysOfPeer[victim]?.isEmpty == true { s.keysOfPeer[victim] = nil }
+                s.entries -= 1
+                s.attachmentBytes -= e.attachment.count
+            }
             if s.entries >= config.maxEntries { return .denied("\(config.maxEntries) entries held, the most this tracker holds") }
-            if (s.keysOfPeer[peer.id]?.count ?? 0) >= config.maxKeysPerPeer { return .denied("listed under \(config.maxKeysPerPeer) keys here, the most one peer may be") }
+            // Only a peer's own adds count toward its keys: exchanged entries cannot use them up.
+            let ownKeys = firstHand ? (s.keysOfPeer[peer.id] ?? []).reduce(0) { $0 + (s.keys[$1]?[peer.id]?.firstHand == true ? 1 : 0) }
+                                    : (s.keysOfPeer[peer.id]?.count ?? 0)
+            if ownKeys >= config.maxKeysPerPeer { return .denied("listed under \(config.maxKeysPerPeer) keys here, the most one peer may be") }
             if s.attachmentBytes + attachment.count > config.maxTotalAttachmentBytes {
                 return .denied("attachments here fill \(config.maxTotalAttachmentBytes) bytes, the most this tracker holds")
             }
@@ -232,7 +245,8 @@ public final class TrackerStore: Sendable {
     public func sweep(now: UInt64 = TrackerStore.now) -> Int {
         state.withLockedValue { s in
             var removed = 0
-            for (key, entries) in s.keys {
+            for key in Array(s.keys.keys) {
+                guard let entries = s.keys[key] else { continue }
                 let expired = entries.filter { $0.value.expires <= now }.map(\.key)
                 guard !expired.isEmpty else { continue }
                 for id in expired {

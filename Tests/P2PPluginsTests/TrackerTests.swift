@@ -86,6 +86,17 @@ struct TrackerStoreTests {
         #expect(tight.sweep(now: 61 * s) == 2)
         #expect(tight.attachmentBytes == 0)
 
+        // A full key: a peer's own add evicts an entry only heard of by exchange, never a first-hand one.
+        var three = TrackerConfig()
+        three.maxEntriesPerKey = 2
+        let small2 = TrackerStore(config: three)
+        #expect(small2.add(key: key, peer: peer(1), attachment: [], firstHand: true, now: 0) == .added)
+        #expect(small2.add(key: key, peer: peer(2), attachment: [9], firstHand: false, now: 0) == .added)
+        #expect(small2.add(key: key, peer: peer(3), attachment: [], firstHand: true, now: 0) == .added)
+        #expect(Set(small2.list(key: key, limit: 35, now: 1).peers.map(\.id)) == [peer(1).id, peer(3).id])
+        guard case .denied = small2.add(key: key, peer: peer(4), attachment: [], firstHand: true, now: 0) else { Issue.record("evicted a first-hand entry"); return }
+        #expect(small2.entryCount == 2 && small2.attachmentBytes == 0)
+
         store.remove(peer: peer(1).id, holdOff: true, now: 10 * s)
         #expect(store.count(key: key, now: 10 * s) == 2)
         guard case .denied(let why) = store.add(key: key, peer: peer(1), attachment: [], firstHand: true, now: 20 * s) else { Issue.record("re-added while held off"); return }
@@ -257,6 +268,13 @@ struct TrackerTests {
         #expect(try await eventually { Self.service(other)?.store.count(key: key) == 1 })
         #expect(try await other.tracker.get(key).peers.map(\.attachment) == [Array("a".utf8)])
 
+        // A pushed entry for a peer this node knows is listed at the address it verified, not
+        // the one written in the push.
+        let moved = PeerAddress(id: net.nodes[4].peerID, socket: PeerSocketAddress(ip: .loopback, port: 9))
+        _ = try await net.nodes[3].request(to: other.address, command: "tracker.pex", payload: [.keys([key])] + [.peers([moved]), .bytes(TrackerTestCodec.records([(moved, 60)]))])
+        let listedThere = Self.service(other)?.store.list(key: key, limit: 35).peers.first { $0.id == moved.id }
+        #expect(listedThere?.peer.socket == net.nodes[4].address.socket)
+
         // A hostile tracker pushes ids nobody runs: pinged, never listed.
         let hostile = net.nodes[3]
         let fake = (0..<10).map { i in
@@ -266,7 +284,8 @@ struct TrackerTests {
         let reply = try await hostile.request(to: other.address, command: "tracker.pex", payload: [.keys([key]), .peers(fake), .bytes(records)])
         #expect(reply.firstInteger == 0)
         #expect(try await eventually { (Self.service(other)?.stats.verificationsFailed ?? 0) >= 10 })
-        #expect(Self.service(other)?.store.count(key: key) == 1)
+        let fakeIDs = Set(fake.map(\.id))
+        #expect(Self.service(other)?.store.list(key: key, limit: 35).peers.allSatisfy { !fakeIDs.contains($0.id) } == true)
         await net.shutdown()
     }
 
