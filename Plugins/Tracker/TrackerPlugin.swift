@@ -271,8 +271,6 @@ struct TrackerAddCommand: CommandHandler {
             let others = service.store.list(key: key, known: known, limit: config.maxPeersPerMessage + 1).peers
                 .filter { $0.id != context.sender.id }.prefix(config.maxPeersPerMessage)
             return .reply(Reply(payload: TrackerCodec.encode(others.map { ($0, seconds: 0) })))
-        } catch let error as TrackerError {
-            return .reply(.error(.badRequest, error.description))
         } catch {
             return .reply(.error(.badRequest, "\(error)"))
         }

@@ -10,13 +10,22 @@ struct TrackerCommand: AsyncParsableCommand {
         subcommands: [TrackerAddCLI.self, TrackerGetCLI.self])
 }
 
+/// Where a tracker command joins the overlay.
+struct TrackerJoinOptions: ParsableArguments {
+    @Option(name: .customLong("bootstrap"), help: "A peer to join through, HOST:PORT (repeatable).", transform: parseAddress)
+    var seeds: [PeerSocketAddress] = []
+
+    func validate() throws {
+        guard !seeds.isEmpty else { throw ValidationError("--bootstrap HOST:PORT is required") }
+    }
+}
+
 struct TrackerAddCLI: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "add",
         abstract: "Run a peer that lists itself under KEY on the 20 peers closest to it and re-adds every 45 s until interrupted (or once, with --once).")
 
-    @Option(name: .customLong("bootstrap"), help: "A peer to join through, HOST:PORT (repeatable).", transform: parseAddress)
-    var seeds: [PeerSocketAddress] = []
+    @OptionGroup var join: TrackerJoinOptions
     @Option(help: "UDP and TCP port this peer listens on (default: any free one).")
     var port: UInt16 = 0
     @Option(help: "Address to listen on (default 0.0.0.0).")
@@ -30,7 +39,6 @@ struct TrackerAddCLI: AsyncParsableCommand {
     var key: String
 
     func validate() throws {
-        guard !seeds.isEmpty else { throw ValidationError("--bootstrap HOST:PORT is required") }
         if let attachment, attachment.utf8.count > TrackerConfig().maxAttachmentBytes {
             throw ValidationError("--attachment is \(attachment.utf8.count) bytes, over \(TrackerConfig().maxAttachmentBytes)")
         }
@@ -42,7 +50,7 @@ struct TrackerAddCLI: AsyncParsableCommand {
         let plugins = try BuiltInPlugins.make(BuiltInPlugins.names, peerID: { "" })
         let node = try await startNode(try identity.apply(to: Node.builder().host(host).port(port).plugins(plugins)))
         do {
-            try await node.bootstrap(to: seeds)
+            try await node.bootstrap(to: join.seeds)
             if once {
                 let result = try await node.tracker.add(location, attachment: bytes)
                 say(Self.describe(result, key: key, location: location, node: node))
@@ -81,24 +89,19 @@ struct TrackerGetCLI: AsyncParsableCommand {
         commandName: "get",
         abstract: "Print the peers listed under KEY, one per line: id, address, attachment (exit 1 when nobody is).")
 
-    @Option(name: .customLong("bootstrap"), help: "A peer to join through, HOST:PORT (repeatable).", transform: parseAddress)
-    var seeds: [PeerSocketAddress] = []
+    @OptionGroup var join: TrackerJoinOptions
     @Flag(help: "Print JSON: {\"key\", \"trackers\", \"listed\", \"peers\": [{\"id\", \"address\", \"attachment\"}]}.")
     var json = false
     @OptionGroup var identity: IdentityOptions
     @Argument(help: "The key: hashed with SHA-1, unless given as 0x and 40 hex digits.")
     var key: String
 
-    func validate() throws {
-        guard !seeds.isEmpty else { throw ValidationError("--bootstrap HOST:PORT is required") }
-    }
-
     func run() async throws {
         let location = try parseKey(key)
         let node = try await startNode(try identity.apply(to: Node.builder().host("0.0.0.0").port(0).flags([.firewalledUDP, .firewalledTCP]).plugins(BuiltInPlugins.client)))
         let result: TrackerGetResult
         do {
-            try await node.bootstrap(to: seeds)
+            try await node.bootstrap(to: join.seeds)
             result = try await node.tracker.get(location)
             await node.shutdown()
         } catch {

@@ -27,6 +27,25 @@ struct P2PTool {
     }
 }
 
+/// Two `p2p node` processes, the second joined through the first, and the `--bootstrap` arguments
+/// that reach them (stop both when done).
+func twoJoinedNodes() throws -> (NodeProcess, NodeProcess, [String]) {
+    let a = try NodeProcess(["--port", "0"])
+    #expect(a.waitFor("listening on"))
+    guard let port = a.port else {
+        a.stop()
+        throw CLIError("the first node printed no port: \(a.output)")
+    }
+    let b = try NodeProcess(["--port", "0", "--bootstrap", "127.0.0.1:\(port)"])
+    #expect(b.waitFor("bootstrapped via"))
+    return (a, b, ["--bootstrap", "127.0.0.1:\(port)"])
+}
+
+struct CLIError: Error, CustomStringConvertible {
+    let description: String
+    init(_ d: String) { description = d }
+}
+
 /// A `p2p node` process whose output is collected as it runs.
 final class NodeProcess: @unchecked Sendable {
     let process = Process()
@@ -182,14 +201,8 @@ struct CLIIdentityTests {
         let alice = temporaryPath("alice.key"), bob = temporaryPath("bob.key")
         let aliceID = try P2PTool.run(["keygen", alice]).out.trimmingCharacters(in: .whitespacesAndNewlines)
         _ = try P2PTool.run(["keygen", bob])
-        let a = try NodeProcess(["--port", "0"])
-        defer { a.stop() }
-        #expect(a.waitFor("listening on"))
-        let port = try #require(a.port)
-        let b = try NodeProcess(["--port", "0", "--bootstrap", "127.0.0.1:\(port)"])
-        defer { b.stop() }
-        #expect(b.waitFor("bootstrapped via"))
-        let seed = ["--bootstrap", "127.0.0.1:\(port)"]
+        let (a, b, seed) = try twoJoinedNodes()
+        defer { a.stop(); b.stop() }
 
         let put = try P2PTool.run(["put"] + seed + ["--key", alice, "--protect", "entry", "diary", "day one"])
         #expect(put.code == 0, "\(put.err)")
@@ -217,14 +230,8 @@ struct CLIIdentityTests {
 
     @Test("tracker: add --once lists the peer with its attachment, get prints it (and --json); an announcer stays listed; nobody listed exits 1; bad arguments exit 2")
     func tracker() throws {
-        let a = try NodeProcess(["--port", "0"])
-        defer { a.stop() }
-        #expect(a.waitFor("listening on"))
-        let port = try #require(a.port)
-        let b = try NodeProcess(["--port", "0", "--bootstrap", "127.0.0.1:\(port)"])
-        defer { b.stop() }
-        #expect(b.waitFor("bootstrapped via"))
-        let seed = ["--bootstrap", "127.0.0.1:\(port)"]
+        let (a, b, seed) = try twoJoinedNodes()
+        defer { a.stop(); b.stop() }
 
         let add = try P2PTool.run(["tracker", "add", "--host", "127.0.0.1"] + seed + ["--once", "--attachment", "hello tracker", "swarm"])
         #expect(add.code == 0, "\(add.err)")
