@@ -14,6 +14,7 @@ let package = Package(
         .library(name: "P2PPeerVote", targets: ["P2PPeerVote"]),
         .library(name: "P2PReplication", targets: ["P2PReplication"]),
         .library(name: "P2PTracker", targets: ["P2PTracker"]),
+        .library(name: "P2PSQLite", targets: ["P2PSQLite"]),
         .library(name: "P2PLoader", targets: ["P2PLoader"]),
         .executable(name: "p2p", targets: ["p2p"]),
     ],
@@ -24,6 +25,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/drmohundro/SWXMLHash.git", from: "8.1.1"),
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
+        // SQLite storage (Debian's libsqlite3-dev).
+        .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
     ],
     targets: [
         .target(
@@ -81,10 +84,16 @@ let package = Package(
                                                        .product(name: "DequeModule", package: "swift-collections")], path: "Plugins/Replication"),
         .target(name: "P2PTracker", dependencies: ["P2PKernel", .product(name: "NIOCore", package: "swift-nio"),
                                                    .product(name: "NIOConcurrencyHelpers", package: "swift-nio")], path: "Plugins/Tracker"),
+        // Durable storage and the saved routing table in one SQLite file: its own target, so a
+        // node that does not use it does not link SQLite.
+        .target(name: "P2PSQLite", dependencies: ["P2PKernel", "P2PStorage", .product(name: "GRDB", package: "GRDB.swift"),
+                                                  .product(name: "NIOCore", package: "swift-nio"),
+                                                  .product(name: "NIOConcurrencyHelpers", package: "swift-nio")], path: "Plugins/SQLite"),
         .executableTarget(
             name: "p2p",
             dependencies: [
                 "P2PKernel", "P2PStorage", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote", "P2PLoader", "P2PReplication", "P2PTracker",
+                "P2PSQLite",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
@@ -102,7 +111,8 @@ let package = Package(
         .testTarget(
             name: "P2PPluginsTests",
             dependencies: ["P2PKernel", "P2PStorage", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote",
-                           "P2PReplication", "P2PTracker", .product(name: "Crypto", package: "swift-crypto")]
+                           "P2PReplication", "P2PTracker", "P2PSQLite", .product(name: "Crypto", package: "swift-crypto"),
+                           .product(name: "GRDB", package: "GRDB.swift")]
         ),
     ]
 )

@@ -171,6 +171,8 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
     private var totalEntries = 0
     private var expiries = Heap<Expiry>()
     private var writerBytes: [SignerKey: Int] = [:]
+    /// What the request being carried out touched, while `executeRecording` runs.
+    private var touched: Touched?
 
     public init(limits: Limits = Limits(), protection: ProtectionPolicy = ProtectionPolicy()) {
         self.limits = limits
@@ -199,6 +201,92 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             Result { () throws(StorageError) -> StorageResult in try executeLocked(request, writer: writer, now: now) }
         }
         return try result.get()
+    }
+
+    /// As `execute`, and what the request changed, as the state after it (`StorageChanges`): for a
+    /// backend that keeps this one's state somewhere durable (the SQLite plugin). A refused
+    /// request changes nothing.
+    public func executeRecording(_ request: StorageRequest, writer: SignerKey?, now: UInt64) throws(StorageError) -> (StorageResult, StorageChanges) {
+        let result = lock.withLock { () -> Result<(StorageResult, StorageChanges), StorageError> in
+            touched = Touched()
+            defer { touched = nil }
+            return Result { () throws(StorageError) -> (StorageResult, StorageChanges) in
+                let r = try executeLocked(request, writer: writer, now: now)
+                return (r, changesLocked())
+            }
+        }
+        return try result.get()
+    }
+
+    /// Keys, items and domains a request touched.
+    private struct Touched {
+        var keys: Set<Number640> = []
+        var items: Set<Number640> = []
+        var domains: Set<Number640> = []
+    }
+
+    private func changesLocked() -> StorageChanges {
+        var changes = StorageChanges()
+        guard let touched else { return changes }
+        for key in touched.keys {
+            changes.entries[key] = .some(locations[key.location]?.entries[key].map {
+                StorageChanges.Entry(stored: $0.stored, expiresAt: $0.expiresAt, writer: $0.writer)
+            })
+        }
+        for item in touched.items {
+            changes.entryOwners[item] = .some(locations[item.location]?.entryOwners[Item(item)])
+        }
+        for domain in touched.domains {
+            changes.domainOwners[domain] = .some(locations[domain.location]?.domainOwners[domain.domain])
+        }
+        return changes
+    }
+
+    /// Everything stored, and every owner: what a durable backend writes when it starts anew.
+    public func snapshot() -> StorageChanges {
+        lock.withLock {
+            var out = StorageChanges()
+            for (location, loc) in locations {
+                for (k, e) in loc.entries { out.entries[k] = StorageChanges.Entry(stored: e.stored, expiresAt: e.expiresAt, writer: e.writer) }
+                for (item, owner) in loc.entryOwners { out.entryOwners[Number640(location: location, domain: item.domain, content: item.content)] = owner }
+                for (d, owner) in loc.domainOwners { out.domainOwners[Number640(location: location, domain: d)] = owner }
+            }
+            return out
+        }
+    }
+
+    /// Replaces everything held by `state` (the entries and owners a durable backend read back),
+    /// rebuilding every index and total. No limit is checked: what was stored was admitted then.
+    /// Owners of items or domains without an entry are dropped, as removing the last entry drops
+    /// them. Entries already expired at `now` are skipped.
+    public func restore(_ state: StorageChanges, now: UInt64) {
+        lock.withLock {
+            locations = [:]
+            totalBytes = 0
+            totalEntries = 0
+            expiries = Heap()
+            writerBytes = [:]
+            for (key, e) in state.entries {
+                guard let e, e.expiresAt == 0 || e.expiresAt > now else { continue }
+                var loc = locations.removeValue(forKey: key.location) ?? Location()
+                let entry = Entry(stored: e.stored, expiresAt: e.expiresAt, writer: e.writer)
+                loc.entries[key] = entry
+                loc.domainCounts[key.domain, default: 0] += 1
+                loc.items[Item(key), default: VersionIndex()].insert(key.version, basedOn: e.stored.basedOn, prepared: e.stored.prepared)
+                locations[key.location] = loc
+                remember(entry)
+                totalEntries += 1
+                if entry.expiresAt != 0 { expiries.insert(Expiry(at: entry.expiresAt, key: key)) }
+            }
+            for (item, owner) in state.entryOwners {
+                guard let owner, locations[item.location]?.items[Item(item)] != nil else { continue }
+                locations[item.location]?.entryOwners[Item(item)] = owner
+            }
+            for (domain, owner) in state.domainOwners {
+                guard let owner, locations[domain.location]?.domainCounts[domain.domain] != nil else { continue }
+                locations[domain.location]?.domainOwners[domain.domain] = owner
+            }
+        }
     }
 
     private func executeLocked(_ request: StorageRequest, writer: SignerKey?, now: UInt64) throws(StorageError) -> StorageResult {
@@ -273,6 +361,7 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             for key in keys {
                 if let e = locations[key.location]?.entries[key], e.live(at: now) {
                     locations[key.location]?.entries[key]?.stored.prepared = false
+                    touched?.keys.insert(key)
                     if e.stored.prepared { locations[key.location]?.items[Item(key)]?.confirm(key.version, basedOn: e.stored.basedOn) }
                     statuses[key] = .ok
                 } else {
@@ -289,6 +378,7 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             }
             if let denial = protection.checkDomain(owner: owner, writer: writer, key: key) { throw denial }
             locations[location]?.domainOwners[domain] = to
+            touched?.domains.insert(key)
             return .statuses([key: .ok])
         }
     }
@@ -363,6 +453,9 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             let item = Item(key)
             let fork = Self.forks(key, basedOn: v.basedOn, loc: loc, now: now)
             if let existing { forget(existing) } else { totalEntries += 1 }
+            touched?.keys.insert(key)
+            touched?.items.insert(Number640(location: key.location, domain: key.domain, content: key.content))
+            if mode.contains(.protectDomain) { touched?.domains.insert(Number640(location: key.location, domain: key.domain)) }
             let entry = Entry(stored: v, expiresAt: Self.expiry(v.ttlSeconds, now: now), writer: writer)
             remember(entry)
             if existing == nil {
@@ -420,6 +513,8 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             // A new signer takes over a protected entry.
             if loc.entryOwners[item] != nil, let signer = v.signature?.signer { loc.entryOwners[item] = signer }
             locations[key.location] = loc
+            touched?.keys.insert(key)
+            touched?.items.insert(Number640(location: key.location, domain: key.domain, content: key.content))
             if e.expiresAt != 0 { expiries.insert(Expiry(at: e.expiresAt, key: key)) }
             statuses[key] = .ok
         }
@@ -528,6 +623,9 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         defer { if !loc.entries.isEmpty { locations[key.location] = loc } }
         guard let e = loc.entries.removeValue(forKey: key) else { return nil }
         forget(e)
+        touched?.keys.insert(key)
+        touched?.items.insert(Number640(location: key.location, domain: key.domain, content: key.content))
+        touched?.domains.insert(Number640(location: key.location, domain: key.domain))
         totalEntries -= 1
         loc.sortedCache = nil
         let item = Item(key)

@@ -223,6 +223,9 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
     case noBackend
     /// Too many requests are waiting; try again later.
     case busy(String)
+    /// The backend could not carry out or keep the request (a disk full, a database that failed):
+    /// nothing of it was kept.
+    case backendFailed(String)
 
     public var description: String {
         switch self {
@@ -241,6 +244,7 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
         case .malformed(let r): "malformed storage request: \(r)"
         case .noBackend: "this peer has no storage backend"
         case .busy(let r): "busy: \(r)"
+        case .backendFailed(let r): "storage failed: \(r)"
         }
     }
 }
@@ -259,16 +263,53 @@ public protocol StorageBackend: Sendable {
     func sweepExpired(now: UInt64) -> Int
     /// Every location holding at least one entry (for replication, which walks what is stored).
     func storedLocations() -> [Number160]
+    /// Whether writes become durable after `execute` returns (a backend that commits to disk):
+    /// the pipeline then acknowledges a write only once `whenDurable` reports it so.
+    var defersDurability: Bool { get }
+    /// A mark of the writes carried out so far: taken before a write, handed to `whenDurable`.
+    func durabilityMark() -> UInt64
+    /// Calls `done` once every write carried out after `mark` and before this call is durable
+    /// (with nil), or with the error when any of them could not be kept (those were undone).
+    /// Called at once by a backend whose writes are done when `execute` returns.
+    func whenDurable(since mark: UInt64, _ done: @escaping @Sendable (StorageError?) -> Void)
 }
 
 extension StorageBackend {
     /// A backend that cannot list its locations is not replicated.
     public func storedLocations() -> [Number160] { [] }
 
+    /// Writes are done when `execute` returns.
+    public var defersDurability: Bool { false }
+    public func durabilityMark() -> UInt64 { 0 }
+    public func whenDurable(since mark: UInt64, _ done: @escaping @Sendable (StorageError?) -> Void) { done(nil) }
+
     /// An unsigned request (no writer).
     public func execute(_ request: StorageRequest, now: UInt64) throws(StorageError) -> StorageResult {
         try execute(request, writer: nil, now: now)
     }
+}
+
+/// What a write changed, as the state after it: per key the entry now stored (nil: none any
+/// more), per item (location, domain, content; version zero) and per domain (location, domain)
+/// the owner now (nil: none). What `MemoryStorage.executeRecording` reports and `restore` reads.
+public struct StorageChanges: Sendable {
+    public struct Entry: Sendable, Hashable {
+        public var stored: StoredValue
+        /// Uptime nanoseconds at which it expires; 0 never.
+        public var expiresAt: UInt64
+        /// The request's proven writer (for the per-writer quota).
+        public var writer: SignerKey?
+        public init(stored: StoredValue, expiresAt: UInt64, writer: SignerKey?) {
+            self.stored = stored
+            self.expiresAt = expiresAt
+            self.writer = writer
+        }
+    }
+    public var entries: [Number640: Entry?] = [:]
+    public var entryOwners: [Number640: SignerKey?] = [:]
+    public var domainOwners: [Number640: SignerKey?] = [:]
+    public init() {}
+    public var isEmpty: Bool { entries.isEmpty && entryOwners.isEmpty && domainOwners.isEmpty }
 }
 
 /// Which requests an interceptor sees.

@@ -279,6 +279,7 @@ public enum StorageCodec {
         case .malformed(let r): (code, text) = (12, r)
         case .noBackend: code = 13
         case .busy(let r): (code, text) = (14, r)
+        case .backendFailed(let r): (code, text) = (16, r)
         }
         return [.integer(ResultKind.refused.rawValue), .integer(code), .integer(a), .integer(b), .keys640(key), .bytes(owner),
                 .bytes(Array(text.utf8.prefix(maxRefusalText)))]
@@ -360,6 +361,7 @@ public enum StorageCodec {
         case 12: return .malformed(text)
         case 13: return .noBackend
         case 14: return .busy(text)
+        case 16: return .backendFailed(text)
         default: return .denied("refused (code \(code)): \(text)")
         }
     }

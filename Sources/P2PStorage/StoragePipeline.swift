@@ -172,11 +172,21 @@ public final class StoragePipeline: Sendable {
     public func executeImmediately(_ request: StorageRequest, proof: WriterProof? = nil, sender: Number160? = nil) -> Result<StorageResult, StorageError>? {
         let registration = registry.shared(StorageRegistration.self)
         guard let backend = registration?.backend else { return .failure(.noBackend) }
-        guard Self.interceptors(registration, for: request).isEmpty else { return nil }
+        guard Self.interceptors(registration, for: request).isEmpty, !(request.isWrite && backend.defersDurability) else { return nil }
         return Result { () throws(StorageError) -> StorageResult in
             let writer = try admit(request, proof: proof, sender: sender)
             return try backend.execute(request, writer: writer, now: Self.now())
         }
+    }
+
+    /// Waits until a write the backend carried out is durable (at once for a memory backend):
+    /// a write is acknowledged only then, and fails when it could not be kept.
+    private static func durable(_ request: StorageRequest, _ backend: any StorageBackend, since mark: UInt64) async throws(StorageError) {
+        guard request.isWrite, backend.defersDurability else { return }
+        let failure = await withCheckedContinuation { (c: CheckedContinuation<StorageError?, Never>) in
+            backend.whenDurable(since: mark) { c.resume(returning: $0) }
+        }
+        if let failure { throw failure }
     }
 
     /// Carries out the request through every interceptor that covers it.
@@ -185,19 +195,50 @@ public final class StoragePipeline: Sendable {
         guard let backend = registration?.backend else { throw StorageError.noBackend }
         let writer = try admit(request, proof: proof, sender: sender?.id)
         let chain = Self.interceptors(registration, for: request)
-        guard !chain.isEmpty else { return try backend.execute(request, writer: writer, now: Self.now()) }
+        let mark = backend.durabilityMark()
+        guard !chain.isEmpty else {
+            let result = try backend.execute(request, writer: writer, now: Self.now())
+            try await Self.durable(request, backend, since: mark)
+            return result
+        }
         let context = StorageContext(sender: sender, writer: writer, node: node, backend: backend)
         guard await gate.enter() else {
             throw StorageError.busy("more than \(gate.maxWaiting) storage requests wait for the interceptor chain")
         }
-        defer { gate.leave() }
-        return try await run(request, chain[...], context: context, backend: backend)
+        let result: StorageResult
+        do {
+            result = try await run(request, chain[...], context: context, backend: backend)
+        } catch {
+            gate.leave()
+            throw error
+        }
+        gate.leave()
+        // Outside the gate: the next chain runs while this write is committed.
+        try await Self.durable(request, backend, since: mark)
+        return result
     }
 
     /// As `execute`, for callers on the event loop: the fast path completes at once.
     public func executeFuture(_ request: StorageRequest, proof: WriterProof? = nil, sender: PeerAddress?, node: Node) -> EventLoopFuture<StorageResult> {
         if let now = executeImmediately(request, proof: proof, sender: sender?.id) {
             return node.eventLoop.makeCompletedFuture(now.mapError { $0 as any Error })
+        }
+        let registration = registry.shared(StorageRegistration.self)
+        if let backend = registration?.backend, backend.defersDurability, Self.interceptors(registration, for: request).isEmpty {
+            // A write to a durable backend: carried out here on the loop, answered once committed.
+            let done: StorageResult
+            let mark = backend.durabilityMark()
+            do throws(StorageError) {
+                let writer = try admit(request, proof: proof, sender: sender?.id)
+                done = try backend.execute(request, writer: writer, now: Self.now())
+            } catch {
+                return node.eventLoop.makeFailedFuture(error)
+            }
+            let promise = node.eventLoop.makePromise(of: StorageResult.self)
+            backend.whenDurable(since: mark) { failure in
+                if let failure { promise.fail(failure) } else { promise.succeed(done) }
+            }
+            return promise.futureResult
         }
         return node.eventLoop.makeFutureWithTask { try await self.execute(request, proof: proof, sender: sender, node: node) }
     }

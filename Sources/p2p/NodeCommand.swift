@@ -4,6 +4,8 @@ import Foundation
 import P2PKernel
 import P2PLoader
 import P2PReplication
+import P2PSQLite
+import P2PStorage
 
 struct NodeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -29,7 +31,7 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(name: .customLong("plugin"), help: "A plugin .so file to load (repeatable); one that fails to load is refused and the node runs without it.")
     var pluginFiles: [String] = []
 
-    @Option(help: "A JSON config file: {\"port\", \"host\", \"network_id\", \"bootstrap\": [..], \"plugins\": [..], \"plugin_files\": [..], \"key\", \"insecure\", \"nat\", \"replication\", \"replication_factor\"}; flags given here win.")
+    @Option(help: "A JSON config file: {\"port\", \"host\", \"network_id\", \"bootstrap\": [..], \"plugins\": [..], \"plugin_files\": [..], \"key\", \"insecure\", \"nat\", \"replication\", \"replication_factor\", \"storage\", \"storage_sync\"}; flags given here win.")
     var config: String?
 
     @Option(help: "NAT traversal: auto (observe, probe, map ports on the gateway; the default) or off.")
@@ -40,6 +42,12 @@ struct NodeCommand: AsyncParsableCommand {
 
     @Option(name: .customLong("replication-factor"), help: "Copies of each location with indirect replication (1 to 20; default 6).")
     var replicationFactor: Int?
+
+    @Option(help: "Where stored values live: memory (the default; lost at exit) or sqlite:PATH (a SQLite file that survives restarts and crashes; the routing table is saved in it too, and the node rejoins through it).")
+    var storage: StorageArgument?
+
+    @Option(name: .customLong("storage-sync"), help: "With sqlite storage: full (a put is acknowledged once on disk; the default) or normal (once handed to the OS: survives kill -9, not a power loss).")
+    var storageSync: StorageSyncArgument?
 
     @OptionGroup var identity: IdentityOptions
 
@@ -65,8 +73,34 @@ struct NodeCommand: AsyncParsableCommand {
             }
         }
         let names = plugins.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        let storageChoice: StorageArgument
+        if let storage { storageChoice = storage } else if let text = file.storage {
+            guard let parsed = StorageArgument(argument: text) else { throw CLIError.usage("config \(config ?? ""): storage must be memory or sqlite:PATH, not '\(text)'") }
+            storageChoice = parsed
+        } else {
+            storageChoice = .memory
+        }
+        if let text = file.storage_sync, StorageSyncArgument(rawValue: text) == nil {
+            throw CLIError.usage("config \(config ?? ""): storage_sync must be full or normal, not '\(text)'")
+        }
+        let sync = storageSync ?? file.storage_sync.flatMap(StorageSyncArgument.init(rawValue:)) ?? .full
+        var sqlite: SQLitePlugin?
+        var backend: (any StorageBackend)?
+        if case .sqlite(let path) = storageChoice {
+            guard names.contains("dht") else { throw CLIError.usage("--storage sqlite:PATH needs the dht plugin") }
+            do {
+                let database = try SQLiteDatabase(path: path, sync: sync == .full ? .full : .normal)
+                let store = try SQLiteStorage(database: database)
+                sqlite = SQLitePlugin(database: database, storage: store)
+                backend = store
+                say("storage: sqlite \(path) (\(store.loadedEntries) entries read back, sync \(sync.rawValue))")
+            } catch {
+                throw CLIError.failed("\(error)")
+            }
+        }
         let id = IDBox()
-        var list = try BuiltInPlugins.make(names, peerID: { id.value })
+        var list = try BuiltInPlugins.make(names, peerID: { id.value }, backend: backend)
+        if let sqlite { list.append(sqlite) }
         if let text = file.replication, ReplicationArgument(rawValue: text) == nil {
             throw CLIError.usage("config \(config ?? ""): replication must be indirect, direct or none, not '\(text)'")
         }
@@ -116,7 +150,17 @@ struct NodeCommand: AsyncParsableCommand {
             say(suppressed > 0 ? "\(line) (\(suppressed) more peer events not shown)" : line)
         }
         let stop = SignalWaiter()
-        if !seeds.isEmpty {
+        let saved = (try? sqlite?.savedPeers()) ?? []
+        if !saved.isEmpty {
+            do {
+                let r = try await node.rejoin(from: saved)
+                say("rejoined via \(r.seed.socket) from \(saved.count) saved peers: \(r.verifiedPeers) verified peers, \(r.lookup.hops) hops")
+            } catch {
+                note("rejoin from \(saved.count) saved peers failed: \(error)\(seeds.isEmpty ? "" : "; bootstrapping")")
+                if seeds.isEmpty { note("no --bootstrap given: waiting for peers to contact this node") }
+            }
+        }
+        if !seeds.isEmpty, node.peerMap.counts.verified == 0 {
             Task {
                 // Keep trying: the seed may start after us.
                 while await node.isRunning {
@@ -141,6 +185,27 @@ struct NodeCommand: AsyncParsableCommand {
 /// `--nat auto|off`.
 enum NATModeArgument: String, ExpressibleByArgument {
     case auto, off
+}
+
+/// `--storage memory|sqlite:PATH`.
+enum StorageArgument: ExpressibleByArgument, Equatable {
+    case memory
+    case sqlite(String)
+
+    init?(argument: String) {
+        if argument == "memory" {
+            self = .memory
+        } else if argument.hasPrefix("sqlite:"), argument.count > "sqlite:".count {
+            self = .sqlite(String(argument.dropFirst("sqlite:".count)))
+        } else {
+            return nil
+        }
+    }
+}
+
+/// `--storage-sync full|normal`.
+enum StorageSyncArgument: String, ExpressibleByArgument {
+    case full, normal
 }
 
 /// `--replication indirect|direct|none`.
@@ -196,6 +261,8 @@ struct NodeConfigFile: Decodable {
     var nat: String?
     var replication: String?
     var replication_factor: Int?
+    var storage: String?
+    var storage_sync: String?
 
     init() {}
 

@@ -3,6 +3,7 @@ import P2PEvaluation
 import P2PKernel
 import P2PMessaging
 import P2PPeerVote
+import P2PStorage
 import P2PTracker
 
 /// The built-in plugins by the names `--plugins` takes.
@@ -10,10 +11,10 @@ enum BuiltInPlugins {
     static let names = ["dht", "messaging", "evaluation", "peervote", "tracker"]
 
     /// The plugins for a node that serves others.
-    static func make(_ names: [String], peerID: @escaping @Sendable () -> String) throws -> [any Plugin] {
+    static func make(_ names: [String], peerID: @escaping @Sendable () -> String, backend: (any StorageBackend)? = nil) throws -> [any Plugin] {
         try names.map { name -> any Plugin in
             switch name {
-            case "dht": DHTPlugin()
+            case "dht": backend.map { DHTPlugin(backend: $0) } ?? DHTPlugin()
             case "messaging": MessagingPlugin(raw: EchoReply(peerID: peerID))
             case "evaluation": EvaluationPlugin()
             case "peervote": PeerVotePlugin()

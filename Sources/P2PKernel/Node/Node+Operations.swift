@@ -10,6 +10,13 @@ public struct BootstrapResult: Sendable {
     public var refreshLookups: Int
     /// Verified peers in the map afterwards.
     public var verifiedPeers: Int
+
+    public init(seed: PeerAddress, lookup: RoutingResult, refreshLookups: Int, verifiedPeers: Int) {
+        self.seed = seed
+        self.lookup = lookup
+        self.refreshLookups = refreshLookups
+        self.verifiedPeers = verifiedPeers
+    }
 }
 
 /// How the outside sees this node.
