@@ -80,7 +80,7 @@ public final class SQLiteDatabase: Sendable {
             }
         }
         var config = Configuration()
-        config.journalMode = .wal
+        // WAL is switched on once the file is known to be ours (it rewrites the header).
         config.busyMode = .immediateError
         config.label = "p2p.sqlite"
         let syncPragma = sync == .full ? "FULL" : "NORMAL"
@@ -104,6 +104,7 @@ public final class SQLiteDatabase: Sendable {
         do {
             try queue.writeWithoutTransaction { db in
                 // Taking the write lock at once: another process holding the file fails here.
+                // Nothing is written unless the file is new (no tables) or already ours.
                 try db.execute(sql: "BEGIN IMMEDIATE")
                 do {
                     let appID = try Int32(truncatingIfNeeded: Int64.fetchOne(db, sql: "PRAGMA application_id") ?? 0)
@@ -130,6 +131,8 @@ public final class SQLiteDatabase: Sendable {
             }
             let check = try queue.read { db in try String.fetchAll(db, sql: "PRAGMA quick_check(5)") }
             if check != ["ok"] { throw SQLiteStorageError.corrupt(path: path, detail: check.joined(separator: "; ")) }
+            let mode = try queue.writeWithoutTransaction { db in try String.fetchOne(db, sql: "PRAGMA journal_mode = WAL") }
+            if mode?.lowercased() != "wal" { throw SQLiteStorageError.failed(path: path, reason: "cannot switch to WAL mode (got \(mode ?? "nothing"))") }
         } catch let e as SQLiteStorageError {
             throw e
         } catch {
@@ -164,6 +167,12 @@ public final class SQLiteDatabase: Sendable {
             PRAGMA application_id = \(applicationID);
             PRAGMA user_version = \(layoutVersion);
             """)
+    }
+
+    /// Closes the file (after a checkpoint, so the log is folded in). Later use fails with a
+    /// typed error.
+    public func close() {
+        try? queue.close()
     }
 
     /// Runs `body` in one write transaction.

@@ -148,10 +148,12 @@ public final class SQLiteStorage: StorageBackend, @unchecked Sendable {
         writerQueue.sync { drain() }
     }
 
-    /// Commits what is queued and refuses writes from now on (the node is stopping).
+    /// Commits what is queued, refuses writes from now on and closes the file (the node is
+    /// stopping).
     public func close() {
         lock.withLock { state.closed = true }
         flush()
+        writerQueue.sync { database.close() }
     }
 
     // MARK: committing
@@ -206,11 +208,11 @@ public final class SQLiteStorage: StorageBackend, @unchecked Sendable {
 
     private func readyLocked() -> [(Waiter, StorageError?)] {
         var ready: [(Waiter, StorageError?)] = []
-        state.waiters.removeAll { w in
-            guard w.through <= state.resolved else { return false }
-            ready.append((w, outcomeLocked(w)))
-            return true
+        var waiting: [Waiter] = []
+        for w in state.waiters {
+            if w.through <= state.resolved { ready.append((w, outcomeLocked(w))) } else { waiting.append(w) }
         }
+        state.waiters = waiting
         return ready
     }
 
