@@ -79,6 +79,16 @@ public final class SQLiteDatabase: Sendable {
                 throw .cannotOpen(path: path, reason: "folder \(folder) does not exist")
             }
         }
+        // SQLite reports a read-only file system as an I/O error or "unable to open": asked
+        // first, the system names it (root included: a read-only mount refuses everyone).
+        let target = exists ? path : ((path as NSString).deletingLastPathComponent.isEmpty ? "." : (path as NSString).deletingLastPathComponent)
+        if access(target, W_OK) != 0 {
+            let code = errno
+            let reason = String(cString: strerror(code))
+            if code == EROFS || code == EACCES || code == EPERM {
+                throw .readOnly(path: path, reason: exists ? "the file cannot be written (\(reason))" : "its folder cannot be written (\(reason))")
+            }
+        }
         var config = Configuration()
         // WAL is switched on once the file is known to be ours (it rewrites the header).
         config.busyMode = .immediateError

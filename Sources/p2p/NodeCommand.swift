@@ -153,8 +153,12 @@ struct NodeCommand: AsyncParsableCommand {
         let saved = (try? sqlite?.savedPeers()) ?? []
         if !saved.isEmpty {
             do {
+                let clock = ContinuousClock()
+                let started = clock.now
                 let r = try await node.rejoin(from: saved)
-                say("rejoined via \(r.seed.socket) from \(saved.count) saved peers: \(r.verifiedPeers) verified peers, \(r.lookup.hops) hops")
+                let took = clock.now - started
+                let ms = Double(took.components.seconds) * 1000 + Double(took.components.attoseconds) / 1e15
+                say("rejoined via \(r.seed.socket) from \(saved.count) saved peers in \(String(format: "%.0f", ms)) ms: \(r.verifiedPeers) verified peers, \(r.lookup.hops) hops")
             } catch {
                 note("rejoin from \(saved.count) saved peers failed: \(error)\(seeds.isEmpty ? "" : "; bootstrapping")")
                 if seeds.isEmpty { note("no --bootstrap given: waiting for peers to contact this node") }
