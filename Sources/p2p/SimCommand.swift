@@ -1,4 +1,5 @@
 import ArgumentParser
+import P2PSQLite
 import Crypto
 import Foundation
 import NIOCore
@@ -54,6 +55,12 @@ struct SimCommand: AsyncParsableCommand {
     @Flag(help: "Print one JSON object instead of a summary.")
     var json = false
 
+    @Option(help: "Where every peer stores values with --ops: memory (the default) or sqlite:DIR (one SQLite file per peer in DIR, made if missing).")
+    var storage: StorageArgument = .memory
+
+    @Option(name: .customLong("storage-sync"), help: "With sqlite storage: full (acknowledged once on disk; the default) or normal (once handed to the OS).")
+    var storageSync: StorageSyncArgument = .full
+
     @Flag(help: "Run every peer without sessions (plaintext, unauthenticated), to compare with the default.")
     var insecure = false
 
@@ -90,6 +97,7 @@ struct SimCommand: AsyncParsableCommand {
 
     func run() async throws {
         raiseOpenFileLimit()
+        var sqliteBackends: [SQLiteStorage] = []
         let rssBefore = residentMemoryBytes() ?? 0
         note("starting \(peers) peers…")
         let net: Testnet
@@ -105,10 +113,25 @@ struct SimCommand: AsyncParsableCommand {
             }
             let files = pluginFiles
             let security: SecurityMode = insecure ? .insecure : .authenticated
+            var stores: [SQLiteStorage] = []
+            if case .sqlite(let dir) = storage {
+                guard chosen.contains("dht") else { throw CLIError.usage("--storage sqlite:DIR needs the dht plugin (and --ops)") }
+                do { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) } catch {
+                    throw CLIError.usage("cannot make \(dir): \(error.localizedDescription)")
+                }
+                let sync: SQLiteDatabase.Sync = storageSync == .full ? .full : .normal
+                for i in 0..<peers {
+                    let path = "\(dir)/peer-\(i).db"
+                    try? FileManager.default.removeItem(atPath: path)
+                    do { stores.append(try SQLiteStorage(path: path, sync: sync)) } catch { throw CLIError.failed("\(error)") }
+                }
+            }
+            let sqliteStores = stores
+            sqliteBackends = stores
             net = try await Testnet.start(peers: peers, routing: perfect ? .perfect : .bootstrap,
                                           joinConcurrency: joinConcurrency,
-                                          plugins: { _ in
-                                              ((try? BuiltInPlugins.make(names, peerID: { "" })) ?? [])
+                                          plugins: { i in
+                                              ((try? BuiltInPlugins.make(names, peerID: { "" }, backend: sqliteStores.isEmpty ? nil : sqliteStores[i])) ?? [])
                                                   + files.compactMap { try? PluginLoader.load($0) }
                                                   + (replicating ? [ReplicationPlugin(policies.make())] : [])
                                           },
@@ -191,6 +214,7 @@ struct SimCommand: AsyncParsableCommand {
         let verified = net.nodes.map { $0.peerMap.counts.verified }
         note("shutting down…")
         await net.shutdown()
+        for store in sqliteBackends { store.close() }
         let footprint = ops > 0 ? try storageFootprint() : nil
 
         latencies.sort()
