@@ -59,6 +59,8 @@ public final class SQLiteStorage: StorageBackend, @unchecked Sendable {
         var lastCleanup = 0 as Int64
         var closed = false
         var loaded = 0
+        /// Bytes of changes queued or being committed.
+        var pendingBytes = 0
     }
 
     private let lock = NIOLock()
@@ -71,9 +73,14 @@ public final class SQLiteStorage: StorageBackend, @unchecked Sendable {
     public var failedCommits: Int { counters.withLockedValue { $0.failed } }
     private let counters = NIOLockedValueBox((commits: 0, writes: 0, failed: 0))
 
+    /// Most bytes of changes waiting for their commit (64 MiB): writes that come faster than the
+    /// disk takes them are refused (`busy`) beyond it, instead of piling up in memory.
+    public let maxPendingBytes: Int
+
     /// Opens the storage in `database`, reading back everything stored there.
     public init(database: SQLiteDatabase, limits: MemoryStorage.Limits = MemoryStorage.Limits(),
-                protection: ProtectionPolicy = ProtectionPolicy()) throws(SQLiteStorageError) {
+                protection: ProtectionPolicy = ProtectionPolicy(), maxPendingBytes: Int = 64 << 20) throws(SQLiteStorageError) {
+        self.maxPendingBytes = max(1, maxPendingBytes)
         self.database = database
         self.memory = MemoryStorage(limits: limits, protection: protection)
         try load()
@@ -81,8 +88,8 @@ public final class SQLiteStorage: StorageBackend, @unchecked Sendable {
 
     /// Opens (or creates) the file at `path`.
     public convenience init(path: String, sync: SQLiteDatabase.Sync = .full, limits: MemoryStorage.Limits = MemoryStorage.Limits(),
-                            protection: ProtectionPolicy = ProtectionPolicy()) throws(SQLiteStorageError) {
-        try self.init(database: SQLiteDatabase(path: path, sync: sync), limits: limits, protection: protection)
+                            protection: ProtectionPolicy = ProtectionPolicy(), maxPendingBytes: Int = 64 << 20) throws(SQLiteStorageError) {
+        try self.init(database: SQLiteDatabase(path: path, sync: sync), limits: limits, protection: protection, maxPendingBytes: maxPendingBytes)
     }
 
     /// Entries read back at start (or after a failed commit).
@@ -95,11 +102,15 @@ public final class SQLiteStorage: StorageBackend, @unchecked Sendable {
         let outcome = lock.withLock { () -> Result<StorageResult, StorageError> in
             if let broken = state.broken { return .failure(broken) }
             if state.closed { return .failure(.backendFailed("storage \(database.path) is closed")) }
+            if state.pendingBytes >= maxPendingBytes {
+                return .failure(.busy("\(state.pendingBytes) bytes of writes wait for the disk (at most \(maxPendingBytes))"))
+            }
             return Result { () throws(StorageError) -> StorageResult in
                 let (result, changes) = try memory.executeRecording(request, writer: writer, now: now)
                 if !changes.isEmpty {
                     state.assigned += 1
                     state.pending.append((state.assigned, changes))
+                    state.pendingBytes += Self.size(changes)
                     scheduleLocked()
                 }
                 return result
@@ -172,6 +183,7 @@ public final class SQLiteStorage: StorageBackend, @unchecked Sendable {
             return state.pending
         }
         guard let last = batch.last?.seq else { return }
+        let batchBytes = batch.reduce(0) { $0 + Self.size($1.changes) }
         let wallNow = SQLiteDatabase.wallMillis()
         let uptimeNow = StoragePipeline.now()
         var ready: [(Waiter, StorageError?)] = []
@@ -182,6 +194,7 @@ public final class SQLiteStorage: StorageBackend, @unchecked Sendable {
             counters.withLockedValue { $0.commits += 1; $0.writes += batch.count }
             ready = lock.withLock {
                 state.resolved = max(state.resolved, last)
+                state.pendingBytes -= batchBytes
                 return readyLocked()
             }
         } catch {
@@ -192,6 +205,7 @@ public final class SQLiteStorage: StorageBackend, @unchecked Sendable {
                 // out on top of it. Memory is read back from the file.
                 let from = state.resolved + 1
                 state.pending = []
+                state.pendingBytes = 0
                 state.failures.append(Failure(from: from, through: state.assigned, error: failure))
                 if state.failures.count > 64 { state.forgottenThrough = state.failures.removeFirst().through }
                 state.resolved = state.assigned
@@ -331,6 +345,13 @@ public final class SQLiteStorage: StorageBackend, @unchecked Sendable {
         }
         memory.restore(state, now: uptimeNow)
         self.state.loaded = memory.entryCount
+    }
+
+    /// What a change set holds in memory, roughly: values, keys and bookkeeping.
+    static func size(_ c: StorageChanges) -> Int {
+        var n = 64
+        for (_, e) in c.entries { n += 200 + (e?.stored.value.count ?? 0) + (e?.stored.basedOn.count ?? 0) * 20 }
+        return n + (c.entryOwners.count + c.domainOwners.count) * 120
     }
 
     static func bytes(_ k: Number640) -> [UInt8] {

@@ -246,6 +246,45 @@ struct SQLiteStorageTests {
         store.close()
     }
 
+    @Test("writes that come faster than the disk takes them are refused (busy) past the pending bound, not queued without end")
+    func pendingBound() throws {
+        let folder = try TempFolder()
+        defer { folder.remove() }
+        let store = try SQLiteStorage(path: folder.file("slow.db"), maxPendingBytes: 10_000)
+        // Hold the file: the writer thread's commit waits, as behind a slow disk.
+        let held = DispatchSemaphore(value: 0), release = DispatchSemaphore(value: 0)
+        DispatchQueue.global().async {
+            try? store.database.write { _ in
+                held.signal()
+                release.wait()
+            }
+        }
+        held.wait()
+        var accepted = 0
+        var busy: StorageError?
+        for i in 0..<50 {
+            do {
+                _ = try store.execute(.put([loc("slow \(i)"): StoredValue([UInt8](repeating: 1, count: 1_000))], mode: .overwrite), now: StoragePipeline.now())
+                accepted += 1
+            } catch {
+                busy = error
+                break
+            }
+        }
+        release.signal()
+        guard case .busy? = busy else {
+            Issue.record("no write was refused: \(String(describing: busy))")
+            return
+        }
+        // About 10,000 bytes of changes at 1,200 each: the bound, plus the write that crossed it.
+        #expect(accepted >= 5 && accepted <= 10, "\(accepted)")
+        store.flush()
+        _ = try store.execute(.put([loc("after"): StoredValue([1])], mode: .overwrite), now: StoragePipeline.now())
+        store.flush()
+        #expect(store.committedWrites == accepted + 1)
+        store.close()
+    }
+
     @Test("files that are not this node's storage are refused with a typed error and left byte for byte as they were")
     func badFiles() throws {
         let folder = try TempFolder()
