@@ -115,10 +115,12 @@ public struct RejoinError: Error, CustomStringConvertible {
 extension Node {
     /// Joins the overlay through peers saved by an earlier run: pings up to `concurrency` of
     /// them at once (newest first) and, as soon as any answers, looks up this node's id and
-    /// refreshes its far buckets, as a bootstrap does. Throws when none answers.
+    /// refreshes its far buckets, as a bootstrap does. Throws when none answers. At most `limit`
+    /// are tried, so a table of dead peers costs a few request timeouts (128 at 32 at once: 4),
+    /// not minutes, before the caller falls back to its bootstrap addresses.
     @discardableResult
-    public func rejoin(from saved: [PeerAddress], concurrency: Int = 32) async throws -> BootstrapResult {
-        let candidates = saved.filter { $0.id != peerID }
+    public func rejoin(from saved: [PeerAddress], concurrency: Int = 32, limit: Int = 128) async throws -> BootstrapResult {
+        let candidates = Array(saved.filter { $0.id != peerID }.prefix(max(1, limit)))
         guard !candidates.isEmpty else { throw RejoinError(tried: 0) }
         // The first answer wins; pings still out finish on their own (a dead peer's takes its
         // timeout), without holding the join.
@@ -133,7 +135,8 @@ extension Node {
             }
             guard let index else { return }
             Task {
-                let answer = try? await self.ping(candidates[index].socket)
+                // A saved address this node now listens on itself answers with its own id: not a way in.
+                let answer = (try? await self.ping(candidates[index].socket)).flatMap { $0.id == self.peerID ? nil : $0 }
                 let finish = cursor.withLockedValue { c -> Bool? in
                     c.inFlight -= 1
                     guard !c.done else { return nil }

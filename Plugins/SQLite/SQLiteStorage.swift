@@ -319,7 +319,10 @@ public final class SQLiteStorage: StorageBackend, @unchecked Sendable {
                 var expiresAt: UInt64 = 0
                 if expires != 0 {
                     guard expires > wallNow else { continue }
-                    expiresAt = uptimeNow &+ UInt64(expires - wallNow) * 1_000_000
+                    // A TTL is at most UInt32.max seconds: a larger time left is a damaged row,
+                    // capped rather than overflowing.
+                    let leftMillis = min(UInt64(expires - wallNow), UInt64(UInt32.max) * 1000)
+                    expiresAt = uptimeNow &+ leftMillis * 1_000_000
                 }
                 let basedOn = stride(from: 0, to: basedBytes.count, by: 20).compactMap { Number160(bytes: basedBytes[$0..<$0 + 20]) }
                 var stored = StoredValue(value, ttlSeconds: ttlSeconds, basedOn: basedOn, prepared: prepared != 0, protectEntry: protect != 0,

@@ -168,12 +168,17 @@ public final class StoragePipeline: Sendable {
     }
 
     /// Carries out the request at once when no interceptor covers it; nil when it must go through
-    /// the async chain (`execute`).
+    /// the async chain (`execute`), or wait for a durable backend's commit (`executeFuture`).
     public func executeImmediately(_ request: StorageRequest, proof: WriterProof? = nil, sender: Number160? = nil) -> Result<StorageResult, StorageError>? {
         let registration = registry.shared(StorageRegistration.self)
         guard let backend = registration?.backend else { return .failure(.noBackend) }
         guard Self.interceptors(registration, for: request).isEmpty, !(request.isWrite && backend.defersDurability) else { return nil }
-        return Result { () throws(StorageError) -> StorageResult in
+        return direct(request, proof: proof, sender: sender, backend: backend)
+    }
+
+    /// Admits the request and hands it to the backend, with no interceptor.
+    private func direct(_ request: StorageRequest, proof: WriterProof?, sender: Number160?, backend: any StorageBackend) -> Result<StorageResult, StorageError> {
+        Result { () throws(StorageError) -> StorageResult in
             let writer = try admit(request, proof: proof, sender: sender)
             return try backend.execute(request, writer: writer, now: Self.now())
         }
@@ -220,27 +225,21 @@ public final class StoragePipeline: Sendable {
 
     /// As `execute`, for callers on the event loop: the fast path completes at once.
     public func executeFuture(_ request: StorageRequest, proof: WriterProof? = nil, sender: PeerAddress?, node: Node) -> EventLoopFuture<StorageResult> {
-        if let now = executeImmediately(request, proof: proof, sender: sender?.id) {
-            return node.eventLoop.makeCompletedFuture(now.mapError { $0 as any Error })
-        }
         let registration = registry.shared(StorageRegistration.self)
-        if let backend = registration?.backend, backend.defersDurability, Self.interceptors(registration, for: request).isEmpty {
-            // A write to a durable backend: carried out here on the loop, answered once committed.
-            let done: StorageResult
-            let mark = backend.durabilityMark()
-            do throws(StorageError) {
-                let writer = try admit(request, proof: proof, sender: sender?.id)
-                done = try backend.execute(request, writer: writer, now: Self.now())
-            } catch {
-                return node.eventLoop.makeFailedFuture(error)
-            }
-            let promise = node.eventLoop.makePromise(of: StorageResult.self)
-            backend.whenDurable(since: mark) { failure in
-                if let failure { promise.fail(failure) } else { promise.succeed(done) }
-            }
-            return promise.futureResult
+        guard let backend = registration?.backend else { return node.eventLoop.makeFailedFuture(StorageError.noBackend) }
+        guard Self.interceptors(registration, for: request).isEmpty else {
+            return node.eventLoop.makeFutureWithTask { try await self.execute(request, proof: proof, sender: sender, node: node) }
         }
-        return node.eventLoop.makeFutureWithTask { try await self.execute(request, proof: proof, sender: sender, node: node) }
+        let deferred = request.isWrite && backend.defersDurability
+        let mark = deferred ? backend.durabilityMark() : 0
+        let result = direct(request, proof: proof, sender: sender?.id, backend: backend)
+        guard deferred, case .success(let done) = result else { return node.eventLoop.makeCompletedFuture(result.mapError { $0 as any Error }) }
+        // A write to a durable backend: carried out here on the loop, answered once committed.
+        let promise = node.eventLoop.makePromise(of: StorageResult.self)
+        backend.whenDurable(since: mark) { failure in
+            if let failure { promise.fail(failure) } else { promise.succeed(done) }
+        }
+        return promise.futureResult
     }
 
     /// Sweeps expired values on the node's loop every `interval` until `stopSweeping` (the plugin

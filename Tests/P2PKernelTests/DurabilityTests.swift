@@ -1,4 +1,5 @@
 import Foundation
+import NIOConcurrencyHelpers
 import NIOCore
 import P2PDHT
 import P2PKernel
@@ -54,11 +55,11 @@ struct DurabilityTests {
         let client = try await StorageClient.start()
         let target = try await client.peer(at: port)
         let total = 10_000, inFlight = 32
-        let acked = NIOLockedValueBoxForTests<[Number640: [UInt8]]>([:])
+        let acked = NIOLockedValueBox<[Number640: [UInt8]]>([:])
         let killAfter = 4_000
         let clock = ContinuousClock()
         let started = clock.now
-        let killed = NIOLockedValueBoxForTests(false)
+        let killed = NIOLockedValueBox(false)
         // 32 writers share the 10,000 keys; node is killed (no quit, no flush) once 4,000 are acknowledged.
         await withTaskGroup(of: Void.self) { group in
             for w in 0..<inFlight {
@@ -211,12 +212,4 @@ struct DurabilityTests {
         if let line = again.output.split(separator: "\n").first(where: { $0.contains("rejoined via") }) { print(line) }
         #expect(again.waitFor("peer joined") || again.output.contains("verified peers"))
     }
-}
-
-/// A lock-protected value for the test's concurrent writers.
-final class NIOLockedValueBoxForTests<T>: @unchecked Sendable {
-    private let lock = NSLock()
-    private var value: T
-    init(_ v: T) { value = v }
-    func withLockedValue<R>(_ body: (inout T) -> R) -> R { lock.withLock { body(&value) } }
 }
