@@ -27,6 +27,12 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
         // SQLite storage (Debian's libsqlite3-dev).
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
+        // Metrics: the kernel records through swift-metrics' API only; Prometheus, the status
+        // page's HTTP server and the lifecycle live in their own targets.
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1", traits: []),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
     ],
     targets: [
         .target(
@@ -38,6 +44,7 @@ let package = Package(
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
                 // UPnP gateways describe themselves in XML.
                 .product(name: "SWXMLHash", package: "SWXMLHash"),
             ]
@@ -89,12 +96,25 @@ let package = Package(
         .target(name: "P2PSQLite", dependencies: ["P2PKernel", "P2PStorage", .product(name: "GRDB", package: "GRDB.swift"),
                                                   .product(name: "NIOCore", package: "swift-nio"),
                                                   .product(name: "NIOConcurrencyHelpers", package: "swift-nio")], path: "Plugins/SQLite"),
+        // What an operator watches: /metrics in the Prometheus text format and the live status
+        // page, served by Hummingbird; a node that does not use them does not link either.
+        .target(name: "P2PStatus", dependencies: ["P2PKernel",
+                                                  .product(name: "Hummingbird", package: "hummingbird"),
+                                                  .product(name: "Prometheus", package: "swift-prometheus"),
+                                                  .product(name: "CoreMetrics", package: "swift-metrics"),
+                                                  .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                                                  .product(name: "NIOCore", package: "swift-nio"),
+                                                  .product(name: "NIOConcurrencyHelpers", package: "swift-nio")]),
         .executableTarget(
             name: "p2p",
             dependencies: [
                 "P2PKernel", "P2PStorage", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote", "P2PLoader", "P2PReplication", "P2PTracker",
-                "P2PSQLite",
+                "P2PSQLite", "P2PStatus",
                 .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

@@ -40,6 +40,7 @@ public struct DHTPlugin: Plugin {
 
     public func start(node: Node) async throws {
         node.storage.startSweeping(node: node, every: sweepInterval)
+        node.storage.startReporting(node: node)
     }
 
     public func stop(node: Node) async {

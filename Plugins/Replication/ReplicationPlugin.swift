@@ -1,3 +1,4 @@
+import NIOConcurrencyHelpers
 import NIOCore
 import P2PKernel
 import P2PStorage
@@ -32,6 +33,44 @@ public struct ReplicationPlugin: Plugin {
             registry.add(replicationPolicy: indirect)
         }
         if let direct { registry.add(replicationPolicy: direct) }
+    }
+
+    /// Reports what replication sent: counters (`p2p_replication_…_total`, beside the kernel's
+    /// per-command message counts of `replication.offer` and `replication.push`) and a status section.
+    public func start(node: Node) async throws {
+        if let indirect {
+            if let metrics = node.metrics {
+                let offers = metrics.counter("p2p_replication_offers_total")
+                let keys = metrics.counter("p2p_replication_keys_offered_total")
+                let values = metrics.counter("p2p_replication_values_sent_total")
+                let bytes = metrics.counter("p2p_replication_bytes_sent_total")
+                let failed = metrics.counter("p2p_replication_failures_total")
+                let last = NIOLockedValueBox(ReplicationStats())
+                metrics.addSampler {
+                    let now = indirect.stats
+                    let before = last.withLockedValue { old in
+                        defer { old = now }
+                        return old
+                    }
+                    offers.increment(by: Int64(max(0, now.offers - before.offers)))
+                    keys.increment(by: Int64(max(0, now.keysOffered - before.keysOffered)))
+                    values.increment(by: Int64(max(0, now.valuesSent - before.valuesSent)))
+                    bytes.increment(by: Int64(max(0, now.bytesSent - before.bytesSent)))
+                    failed.increment(by: Int64(max(0, (now.failedOffers + now.failedPuts) - (before.failedOffers + before.failedPuts))))
+                }
+            }
+            node.registry.addStatus("replication") {
+                let s = indirect.stats
+                return [("policy", "indirect"), ("rounds", "\(s.rounds)"), ("offers", "\(s.offers)"), ("values sent", "\(s.valuesSent)"),
+                        ("bytes sent", "\(s.bytesSent)"), ("failed", "\(s.failedOffers + s.failedPuts)")]
+            }
+        }
+        if let direct {
+            node.registry.addStatus("replication") {
+                let s = direct.sent
+                return [("policy", "direct"), ("puts sent", "\(s.puts)"), ("removes sent", "\(s.removes)")]
+            }
+        }
     }
 }
 

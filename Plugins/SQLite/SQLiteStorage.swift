@@ -142,6 +142,8 @@ public final class SQLiteStorage: StorageBackend, @unchecked Sendable {
 
     public var defersDurability: Bool { true }
 
+    public var usage: StorageUsage? { memory.usage }
+
     public func durabilityMark() -> UInt64 { lock.withLock { state.assigned } }
 
     public func whenDurable(since mark: UInt64, _ done: @escaping @Sendable (StorageError?) -> Void) {

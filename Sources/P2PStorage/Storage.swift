@@ -272,6 +272,20 @@ public protocol StorageBackend: Sendable {
     /// (with nil), or with the error when any of them could not be kept (those were undone).
     /// Called at once by a backend whose writes are done when `execute` returns.
     func whenDurable(since mark: UInt64, _ done: @escaping @Sendable (StorageError?) -> Void)
+    /// What the backend holds now, for metrics and the status page; nil when it cannot tell.
+    var usage: StorageUsage? { get }
+}
+
+/// What a storage backend holds.
+public struct StorageUsage: Sendable, Equatable {
+    /// Entries, counting every version.
+    public var entries: Int
+    /// Bytes of stored values and their metadata, as the backend's limits count them.
+    public var bytes: Int
+    public init(entries: Int, bytes: Int) {
+        self.entries = entries
+        self.bytes = bytes
+    }
 }
 
 extension StorageBackend {
@@ -282,6 +296,7 @@ extension StorageBackend {
     public var defersDurability: Bool { false }
     public func durabilityMark() -> UInt64 { 0 }
     public func whenDurable(since mark: UInt64, _ done: @escaping @Sendable (StorageError?) -> Void) { done(nil) }
+    public var usage: StorageUsage? { nil }
 
     /// An unsigned request (no writer).
     public func execute(_ request: StorageRequest, now: UInt64) throws(StorageError) -> StorageResult {

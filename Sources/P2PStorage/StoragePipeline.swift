@@ -261,6 +261,27 @@ public final class StoragePipeline: Sendable {
         registry.storageBackend?.sweepExpired(now: now) ?? 0
     }
 
+    /// Reports what the backend holds: `p2p_storage_entries` and `p2p_storage_bytes` gauges (when
+    /// the node records metrics) and a "storage" section of the node's status.
+    public func startReporting(node: Node) {
+        let registry = self.registry
+        if let metrics = node.metrics {
+            let entries = metrics.gauge("p2p_storage_entries")
+            let bytes = metrics.gauge("p2p_storage_bytes")
+            metrics.addSampler {
+                guard let u = registry.storageBackend?.usage else { return }
+                entries.record(u.entries)
+                bytes.record(u.bytes)
+            }
+        }
+        registry.addStatus("storage") {
+            guard let backend = registry.storageBackend else { return [] }
+            var rows = [("backend", backend.name)]
+            if let u = backend.usage { rows += [("entries", "\(u.entries)"), ("bytes", "\(u.bytes)")] }
+            return rows
+        }
+    }
+
     public func stopSweeping() {
         sweeper.withLockedValue { t in
             t?.cancel()

@@ -1,16 +1,21 @@
 import ArgumentParser
 import Dispatch
 import Foundation
+import Logging
+import NIOConcurrencyHelpers
 import P2PKernel
 import P2PLoader
 import P2PReplication
 import P2PSQLite
+import P2PStatus
 import P2PStorage
+import ServiceLifecycle
+import UnixSignals
 
 struct NodeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "node",
-        abstract: "Run a peer until SIGINT or SIGTERM, then leave gracefully."
+        abstract: "Run a peer until SIGINT or SIGTERM, then leave gracefully (a second signal stops it at once)."
     )
 
     @Option(help: "UDP and TCP port to listen on (0 picks one; default 4000).")
@@ -31,7 +36,7 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(name: .customLong("plugin"), help: "A plugin .so file to load (repeatable); one that fails to load is refused and the node runs without it.")
     var pluginFiles: [String] = []
 
-    @Option(help: "A JSON config file: {\"port\", \"host\", \"network_id\", \"bootstrap\": [..], \"plugins\": [..], \"plugin_files\": [..], \"key\", \"insecure\", \"nat\", \"replication\", \"replication_factor\", \"storage\", \"storage_sync\"}; flags given here win.")
+    @Option(help: "A JSON config file: {\"port\", \"host\", \"network_id\", \"bootstrap\": [..], \"plugins\": [..], \"plugin_files\": [..], \"key\", \"insecure\", \"nat\", \"replication\", \"replication_factor\", \"storage\", \"storage_sync\", \"metrics\", \"status\", \"shutdown_timeout\"}; flags given here win.")
     var config: String?
 
     @Option(help: "NAT traversal: auto (observe, probe, map ports on the gateway; the default) or off.")
@@ -48,6 +53,15 @@ struct NodeCommand: AsyncParsableCommand {
 
     @Option(name: .customLong("storage-sync"), help: "With sqlite storage: full (a put is acknowledged once on disk; the default) or normal (once handed to the OS: survives kill -9, not a power loss).")
     var storageSync: StorageSyncArgument?
+
+    @Option(help: "Serve /metrics (Prometheus text format) on [HOST:]PORT; HOST is 127.0.0.1 unless given.", transform: parseHTTPAddress)
+    var metrics: HTTPAddress?
+
+    @Option(help: "Serve the live status page (/ and /status.json) on [HOST:]PORT; HOST is 127.0.0.1 unless given.", transform: parseHTTPAddress)
+    var status: HTTPAddress?
+
+    @Option(name: .customLong("shutdown-timeout"), help: "Seconds a graceful stop may take (quit announced, port mappings deleted, storage flushed) before the node is stopped at once (default 10).")
+    var shutdownTimeout: Double?
 
     @OptionGroup var identity: IdentityOptions
 
@@ -115,7 +129,21 @@ struct NodeCommand: AsyncParsableCommand {
                 throw CLIError.usage("--replication \(replicationMode.rawValue) needs the dht plugin")
             }
         }
+        let metricsAt: HTTPAddress?
+        let statusAt: HTTPAddress?
+        do {
+            metricsAt = try metrics ?? file.metrics.map(parseHTTPAddress)
+            statusAt = try status ?? file.status.map(parseHTTPAddress)
+        } catch {
+            throw CLIError.usage("config \(config ?? ""): \(error)")
+        }
+        let timeout = shutdownTimeout ?? file.shutdown_timeout ?? 10
+        guard timeout.isFinite, timeout > 0, timeout <= 3_600 else {
+            throw CLIError.usage("--shutdown-timeout must be from 0 to 3600 seconds, got \(timeout)")
+        }
         var builder = try identity.apply(to: Node.builder(), keyFile: file.key, insecure: file.insecure)
+        let exporter = metricsAt.map { _ in MetricsExporter() }
+        if let exporter { builder = builder.metrics(exporter.factory) }
         if let text = file.nat, NATModeArgument(rawValue: text) == nil {
             throw CLIError.usage("config \(config ?? ""): nat must be auto or off, not '\(text)'")
         }
@@ -149,7 +177,9 @@ struct NodeCommand: AsyncParsableCommand {
             guard let suppressed = budget.take() else { return }
             say(suppressed > 0 ? "\(line) (\(suppressed) more peer events not shown)" : line)
         }
-        let stop = SignalWaiter()
+        // Signals are trapped before anything slow runs, so a SIGTERM during the rejoin is a
+        // graceful stop too.
+        let signals = await UnixSignalsSequence(trapping: [.sigterm, .sigint])
         let saved = (try? sqlite?.savedPeers()) ?? []
         if !saved.isEmpty {
             do {
@@ -179,11 +209,90 @@ struct NodeCommand: AsyncParsableCommand {
                 }
             }
         }
-        let signal = await stop.wait()
-        say("received \(signal), leaving: telling \(node.peerMap.counts.verified) peers")
-        await node.shutdown()
+        var services: [any Service] = [NodeService(node: node)]
+        var servers: [(HTTPAddress, StatusRoutes)] = []
+        if let metricsAt { servers.append((metricsAt, .metrics)) }
+        if let statusAt {
+            if let i = servers.firstIndex(where: { $0.0 == statusAt }) { servers[i].1.insert(.status) } else { servers.append((statusAt, .status)) }
+        }
+        for (at, routes) in servers {
+            var quiet = Logger(label: "swiftp2p.http")
+            quiet.logLevel = .warning
+            let what = [routes.contains(.status) ? "status page" : nil, routes.contains(.metrics) ? "metrics" : nil].compactMap { $0 }.joined(separator: " and ")
+            let path = routes.contains(.status) ? "/" : "/metrics"
+            services.append(StatusServer.application(node: node, host: at.host, port: at.port, routes: routes, exporter: exporter, logger: quiet) { port in
+                say("\(what): http://\(at.host):\(port)\(path)")
+            })
+        }
+        var groupConfig = ServiceGroupConfiguration(services: services, logger: Logger(label: "swiftp2p.lifecycle", factory: { _ in SwiftLogNoOpLogHandler() }))
+        groupConfig.maximumGracefulShutdownDuration = .milliseconds(Int64(timeout * 1000))
+        groupConfig.maximumCancellationDuration = .seconds(2)
+        let group = ServiceGroup(configuration: groupConfig)
+        // The first SIGTERM or SIGINT stops the group gracefully (the node leaves, then the HTTP
+        // servers close), within the timeout; a second one while it leaves stops the process at
+        // once: what was acknowledged is already on disk (docs/STORAGE.md).
+        let watcher = Task {
+            var count = 0
+            for await signal in signals {
+                count += 1
+                if count == 1 {
+                    say("received \(signal), leaving: telling \(node.peerMap.counts.verified) peers")
+                    await group.triggerGracefulShutdown()
+                    // The group cancels what is still running at the timeout, but cancellation
+                    // cannot interrupt a plugin blocked in its own code: the bound is kept here.
+                    Task {
+                        try await Task.sleep(for: .milliseconds(Int64(timeout * 1000)) + .seconds(2))
+                        say("stopping took longer than \(timeout) s: stopping at once")
+                        Foundation.exit(1)
+                    }
+                } else {
+                    say("\(signal) again: stopping at once")
+                    Foundation.exit(130)
+                }
+            }
+        }
+        defer { watcher.cancel() }
+        do {
+            try await group.run()
+        } catch {
+            throw CLIError.failed("stopping took longer than \(timeout) s; stopped at once (\(error))")
+        }
         say("stopped")
     }
+}
+
+/// The node as a service: runs until the group's graceful shutdown, then leaves (plugins
+/// stopped — storage flushed, the routing table saved —, port mappings deleted, quit announced).
+struct NodeService: Service {
+    let node: Node
+
+    func run() async throws {
+        do {
+            try await gracefulShutdown()
+        } catch {
+            return  // cancelled: the group is stopping at once
+        }
+        await node.shutdown()
+    }
+}
+
+/// Where an HTTP server listens: `PORT`, `:PORT` or `HOST:PORT` (an IP address or localhost).
+struct HTTPAddress: Equatable {
+    var host: String
+    var port: Int
+}
+
+func parseHTTPAddress(_ text: String) throws -> HTTPAddress {
+    var host = "127.0.0.1"
+    var portText = Substring(text)
+    if let colon = text.lastIndex(of: ":") {
+        let h = text[..<colon].trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
+        if !h.isEmpty { host = h == "localhost" ? "127.0.0.1" : h }
+        portText = text[text.index(after: colon)...]
+    }
+    guard IPAddress(host) != nil else { throw CLIError.usage("'\(text)': the host must be an IP address or localhost") }
+    guard let port = Int(portText), (0...65_535).contains(port) else { throw CLIError.usage("'\(text)': the port must be 0 to 65535") }
+    return HTTPAddress(host: host, port: port)
 }
 
 /// `--nat auto|off`.
@@ -227,31 +336,6 @@ final class IDBox: @unchecked Sendable {
     }
 }
 
-/// Waits for SIGINT or SIGTERM.
-final class SignalWaiter: @unchecked Sendable {
-    private var sources: [DispatchSourceSignal] = []
-    private let queue = DispatchQueue(label: "p2p.signals")
-
-    func wait() async -> String {
-        await withCheckedContinuation { (continuation: CheckedContinuation<String, Never>) in
-            queue.sync {
-                var resumed = false
-                for (sig, name) in [(SIGINT, "SIGINT"), (SIGTERM, "SIGTERM")] {
-                    signal(sig, SIG_IGN)
-                    let source = DispatchSource.makeSignalSource(signal: sig, queue: queue)
-                    source.setEventHandler {
-                        guard !resumed else { return }
-                        resumed = true
-                        continuation.resume(returning: name)
-                    }
-                    source.resume()
-                    sources.append(source)
-                }
-            }
-        }
-    }
-}
-
 /// The node config file (`p2p node --config FILE`); every field is optional.
 struct NodeConfigFile: Decodable {
     var port: UInt16?
@@ -267,6 +351,9 @@ struct NodeConfigFile: Decodable {
     var replication_factor: Int?
     var storage: String?
     var storage_sync: String?
+    var metrics: String?
+    var status: String?
+    var shutdown_timeout: Double?
 
     init() {}
 

@@ -33,6 +33,10 @@ public final class Node: @unchecked Sendable {
     /// plugins share (storage keeps its backend and interceptors there).
     public let registry: PluginRegistry
     public let logger: Logger
+    /// The node's counters and gauges, when `NodeConfig.metrics` names a factory.
+    public let metrics: NodeMetrics?
+    /// The latest events, for the status page.
+    let events = EventLog()
     /// This node as others reach it: its announced ports, flags and relays. It changes at run
     /// time (a port mapping, relays); read from any thread.
     public var address: PeerAddress { published.withLockedValue { $0 } }
@@ -143,6 +147,7 @@ public final class Node: @unchecked Sendable {
         var logger = config.logger
         logger[metadataKey: "peer"] = "\(peerID.hexString.prefix(8))"
         self.logger = logger
+        self.metrics = config.metrics.map(NodeMetrics.init(factory:))
         let me = PeerAddress(id: peerID, socket: PeerSocketAddress(ip: IPAddress(config.host) ?? .v4(0), port: config.port), flags: config.flags)
         self.selfAddress = me
         self.published = NIOLockedValueBox(me)
@@ -194,7 +199,9 @@ public final class Node: @unchecked Sendable {
         }
         node.eventLoop.execute {
             node.clockTask = node.eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [weak node] _ in
-                if let node { node.coarseSeconds = UInt32(truncatingIfNeeded: PeerMap.now() / 1_000_000_000) }
+                guard let node else { return }
+                node.coarseSeconds = UInt32(truncatingIfNeeded: PeerMap.now() / 1_000_000_000)
+                node.metrics?.sample(node)
             }
             node.startMaintenance()
         }
@@ -207,6 +214,16 @@ public final class Node: @unchecked Sendable {
     private func connectEvents() {
         let registry = self.registry
         let policies = registry.replicationPolicies
+        let log = events
+        registry.subscribe { event in
+            switch event {
+            case .peerInserted(let p, let verified) where verified: log.add("peer joined: \(p.id.hexString.prefix(12)) at \(p.socket)")
+            case .peerRemoved(let p, let reason): log.add("peer left: \(p.id.hexString.prefix(12)) at \(p.socket) (\(reason))")
+            case .reachabilityChanged(let report): log.add(report.summary)
+            case .directPath(let path): log.add("direct path: \(path)")
+            default: break
+            }
+        }
         peerMap.onChange { [weak self] event in
             switch event {
             case .inserted(let p, let verified):

@@ -1,3 +1,4 @@
+import CoreMetrics
 import Logging
 import NIOCore
 import NIOPosix
@@ -44,6 +45,9 @@ public struct NodeConfig: Sendable {
     /// The event loops the node runs on; every node in a process shares the singleton by default.
     public var eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
     public var logger = Logger(label: "swiftp2p.node")
+    /// Where the node's metrics go (see `NodeMetrics`); nil records none, at no cost. Each node
+    /// takes its own factory, so several nodes in one process keep separate numbers.
+    public var metrics: (any MetricsFactory)?
 
     public init() {}
 }
@@ -63,6 +67,8 @@ public struct NodeBuilder: Sendable {
     public func host(_ h: String) -> NodeBuilder { with { $0.config.host = h } }
     public func port(_ p: UInt16) -> NodeBuilder { with { $0.config.port = p } }
     public func networkID(_ n: UInt32) -> NodeBuilder { with { $0.config.networkID = n } }
+    /// Records the node's metrics with `factory` (see `NodeMetrics`).
+    public func metrics(_ factory: any MetricsFactory) -> NodeBuilder { with { $0.config.metrics = factory } }
     public func peerID(_ id: Number160) -> NodeBuilder { with { $0.config.peerID = id } }
     public func keyPair(_ k: PeerKeyPair) -> NodeBuilder { with { $0.config.keyPair = k } }
     public func security(_ s: SecurityMode) -> NodeBuilder { with { $0.config.security = s } }

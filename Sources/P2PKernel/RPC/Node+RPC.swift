@@ -50,6 +50,8 @@ struct PendingRequest {
     var connection: ObjectIdentifier?
     /// Our index of the session the request went out in (zero: none yet, or insecure mode).
     var session: UInt64 = 0
+    /// When it was sent (only read when the node records metrics).
+    var sent: NIODeadline = .uptimeNanoseconds(0)
 }
 
 /// How a request travels.
@@ -101,14 +103,19 @@ extension Node {
         if sessionsEnabled {
             refusePlaintext(message, remote: remote, origin: origin)
         } else {
-            dispatch(message, origin: origin, remote: remote, session: 0)
+            dispatch(message, bytes: buffer.readableBytes, origin: origin, remote: remote, session: 0)
         }
     }
 
     /// A decoded message: from an authenticated session (`session` is our index of it) or, in
     /// insecure mode, in the clear.
-    func dispatch(_ message: Message, origin: Origin, remote: SocketAddress, session: UInt64) {
+    func dispatch(_ message: Message, bytes: Int, origin: Origin, remote: SocketAddress, session: UInt64) {
         guard message.sender.id != peerID else { return }
+        if let metrics {
+            let s = metrics.series(message.command, registry: registry.commands)
+            s.messagesIn.increment()
+            s.bytesIn.increment(by: bytes)
+        }
         authenticated(origin)
         if !udpPaths.isEmpty, case .udp(let remote) = origin { heardOverPath(message.sender.id, remote) }
         if message.type.isReply {
@@ -174,6 +181,9 @@ extension Node {
             return
         }
         noteContact(reply.sender)
+        if let metrics {
+            metrics.series(p.command, registry: registry.commands).latency.recordNanoseconds(Int64(clamping: (NIODeadline.now() - p.sent).nanoseconds))
+        }
         p.promise.succeed(reply)
     }
 
@@ -250,6 +260,7 @@ extension Node {
         }
         var plain = ByteBufferAllocator().buffer(capacity: size)
         plain.writeMessage(m, size: size, framed: false)
+        if let metrics { metrics.countOut(metrics.series(m.command, registry: registry.commands), bytes: size) }
         if sessionsEnabled {
             sendInSession(plain, replyTo: request.sender.id, session: session, origin: origin)
         } else {
@@ -386,6 +397,10 @@ extension Node {
         let total = timeout ?? config.requestTimeout
         pending[id] = PendingRequest(promise: promise, timer: nil, expected: expectedID, target: target, command: command,
                                      payload: payload, timeout: total, plaintext: plain, transport: routedKind)
+        if let metrics {
+            metrics.countOut(metrics.series(command, registry: registry.commands), bytes: size)
+            pending[id]?.sent = .now()
+        }
         transmit(plain, to: target, expected: expectedID, over: routedKind, requestID: id)
         if routedKind == .udp {
             // Re-sent every `udpRetryAfter` until the deadline: datagrams get lost, and so may the
@@ -444,6 +459,7 @@ extension Node {
     private func timedOut(_ id: UInt32, after total: Duration) {
         guard let p = pending[id] else { return }
         let ms = Int(total.components.seconds * 1000 + total.components.attoseconds / 1_000_000_000_000_000)
+        metrics?.series(p.command, registry: registry.commands).timeouts.increment()
         failRequest(id, .timeout(peer: "\(p.target)", milliseconds: ms), peerFailed: true)
     }
 
@@ -464,6 +480,7 @@ extension Node {
         guard let size = try? WireCodec.validate(m), size <= WireLimits.udpPayloadLimit else { return nil }
         var plain = ByteBufferAllocator().buffer(capacity: size)
         plain.writeMessage(m, size: size, framed: false)
+        if let metrics { metrics.countOut(metrics.series(command, registry: registry.commands), bytes: size) }
         let written = eventLoop.makePromise(of: Void.self)
         transmit(plain, to: peer.socket, expected: peer.id, over: .udp, requestID: nil, written: written)
         return written.futureResult
@@ -591,6 +608,7 @@ extension Node {
     /// Counts a dropped packet and says why at trace level.
     func countDrop(_ why: @autoclosure () -> String) {
         droppedCount.withLockedValue { $0 += 1 }
+        metrics?.dropped.increment()
         logger.trace("dropped", metadata: ["why": "\(why())"])
     }
 }

@@ -17,6 +17,8 @@ public final class PluginRegistry: Sendable {
         var policies: [any ReplicationPolicy] = []
         var subscribers: [@Sendable (NodeEvent) -> Void] = []
         var questions: [UInt16: any RoutingQuestionHandler] = [:]
+        var commandsByPlugin: [String: [String]] = [:]
+        var status: [(title: String, rows: @Sendable () -> [(String, String)])] = []
     }
     private let state = NIOLockedValueBox(State())
 
@@ -38,7 +40,29 @@ public final class PluginRegistry: Sendable {
             commands.removeAll(except: Set(commandsBefore))
             throw error
         }
-        state.withLockedValue { $0.plugins.append(plugin) }
+        let added = commands.names.filter { !commandsBefore.contains($0) }
+        state.withLockedValue {
+            $0.plugins.append(plugin)
+            $0.commandsByPlugin[plugin.name] = added
+        }
+    }
+
+    /// The commands a plugin registered when it was installed.
+    public func commandNames(of plugin: String) -> [String] {
+        state.withLockedValue { $0.commandsByPlugin[plugin] ?? [] }
+    }
+
+    // MARK: status
+
+    /// Adds a section to the node's status (`Node.status()`, the status page): `rows` is called
+    /// each time the status is read, on the node's event loop, and must be quick.
+    public func addStatus(_ title: String, rows: @escaping @Sendable () -> [(String, String)]) {
+        state.withLockedValue { $0.status.append((title, rows)) }
+    }
+
+    func statusSections() -> [NodeStatus.Section] {
+        let providers = state.withLockedValue { $0.status }
+        return providers.map { NodeStatus.Section(title: $0.title, rows: $0.rows()) }
     }
 
     /// Installed plugins, in install order.

@@ -159,6 +159,7 @@ extension Node {
 
     private func failHandshake(_ index: UInt64, _ error: RPCError, peerFailed: Bool = false) {
         guard let h = removeHandshake(index) else { return }
+        metrics?.handshakesFailed.increment()
         for item in h.queue { reject(item, error, peerFailed: peerFailed) }
     }
 
@@ -198,6 +199,7 @@ extension Node {
         fresh.lastUsed = coarseSeconds
         let slot = sessions.insert(fresh, finishPrefix: finishPrefix)
         handshakeCount.withLockedValue { $0 += 1 }
+        metrics?.handshakesCompleted.increment()
         let local = sessions[slot].localIndex
         for item in h.queue {
             // A slot moves when another session is removed; find ours again by its index.
@@ -339,6 +341,7 @@ extension Node {
             let slot = sessions.insert(session)
             if origin.kind == .tcp { sessions.markTCP(f.counter, slot: slot) }
             handshakeCount.withLockedValue { $0 += 1 }
+            metrics?.handshakesCompleted.increment()
             deliver(UnsafeRawBufferPointer(rebasing: scratch[..<length]), remoteID: session.remoteID, session: session.localIndex,
                     ip: ip, remote: remote, origin: origin)
         }
@@ -389,7 +392,7 @@ extension Node {
         guard message.sender.id == remoteID else {
             return countDrop("message claims id \(message.sender.id) in the session of \(remoteID)")
         }
-        dispatch(message, origin: origin, remote: remote, session: session)
+        dispatch(message, bytes: plain.count, origin: origin, remote: remote, session: session)
     }
 
     // MARK: refusing the other mode

@@ -1,0 +1,152 @@
+import NIOConcurrencyHelpers
+import NIOCore
+
+/// One picture of what a node is doing, for an operator: what the status page draws and
+/// `/status.json` serves. Built by `Node.status()`; plugins add their own sections with
+/// `PluginRegistry.addStatus`.
+public struct NodeStatus: Codable, Sendable, Equatable {
+    public struct Reachability: Codable, Sendable, Equatable {
+        /// Whether peers can reach this node unsolicited (true until NAT traversal says otherwise).
+        public var reachable: Bool
+        /// How: direct, upnp, nat-pmp, pcp, hole-punch, relay or none.
+        public var method: String
+        /// The NAT in front of the node, when traversal ran (none, port-preserving, consistent, symmetric…).
+        public var natType: String?
+        /// The address the outside sees, when traversal found one.
+        public var external: String?
+        public var mappings: [String]
+        public var relays: [String]
+    }
+
+    public struct Peer: Codable, Sendable, Equatable {
+        public var id: String
+        public var address: String
+    }
+
+    /// One bucket of the peer map: peers at XOR distance [2^index, 2^(index+1)) from this node.
+    public struct Bucket: Codable, Sendable, Equatable {
+        public var index: Int
+        public var peers: [Peer]
+    }
+
+    public struct PluginInfo: Codable, Sendable, Equatable {
+        public var name: String
+        public var version: String
+        public var commands: [String]
+    }
+
+    /// A titled list of name/value rows a plugin reports (storage: entries and bytes).
+    public struct Section: Codable, Sendable, Equatable {
+        public var title: String
+        public var rows: [[String]]
+        public init(title: String, rows: [(String, String)]) {
+            self.title = title
+            self.rows = rows.map { [$0.0, $0.1] }
+        }
+    }
+
+    public struct Event: Codable, Sendable, Equatable {
+        /// Seconds since the node started.
+        public var at: Double
+        public var text: String
+    }
+
+    public var id: String
+    /// The address peers are told (announced ports), and the one the sockets are bound to.
+    public var announced: String
+    public var bound: String
+    public var security: String
+    public var uptimeSeconds: Double
+    public var reachability: Reachability
+    public var verifiedPeers: Int
+    public var overflowPeers: Int
+    /// Non-empty buckets, closest first.
+    public var buckets: [Bucket]
+    public var sessions: Int
+    public var requestsInFlight: Int
+    public var droppedMessages: Int
+    public var handshakes: Int
+    public var plugins: [PluginInfo]
+    public var sections: [Section]
+    /// The latest events, oldest first (at most `EventLog.capacity`).
+    public var events: [Event]
+}
+
+/// The node's most recent events, for the status page: a fixed number kept, the oldest dropped.
+/// Peers come and go at a rate others control, so this is a ring, never a growing list.
+final class EventLog: Sendable {
+    static let capacity = 64
+    private let ring = NIOLockedValueBox((items: [NodeStatus.Event](), next: 0))
+    private let started = NIODeadline.now()
+
+    func add(_ text: String) {
+        let at = Double((NIODeadline.now() - started).nanoseconds) / 1e9
+        ring.withLockedValue { r in
+            let e = NodeStatus.Event(at: at, text: text)
+            if r.items.count < Self.capacity {
+                r.items.append(e)
+            } else {
+                r.items[r.next] = e
+                r.next = (r.next + 1) % Self.capacity
+            }
+        }
+    }
+
+    var events: [NodeStatus.Event] {
+        ring.withLockedValue { r in Array(r.items[r.next...] + r.items[..<r.next]) }
+    }
+
+    var uptime: Double { Double((NIODeadline.now() - started).nanoseconds) / 1e9 }
+}
+
+extension Node {
+    /// What the node is doing now (read on its event loop).
+    public func status() async throws -> NodeStatus {
+        try await eventLoop.submit { [self] in statusOnLoop() }.get()
+    }
+
+    /// Records a line in the node's recent events (shown on the status page).
+    public func recordEvent(_ text: String) {
+        events.add(text)
+    }
+
+    func statusOnLoop() -> NodeStatus {
+        let report = nat.report
+        let reach = NodeStatus.Reachability(
+            reachable: report?.reachable ?? true,
+            method: report.map { $0.reachable ? $0.method.rawValue : ReachabilityMethod.none.rawValue } ?? ReachabilityMethod.direct.rawValue,
+            natType: report?.natType.rawValue,
+            external: report?.external.map { "\($0)" },
+            mappings: report?.mappings.map { "\($0)" } ?? [],
+            relays: nat.relays.map { "\($0.id.hexString.prefix(12)) at \($0.socket)" })
+        var buckets: [NodeStatus.Bucket] = []
+        var grouped: [Int: [NodeStatus.Peer]] = [:]
+        for p in peerMap.verifiedPeers {
+            guard let b = peerMap.bucketIndex(of: p.id) else { continue }
+            grouped[b, default: []].append(NodeStatus.Peer(id: p.id.hexString, address: "\(p.socket)"))
+        }
+        for b in grouped.keys.sorted() { buckets.append(NodeStatus.Bucket(index: b, peers: grouped[b] ?? [])) }
+        let counts = peerMap.counts
+        let plugins = registry.plugins.map { p in
+            NodeStatus.PluginInfo(name: p.name, version: p.version, commands: registry.commandNames(of: p.name))
+        }
+        let me = selfAddress
+        return NodeStatus(
+            id: peerID.hexString,
+            announced: "\(me.socket)",
+            bound: "\(config.host):\(boundPort)",
+            security: config.security == .authenticated ? "authenticated sessions" : "insecure (plaintext)",
+            uptimeSeconds: events.uptime,
+            reachability: reach,
+            verifiedPeers: counts.verified,
+            overflowPeers: counts.overflow,
+            buckets: buckets,
+            sessions: sessions.count,
+            requestsInFlight: pending.count,
+            droppedMessages: droppedMessages,
+            handshakes: handshakesCompleted,
+            plugins: plugins,
+            sections: registry.statusSections(),
+            events: events.events)
+    }
+}
