@@ -62,6 +62,8 @@ public enum DHTError: Error, Equatable, CustomStringConvertible {
     case needsSigner(String)
     /// A peer answered with something that is no storage result.
     case badAnswer(String)
+    /// No peer responsible for the location took the subscription (`DHT.listen`).
+    case notListening(String)
 
     public var description: String {
         switch self {
@@ -71,6 +73,7 @@ public enum DHTError: Error, Equatable, CustomStringConvertible {
         case .noPeers: "no peer answered and this node stores no replicas"
         case .needsSigner(let what): "\(what) needs a signer key (DHTOptions.signer)"
         case .badAnswer(let why): "a peer's answer is no storage result: \(why)"
+        case .notListening(let why): "no peer took the subscription: \(why)"
         }
     }
 }
@@ -397,12 +400,21 @@ public struct DHT: Sendable {
             switch (request, result) {
             case (.put, .statuses(let s, _)), (.confirm, .statuses(let s, _)):
                 let stored = s.filter { $0.value == .ok || $0.value == .versionFork }.map(\.key)
-                if !stored.isEmpty { node.replicate(.dataInserted(stored)) }
+                if !stored.isEmpty {
+                    node.replicate(.dataInserted(stored))
+                    if let location = stored.first?.location { notifyListeners(of: location, stored: stored, removed: [], node: node) }
+                }
             case (.remove, .statuses(let s, _)):
                 let removed = s.filter { $0.value == .ok }.map(\.key)
-                if !removed.isEmpty { node.replicate(.dataRemoved(removed)) }
+                if !removed.isEmpty {
+                    node.replicate(.dataRemoved(removed))
+                    if let location = removed.first?.location { notifyListeners(of: location, stored: [], removed: removed, node: node) }
+                }
             case (.remove, .values(let v, _)):
-                if !v.isEmpty { node.replicate(.dataRemoved(Array(v.keys))) }
+                if !v.isEmpty {
+                    node.replicate(.dataRemoved(Array(v.keys)))
+                    if let location = v.keys.first?.location { notifyListeners(of: location, stored: [], removed: Array(v.keys), node: node) }
+                }
             default: break
             }
             return result
@@ -490,7 +502,7 @@ public struct DHT: Sendable {
 
     /// Looks up the peers closest to `location`, then asks `replicas` of them (closest first,
     /// this node among them when it accepts replicas), replacing failed ones from the spares.
-    private func fanOut<T: Sendable>(_ location: Number160, options: DHTOptions,
+    func fanOut<T: Sendable>(_ location: Number160, options: DHTOptions,
                                      remote: @escaping @Sendable (PeerAddress) -> EventLoopFuture<T>,
                                      local: @escaping @Sendable () -> EventLoopFuture<T>,
                                      answered: @escaping @Sendable (Result<T, any Error>) -> Bool = FanOut<T>.succeeded) -> EventLoopFuture<[(PeerAddress, Result<T, any Error>)]> {

@@ -22,9 +22,12 @@ public struct DHTPlugin: Plugin {
 
     /// How often expired values are swept (each sweep costs what expired, not what is stored).
     public let sweepInterval: Duration
+    /// Bounds on the subscriptions other peers hold here and on this node's own listeners.
+    public let listenLimits: ListenLimits
 
     public init(backend: any StorageBackend = MemoryStorage(), domains: Set<Number160>? = nil, acceptsReplicas: Bool = true,
-                sweepInterval: Duration = .seconds(1)) {
+                sweepInterval: Duration = .seconds(1), listenLimits: ListenLimits = ListenLimits()) {
+        self.listenLimits = listenLimits
         self.backend = backend
         self.domains = domains
         self.acceptsReplicas = acceptsReplicas
@@ -36,6 +39,10 @@ public struct DHTPlugin: Plugin {
         try registry.register(command: StorageCommand(domains: domains, acceptsReplicas: acceptsReplicas))
         try registry.register(command: RoutedSendCommand())
         try registry.register(question: GetQuestion(domains: domains))
+        try registry.register(command: ListenCommand())
+        try registry.register(command: NotifyCommand())
+        let limits = listenLimits
+        registry.withShared(ListenState.self, default: { ListenState(limits: limits) }) { _ in }
     }
 
     public func start(node: Node) async throws {

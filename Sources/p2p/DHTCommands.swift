@@ -3,6 +3,8 @@ import Crypto
 import Foundation
 import P2PDHT
 import P2PKernel
+import P2PStorage
+import UnixSignals
 
 /// Options every DHT client command shares.
 struct DHTClientOptions: ParsableArguments {
@@ -114,14 +116,21 @@ struct GetCommand: AsyncParsableCommand {
     var all = false
     @Flag(help: "Print JSON: {\"key\": …, \"values\": {content key: value}, \"signers\": {content key: {\"signer\": peer id, \"verified\": bool}}}.")
     var json = false
+    @Flag(help: "After the current value, print each new value stored under the key as the responsible peers report it (removals go to stderr), until SIGINT or SIGTERM.")
+    var follow = false
     @Argument(help: "The key: hashed with SHA-1, unless given as 0x and 40 hex digits.")
     var key: String
+
+    func validate() throws {
+        if follow, json { throw ValidationError("--follow prints lines; it does not combine with --json") }
+    }
 
     func run() async throws {
         let location = try parseKey(key)
         let domain = try dht.domainKey()
         let query = try dht.query(key: key, all: all)
         let options = DHTOptions(replicas: dht.replicas)
+        if follow { return try await self.follow(location: location, domain: domain, query: query, options: options) }
         let result = try await dht.withClient { node in try await node.dht.get(query, options: options) }
         guard !result.isEmpty else {
             note("not found: \(key) (\(location)) on \(result.outcomes.count) peers")
@@ -146,6 +155,42 @@ struct GetCommand: AsyncParsableCommand {
             for (k, v) in result.entries.sorted(by: { $0.key < $1.key }) { say("\(k.content)  \(String(decoding: v, as: UTF8.self))") }
         } else {
             say(String(decoding: result.value ?? [], as: UTF8.self))
+        }
+    }
+}
+
+extension GetCommand {
+    /// `--follow`: subscribes first (so nothing put meanwhile is missed), prints what is there,
+    /// then every value the responsible peers report.
+    func follow(location: Number160, domain: Number160, query: StorageQuery, options: DHTOptions) async throws {
+        let all = self.all
+        let signals = await UnixSignalsSequence(trapping: [.sigterm, .sigint])
+        try await dht.withClient { node in
+            let events = node.dht.listen(location, options: options)
+            let current = try await node.dht.get(query, options: options)
+            let matches: @Sendable (Number640) -> Bool = { k in k.domain == domain && (all || k.content == .zero) }
+            for (k, v) in current.entries.sorted(by: { $0.key < $1.key }) where matches(k) {
+                say(all ? "\(k.content)  \(String(decoding: v, as: UTF8.self))" : String(decoding: v, as: UTF8.self))
+            }
+            note("following \(location): new values are printed as they are stored (SIGINT stops)")
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    for try await event in events {
+                        switch event {
+                        case .stored(let k, let v) where matches(k):
+                            say(all ? "\(k.content)  \(String(decoding: v, as: UTF8.self))" : String(decoding: v, as: UTF8.self))
+                        case .removed(let k) where matches(k):
+                            note("removed: \(k.content)")
+                        default: break
+                        }
+                    }
+                }
+                group.addTask {
+                    for await _ in signals { return }
+                }
+                _ = try await group.next()
+                group.cancelAll()
+            }
         }
     }
 }
