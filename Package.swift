@@ -131,7 +131,7 @@ let package = Package(
         .testTarget(
             name: "P2PPluginsTests",
             dependencies: ["P2PKernel", "P2PStorage", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote",
-                           "P2PReplication", "P2PTracker", "P2PSQLite", .product(name: "Crypto", package: "swift-crypto"),
+                           "P2PReplication", "P2PTracker", "P2PSQLite", "P2PStatus", .product(name: "Crypto", package: "swift-crypto"),
                            .product(name: "GRDB", package: "GRDB.swift")]
         ),
     ]

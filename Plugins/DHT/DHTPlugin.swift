@@ -48,6 +48,11 @@ public struct DHTPlugin: Plugin {
     public func start(node: Node) async throws {
         node.storage.startSweeping(node: node, every: sweepInterval)
         node.storage.startReporting(node: node)
+        if let listen = node.registry.listenState {
+            node.registry.addStatus("listen") {
+                [("subscriptions held", "\(listen.subscriptionCount)"), ("listening", "\(listen.listenerCount)")]
+            }
+        }
     }
 
     public func stop(node: Node) async {

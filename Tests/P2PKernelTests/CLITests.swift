@@ -52,8 +52,8 @@ final class NodeProcess: @unchecked Sendable {
     private let lock = NSLock()
     private var text = ""
 
-    init(_ args: [String], host: String = "127.0.0.1", launcher: [String] = [], subcommand: [String] = ["node"]) throws {
-        let command = subcommand + ["--host", host] + args
+    init(_ args: [String], host: String? = "127.0.0.1", launcher: [String] = [], subcommand: [String] = ["node"]) throws {
+        let command = subcommand + (host.map { ["--host", $0] } ?? []) + args
         process.executableURL = URL(fileURLWithPath: launcher.first ?? P2PTool.path)
         process.arguments = launcher.isEmpty ? command : Array(launcher.dropFirst()) + [P2PTool.path] + command
         let pipe = Pipe()
