@@ -1,5 +1,6 @@
 import ArgumentParser
 import P2PSQLite
+import P2PStatus
 import Crypto
 import Foundation
 import NIOCore
@@ -63,6 +64,9 @@ struct SimCommand: AsyncParsableCommand {
 
     @Flag(help: "Run every peer without sessions (plaintext, unauthenticated), to compare with the default.")
     var insecure = false
+
+    @Flag(help: "Every peer records its metrics into a Prometheus registry of its own (as p2p node --metrics does), to measure what recording costs.")
+    var metrics = false
 
     @Option(help: "Values to store before churn (0: no churn phase). Every peer then runs indirect replication (n-root).")
     var values: Int = 0
@@ -128,6 +132,7 @@ struct SimCommand: AsyncParsableCommand {
             }
             let sqliteStores = stores
             sqliteBackends = stores
+            let recordMetrics = metrics
             net = try await Testnet.start(peers: peers, routing: perfect ? .perfect : .bootstrap,
                                           joinConcurrency: joinConcurrency,
                                           plugins: { i in
@@ -137,6 +142,7 @@ struct SimCommand: AsyncParsableCommand {
                                           },
                                           configure: { _, config in
                                               config.security = security
+                                              if recordMetrics { config.metrics = MetricsExporter().factory }
                                               // Replicating peers run as real nodes do: they ping
                                               // their peers now and then and notice the dead.
                                               if replicating { config.maintenanceInterval = .seconds(1) }
