@@ -262,8 +262,13 @@ extension DHT {
                 continue
             }
             for section in payload + removals {
+                // A subscriber that does not answer, or no longer listens under this id (it moved
+                // on to closer peers), is not notified again.
                 node.request(to: s.peer, command: NotifyCommand.id, payload: [.integer(Int64(bitPattern: s.id)), section])
-                    .whenFailure { _ in state.drop(location: location, peer: s.peer.id, id: s.id) }
+                    .whenComplete { result in
+                        if case .success(let reply) = result, reply.type == .ok { return }
+                        state.drop(location: location, peer: s.peer.id, id: s.id)
+                    }
             }
         }
     }
