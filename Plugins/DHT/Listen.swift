@@ -79,6 +79,22 @@ final class ListenState: Sendable {
         var byLocation: [Number160: [Subscription]] = [:]
         var perPeer: [Number160: Int] = [:]
         var total = 0
+
+        /// One subscription of `peer` ended.
+        mutating func release(_ peer: Number160) {
+            total -= 1
+            if let n = perPeer[peer], n > 1 { perPeer[peer] = n - 1 } else { perPeer[peer] = nil }
+        }
+
+        /// Drops a location's expired subscriptions; returns the live ones.
+        @discardableResult
+        mutating func prune(_ location: Number160, _ subs: [Subscription], now: UInt64) -> [Subscription] {
+            let live = subs.filter { $0.expires > now }
+            guard live.count != subs.count else { return subs }
+            for s in subs where s.expires <= now { release(s.peer.id) }
+            byLocation[location] = live.isEmpty ? nil : live
+            return live
+        }
     }
     private let held = NIOLockedValueBox(Held())
     private let listeners = NIOLockedValueBox([UInt64: Listener]())
@@ -101,8 +117,7 @@ final class ListenState: Sendable {
             if let i = subs.firstIndex(where: { $0.peer.id == peer.id && $0.id == id }) {
                 if ttl == 0 {
                     subs.remove(at: i)
-                    h.total -= 1
-                    h.perPeer[peer.id] = (h.perPeer[peer.id] ?? 1) > 1 ? (h.perPeer[peer.id] ?? 1) - 1 : nil
+                    h.release(peer.id)
                 } else {
                     subs[i].expires = expires
                 }
@@ -131,15 +146,7 @@ final class ListenState: Sendable {
     func subscribers(of location: Number160, now: UInt64) -> [Subscription] {
         held.withLockedValue { h in
             guard let subs = h.byLocation[location] else { return [] }
-            let live = subs.filter { $0.expires > now }
-            if live.count != subs.count {
-                for s in subs where s.expires <= now {
-                    h.total -= 1
-                    h.perPeer[s.peer.id] = (h.perPeer[s.peer.id] ?? 1) > 1 ? (h.perPeer[s.peer.id] ?? 1) - 1 : nil
-                }
-                h.byLocation[location] = live.isEmpty ? nil : live
-            }
-            return live
+            return h.prune(location, subs, now: now)
         }
     }
 
@@ -148,8 +155,7 @@ final class ListenState: Sendable {
         held.withLockedValue { h in
             guard var subs = h.byLocation[location], let i = subs.firstIndex(where: { $0.peer.id == peer && $0.id == id }) else { return }
             subs.remove(at: i)
-            h.total -= 1
-            h.perPeer[peer] = (h.perPeer[peer] ?? 1) > 1 ? (h.perPeer[peer] ?? 1) - 1 : nil
+            h.release(peer)
             h.byLocation[location] = subs.isEmpty ? nil : subs
         }
     }
@@ -158,15 +164,7 @@ final class ListenState: Sendable {
     var subscriptionCount: Int { held.withLockedValue { $0.total } }
 
     private static func prune(_ h: inout Held, now: UInt64) {
-        for (location, subs) in h.byLocation {
-            let live = subs.filter { $0.expires > now }
-            guard live.count != subs.count else { continue }
-            for s in subs where s.expires <= now {
-                h.total -= 1
-                h.perPeer[s.peer.id] = (h.perPeer[s.peer.id] ?? 1) > 1 ? (h.perPeer[s.peer.id] ?? 1) - 1 : nil
-            }
-            h.byLocation[location] = live.isEmpty ? nil : live
-        }
+        for (location, subs) in h.byLocation { h.prune(location, subs, now: now) }
     }
 
     // MARK: the listener's side
