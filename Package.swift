@@ -3,7 +3,7 @@ import PackageDescription
 
 let package = Package(
     name: "SwiftP2P",
-    platforms: [.macOS(.v14)],
+    platforms: [.macOS(.v15)],
     products: [
         .library(name: "P2PKernel", targets: ["P2PKernel"]),
         .library(name: "P2PTesting", targets: ["P2PTesting"]),
@@ -82,7 +82,7 @@ let package = Package(
             ]
         ),
         // Built-in plugins: each uses only the kernel's public registry API.
-        .target(name: "P2PDHT", dependencies: ["P2PKernel", "P2PStorage", .product(name: "NIOCore", package: "swift-nio")], path: "Plugins/DHT"),
+        .target(name: "P2PDHT", dependencies: ["P2PKernel", "P2PStorage", "P2PEvaluation", .product(name: "NIOCore", package: "swift-nio")], path: "Plugins/DHT"),
         .target(name: "P2PMessaging", dependencies: ["P2PKernel", .product(name: "NIOCore", package: "swift-nio")], path: "Plugins/Messaging"),
         .target(name: "P2PEvaluation", dependencies: ["P2PKernel"], path: "Plugins/Evaluation"),
         .target(name: "P2PPeerVote", dependencies: ["P2PKernel", "P2PStorage"], path: "Plugins/PeerVote"),

@@ -1,4 +1,5 @@
 import NIOCore
+import P2PEvaluation
 import P2PKernel
 import P2PStorage
 
@@ -43,6 +44,13 @@ public struct DHTPlugin: Plugin {
         try registry.register(command: NotifyCommand())
         let limits = listenLimits
         registry.withShared(ListenState.self, default: { ListenState(limits: limits) }) { _ in }
+        registry.provide((any RoutedMessageSender).self, DHTRoutedSender())
+    }
+
+    /// Gets evaluate the replicas' answers by a scheme: without one every get would fail, so a node
+    /// that has none gets the built-in ones.
+    public var requirements: [PluginRequirement] {
+        [.evaluationScheme("majority", default: EvaluationPlugin()), .evaluationScheme("union", default: EvaluationPlugin())]
     }
 
     public func start(node: Node) async throws {
@@ -59,7 +67,8 @@ public struct DHTPlugin: Plugin {
         node.storage.stopSweeping()
     }
 
-    static let storageCommand = CommandID.derive(from: StorageCommand.commandName)
+    /// The wire id of `dht.storage`, for plugins that speak the storage protocol (replication).
+    public static let storageCommand = CommandID.derive(from: StorageCommand.commandName)
     static let sendCommand = CommandID.derive(from: RoutedSendCommand.commandName)
 }
 
@@ -134,5 +143,18 @@ struct GetQuestion: RoutingQuestionHandler {
     static func isHit(_ answer: [Payload]) -> Bool {
         guard case .values(let v, _)? = try? StorageCodec.decodeResult(answer) else { return false }
         return !v.isEmpty
+    }
+}
+
+/// Routed raw messages for other plugins: a lookup, then `dht.send` to the closest peer.
+struct DHTRoutedSender: RoutedMessageSender {
+    func send(_ bytes: [UInt8], toKey key: Number160, node: Node) -> EventLoopFuture<[UInt8]> {
+        node.lookup(key).flatMap { result -> EventLoopFuture<Message> in
+            guard let closest = result.peers.first else { return node.eventLoop.makeFailedFuture(RPCError.notFound("no peer near the key")) }
+            return node.request(to: closest, command: DHTPlugin.sendCommand, payload: [.keys([key]), .bytes(bytes)])
+        }.flatMapThrowing { reply in
+            if let e = RPCError.from(reply: reply) { throw e }
+            return reply.firstBytes ?? []
+        }
     }
 }

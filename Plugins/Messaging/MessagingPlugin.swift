@@ -41,10 +41,21 @@ public struct MessagingPlugin: Plugin {
         try register(registry)
         try registry.register(command: RawCommand())
         try registry.register(command: ObjectCommand())
+        registry.provide((any RawMessageSender).self, RawSender())
     }
 
     static let rawCommand = CommandID.derive(from: RawCommand.commandName)
     static let objectCommand = CommandID.derive(from: ObjectCommand.commandName)
+}
+
+/// Raw direct messages for other plugins, by address.
+struct RawSender: RawMessageSender {
+    func send(_ bytes: [UInt8], to address: PeerSocketAddress, node: Node) -> EventLoopFuture<[UInt8]> {
+        node.request(to: address, command: MessagingPlugin.rawCommand, payload: [.bytes(bytes)]).flatMapThrowing { reply in
+            if let e = RPCError.from(reply: reply) { throw e }
+            return reply.firstBytes ?? []
+        }
+    }
 }
 
 struct RawCommand: CommandHandler {

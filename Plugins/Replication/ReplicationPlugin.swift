@@ -1,5 +1,6 @@
 import NIOConcurrencyHelpers
 import NIOCore
+import P2PDHT
 import P2PKernel
 import P2PStorage
 
@@ -109,7 +110,7 @@ struct ReplicationOfferCommand: CommandHandler {
 /// replica rules, interceptors, protection and events as any put.
 struct ReplicationPushCommand: CommandHandler {
     static let commandName = "replication.push"
-    static let storageCommand = CommandID.derive(from: "dht.storage")
+    static let storageCommand = DHTPlugin.storageCommand
     let name = ReplicationPushCommand.commandName
     let policy: IndirectReplication
 

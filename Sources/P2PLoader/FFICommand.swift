@@ -10,9 +10,15 @@ import P2PKernel
 /// parse its arguments).
 struct FFICommand: CommandHandler {
     let function: FFIFunction
+    let bounded: BoundedCallback
     var name: String { function.declaration.command }
 
     static let describeRequest: [UInt8] = [0xFF]
+
+    init(function: FFIFunction, limits: PluginCallLimits) {
+        self.function = function
+        self.bounded = BoundedCallback(name: function.declaration.command, limits: limits)
+    }
 
     func handle(_ request: Message, context: CommandContext) -> CommandResult {
         let bytes = request.firstBytes ?? []
@@ -20,12 +26,26 @@ struct FFICommand: CommandHandler {
             let signature = (try? JSONEncoder().encode(function.declaration)).map { Array($0) } ?? []
             return .reply(Reply(payload: [.bytes(signature)]))
         }
+        // The arguments are checked on the event loop (cheap, and a malformed request never
+        // reaches the executor); the C function runs on the executor behind the limits.
+        let args: [FFIValue]
         do {
-            let result = try function.call(try FFIValue.decode(bytes))
-            return .reply(Reply(payload: [.bytes(FFIValue.encode([result]))]))
+            try bounded.admit(requestBytes: bytes.count)
+            args = try FFIValue.decode(bytes)
+            try function.check(args)
+        } catch let e as PluginCallError {
+            return .reply(e.reply)
         } catch {
             return .reply(.error(.badRequest, "\(error)"))
         }
+        let function = self.function
+        let future = bounded.call(requestBytes: bytes.count, on: context.eventLoop, resultBytes: { $0.count }) {
+            FFIValue.encode([try function.call(args)])
+        }
+        return .future(future.map { Reply(payload: [.bytes($0)]) }.flatMapErrorThrowing { error in
+            if let e = error as? PluginCallError { return e.reply }
+            return .error(.badRequest, "\(error)")
+        })
     }
 }
 
@@ -45,9 +65,16 @@ enum ManifestReader {
             var returns: String
             var free_result: Bool?
         }
+        struct Limits: Decodable {
+            var max_request_bytes: Int?
+            var max_result_bytes: Int?
+            var max_in_flight: Int?
+            var deadline_ms: Int?
+        }
         var name: String
         var version: String?
         var functions: [Function]
+        var limits: Limits?
     }
 
     static func read(_ path: String) throws(PluginLoadError) -> FFIManifest {
@@ -71,6 +98,18 @@ enum ManifestReader {
             }
             functions.append(FFIDeclaration(command: f.command, symbol: f.symbol, params: params, returns: r, freeResult: f.free_result))
         }
-        return FFIManifest(name: raw.name, version: raw.version ?? "?", functions: functions)
+        var limits = PluginCallLimits.default
+        if let l = raw.limits {
+            func positive(_ v: Int?, _ key: String, max: Int) throws(PluginLoadError) -> Int? {
+                guard let v else { return nil }
+                guard v > 0, v <= max else { throw .badManifest(path: path, reason: "limits.\(key) must be 1 to \(max), got \(v)") }
+                return v
+            }
+            limits.maxRequestBytes = try positive(l.max_request_bytes, "max_request_bytes", max: 16 << 20) ?? limits.maxRequestBytes
+            limits.maxResultBytes = try positive(l.max_result_bytes, "max_result_bytes", max: 16 << 20) ?? limits.maxResultBytes
+            limits.maxInFlight = try positive(l.max_in_flight, "max_in_flight", max: 1024) ?? limits.maxInFlight
+            if let ms = try positive(l.deadline_ms, "deadline_ms", max: 600_000) { limits.deadline = .milliseconds(ms) }
+        }
+        return FFIManifest(name: raw.name, version: raw.version ?? "?", functions: functions, limits: limits)
     }
 }

@@ -1,4 +1,5 @@
 import CFFI
+import P2PKernel
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -25,6 +26,8 @@ public struct FFIManifest: Codable, Sendable {
     public var name: String
     public var version: String
     public var functions: [FFIDeclaration]
+    /// The bounds of every function's command (`limits` in the manifest; defaults otherwise).
+    public var limits: PluginCallLimits = .default
 }
 
 /// A C function with its libffi call interface prepared once, at load.

@@ -44,19 +44,20 @@ enum HostAPI {
             register_command: { ctx, name, fn, user in
                 guard let c = HostContext.from(ctx), let registry = c.registry else { return ABI.failed }
                 guard let name, let fn else { return ABI.badRequest }
-                return HostAPI.registering(c) { try registry.register(command: LoadedCommand(name: String(cString: name), fn: fn, user: user)) }
+                let n = String(cString: name)
+                return HostAPI.registering(c) { try registry.register(command: LoadedCommand(name: n, fn: fn, user: user, bounded: c.bounded(n))) }
             },
             register_put_interceptor: { ctx, domain, fn, user in
                 guard let c = HostContext.from(ctx), let registry = c.registry else { return ABI.failed }
                 guard let fn else { return ABI.badRequest }
                 let scope: InterceptorScope = domain.map { .domain($0.pointee.number) } ?? .all
-                registry.add(interceptor: LoadedPutInterceptor(scope: scope, fn: fn, user: user))
+                registry.add(interceptor: LoadedPutInterceptor(scope: scope, fn: fn, user: user, bounded: c.bounded("\(c.pluginName) put interceptor")))
                 return ABI.ok
             },
             register_reply_handler: { ctx, fn, user in
                 guard let c = HostContext.from(ctx), let registry = c.registry else { return ABI.failed }
                 guard let fn else { return ABI.badRequest }
-                registry.setRawReplyHandler(LoadedReplyHandler(fn: fn, user: user))
+                registry.setRawReplyHandler(LoadedReplyHandler(fn: fn, user: user, bounded: c.bounded("\(c.pluginName) reply handler")))
                 return ABI.ok
             },
             register_evaluation_scheme: { ctx, name, fn, user in
@@ -92,8 +93,10 @@ enum HostAPI {
                       let target = try? PeerSocketAddress(parsing: String(cString: address)) else {
                     return completion(ABI.badRequest, Array("no running node, or not HOST:PORT".utf8))
                 }
-                node.request(to: target, command: CommandID.derive(from: "messaging.raw"), payload: [.bytes(message.array)])
-                    .whenComplete { HostAPI.finish($0, completion) }
+                guard let sender = node.registry.service((any RawMessageSender).self) else {
+                    return completion(ABI.notFound, Array("no plugin of this node sends direct messages (add the messaging plugin)".utf8))
+                }
+                sender.send(message.array, to: target, node: node).whenComplete { HostAPI.finish($0, completion) }
             },
             routed_send: { ctx, key, message, done, user in
                 guard let done else { return }
@@ -101,12 +104,10 @@ enum HostAPI {
                 guard let c = HostContext.from(ctx), let node = c.node, let key else {
                     return completion(ABI.failed, Array("no running node".utf8))
                 }
-                let k = key.pointee.number
-                let bytes = message.array
-                node.lookup(k).flatMap { result -> EventLoopFuture<Message> in
-                    guard let closest = result.peers.first else { return node.eventLoop.makeFailedFuture(RPCError.notFound("no peer near the key")) }
-                    return node.request(to: closest, command: CommandID.derive(from: "dht.send"), payload: [.keys([k]), .bytes(bytes)])
-                }.whenComplete { HostAPI.finish($0, completion) }
+                guard let sender = node.registry.service((any RoutedMessageSender).self) else {
+                    return completion(ABI.notFound, Array("no plugin of this node routes messages (add the DHT plugin)".utf8))
+                }
+                sender.send(message.array, toKey: key.pointee.number, node: node).whenComplete { HostAPI.finish($0, completion) }
             }
         ))
         return table
@@ -123,19 +124,18 @@ enum HostAPI {
         }
     }
 
-    static func finish(_ result: Result<Message, any Error>, _ completion: Completion) {
+    static func finish(_ result: Result<[UInt8], any Error>, _ completion: Completion) {
         switch result {
         case .success(let reply):
-            let code: Int32 = switch reply.type {
-            case .ok: ABI.ok
-            case .denied: ABI.denied
-            case .notFound, .unknownCommand: ABI.notFound
-            case .badRequest: ABI.badRequest
+            completion(ABI.ok, reply)
+        case .failure(let error):
+            let code: Int32 = switch error as? RPCError {
+            case .denied?: ABI.denied
+            case .notFound?, .unknownCommand?: ABI.notFound
+            case .badRequest?: ABI.badRequest
             default: ABI.failed
             }
-            completion(code, reply.firstBytes ?? [])
-        case .failure(let error):
-            completion(ABI.failed, Array("\(error)".utf8))
+            completion(code, Array("\(error)".utf8))
         }
     }
 }

@@ -22,8 +22,17 @@ final class HostContext: @unchecked Sendable {
     /// The first registration error, reported when init fails.
     private var _registrationError: String?
 
-    init(pluginName: String) {
+    /// The bounds of every callback the plugin registers.
+    let limits: PluginCallLimits
+
+    init(pluginName: String, limits: PluginCallLimits) {
         self.path = pluginName
+        self.limits = limits
+    }
+
+    /// A callback of this plugin behind the plugin's limits.
+    func bounded(_ name: String) -> BoundedCallback {
+        BoundedCallback(name: name, limits: limits)
     }
 
     var registry: PluginRegistry? {

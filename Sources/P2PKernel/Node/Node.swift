@@ -187,6 +187,13 @@ public final class Node: @unchecked Sendable {
                 node.refused.withLockedValue { $0.append((plugin.name, "\(failure)")) }
             }
         }
+        do {
+            for d in try node.registry.resolveRequirements() {
+                node.logger.info("installed a plugin's default", metadata: ["default": "\(d.installed)", "for": "\(d.for)", "need": "\(d.need)"])
+            }
+        } catch {
+            throw NodeStartError.plugin(error)
+        }
         try await node.bind()
         node.connectEvents()
         for plugin in node.registry.plugins {

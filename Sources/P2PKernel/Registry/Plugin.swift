@@ -23,9 +23,12 @@ public protocol Plugin: Sendable {
     func start(node: Node) async throws
     /// Runs when the node shuts down, in reverse install order, before it announces quit.
     func stop(node: Node) async
+    /// What this plugin needs from the others (checked when all are installed).
+    var requirements: [PluginRequirement] { get }
 }
 
 extension Plugin {
+    public var requirements: [PluginRequirement] { [] }
     public func start(node: Node) async throws {}
     public func stop(node: Node) async {}
 }
@@ -36,6 +39,8 @@ public enum PluginError: Error, Equatable, CustomStringConvertible {
     case duplicateEvaluationScheme(String)
     case duplicateObjectHandler(String)
     case installFailed(plugin: String, reason: String)
+    /// A plugin needs something no installed plugin provides, and has no default for it.
+    case missingRequirement(plugin: String, need: String)
 
     public var description: String {
         switch self {
@@ -43,6 +48,7 @@ public enum PluginError: Error, Equatable, CustomStringConvertible {
         case .duplicateEvaluationScheme(let n): "an evaluation scheme named '\(n)' is already registered"
         case .duplicateObjectHandler(let n): "an object reply handler for '\(n)' is already registered"
         case .installFailed(let p, let r): "plugin '\(p)' failed to install: \(r)"
+        case .missingRequirement(let p, let n): "plugin '\(p)' needs \(n), and no installed plugin provides it"
         }
     }
 }

@@ -11,6 +11,7 @@ public final class PluginRegistry: Sendable {
     private struct State: Sendable {
         var plugins: [any Plugin] = []
         var shared: [ObjectIdentifier: any Sendable] = [:]
+        var services: [ObjectIdentifier: any Sendable] = [:]
         var rawReplyHandler: (any RawReplyHandler)?
         var objectHandlers: [String: any AnyObjectReplyHandler] = [:]
         var schemes: [String: any EvaluationScheme] = [:]
@@ -118,6 +119,51 @@ public final class PluginRegistry: Sendable {
     /// The shared value of type `T`, if one was set.
     public func shared<T: Sendable>(_ type: T.Type) -> T? {
         state.withLockedValue { $0.shared[ObjectIdentifier(type)] as? T }
+    }
+
+    // MARK: services
+
+    /// Offers a service to the other plugins by its protocol type, so that they use it without
+    /// naming this plugin or its commands: `registry.provide((any RawMessageSender).self, Sender())`.
+    /// A later call replaces it.
+    public func provide<S: Sendable>(_ type: S.Type, _ service: S) {
+        state.withLockedValue { $0.services[ObjectIdentifier(type)] = service }
+    }
+
+    /// The service of a type, if a plugin provides one.
+    public func service<S>(_ type: S.Type) -> S? {
+        state.withLockedValue { $0.services[ObjectIdentifier(type)] } as? S
+    }
+
+    // MARK: requirements
+
+    /// Checks what every installed plugin requires (`Plugin.requirements`): a missing one with a
+    /// default gets the default installed (returned, to be logged), one without fails.
+    public func resolveRequirements() throws(PluginError) -> [(installed: String, for: String, need: String)] {
+        var installed: [(installed: String, for: String, need: String)] = []
+        var checked = 0
+        while checked < plugins.count {
+            let plugin = plugins[checked]
+            checked += 1
+            for need in plugin.requirements where !need.isMet(self) {
+                guard let fallback = need.fallback else {
+                    throw .missingRequirement(plugin: plugin.name, need: need.description)
+                }
+                if plugins.contains(where: { $0.name == fallback.name }) {
+                    throw .missingRequirement(plugin: plugin.name, need: "\(need.description) (its default, '\(fallback.name)', is installed but does not provide it)")
+                }
+                do {
+                    try install(fallback)
+                } catch {
+                    throw .missingRequirement(plugin: plugin.name, need: "\(need.description) (its default '\(fallback.name)' failed: \(error))")
+                }
+                guard need.isMet(self) else {
+                    throw .missingRequirement(plugin: plugin.name, need: "\(need.description) (its default '\(fallback.name)' does not provide it)")
+                }
+                installed.append((fallback.name, plugin.name, need.description))
+            }
+        }
+        return installed
     }
 
     // MARK: direct-message handlers
