@@ -16,6 +16,7 @@ let package = Package(
         .library(name: "P2PTracker", targets: ["P2PTracker"]),
         .library(name: "P2PSQLite", targets: ["P2PSQLite"]),
         .library(name: "P2PLoader", targets: ["P2PLoader"]),
+        .library(name: "P2PWasm", targets: ["P2PWasm"]),
         .executable(name: "p2p", targets: ["p2p"]),
     ],
     dependencies: [
@@ -33,6 +34,8 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
         .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1", traits: []),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        // WebAssembly plugins: an interpreter with fuel metering and memory limits.
+        .package(url: "https://github.com/swiftwasm/WasmKit.git", from: "0.4.2"),
     ],
     targets: [
         .target(
@@ -81,6 +84,18 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // WebAssembly plugins in WasmKit: fuel per call, a memory limit per instance, reload.
+        .target(
+            name: "P2PWasm",
+            dependencies: [
+                "P2PKernel", "P2PStorage",
+                .product(name: "WasmKit", package: "WasmKit"),
+                .product(name: "WasmParser", package: "WasmKit"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // Built-in plugins: each uses only the kernel's public registry API.
         .target(name: "P2PDHT", dependencies: ["P2PKernel", "P2PStorage", "P2PEvaluation", .product(name: "NIOCore", package: "swift-nio")], path: "Plugins/DHT"),
         .target(name: "P2PMessaging", dependencies: ["P2PKernel", .product(name: "NIOCore", package: "swift-nio")], path: "Plugins/Messaging"),
@@ -109,7 +124,7 @@ let package = Package(
             name: "p2p",
             dependencies: [
                 "P2PKernel", "P2PStorage", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote", "P2PLoader", "P2PReplication", "P2PTracker",
-                "P2PSQLite", "P2PStatus",
+                "P2PSQLite", "P2PStatus", "P2PWasm",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
@@ -125,7 +140,7 @@ let package = Package(
         ),
         .testTarget(
             name: "P2PLoaderTests",
-            dependencies: ["P2PKernel", "P2PStorage", "P2PTesting", "P2PLoader", "P2PDHT", "P2PMessaging", "P2PEvaluation"],
+            dependencies: ["P2PKernel", "P2PStorage", "P2PTesting", "P2PLoader", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote", "P2PWasm"],
             exclude: ["Fixtures"]
         ),
         .testTarget(

@@ -1,0 +1,163 @@
+import NIOCore
+import P2PKernel
+import P2PStorage
+import WasmKit
+
+/// A command of a WebAssembly plugin: the request's first byte section in, the plugin's output
+/// out, on the plugin executor behind the command's limits. A request of the single byte 0xFF
+/// asks for the command's signature instead (what `p2p call` reads): bytes in, bytes out.
+struct WasmCommand: CommandHandler {
+    let name: String
+    let plugin: WasmPlugin
+    let bounded: BoundedCallback
+
+    static let describeRequest: [UInt8] = [0xFF]
+
+    func handle(_ request: Message, context: CommandContext) -> CommandResult {
+        let bytes = request.firstBytes ?? []
+        if bytes == Self.describeRequest {
+            let signature = #"{"command":"\#(name)","symbol":"wasm","params":["bytes"],"returns":"bytes"}"#
+            return .reply(Reply(payload: [.bytes(Array(signature.utf8))]))
+        }
+        let plugin = self.plugin, name = self.name, sender = context.sender.id.bytes
+        let future = bounded.call(requestBytes: bytes.count, on: context.eventLoop, resultBytes: { $0.output?.count ?? 0 }) {
+            try plugin.invoke({ $0.commands[name] }, callback: name, segments: [sender, bytes]) { a in
+                [.i32(a[0] ?? 0), .i32(a[1] ?? 0), .i32(UInt32(bytes.count))]
+            }
+        }
+        return .future(future.map { outcome in
+            Reply(replyType(outcome.code), payload: [.bytes(outcome.output ?? [])])
+        }.flatMapErrorThrowing { error in
+            guard let e = error as? PluginCallError else { throw error }
+            return e.reply
+        })
+    }
+}
+
+/// The reply type a plugin's result code stands for.
+func replyType(_ code: Int32) -> MessageType {
+    switch code {
+    case WasmABI.ok: .ok
+    case WasmABI.denied: .denied
+    case WasmABI.notFound: .notFound
+    case WasmABI.badRequest: .badRequest
+    default: .exception
+    }
+}
+
+/// A WebAssembly plugin's raw reply handler.
+struct WasmReplyHandler: RawReplyHandler {
+    let plugin: WasmPlugin
+    let bounded: BoundedCallback
+
+    func reply(to bytes: [UInt8], from sender: PeerAddress) async throws -> [UInt8] {
+        let plugin = self.plugin, callback = bounded.name, id = sender.id.bytes
+        let outcome = try await bounded.call(requestBytes: bytes.count, resultBytes: { $0.output?.count ?? 0 }) {
+            try plugin.invoke({ $0.replyHandler }, callback: callback, segments: [id, bytes]) { a in
+                [.i32(a[0] ?? 0), .i32(a[1] ?? 0), .i32(UInt32(bytes.count))]
+            }
+        }
+        guard outcome.code == WasmABI.ok else {
+            throw RPCError.denied("plugin refused (code \(outcome.code)): \(String(decoding: outcome.output ?? [], as: UTF8.self))")
+        }
+        return outcome.output ?? []
+    }
+}
+
+/// A WebAssembly plugin's put interceptor: for each value put into its domain the plugin sees the
+/// key, the new value and the current one, and says what to store (its output), or keeps the
+/// value (no output), or refuses the put (a non-zero code, its output the reason).
+struct WasmInterceptor: StorageInterceptor {
+    let scope: InterceptorScope
+    let index: Int
+    let plugin: WasmPlugin
+    let bounded: BoundedCallback
+
+    func intercept(_ request: StorageRequest, context: StorageContext, next: StorageNext) async throws -> StorageResult {
+        guard case .put(let entries, let mode) = request else { return try await next(request) }
+        let keys = entries.keys.filter { key in
+            if case .domain(let d) = scope { return key.domain == d }
+            return true
+        }
+        guard !keys.isEmpty else { return try await next(request) }
+        guard case .values(let current, _) = try context.backend.execute(.get(.keys(keys)), now: StoragePipeline.now()) else {
+            return try await next(request)
+        }
+        var changed = entries
+        let plugin = self.plugin, index = self.index, callback = bounded.name
+        for key in keys.sorted() {
+            guard let value = entries[key]?.value else { continue }
+            let old = current[key]?.value
+            let keyBytes = key.location.bytes + key.domain.bytes + key.content.bytes + key.version.bytes
+            let outcome = try await bounded.call(requestBytes: value.count + (old?.count ?? 0), resultBytes: { $0.output?.count ?? 0 }) {
+                try plugin.invoke({ $0.interceptors.indices.contains(index) ? $0.interceptors[index].export : nil },
+                                  callback: callback, segments: [keyBytes, value, old]) { a in
+                    [.i32(a[0] ?? 0), .i32(a[1] ?? 0), .i32(UInt32(value.count)), .i32(a[2] ?? 0),
+                     .i32(old.map { UInt32($0.count) } ?? UInt32.max)]
+                }
+            }
+            guard outcome.code == WasmABI.ok else { throw StorageError.denied(String(decoding: outcome.output ?? [], as: UTF8.self)) }
+            if let out = outcome.output { changed[key]?.value = out }
+        }
+        return try await next(.put(changed, mode: mode))
+    }
+}
+
+/// A WebAssembly plugin's evaluation scheme (the answers encoded as for the C ABI). Evaluation is
+/// synchronous, so it runs on the caller's thread — bounded by the fuel of one call; a failed
+/// call evaluates to nothing.
+struct WasmScheme: EvaluationScheme {
+    let name: String
+    let plugin: WasmPlugin
+
+    func evaluate(_ answers: [PeerAnswer]) -> [Number640: [UInt8]] {
+        var input: [UInt8] = []
+        put(UInt32(answers.count), &input)
+        for a in answers {
+            input += a.peer.id.bytes
+            put(UInt32(a.entries.count), &input)
+            for (k, v) in a.entries.sorted(by: { $0.key < $1.key }) {
+                input += k.location.bytes + k.domain.bytes + k.content.bytes + k.version.bytes
+                put(UInt32(v.count), &input)
+                input += v
+            }
+        }
+        guard input.count <= plugin.limits.calls.maxRequestBytes else { return [:] }
+        let name = self.name, count = UInt32(input.count)
+        guard let outcome = try? plugin.invoke({ $0.schemes[name] }, callback: "scheme \(name)", segments: [input], arguments: { a in
+            [.i32(a[0] ?? 0), .i32(count)]
+        }), outcome.code == WasmABI.ok else { return [:] }
+        return (try? decodeEntries(outcome.output ?? [])) ?? [:]
+    }
+
+    private func put(_ v: UInt32, _ out: inout [UInt8]) {
+        out += [UInt8(v >> 24), UInt8(v >> 16 & 0xFF), UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF)]
+    }
+}
+
+/// Reads `u32 count, count × (80-byte key, u32 length, bytes)`; every length is checked.
+func decodeEntries(_ bytes: [UInt8]) throws -> [Number640: [UInt8]] {
+    struct Malformed: Error {}
+    var at = 0
+    func u32() throws -> Int {
+        guard at + 4 <= bytes.count else { throw Malformed() }
+        defer { at += 4 }
+        return Int(bytes[at]) << 24 | Int(bytes[at + 1]) << 16 | Int(bytes[at + 2]) << 8 | Int(bytes[at + 3])
+    }
+    func key160() throws -> Number160 {
+        guard at + 20 <= bytes.count, let n = Number160(bytes: bytes[at..<at + 20]) else { throw Malformed() }
+        at += 20
+        return n
+    }
+    let count = try u32()
+    guard count <= bytes.count / 84 else { throw Malformed() }
+    var out: [Number640: [UInt8]] = [:]
+    for _ in 0..<count {
+        let key = Number640(location: try key160(), domain: try key160(), content: try key160(), version: try key160())
+        let len = try u32()
+        guard at + len <= bytes.count else { throw Malformed() }
+        out[key] = Array(bytes[at..<at + len])
+        at += len
+    }
+    return out
+}
