@@ -1,5 +1,5 @@
 import Foundation
-@_spi(Fuzzing) import WasmKit
+import WasmKit
 import WasmParser
 
 /// Why a `.wasm` plugin was refused. The node goes on without it (or, on a reload, with the
@@ -108,9 +108,9 @@ public struct WasmModuleFile: Sendable {
         } catch {
             throw .notAModule(path: path, reason: "\(error)")
         }
+        // Names here; the types are checked when the module is instantiated against the host's.
         for i in module.imports {
-            guard i.module == WasmABI.importModule, let expected = WasmABI.imports[i.name],
-                  case .function(let index) = i.descriptor, module.functionType(at: index) == expected else {
+            guard i.module == WasmABI.importModule, WasmABI.imports[i.name] != nil, case .function = i.descriptor else {
                 throw .unknownImport(path: path, name: "\(i.module).\(i.name)")
             }
         }

@@ -5,6 +5,7 @@ import Logging
 import NIOConcurrencyHelpers
 import P2PKernel
 import P2PLoader
+import P2PWasm
 import P2PReplication
 import P2PSQLite
 import P2PStatus
@@ -33,7 +34,7 @@ struct NodeCommand: AsyncParsableCommand {
     @Option(help: "Built-in plugins to install, comma-separated (\(BuiltInPlugins.names.joined(separator: ",")); empty for a bare kernel).")
     var plugins: String?
 
-    @Option(name: .customLong("plugin"), help: "A plugin .so file to load (repeatable); one that fails to load is refused and the node runs without it.")
+    @Option(name: .customLong("plugin"), help: "A plugin file to load, .so or .wasm (repeatable); one that fails to load is refused and the node runs without it. SIGHUP reloads the .wasm ones (they also reload when their file changes).")
     var pluginFiles: [String] = []
 
     @Option(help: "A JSON config file: {\"port\", \"host\", \"network_id\", \"bootstrap\": [..], \"plugins\": [..], \"plugin_files\": [..], \"key\", \"insecure\", \"nat\", \"replication\", \"replication_factor\", \"storage\", \"storage_sync\", \"metrics\", \"status\", \"shutdown_timeout\"}; flags given here win.")
@@ -79,9 +80,9 @@ struct NodeCommand: AsyncParsableCommand {
         var loaded: [any Plugin] = []
         for file in pluginFiles {
             do {
-                let plugin = try PluginLoader.load(file)
+                let plugin = try PluginFile.load(file)
                 loaded.append(plugin)
-                say("plugin \(file): \(plugin.name) \(plugin.version) (\(plugin.abiVersion.map { "ABI \($0)" } ?? "manifest only"), \(plugin.functions.count) C functions)")
+                say("plugin \(file): \(PluginFile.summary(plugin))")
             } catch {
                 say("plugin \(file) refused: \(error)")
             }
@@ -179,7 +180,7 @@ struct NodeCommand: AsyncParsableCommand {
         }
         // Signals are trapped before anything slow runs, so a SIGTERM during the rejoin is a
         // graceful stop too.
-        let signals = await UnixSignalsSequence(trapping: [.sigterm, .sigint])
+        let signals = await UnixSignalsSequence(trapping: [.sigterm, .sigint, .sighup])
         let saved = (try? sqlite?.savedPeers()) ?? []
         if !saved.isEmpty {
             do {
@@ -231,9 +232,21 @@ struct NodeCommand: AsyncParsableCommand {
         // The first SIGTERM or SIGINT stops the group gracefully (the node leaves, then the HTTP
         // servers close), within the timeout; a second one while it leaves stops the process at
         // once: what was acknowledged is already on disk (docs/STORAGE.md).
+        let wasmPlugins = loaded.compactMap { $0 as? WasmPlugin }
         let watcher = Task {
             var count = 0
             for await signal in signals {
+                if signal == .sighup {
+                    for w in wasmPlugins {
+                        do {
+                            let r = try w.reload()
+                            say("reloaded \(w.path): generation \(r.generation) in \(r.took)\(r.ignored.isEmpty ? "" : " (needs a restart for: \(r.ignored.joined(separator: ", ")))")")
+                        } catch {
+                            say("reload of \(w.path) failed, the old version stays: \(error)")
+                        }
+                    }
+                    continue
+                }
                 count += 1
                 if count == 1 {
                     say("received \(signal), leaving: telling \(node.peerMap.counts.verified) peers")

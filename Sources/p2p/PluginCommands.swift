@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import P2PKernel
 import P2PLoader
+import P2PWasm
 
 struct PluginCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -17,10 +18,11 @@ struct InspectCommand: AsyncParsableCommand {
         abstract: "Show a plugin's ABI version, name, version and what it registers."
     )
 
-    @Argument(help: "The plugin's .so file.")
+    @Argument(help: "The plugin's .so or .wasm file.")
     var file: String
 
     func run() async throws {
+        if PluginFile.isWasm(file) { return try inspectWasm() }
         let plugin: LoadedPlugin
         do {
             plugin = try PluginLoader.load(file)
@@ -54,6 +56,45 @@ struct InspectCommand: AsyncParsableCommand {
             return "\(d.command) = \(d.symbol)(\(d.params.map(\.rawValue).joined(separator: ", "))) -> \(d.returns.rawValue)"
         }
         say("manifest:      \(functions.isEmpty ? "none" : functions.joined(separator: "; "))")
+        say("limits:        \(describe(plugin.limits))")
+    }
+
+    func describe(_ l: PluginCallLimits) -> String {
+        "request ≤ \(l.maxRequestBytes) bytes, result ≤ \(l.maxResultBytes) bytes, \(l.maxInFlight) calls in flight per callback, deadline \(l.deadline)"
+    }
+
+    func inspectWasm() throws {
+        let limits = WasmLimits(watchInterval: nil)
+        let module: WasmModuleFile
+        let plugin: WasmPlugin
+        do {
+            module = try WasmModuleFile.read(file, memoryLimit: limits.memoryBytes)
+            plugin = try WasmPlugin.load(file, limits: limits)
+        } catch {
+            throw CLIError.failed("\(error)")
+        }
+        let registry = PluginRegistry()
+        do { try registry.install(plugin) } catch { throw CLIError.failed("plugin \(plugin.name) failed to install: \(error)") }
+        say("file:          \(file) (\(module.size) bytes, WebAssembly)")
+        say("abi version:   \(WasmABI.version) (this host: \(WasmABI.version))")
+        say("name:          \(plugin.name)")
+        say("version:       \(plugin.version)")
+        let commands = registry.commands.names
+        say("commands:      \(commands.isEmpty ? "none" : commands.map { "\($0) (0x\(String(CommandID.derive(from: $0), radix: 16)))" }.joined(separator: ", "))")
+        let interceptors = registry.interceptors(covering: nil).map { i -> String in
+            switch i.scope {
+            case .all: "all domains"
+            case .domain(let d): "domain \(d)"
+            }
+        }
+        say("interceptors:  \(interceptors.isEmpty ? "none" : interceptors.joined(separator: ", "))")
+        say("reply handler: \(registry.rawReplyHandler == nil ? "none" : "yes")")
+        say("schemes:       \(registry.schemeNames.isEmpty ? "none" : registry.schemeNames.joined(separator: ", "))")
+        say("imports:       \(module.imports.isEmpty ? "none" : module.imports.joined(separator: ", "))")
+        say("exports:       \(module.exports.joined(separator: ", "))")
+        let max = module.maximumMemoryPages.map { "\($0 * 64) KiB" } ?? "none"
+        say("memory:        \(module.initialMemoryPages * 64) KiB at start (declared maximum \(max)), \(plugin.memoryBytes) bytes after init")
+        say("limits:        \(limits.fuelPerCall) fuel per call, \(limits.memoryBytes >> 20) MiB memory, \(describe(limits.calls))")
     }
 }
 
@@ -74,7 +115,7 @@ struct NewPluginCommand: AsyncParsableCommand {
         abstract: "Create a plugin from a template: a buildable package (or C sources) in its own folder."
     )
 
-    static let kinds = ["storage-interceptor", "command", "reply-handler", "evaluation-scheme", "c-command"]
+    static let kinds = ["storage-interceptor", "command", "reply-handler", "evaluation-scheme", "c-command", "wasm-c", "wasm-swift"]
 
     @Argument(help: "The plugin's name: lowercase letters, digits and dashes, starting with a letter.")
     var name: String
@@ -107,7 +148,10 @@ struct NewPluginCommand: AsyncParsableCommand {
         if fm.fileExists(atPath: target.path), !((try? fm.contentsOfDirectory(atPath: target.path)) ?? []).isEmpty {
             throw CLIError.usage("\(target.path) exists and is not empty")
         }
-        let replacements = [("TemplatePlugin", moduleName), ("template-plugin", name), ("template_plugin", name.replacingOccurrences(of: "-", with: "_"))]
+        // The wasm templates' interceptor domain: SHA-1 of the plugin's name, as bytes.
+        let domain = Number160(hashing: name).bytes.map { "0x" + String($0, radix: 16) }.joined(separator: ", ")
+        let replacements = [("TEMPLATE_DOMAIN_BYTES", domain), ("TemplatePlugin", moduleName), ("template-plugin", name),
+                            ("template_plugin", name.replacingOccurrences(of: "-", with: "_"))]
         func rename(_ s: String) -> String { replacements.reduce(s) { $0.replacingOccurrences(of: $1.0, with: $1.1) } }
         try fm.createDirectory(at: target, withIntermediateDirectories: true)
         func copy(_ from: URL, _ to: URL) throws {
@@ -136,6 +180,11 @@ struct NewPluginCommand: AsyncParsableCommand {
         }
         do {
             try copy(source, target)
+            if template == "wasm-swift" {
+                // The imports' declarations are the C template's header.
+                let header = root.appendingPathComponent("Templates/wasm-c/p2p_wasm.h")
+                try fm.copyItem(at: header, to: target.appendingPathComponent("p2p_wasm.h"))
+            }
         } catch {
             throw CLIError.failed("could not create \(target.path): \(error)")
         }
@@ -147,15 +196,26 @@ struct NewPluginCommand: AsyncParsableCommand {
 struct BuildPluginCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "build",
-        abstract: "Build a plugin in release mode and print the path of its .so (the last line)."
+        abstract: "Build a plugin and print the path of its .so or .wasm (the last line)."
     )
 
-    @Argument(help: "The plugin's folder (a Swift package, or a folder with a Makefile).")
+    @Argument(help: "The plugin's folder (a Swift package, a folder with a Makefile, or one with a wasm-plugin.json).")
     var directory: String
 
     func run() async throws {
         let dir = URL(fileURLWithPath: directory).standardizedFileURL
         let fm = FileManager.default
+        let wasmManifest = dir.appendingPathComponent(WasmBuildManifest.file)
+        if fm.fileExists(atPath: wasmManifest.path) {
+            let manifest: WasmBuildManifest
+            do {
+                manifest = try JSONDecoder().decode(WasmBuildManifest.self, from: Data(contentsOf: wasmManifest))
+            } catch {
+                throw CLIError.usage("\(wasmManifest.path): \(error)")
+            }
+            say(try manifest.build(in: dir))
+            return
+        }
         let isSwift = fm.fileExists(atPath: dir.appendingPathComponent("Package.swift").path)
         guard isSwift || fm.fileExists(atPath: dir.appendingPathComponent("Makefile").path) else {
             throw CLIError.usage("\(dir.path) has neither a Package.swift nor a Makefile")
@@ -181,7 +241,7 @@ struct BuildPluginCommand: AsyncParsableCommand {
 struct CallCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "call",
-        abstract: "Call a manifest-declared C command on a peer: typed arguments in, the typed result printed."
+        abstract: "Call a manifest-declared C command (typed arguments in, the typed result printed) or a WebAssembly plugin's command (bytes in, bytes out) on a peer."
     )
 
     @Option(name: .customLong("bootstrap"), help: "The peer to call, HOST:PORT.", transform: parseAddress)
@@ -190,8 +250,11 @@ struct CallCommand: AsyncParsableCommand {
     @Argument(help: "The command, as its manifest names it.")
     var command: String
 
-    @Argument(help: "The arguments, parsed by the command's declared types (bytes as hex).")
+    @Argument(help: "The arguments, parsed by the command's declared types (bytes as hex); for a WebAssembly plugin's command, the request as text (joined by spaces).")
     var arguments: [String] = []
+
+    @Flag(help: "For a WebAssembly plugin's command: the request is hex, not text.")
+    var hex = false
 
     @OptionGroup var identity: IdentityOptions
 
@@ -204,7 +267,27 @@ struct CallCommand: AsyncParsableCommand {
             let described = try await node.request(to: target, command: id, payload: [.bytes([0xFF])]).get()
             if let e = RPCError.from(reply: described) { throw CLIError.failed("\(command): \(e)") }
             guard let signature = try? JSONDecoder().decode(FFIDeclaration.self, from: Data(described.firstBytes ?? [])) else {
-                throw CLIError.failed("\(command) is not a manifest-declared C command on \(peer)")
+                throw CLIError.failed("\(command) is not a manifest-declared C command nor a WebAssembly command on \(peer)")
+            }
+            if signature.symbol == "wasm" {
+                // A WebAssembly plugin's command: bytes in, bytes out.
+                let request: [UInt8]
+                if hex {
+                    guard case .bytes(let b)? = try? FFIValue.parse(arguments.joined(), as: .bytes) else { throw CLIError.usage("--hex: not hex: \(arguments.joined())") }
+                    request = b
+                } else {
+                    request = Array(arguments.joined(separator: " ").utf8)
+                }
+                let reply = try await node.request(to: target, command: id, payload: [.bytes(request)]).get()
+                if let e = RPCError.from(reply: reply) { throw CLIError.failed("\(command): \(e)") }
+                let bytes = reply.firstBytes ?? []
+                if let text = String(validating: bytes, as: UTF8.self), !text.unicodeScalars.contains(where: { $0.value < 32 && $0 != "\n" && $0 != "\t" }) {
+                    say(text)
+                } else {
+                    say(bytes.map { String(format: "%02x", $0) }.joined() + " (bytes)")
+                }
+                await node.shutdown()
+                return
             }
             guard arguments.count == signature.params.count else {
                 throw CLIError.usage("\(command) takes \(signature.params.count) argument(s) (\(signature.params.map(\.rawValue).joined(separator: ", "))), got \(arguments.count)")

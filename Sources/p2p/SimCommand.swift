@@ -41,7 +41,7 @@ struct SimCommand: AsyncParsableCommand {
     @Option(help: "Built-in plugins of every peer when --ops is given, comma-separated.")
     var plugins: String = BuiltInPlugins.names.joined(separator: ",")
 
-    @Option(name: .customLong("plugin"), help: "A plugin .so every peer loads (repeatable).")
+    @Option(name: .customLong("plugin"), help: "A plugin file (.so or .wasm) every peer loads (repeatable).")
     var pluginFiles: [String] = []
 
     @Option(help: "Domain of the keys the operations use (hashed like a key; default zero).")
@@ -113,7 +113,7 @@ struct SimCommand: AsyncParsableCommand {
             let names = chosen
             _ = try BuiltInPlugins.make(names, peerID: { "" })
             for file in pluginFiles {
-                do { _ = try PluginLoader.load(file) } catch { throw CLIError.usage("\(error)") }
+                do { _ = try PluginFile.load(file) } catch { throw CLIError.usage("\(error)") }
             }
             let files = pluginFiles
             let security: SecurityMode = insecure ? .insecure : .authenticated
@@ -137,7 +137,7 @@ struct SimCommand: AsyncParsableCommand {
                                           joinConcurrency: joinConcurrency,
                                           plugins: { i in
                                               ((try? BuiltInPlugins.make(names, peerID: { "" }, backend: sqliteStores.isEmpty ? nil : sqliteStores[i])) ?? [])
-                                                  + files.compactMap { try? PluginLoader.load($0) }
+                                                  + files.compactMap { try? PluginFile.load($0) }
                                                   + (replicating ? [ReplicationPlugin(policies.make())] : [])
                                           },
                                           configure: { _, config in
