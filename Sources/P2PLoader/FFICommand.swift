@@ -15,9 +15,9 @@ struct FFICommand: CommandHandler {
 
     static let describeRequest: [UInt8] = [0xFF]
 
-    init(function: FFIFunction, limits: PluginCallLimits) {
+    init(function: FFIFunction, limits: PluginCallLimits, executor: PluginExecutor) {
         self.function = function
-        self.bounded = BoundedCallback(name: function.declaration.command, limits: limits)
+        self.bounded = BoundedCallback(name: function.declaration.command, limits: limits, executor: executor)
     }
 
     func handle(_ request: Message, context: CommandContext) -> CommandResult {

@@ -24,15 +24,18 @@ final class HostContext: @unchecked Sendable {
 
     /// The bounds of every callback the plugin registers.
     let limits: PluginCallLimits
+    /// Where its C code runs.
+    let executor: PluginExecutor
 
-    init(pluginName: String, limits: PluginCallLimits) {
+    init(pluginName: String, limits: PluginCallLimits, executor: PluginExecutor) {
         self.path = pluginName
         self.limits = limits
+        self.executor = executor
     }
 
     /// A callback of this plugin behind the plugin's limits.
     func bounded(_ name: String) -> BoundedCallback {
-        BoundedCallback(name: name, limits: limits)
+        BoundedCallback(name: name, limits: limits, executor: executor)
     }
 
     var registry: PluginRegistry? {

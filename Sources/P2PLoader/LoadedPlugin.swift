@@ -42,7 +42,7 @@ public final class LoadedPlugin: Plugin, @unchecked Sendable {
 
     /// Runs the plugin's `initialize`, which registers its callbacks into `registry`.
     public func install(into registry: PluginRegistry) throws {
-        for f in functions { try registry.register(command: FFICommand(function: f, limits: limits)) }
+        for f in functions { try registry.register(command: FFICommand(function: f, limits: limits, executor: context.executor)) }
         guard let descriptor else { return }
         guard let initialize = descriptor.pointee.initialize else {
             throw PluginLoadError.badDescriptor(path: path, reason: "no initialize function")
@@ -81,8 +81,8 @@ public enum PluginLoader {
     /// globals belong to one node, so two nodes of one process that load the same `.so` keep
     /// separate state, and stopping one (its `shutdown`) leaves the other's plugin running.
     /// `limits` bound every command and callback it registers (a manifest's `limits` win for
-    /// its functions).
-    public static func load(_ path: String, limits: PluginCallLimits = .default) throws(PluginLoadError) -> LoadedPlugin {
+    /// its functions); its C code runs on `executor`.
+    public static func load(_ path: String, limits: PluginCallLimits = .default, executor: PluginExecutor = .shared) throws(PluginLoadError) -> LoadedPlugin {
         guard access(path, F_OK) == 0 else { throw .fileMissing(path: path) }
         let manifestPath = ManifestReader.path(for: path)
         let manifest = access(manifestPath, F_OK) == 0 ? try ManifestReader.read(manifestPath) : nil
@@ -103,7 +103,7 @@ public enum PluginLoader {
                 throw .badManifest(path: manifestPath, reason: "\(error)")
             }
         }
-        let context = HostContext(pluginName: path, limits: limits)
+        let context = HostContext(pluginName: path, limits: limits, executor: executor)
         let table = HostAPI.table(for: context)
         guard let symbol = dlsym(handle, P2P_PLUGIN_ENTRY_SYMBOL) else {
             // A plain C library: its manifest is all there is.

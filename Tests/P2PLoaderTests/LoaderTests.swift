@@ -20,13 +20,13 @@ enum Fixture {
         return d
     }()
 
-    static func build(_ name: String, defines: [String] = []) throws -> String {
+    static func build(_ name: String, defines: [String] = [], source: String = "sample_plugin.c") throws -> String {
         let out = dir.appendingPathComponent("\(name).so").path
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         p.arguments = ["cc", "-shared", "-fPIC", "-I", root.appendingPathComponent("Sources/P2PPluginABI/include").path]
             + defines.map { "-D\($0)" }
-            + [root.appendingPathComponent("Tests/P2PLoaderTests/Fixtures/sample_plugin.c").path, "-o", out]
+            + [root.appendingPathComponent("Tests/P2PLoaderTests/Fixtures/\(source)").path, "-o", out]
         try p.run()
         p.waitUntilExit()
         guard p.terminationStatus == 0 else { throw FixtureError.compileFailed(name: name, status: p.terminationStatus) }
