@@ -66,19 +66,34 @@ struct WasmBuildManifest: Decodable {
             return path
         }
         let output = dir.appendingPathComponent("\(name).wasm").path
+        // The guest side of the ABI: the plugin's own copy (what `p2p plugin new` gives it), else
+        // the checkout's templates.
+        let fm = FileManager.default
+        let templates = (try? sourceRoot())?.appendingPathComponent("Templates")
+        let header = fm.fileExists(atPath: dir.appendingPathComponent("p2p_wasm.h").path) ? dir.appendingPathComponent("p2p_wasm.h").path
+            : templates?.appendingPathComponent("wasm-c/p2p_wasm.h").path
+        guard let header, fm.fileExists(atPath: header) else { throw CLIError.failed("no p2p_wasm.h in \(dir.path) nor in the SwiftP2P templates") }
+        let headerDir = URL(fileURLWithPath: header).deletingLastPathComponent().path
         switch language {
         case "c":
             try run(try WasmToolchain.find("clang"), ["--target=wasm32", "-O2", "-nostdlib", "-ffreestanding", "-Wall",
-                                                       "-I", dir.path, "-Wl,--no-entry", "-Wl,--strip-debug", "-o", output] + sources)
+                                                       "-I", dir.path, "-I", headerDir, "-Wl,--no-entry", "-Wl,--strip-debug", "-o", output] + sources)
         case "swift":
             let object = dir.appendingPathComponent(".build-wasm").path
             try FileManager.default.createDirectory(atPath: object, withIntermediateDirectories: true)
             let o = object + "/\(name).o"
+            var sources = sources
+            if !sources.contains(where: { $0.hasSuffix("/P2PGuest.swift") }) {
+                guard let guest = templates?.appendingPathComponent("wasm-swift/Sources/P2PGuest.swift").path, fm.fileExists(atPath: guest) else {
+                    throw CLIError.failed("no P2PGuest.swift among the sources nor in the SwiftP2P templates")
+                }
+                sources.append(guest)
+            }
             try run(try WasmToolchain.find("swiftc"), ["-target", "wasm32-unknown-none-wasm", "-enable-experimental-feature", "Embedded",
                                                         "-enable-experimental-feature", "Extern", "-enable-experimental-feature", "BuiltinModule",
                                                         "-wmo", "-Osize", "-parse-as-library", "-Xfrontend", "-disable-stack-protector",
                                                         // The host's imports, with the C convention, from the C header.
-                                                        "-import-objc-header", dir.appendingPathComponent("p2p_wasm.h").path, "-Xcc", "-DP2P_WASM_NO_RUNTIME",
+                                                        "-import-objc-header", header, "-Xcc", "-DP2P_WASM_NO_RUNTIME",
                                                         "-module-name", name.replacingOccurrences(of: "-", with: "_"), "-c", "-o", o] + sources)
             try run(try WasmToolchain.find("wasm-ld"), ["--no-entry", "--strip-debug", o, "-o", output])
         default:
