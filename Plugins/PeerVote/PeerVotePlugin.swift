@@ -12,6 +12,18 @@ public struct PeerVotePlugin: Plugin {
 
     public func install(into registry: PluginRegistry) throws {
         registry.add(interceptor: VoteCounter())
+        try registry.register(command: CheckVote())
+    }
+}
+
+/// `peervote.check`: a vote, normalised (the same small work in every PeerVote variant —
+/// compiled in, `.so`, `.wasm` — to compare what a call costs each).
+public struct CheckVote: CommandHandler {
+    public let name = "peervote.check"
+    public init() {}
+    public func handle(_ request: Message, context: CommandContext) -> CommandResult {
+        guard let vote = try? VoteCounter.integer(request.firstBytes ?? []) else { return .reply(.error(.badRequest, "a vote must be a decimal integer")) }
+        return .reply(Reply(payload: [.bytes(Array(String(vote).utf8))]))
     }
 }
 

@@ -11,7 +11,9 @@ static const uint8_t VOTE_DOMAIN[20] = {
 
 int32_t p2p_plugin_init(void) {
     p2p_describe("peervote-wasm", 13, "1.0.0", 5);
-    return p2p_register_put_interceptor(VOTE_DOMAIN, "count_votes", 11);
+    int32_t r = p2p_register_put_interceptor(VOTE_DOMAIN, "count_votes", 11);
+    if (r != P2P_OK) return r;
+    return p2p_register_command("peervote.check", 14, "check", 5);
 }
 
 static int parse(const uint8_t *s, uint32_t len, int64_t *out) {
@@ -31,15 +33,8 @@ static int parse(const uint8_t *s, uint32_t len, int64_t *out) {
     return 1;
 }
 
-P2P_EXPORT("count_votes") int32_t count_votes(const uint8_t *key, const uint8_t *value, uint32_t len,
-                                              const uint8_t *current, uint32_t current_len) {
-    (void)key;
-    int64_t vote, before = 0;
-    if (!parse(value, len, &vote)) return p2p_fail(P2P_ERR_BAD_REQUEST, "a vote must be a decimal integer");
-    if (current_len != 0xFFFFFFFFu && !parse(current, current_len, &before)) before = 0;
-    if ((vote > 0 && before > INT64_MAX - vote) || (vote < 0 && before < INT64_MIN - vote))
-        return p2p_fail(P2P_ERR_DENIED, "the vote count would overflow");
-    int64_t sum = before + vote;
+/* Hands a number over as decimal text. */
+static int32_t answer(int64_t sum) {
     uint8_t text[24], digits[24];
     uint32_t n = 0, w = 0;
     uint64_t u = sum < 0 ? (uint64_t)(-(sum + 1)) + 1 : (uint64_t)sum;
@@ -48,4 +43,23 @@ P2P_EXPORT("count_votes") int32_t count_votes(const uint8_t *key, const uint8_t 
     while (n) text[w++] = digits[--n];
     p2p_output(text, w);
     return P2P_OK;
+}
+
+P2P_EXPORT("count_votes") int32_t count_votes(const uint8_t *key, const uint8_t *value, uint32_t len,
+                                              const uint8_t *current, uint32_t current_len) {
+    (void)key;
+    int64_t vote, before = 0;
+    if (!parse(value, len, &vote)) return p2p_fail(P2P_ERR_BAD_REQUEST, "a vote must be a decimal integer");
+    if (current_len != 0xFFFFFFFFu && !parse(current, current_len, &before)) before = 0;
+    if ((vote > 0 && before > INT64_MAX - vote) || (vote < 0 && before < INT64_MIN - vote))
+        return p2p_fail(P2P_ERR_DENIED, "the vote count would overflow");
+    return answer(before + vote);
+}
+
+/* peervote.check: a vote, normalised (the same small work in every PeerVote variant). */
+P2P_EXPORT("check") int32_t check(const uint8_t *sender, const uint8_t *request, uint32_t len) {
+    (void)sender;
+    int64_t vote;
+    if (!parse(request, len, &vote)) return p2p_fail(P2P_ERR_BAD_REQUEST, "a vote must be a decimal integer");
+    return answer(vote);
 }

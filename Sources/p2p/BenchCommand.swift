@@ -11,7 +11,7 @@ struct BenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Micro-benchmarks (build with -c release).",
-        subcommands: [CodecBench.self, SessionBench.self, RPCBench.self, FFIBench.self, StorageBench.self]
+        subcommands: [CodecBench.self, SessionBench.self, RPCBench.self, FFIBench.self, StorageBench.self, PluginBench.self]
     )
 }
 

@@ -10,7 +10,17 @@ let voteDomain: [UInt8] = [
 
 func pluginInit() -> Int32 {
     describe(name: "peervote-swift-wasm", version: "1.0.0")
-    return registerPutInterceptor(domain: voteDomain, export: "count_votes")
+    guard registerPutInterceptor(domain: voteDomain, export: "count_votes") == Code.ok else { return Code.failed }
+    return registerCommand("peervote.check", export: "check")
+}
+
+/// peervote.check: a vote, normalised (the same small work in every PeerVote variant).
+@_expose(wasm, "check")
+@_cdecl("check")
+public func check(_ sender: UnsafePointer<UInt8>?, _ request: UnsafePointer<UInt8>?, _ len: UInt32) -> Int32 {
+    guard let vote = integer(bytes(request, len) ?? []) else { return fail(Code.badRequest, "a vote must be a decimal integer") }
+    output(decimal(vote))
+    return Code.ok
 }
 
 @_expose(wasm, "count_votes")

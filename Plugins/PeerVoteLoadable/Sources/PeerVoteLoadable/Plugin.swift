@@ -30,11 +30,23 @@ extension String {
     }
 }
 
+/// `peervote.check`: a vote, normalised (the same small work in every PeerVote variant, to
+/// compare what a call costs each).
+struct CheckVote: PluginCommand {
+    let name = "peervote.check"
+    func handle(_ request: [UInt8], from sender: Key160) throws -> [UInt8] {
+        let text = String(decoding: request, as: UTF8.self).trimmingSpaces
+        guard let vote = Int64(text) else { throw PluginFailure(.badRequest, "a vote must be a decimal integer") }
+        return Array(String(vote).utf8)
+    }
+}
+
 struct Definition: Plugin {
     let name = "peervote-loadable"
     let version = "1.0.0"
     func register(into registrar: inout Registrar) throws {
         registrar.add(interceptor: VoteCounter())
+        registrar.add(command: CheckVote())
     }
 }
 
