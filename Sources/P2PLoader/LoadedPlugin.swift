@@ -3,6 +3,7 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
+import NIOConcurrencyHelpers
 import P2PKernel
 import P2PPluginABI
 #if canImport(Glibc)
@@ -23,6 +24,7 @@ public final class LoadedPlugin: Plugin, @unchecked Sendable {
     public let functions: [FFIFunction]
     /// The bounds of every command and callback of this plugin.
     public let limits: PluginCallLimits
+    private let claimed = NIOLockedValueBox(false)
     private let descriptor: UnsafePointer<p2p_plugin_descriptor>?
     private let context: HostContext
     private let table: UnsafeMutablePointer<p2p_host_api>
@@ -42,6 +44,10 @@ public final class LoadedPlugin: Plugin, @unchecked Sendable {
 
     /// Runs the plugin's `initialize`, which registers its callbacks into `registry`.
     public func install(into registry: PluginRegistry) throws {
+        // Its image and globals belong to one node: a second node loads the file again.
+        guard claimed.withLockedValue({ c in defer { c = true }; return !c }) else {
+            throw PluginError.installFailed(plugin: name, reason: "this loaded plugin is installed in another registry already; load the file once per node")
+        }
         for f in functions { try registry.register(command: FFICommand(function: f, limits: limits, executor: context.executor)) }
         guard let descriptor else { return }
         guard let initialize = descriptor.pointee.initialize else {

@@ -89,7 +89,9 @@ struct WasmInterceptor: StorageInterceptor {
             guard let value = entries[key]?.value else { continue }
             let old = current[key]?.value
             let keyBytes = key.location.bytes + key.domain.bytes + key.content.bytes + key.version.bytes
-            let outcome = try await bounded.call(requestBytes: value.count + (old?.count ?? 0), resultBytes: { $0.output?.count ?? 0 }) {
+            // On this (cooperative) thread, not the executor: the call's fuel bounds its time, and
+            // a hop would cost more than a typical interceptor call.
+            let outcome = try bounded.callInline(requestBytes: value.count + (old?.count ?? 0), resultBytes: { $0.output?.count ?? 0 }) {
                 try plugin.invoke({ $0.interceptors.indices.contains(index) ? $0.interceptors[index].export : nil },
                                   callback: callback, segments: [keyBytes, value, old]) { a in
                     [.i32(a[0] ?? 0), .i32(a[1] ?? 0), .i32(UInt32(value.count)), .i32(a[2] ?? 0),
@@ -109,6 +111,8 @@ struct WasmInterceptor: StorageInterceptor {
 struct WasmScheme: EvaluationScheme {
     let name: String
     let plugin: WasmPlugin
+    /// Answers larger than this evaluate to nothing (they also have to fit the plugin's memory).
+    static let maxInputBytes = 4 << 20
 
     func evaluate(_ answers: [PeerAnswer]) -> [Number640: [UInt8]] {
         var input: [UInt8] = []
@@ -122,7 +126,7 @@ struct WasmScheme: EvaluationScheme {
                 input += v
             }
         }
-        guard input.count <= plugin.limits.calls.maxRequestBytes else { return [:] }
+        guard input.count <= WasmScheme.maxInputBytes else { return [:] }
         let name = self.name, count = UInt32(input.count)
         guard let outcome = try? plugin.invoke({ $0.schemes[name] }, callback: "scheme \(name)", segments: [input], arguments: { a in
             [.i32(a[0] ?? 0), .i32(count)]

@@ -15,6 +15,10 @@ struct GuestFault: Error, CustomStringConvertible {
     let description: String
 }
 
+/// A host import's work (copying bytes, a log line, a storage access) was charged to the call's
+/// fuel, and the fuel ran out.
+struct HostFuelExhausted: Error {}
+
 /// Refuses growth past the instance's memory limit (and tables past a fixed size), by throwing:
 /// the call that asked stops at once, rather than the plugin seeing a failed grow and carrying on.
 final class Limiter: ResourceLimiter, Sendable {
@@ -76,6 +80,12 @@ final class WasmInstance: @unchecked Sendable {
     private var registrationError: String?
     private var sends: [PendingSend] = []
     private var inCall = false
+    private var logLines = 0
+    private var storageOperations = 0
+
+    /// Per call: log lines kept (more are dropped), storage reads and writes allowed.
+    static let logLinesPerCall = 16
+    static let storageOperationsPerCall = 64
 
     /// The node whose storage the plugin reads and writes (set once the node runs).
     let node = NIOLockedValueBox<Node?>(nil)
@@ -180,6 +190,8 @@ final class WasmInstance: @unchecked Sendable {
             output = nil
             outputOverflow = false
             sends = []
+            logLines = 0
+            storageOperations = 0
             inCall = true
             defer { inCall = false }
             let budget = limits.fuelPerCall
@@ -235,6 +247,7 @@ final class WasmInstance: @unchecked Sendable {
 
     private func classify(_ error: any Error, callback: String, budget: UInt64) -> PluginCallError {
         if error is MemoryLimitExceeded { return .memoryLimit(callback: callback, limit: limits.memoryBytes) }
+        if error is HostFuelExhausted { return .outOfFuel(callback: callback, fuel: budget) }
         if let fault = error as? GuestFault { return .trapped(callback: callback, reason: fault.description) }
         let reason = Self.reason(error)
         if reason.contains("out of fuel") { return .outOfFuel(callback: callback, fuel: budget) }
@@ -252,6 +265,15 @@ final class WasmInstance: @unchecked Sendable {
     }
 
     // MARK: host functions
+
+    /// Charges a host import to the call's fuel: 100 units, and one per 16 bytes it copies — so
+    /// that a plugin cannot make the host work without paying (a loop of 1 MiB outputs).
+    private func charge(_ bytes: Int) throws {
+        guard let remaining = store.fuel?.remaining else { return }
+        let cost = UInt64(100 + max(0, bytes) / 16)
+        guard remaining >= cost else { throw HostFuelExhausted() }
+        store.fuel = Fuel(remaining: remaining - cost)
+    }
 
     /// Reads `len` bytes at `ptr` of the plugin's memory, checking both against its size.
     private func read(_ ptr: UInt32, _ len: UInt32, max: Int) throws -> [UInt8] {
@@ -307,18 +329,23 @@ final class WasmInstance: @unchecked Sendable {
         }
         func i32(_ v: Int32) -> [Value] { [.i32(UInt32(bitPattern: v))] }
         define("log") { me, a in
+            try me.charge(Int(a[2].i32))
+            me.logLines += 1
+            guard me.logLines <= Self.logLinesPerCall || me.registering != nil && me.logLines <= 64 else { return [] }
             let level: Logger.Level = switch a[0].i32 { case 0: .debug; case 2: .warning; case 3: .error; default: .info }
             let line = try me.text(a[1].i32, a[2].i32, max: 4096)
             Self.logger.log(level: level, "\(line)", metadata: ["plugin": "\(me.label)"])
             return []
         }
         define("describe") { me, a in
+            try me.charge(0)
             guard me.registering != nil else { return i32(WasmABI.denied) }
             me.registering?.name = try me.text(a[0].i32, a[1].i32, max: 128)
             me.registering?.version = try me.text(a[2].i32, a[3].i32, max: 64)
             return i32(WasmABI.ok)
         }
         define("register_command") { me, a in
+            try me.charge(0)
             guard me.registering != nil else { return i32(WasmABI.denied) }
             let name = try me.text(a[0].i32, a[1].i32), export = try me.text(a[2].i32, a[3].i32)
             guard !name.isEmpty, me.checkHandler(export, WasmABI.commandType, for: "command \(name)") else { return i32(WasmABI.badRequest) }
@@ -330,6 +357,7 @@ final class WasmInstance: @unchecked Sendable {
             return i32(WasmABI.ok)
         }
         define("register_put_interceptor") { me, a in
+            try me.charge(0)
             guard me.registering != nil else { return i32(WasmABI.denied) }
             let domain = a[0].i32 == 0 ? nil : try me.key160(a[0].i32)
             let export = try me.text(a[1].i32, a[2].i32)
@@ -338,6 +366,7 @@ final class WasmInstance: @unchecked Sendable {
             return i32(WasmABI.ok)
         }
         define("register_reply_handler") { me, a in
+            try me.charge(0)
             guard me.registering != nil else { return i32(WasmABI.denied) }
             let export = try me.text(a[0].i32, a[1].i32)
             guard me.checkHandler(export, WasmABI.commandType, for: "the reply handler") else { return i32(WasmABI.badRequest) }
@@ -345,6 +374,7 @@ final class WasmInstance: @unchecked Sendable {
             return i32(WasmABI.ok)
         }
         define("register_evaluation_scheme") { me, a in
+            try me.charge(0)
             guard me.registering != nil else { return i32(WasmABI.denied) }
             let name = try me.text(a[0].i32, a[1].i32), export = try me.text(a[2].i32, a[3].i32)
             guard !name.isEmpty, me.checkHandler(export, WasmABI.schemeType, for: "evaluation scheme \(name)") else { return i32(WasmABI.badRequest) }
@@ -352,6 +382,7 @@ final class WasmInstance: @unchecked Sendable {
             return i32(WasmABI.ok)
         }
         define("output") { me, a in
+            try me.charge(Int(a[1].i32))
             let limit = me.registering != nil ? 4096 : me.limits.calls.maxResultBytes
             guard Int(a[1].i32) <= limit else {
                 me.outputOverflow = true
@@ -361,7 +392,9 @@ final class WasmInstance: @unchecked Sendable {
             return i32(WasmABI.ok)
         }
         define("storage_get") { me, a in
-            guard me.inCall, let backend = me.node.withLockedValue({ $0 })?.registry.storageBackend else { return i32(-WasmABI.failed) }
+            try me.charge(Int(a[2].i32))
+            me.storageOperations += 1
+            guard me.inCall, me.storageOperations <= Self.storageOperationsPerCall, let backend = me.node.withLockedValue({ $0 })?.registry.storageBackend else { return i32(-WasmABI.failed) }
             let key = try me.key640(a[0].i32)
             guard case .values(let v, _)? = try? backend.execute(.get(.keys([key])), now: StoragePipeline.now()), let value = v[key] else {
                 return i32(-WasmABI.notFound)
@@ -372,7 +405,9 @@ final class WasmInstance: @unchecked Sendable {
             return i32(Int32(clamping: bytes.count))
         }
         define("storage_put") { me, a in
-            guard me.inCall, let backend = me.node.withLockedValue({ $0 })?.registry.storageBackend else { return i32(WasmABI.failed) }
+            try me.charge(Int(a[2].i32))
+            me.storageOperations += 1
+            guard me.inCall, me.storageOperations <= Self.storageOperationsPerCall, let backend = me.node.withLockedValue({ $0 })?.registry.storageBackend else { return i32(WasmABI.failed) }
             let key = try me.key640(a[0].i32)
             let value = try me.read(a[1].i32, a[2].i32, max: me.limits.calls.maxResultBytes)
             do {
@@ -383,6 +418,7 @@ final class WasmInstance: @unchecked Sendable {
             }
         }
         define("send_direct") { me, a in
+            try me.charge(Int(a[3].i32))
             guard me.inCall, me.sends.count < me.limits.sendsPerCall else { return i32(WasmABI.denied) }
             let address = try me.text(a[0].i32, a[1].i32)
             let bytes = try me.read(a[2].i32, a[3].i32, max: me.limits.calls.maxRequestBytes)
@@ -390,6 +426,7 @@ final class WasmInstance: @unchecked Sendable {
             return i32(WasmABI.ok)
         }
         define("routed_send") { me, a in
+            try me.charge(Int(a[2].i32))
             guard me.inCall, me.sends.count < me.limits.sendsPerCall else { return i32(WasmABI.denied) }
             let key = try me.key160(a[0].i32)
             let bytes = try me.read(a[1].i32, a[2].i32, max: me.limits.calls.maxRequestBytes)

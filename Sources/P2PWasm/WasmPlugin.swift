@@ -43,9 +43,16 @@ public final class WasmPlugin: Plugin, @unchecked Sendable {
     /// What the first version registered: the shape the node was assembled with.
     let installed: WasmRegistrations
     private let node = NIOLockedValueBox<Node?>(nil)
+    private let claimed = NIOLockedValueBox(false)
     private let watcher = NIOLockedValueBox<RepeatedTask?>(nil)
     private let sendsInFlight = Atomic<Int>(0)
     private let stats = NIOLockedValueBox(Stats())
+    private let reloadObserver = NIOLockedValueBox<(@Sendable (Result<ReloadReport, WasmPluginError>) -> Void)?>(nil)
+
+    /// Called after every reload, by whatever started it (a call, a signal, the file changing).
+    public func onReload(_ observer: @escaping @Sendable (Result<ReloadReport, WasmPluginError>) -> Void) {
+        reloadObserver.withLockedValue { $0 = observer }
+    }
 
     struct Stats {
         var calls = 0
@@ -90,6 +97,10 @@ public final class WasmPlugin: Plugin, @unchecked Sendable {
     // MARK: Plugin
 
     public func install(into registry: PluginRegistry) throws {
+        // One instance per node: a second node loads the file again.
+        guard claimed.withLockedValue({ c in defer { c = true }; return !c }) else {
+            throw PluginError.installFailed(plugin: name, reason: "this WasmPlugin is installed in another registry already; load the file once per node")
+        }
         let callLimits = limits.calls
         for (command, _) in installed.commands.sorted(by: { $0.key < $1.key }) {
             try registry.register(command: WasmCommand(name: command, plugin: self, bounded: BoundedCallback(name: command, limits: callLimits)))
@@ -142,6 +153,7 @@ public final class WasmPlugin: Plugin, @unchecked Sendable {
         } catch {
             stats.withLockedValue { $0.lastReload = "failed: \(error)" }
             Self.logger.error("reload failed, the old version stays", metadata: ["plugin": "\(name)", "error": "\(error)"])
+            reloadObserver.withLockedValue { $0 }?(.failure(error))
             throw error
         }
         next.instance.withLockedValue { $0 }.node.withLockedValue { $0 = node.withLockedValue { $0 } }
@@ -154,7 +166,9 @@ public final class WasmPlugin: Plugin, @unchecked Sendable {
         }
         Self.logger.info("reloaded", metadata: ["plugin": "\(name)", "generation": "\(next.number)", "took": "\(took)",
                                                 "ignored": "\(ignored.isEmpty ? "none" : ignored.joined(separator: ", "))"])
-        return ReloadReport(generation: next.number, took: took, ignored: ignored)
+        let report = ReloadReport(generation: next.number, took: took, ignored: ignored)
+        reloadObserver.withLockedValue { $0 }?(.success(report))
+        return report
     }
 
     /// What a reload did.

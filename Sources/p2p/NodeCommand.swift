@@ -233,18 +233,22 @@ struct NodeCommand: AsyncParsableCommand {
         // servers close), within the timeout; a second one while it leaves stops the process at
         // once: what was acknowledged is already on disk (docs/STORAGE.md).
         let wasmPlugins = loaded.compactMap { $0 as? WasmPlugin }
+        for w in wasmPlugins {
+            let path = w.path
+            w.onReload { result in
+                switch result {
+                case .success(let r):
+                    say("reloaded \(path): generation \(r.generation) in \(r.took)\(r.ignored.isEmpty ? "" : " (needs a restart for: \(r.ignored.joined(separator: ", ")))")")
+                case .failure(let error):
+                    say("reload of \(path) failed, the old version stays: \(error)")
+                }
+            }
+        }
         let watcher = Task {
             var count = 0
             for await signal in signals {
                 if signal == .sighup {
-                    for w in wasmPlugins {
-                        do {
-                            let r = try w.reload()
-                            say("reloaded \(w.path): generation \(r.generation) in \(r.took)\(r.ignored.isEmpty ? "" : " (needs a restart for: \(r.ignored.joined(separator: ", ")))")")
-                        } catch {
-                            say("reload of \(w.path) failed, the old version stays: \(error)")
-                        }
-                    }
+                    for w in wasmPlugins { _ = try? w.reload() }
                     continue
                 }
                 count += 1

@@ -290,3 +290,41 @@ struct CLIIdentityTests {
         #expect(node.waitFor("refused a plaintext request"))
     }
 }
+
+@Suite("The README's WebAssembly plugin steps", .serialized)
+struct WasmReadmeTests {
+    @Test("new, build, inspect, load, call, vote, then a rebuilt file is reloaded by the running node (and SIGHUP reloads)")
+    func asWritten() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("p2p-readme-wasm-\(getpid())/ballot")
+        try? FileManager.default.removeItem(at: dir)
+        defer { try? FileManager.default.removeItem(at: dir.deletingLastPathComponent()) }
+        #expect(try P2PTool.run(["plugin", "new", "ballot", "--template", "wasm-c", "--output", dir.path]).code == 0)
+        let built = try P2PTool.run(["plugin", "build", dir.path], timeout: 120)
+        let wasm = dir.appendingPathComponent("ballot.wasm").path
+        #expect(built.code == 0)
+        #expect(built.out.split(separator: "\n").last.map(String.init) == wasm)
+        let inspected = try P2PTool.run(["plugin", "inspect", wasm])
+        #expect(inspected.out.contains("commands:      ballot.hello"))
+        #expect(inspected.out.contains("fuel per call"))
+        let node = try NodeProcess(["--port", "0", "--plugin", wasm])
+        defer { node.stop() }
+        #expect(node.waitFor("listening on"))
+        #expect(node.output.contains("plugin \(wasm): ballot 1.0.0 (WebAssembly"))
+        let at = ["--bootstrap", "127.0.0.1:\(node.port ?? "0")"]
+        #expect(try P2PTool.run(["call"] + at + ["ballot.hello", "world"]).out.contains("hello, world"))
+        #expect(try P2PTool.run(["put"] + at + ["--domain", "ballot", "poll", "5"]).code == 0)
+        #expect(try P2PTool.run(["put"] + at + ["--domain", "ballot", "poll", "7"]).code == 0)
+        #expect(try P2PTool.run(["get"] + at + ["--domain", "ballot", "poll"]).out.contains("12"))
+        // The README's edit, then a build: the running node picks the new file up.
+        let source = dir.appendingPathComponent("ballot.c")
+        let text = try String(contentsOf: source, encoding: .utf8)
+        try text.replacingOccurrences(of: "\"hello, \"", with: "\"howdy, \"").write(to: source, atomically: true, encoding: .utf8)
+        #expect(try P2PTool.run(["plugin", "build", dir.path], timeout: 120).code == 0)
+        #expect(node.waitFor("reloaded \(wasm): generation 2", seconds: 30))
+        #expect(try P2PTool.run(["call"] + at + ["ballot.hello", "world"]).out.contains("howdy, world"))
+        // The votes are storage, not plugin state: they survive the reload.
+        #expect(try P2PTool.run(["get"] + at + ["--domain", "ballot", "poll"]).out.contains("12"))
+        kill(node.process.processIdentifier, SIGHUP)
+        #expect(node.waitFor("reloaded \(wasm): generation 3", seconds: 30))
+    }
+}

@@ -107,6 +107,7 @@ struct WasmTests {
         let expected: [(String, String)] = [
             ("hostile.loop", "outOfFuel"), ("hostile.trap", "trapped"), ("hostile.oob", "trapped"), ("hostile.grow", "memoryLimit"),
             ("hostile.big", "resultTooLarge"), ("hostile.badptr", "trapped"), ("hostile.recurse", "trapped"),
+            ("hostile.spin_output", "outOfFuel"),
         ]
         for (command, code) in expected {
             let result = try await call(caller, host, command, "x")
@@ -120,6 +121,8 @@ struct WasmTests {
             #expect(try await call(caller, host, "hostile.echo", "after \(command)") == .success("after \(command)"))
             #expect(try await bystander.ping(host.address.socket).id == host.peerID)
         }
+        // A thousand log lines cost fuel and are cut to 16; the call itself is fine.
+        #expect(try await call(caller, host, "hostile.logspam") == .success("done"))
         // A request over the size limit never reaches the plugin.
         let tooBig = try await call(caller, host, "hostile.echo", [UInt8](repeating: 1, count: 70_000))
         #expect((try? tooBig.get()) == nil)

@@ -1,3 +1,4 @@
+import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
@@ -132,6 +133,7 @@ public final class PluginExecutor: Sendable {
     private let pool: NIOThreadPool
     public let threads: Int
     private let overdue = Atomic<Int>(0)
+    static let logger = Logger(label: "swiftp2p.plugin")
     private let running = Atomic<Int>(0)
 
     public init(threads: Int) {
@@ -156,6 +158,8 @@ public final class PluginExecutor: Sendable {
         let timer = eventLoop.scheduleTask(in: .milliseconds(Int64(max(1, milliseconds)))) { [self] in
             if settled.claim() {
                 overdue.add(1, ordering: .relaxed)
+                Self.logger.warning("plugin call over its deadline: its caller is answered timedOut, its thread stays busy until the code returns",
+                                    metadata: ["callback": "\(callback)", "deadline_ms": "\(milliseconds)", "overdue": "\(overdue.load(ordering: .relaxed))"])
                 promise.fail(PluginCallError.timedOut(callback: callback, milliseconds: milliseconds))
             }
         }
@@ -235,5 +239,17 @@ public struct BoundedCallback: Sendable {
     public func call<T: Sendable>(requestBytes: Int, resultBytes: @escaping @Sendable (T) -> Int,
                                   _ body: @escaping @Sendable () throws -> T) async throws -> T {
         try await call(requestBytes: requestBytes, on: MultiThreadedEventLoopGroup.singleton.any(), resultBytes: resultBytes, body).get()
+    }
+
+    /// Runs `body` on the calling thread, within the size and in-flight limits: for code whose
+    /// time is bounded by other means (a WebAssembly call's fuel), called from an async context
+    /// (a storage interceptor), where a hop to the executor would cost more than the call.
+    public func callInline<T>(requestBytes: Int, resultBytes: (T) -> Int, _ body: () throws -> T) throws -> T {
+        try admit(requestBytes: requestBytes)
+        guard gate.enter() else { throw PluginCallError.busy(callback: name, limit: gate.limit) }
+        defer { gate.leave() }
+        let result = try body()
+        guard resultBytes(result) <= limits.maxResultBytes else { throw PluginCallError.resultTooLarge(callback: name, limit: limits.maxResultBytes) }
+        return result
     }
 }

@@ -16,7 +16,7 @@ int32_t p2p_plugin_init(void) {
     const char *names[][2] = {
         { "hostile.echo", "echo" }, { "hostile.loop", "loop" }, { "hostile.trap", "trap" }, { "hostile.oob", "oob" },
         { "hostile.grow", "grow" }, { "hostile.big", "big" }, { "hostile.badptr", "badptr" }, { "hostile.version", "version" },
-        { "hostile.recurse", "recurse" },
+        { "hostile.recurse", "recurse" }, { "hostile.spin_output", "spin_output" }, { "hostile.logspam", "logspam" },
     };
     for (unsigned i = 0; i < sizeof names / sizeof names[0]; i++)
         if (reg(names[i][0], names[i][1]) != P2P_OK) return p2p_fail(P2P_ERR_FAILED, names[i][0]);
@@ -74,6 +74,23 @@ P2P_EXPORT("badptr") int32_t badptr(const uint8_t *s, const uint8_t *r, uint32_t
 static uint32_t depth(uint32_t n) { volatile uint8_t frame[256]; frame[0] = (uint8_t)n; return depth(n + 1) + frame[0]; }
 
 P2P_EXPORT("recurse") int32_t recurse(const uint8_t *s, const uint8_t *r, uint32_t n) { (void)s; (void)r; return (int32_t)depth(n); }
+
+/* Makes the host copy 64 KiB again and again: paid for with fuel, so it ends. */
+P2P_EXPORT("spin_output") int32_t spin_output(const uint8_t *s, const uint8_t *r, uint32_t n) {
+    (void)s; (void)r; (void)n;
+    uint8_t *block = p2p_alloc(65536);
+    if (!block) return P2P_ERR_FAILED;
+    for (;;) p2p_output(block, 65536);
+    return P2P_OK;
+}
+
+/* A thousand log lines: at most 16 reach the log. */
+P2P_EXPORT("logspam") int32_t logspam(const uint8_t *s, const uint8_t *r, uint32_t n) {
+    (void)s; (void)r; (void)n;
+    for (int i = 0; i < 1000; i++) p2p_log(P2P_LOG_DEBUG, "spam", 4);
+    p2p_output("done", 4);
+    return P2P_OK;
+}
 
 /* In its domain, the value "loop" never returns; anything else is stored as it is. */
 P2P_EXPORT("intercept") int32_t intercept(const uint8_t *k, const uint8_t *v, uint32_t n, const uint8_t *c, uint32_t cn) {
