@@ -1,3 +1,4 @@
+import Foundation
 import NIOCore
 import P2PKernel
 import P2PStorage
@@ -16,8 +17,9 @@ struct WasmCommand: CommandHandler {
     func handle(_ request: Message, context: CommandContext) -> CommandResult {
         let bytes = request.firstBytes ?? []
         if bytes == Self.describeRequest {
-            let signature = #"{"command":"\#(name)","symbol":"wasm","params":["bytes"],"returns":"bytes"}"#
-            return .reply(Reply(payload: [.bytes(Array(signature.utf8))]))
+            let signature: [String: Any] = ["command": name, "symbol": "wasm", "params": ["bytes"], "returns": "bytes"]
+            let json = (try? JSONSerialization.data(withJSONObject: signature, options: [.sortedKeys])).map { [UInt8]($0) } ?? []
+            return .reply(Reply(payload: [.bytes(json)]))
         }
         let plugin = self.plugin, name = self.name, sender = context.sender.id.bytes
         let future = bounded.call(requestBytes: bytes.count, on: context.eventLoop, resultBytes: { $0.output?.count ?? 0 }) {

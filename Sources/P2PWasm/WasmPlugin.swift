@@ -46,6 +46,10 @@ public final class WasmPlugin: Plugin, @unchecked Sendable {
     private let claimed = NIOLockedValueBox(false)
     private let watcher = NIOLockedValueBox<RepeatedTask?>(nil)
     private let sendsInFlight = Atomic<Int>(0)
+    private let running = Atomic<Int>(0)
+
+    /// Handler calls running now (on any version).
+    public var callsInFlight: Int { running.load(ordering: .relaxed) }
     private let stats = NIOLockedValueBox(Stats())
     private let reloadObserver = NIOLockedValueBox<(@Sendable (Result<ReloadReport, WasmPluginError>) -> Void)?>(nil)
 
@@ -194,8 +198,11 @@ public final class WasmPlugin: Plugin, @unchecked Sendable {
     /// Reloads when the file's size or modification time changed (it must stay unchanged for one
     /// check first, so a file being written is not read half-way).
     private let pendingStamp = NIOLockedValueBox<FileStamp?>(nil)
+    /// The version of the file whose reload failed: not tried again until the file changes.
+    private let failedStamp = NIOLockedValueBox<FileStamp?>(nil)
     private func checkFile() {
-        guard let generation = current.withLockedValue({ $0 }), let stamp = FileStamp(path), stamp != generation.stamp else {
+        guard let generation = current.withLockedValue({ $0 }), let stamp = FileStamp(path), stamp != generation.stamp,
+              stamp != failedStamp.withLockedValue({ $0 }) else {
             pendingStamp.withLockedValue { $0 = nil }
             return
         }
@@ -208,7 +215,12 @@ public final class WasmPlugin: Plugin, @unchecked Sendable {
         let executor = PluginExecutor.shared
         guard let loop = node.withLockedValue({ $0 })?.eventLoop else { return }
         _ = executor.run("\(name) reload", on: loop, deadline: .seconds(30)) { [weak self] in
-            _ = try? self?.reload()
+            guard let self else { return }
+            do {
+                try self.reload()
+            } catch {
+                self.failedStamp.withLockedValue { $0 = stamp }
+            }
         }
     }
 
@@ -223,6 +235,8 @@ public final class WasmPlugin: Plugin, @unchecked Sendable {
             throw .trapped(callback: callback, reason: "version \(generation.number) of the plugin no longer registers it")
         }
         let instance = try freshInstance(generation, callback: callback)
+        running.add(1, ordering: .relaxed)
+        defer { running.subtract(1, ordering: .relaxed) }
         do {
             let outcome = try instance.call(name, callback: callback, segments: segments, arguments: arguments)
             stats.withLockedValue {

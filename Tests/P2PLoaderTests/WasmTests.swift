@@ -29,8 +29,8 @@ enum WasmFixture {
 }
 
 /// Sends `text` to `command` on `peer` and returns the reply (or the peer's error).
-func call(_ from: Node, _ peer: Node, _ command: String, _ bytes: [UInt8]) async throws -> Result<String, RPCError> {
-    let reply = try await from.request(to: peer.address, command: CommandID.derive(from: command), payload: [.bytes(bytes)]).get()
+func call(_ from: Node, _ peer: Node, _ command: String, _ bytes: [UInt8], transport: TransportChoice = .auto) async throws -> Result<String, RPCError> {
+    let reply = try await from.request(to: peer.address, command: CommandID.derive(from: command), payload: [.bytes(bytes)], transport: transport).get()
     if let e = RPCError.from(reply: reply) { return .failure(e) }
     return .success(String(decoding: reply.firstBytes ?? [], as: UTF8.self))
 }
@@ -51,6 +51,9 @@ func eventually(_ seconds: Double = 30, _ condition: () async throws -> Bool) as
 
 @Suite("WebAssembly plugins", .serialized)
 struct WasmTests {
+    /// Iterations of hostile.slow: a few seconds of interpreted work in a debug build.
+    static let slowCount = "30000000"
+
     @Test("plugins built from the wasm-c and wasm-swift templates serve a 20-peer network: command, interceptor, evaluation scheme")
     func templatesAcrossNetwork() async throws {
         let c = try buildFromTemplate("cvote", "wasm-c")
@@ -153,7 +156,8 @@ struct WasmTests {
         let live = Fixture.dir.appendingPathComponent("live.wasm").path
         try? FileManager.default.removeItem(atPath: live)
         try FileManager.default.copyItem(atPath: v1, toPath: live)
-        let plugin = try WasmPlugin.load(live, limits: WasmLimits(watchInterval: .milliseconds(100)))
+        let plugin = try WasmPlugin.load(live, limits: WasmLimits(fuelPerCall: 2_000_000_000, calls: PluginCallLimits(deadline: .seconds(60)),
+                                                                  watchInterval: .milliseconds(100)))
         let net = try await Testnet.start(peers: 2, routing: .perfect, plugins: { i in i == 0 ? [plugin] : [] })
         let host = net.nodes[0], caller = net.nodes[1]
         let port = host.address.socket
@@ -167,17 +171,24 @@ struct WasmTests {
         #expect(switched)
         #expect(plugin.generation == 2)
         #expect(host.address.socket == port)
-        // A broken file: the reload fails with a typed error and v2 keeps answering.
+        // A call in flight during a reload finishes on the version it started on (v2); the next
+        // call runs the new one (v1 again).
+        // Over TCP: a UDP request unanswered for a second is sent again, and the copy would be a
+        // second call.
+        let slow = Task { try await call(caller, host, "hostile.slow", Array(Self.slowCount.utf8), transport: .tcp) }
+        #expect(await eventually { plugin.callsInFlight == 1 })
+        try FileManager.default.copyItem(atPath: v1, toPath: staged)
+        #expect(rename(staged, live) == 0)
+        try plugin.reload()
+        #expect(plugin.callsInFlight == 1, "the slow call ended before the reload did")
+        #expect(try await call(caller, host, "hostile.version") == .success("v1"))
+        #expect(try await slow.value == .success("v2 slow"))
+        // A broken file: the reload fails with a typed error and v1 keeps answering.
         try Data("not wasm".utf8).write(to: URL(fileURLWithPath: staged))
         #expect(rename(staged, live) == 0)
         #expect(throws: WasmPluginError.self) { try plugin.reload() }
-        #expect(try await call(caller, host, "hostile.version") == .success("v2"))
-        // Back to v1 by an explicit reload; it reports how long it took.
-        try FileManager.default.removeItem(atPath: live)
-        try FileManager.default.copyItem(atPath: v1, toPath: live)
-        let report = try plugin.reload()
-        #expect(report.generation >= 3)
         #expect(try await call(caller, host, "hostile.version") == .success("v1"))
+        #expect(plugin.generation >= 3)
         await net.shutdown()
     }
 }

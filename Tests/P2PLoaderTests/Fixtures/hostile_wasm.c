@@ -17,6 +17,7 @@ int32_t p2p_plugin_init(void) {
         { "hostile.echo", "echo" }, { "hostile.loop", "loop" }, { "hostile.trap", "trap" }, { "hostile.oob", "oob" },
         { "hostile.grow", "grow" }, { "hostile.big", "big" }, { "hostile.badptr", "badptr" }, { "hostile.version", "version" },
         { "hostile.recurse", "recurse" }, { "hostile.spin_output", "spin_output" }, { "hostile.logspam", "logspam" },
+        { "hostile.slow", "slow" },
     };
     for (unsigned i = 0; i < sizeof names / sizeof names[0]; i++)
         if (reg(names[i][0], names[i][1]) != P2P_OK) return p2p_fail(P2P_ERR_FAILED, names[i][0]);
@@ -74,6 +75,16 @@ P2P_EXPORT("badptr") int32_t badptr(const uint8_t *s, const uint8_t *r, uint32_t
 static uint32_t depth(uint32_t n) { volatile uint8_t frame[256]; frame[0] = (uint8_t)n; return depth(n + 1) + frame[0]; }
 
 P2P_EXPORT("recurse") int32_t recurse(const uint8_t *s, const uint8_t *r, uint32_t n) { (void)s; (void)r; return (int32_t)depth(n); }
+
+/* Counts to the request's number (decimal), then names the build: a call that takes a while. */
+P2P_EXPORT("slow") int32_t slow(const uint8_t *s, const uint8_t *r, uint32_t n) {
+    (void)s;
+    uint32_t count = 0;
+    for (uint32_t i = 0; i < n && r[i] >= '0' && r[i] <= '9'; i++) count = count * 10 + (r[i] - '0');
+    for (uint32_t i = 0; i < count; i++) sink += i;
+    p2p_output(HOSTILE_VERSION " slow", p2p_strlen(HOSTILE_VERSION " slow"));
+    return P2P_OK;
+}
 
 /* Makes the host copy 64 KiB again and again: paid for with fuel, so it ends. */
 P2P_EXPORT("spin_output") int32_t spin_output(const uint8_t *s, const uint8_t *r, uint32_t n) {
