@@ -2,6 +2,7 @@ import Logging
 import NIOConcurrencyHelpers
 import P2PKernel
 import P2PStorage
+import Synchronization
 @_spi(Fuzzing) import WasmKit
 
 /// Thrown by the memory limiter inside a call: the call stops with `memoryLimit`.
@@ -91,7 +92,8 @@ final class WasmInstance: @unchecked Sendable {
     let node = NIOLockedValueBox<Node?>(nil)
     /// Set after a trap, fuel or memory failure: the plugin's memory may be half-updated, so the
     /// next call gets a fresh instance.
-    private(set) var poisoned = false
+    var poisoned: Bool { poisonFlag.load(ordering: .acquiring) }
+    private let poisonFlag = Atomic<Bool>(false)
 
     static let logger = Logger(label: "swiftp2p.wasm")
 
@@ -134,7 +136,10 @@ final class WasmInstance: @unchecked Sendable {
     /// Runs the ABI check and `p2p_init`; returns the registrations.
     func initialize() throws(WasmPluginError) -> WasmRegistrations {
         lock.lock()
-        defer { lock.unlock() }
+        defer {
+            lastMemoryBytes.store(memory.byteCount, ordering: .relaxed)
+            lock.unlock()
+        }
         do {
             store.fuel = Fuel(remaining: limits.fuelForInit)
             let version: Int32
@@ -164,8 +169,10 @@ final class WasmInstance: @unchecked Sendable {
         }
     }
 
-    /// Bytes of linear memory the instance has now.
-    var memoryBytes: Int { lock.withLock { memory.byteCount } }
+    /// Bytes of linear memory the instance had after its last call (read without waiting for a
+    /// call under way).
+    var memoryBytes: Int { lastMemoryBytes.load(ordering: .relaxed) }
+    private let lastMemoryBytes = Atomic<Int>(0)
 
     // MARK: calls
 
@@ -183,7 +190,10 @@ final class WasmInstance: @unchecked Sendable {
     func call(_ export: String, callback: String, segments: [[UInt8]?],
               arguments: ([UInt32?]) -> [Value]) throws(PluginCallError) -> Outcome {
         lock.lock()
-        defer { lock.unlock() }
+        defer {
+            lastMemoryBytes.store(memory.byteCount, ordering: .relaxed)
+            lock.unlock()
+        }
         do {
             guard !poisoned else { throw .unavailable(callback: callback) }
             guard let function = handler(export) else { throw .trapped(callback: callback, reason: "the plugin no longer exports \(export)") }
@@ -224,7 +234,7 @@ final class WasmInstance: @unchecked Sendable {
             } catch let e as PluginCallError {
                 throw e
             } catch {
-                poisoned = true
+                poisonFlag.store(true, ordering: .releasing)
                 throw classify(error, callback: callback, budget: budget)
             }
         }

@@ -234,11 +234,18 @@ public final class WasmPlugin: Plugin, @unchecked Sendable {
         guard let name = export(generation.registrations) else {
             throw .trapped(callback: callback, reason: "version \(generation.number) of the plugin no longer registers it")
         }
-        let instance = try freshInstance(generation, callback: callback)
+        var instance = try freshInstance(generation, callback: callback)
         running.add(1, ordering: .relaxed)
         defer { running.subtract(1, ordering: .relaxed) }
         do {
-            let outcome = try instance.call(name, callback: callback, segments: segments, arguments: arguments)
+            let outcome: WasmInstance.Outcome
+            do {
+                outcome = try instance.call(name, callback: callback, segments: segments, arguments: arguments)
+            } catch .unavailable(_) where instance.poisoned {
+                // Another call broke the instance while this one waited for it: once more, fresh.
+                instance = try freshInstance(generation, callback: callback)
+                outcome = try instance.call(name, callback: callback, segments: segments, arguments: arguments)
+            }
             stats.withLockedValue {
                 $0.calls += 1
                 $0.fuel &+= outcome.fuel
