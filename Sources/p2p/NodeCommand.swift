@@ -227,7 +227,9 @@ struct NodeCommand: AsyncParsableCommand {
         }
         var groupConfig = ServiceGroupConfiguration(services: services, logger: Logger(label: "swiftp2p.lifecycle", factory: { _ in SwiftLogNoOpLogHandler() }))
         groupConfig.maximumGracefulShutdownDuration = .milliseconds(Int64(timeout * 1000))
-        groupConfig.maximumCancellationDuration = .seconds(2)
+        // No cancellation bound in the group: it would end the process with a fatal error at the
+        // same moment as the watchdog below (timeout + 2 s), which exits 1 saying why.
+        groupConfig.maximumCancellationDuration = nil
         let group = ServiceGroup(configuration: groupConfig)
         // The first SIGTERM or SIGINT stops the group gracefully (the node leaves, then the HTTP
         // servers close), within the timeout; a second one while it leaves stops the process at
@@ -257,8 +259,9 @@ struct NodeCommand: AsyncParsableCommand {
                     await group.triggerGracefulShutdown()
                     // The group cancels what is still running at the timeout, but cancellation
                     // cannot interrupt a plugin blocked in its own code: the bound is kept here.
-                    Task {
-                        try await Task.sleep(for: .milliseconds(Int64(timeout * 1000)) + .seconds(2))
+                    // On a Dispatch thread, not a task: a plugin blocked in its shutdown may hold
+                    // a thread of the (small) cooperative pool.
+                    DispatchQueue.global().asyncAfter(deadline: .now() + timeout + 2) {
                         say("stopping took longer than \(timeout) s: stopping at once")
                         Foundation.exit(1)
                     }
