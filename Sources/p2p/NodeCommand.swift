@@ -155,6 +155,9 @@ struct NodeCommand: AsyncParsableCommand {
             // first node of an overlay has nobody to ask and is taken as reachable.
             if !seeds.isEmpty { builder = builder.flags([.firewalledUDP, .firewalledTCP]) }
         }
+        // Signals are trapped before the node starts (and before "listening on" is printed), so a
+        // SIGTERM at any moment after — during the rejoin too — is a graceful stop.
+        let signals = await UnixSignalsSequence(trapping: [.sigterm, .sigint, .sighup])
         let node = try await startNode(builder.host(host).port(port).networkID(networkID).plugins(list).plugins(loaded, optional: true))
         node.registry.subscribe { event in
             if case .reachabilityChanged(let report) = event { say(report.summary) }
@@ -178,9 +181,6 @@ struct NodeCommand: AsyncParsableCommand {
             guard let suppressed = budget.take() else { return }
             say(suppressed > 0 ? "\(line) (\(suppressed) more peer events not shown)" : line)
         }
-        // Signals are trapped before anything slow runs, so a SIGTERM during the rejoin is a
-        // graceful stop too.
-        let signals = await UnixSignalsSequence(trapping: [.sigterm, .sigint, .sighup])
         let saved = (try? sqlite?.savedPeers()) ?? []
         if !saved.isEmpty {
             do {
