@@ -16,7 +16,7 @@ struct LoadedCommand: CommandHandler, @unchecked Sendable {
         let future = bounded.call(requestBytes: bytes.count, on: context.eventLoop, resultBytes: { $0.1.count }) {
             call(fn, user: user.pointer, sender: sender, request: bytes)
         }
-        return .future(future.map { code, out in Reply(replyType(code), payload: [.bytes(out)]) }
+        return .future(future.map { code, out in Reply(PluginResultCode.replyType(code), payload: [.bytes(out)]) }
             .flatMapErrorThrowing { error in
                 guard let e = error as? PluginCallError else { throw error }
                 return e.reply
@@ -118,53 +118,11 @@ struct LoadedScheme: EvaluationScheme, @unchecked Sendable {
     let user: UnsafeMutableRawPointer?
 
     func evaluate(_ answers: [PeerAnswer]) -> [Number640: [UInt8]] {
-        var input: [UInt8] = []
-        append(UInt32(answers.count), to: &input)
-        for a in answers {
-            input += a.peer.id.bytes
-            append(UInt32(a.entries.count), to: &input)
-            for (k, v) in a.entries.sorted(by: { $0.key < $1.key }) { appendEntry(k, v, to: &input) }
-        }
+        let input = SchemeEncoding.encode(answers)
         var out = p2p_bytes(data: nil, len: 0)
         let code = withSlice(input) { fn(user, $0, &out) }
         let bytes = take(&out)
         guard code == ABI.ok else { return [:] }
-        return (try? decodeEntries(bytes)) ?? [:]
+        return (try? SchemeEncoding.decodeEntries(bytes)) ?? [:]
     }
-}
-
-func append(_ v: UInt32, to out: inout [UInt8]) {
-    out += [UInt8(v >> 24), UInt8(v >> 16 & 0xFF), UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF)]
-}
-
-func appendEntry(_ k: Number640, _ v: [UInt8], to out: inout [UInt8]) {
-    out += k.location.bytes + k.domain.bytes + k.content.bytes + k.version.bytes
-    append(UInt32(v.count), to: &out)
-    out += v
-}
-
-/// Reads `u32 count, count × (80-byte key, u32 length, bytes)`; every length is checked.
-func decodeEntries(_ bytes: [UInt8]) throws -> [Number640: [UInt8]] {
-    var at = 0
-    func u32() throws -> Int {
-        guard at + 4 <= bytes.count else { throw LoadedPluginError.malformedOutput("truncated at byte \(at)") }
-        defer { at += 4 }
-        return Int(bytes[at]) << 24 | Int(bytes[at + 1]) << 16 | Int(bytes[at + 2]) << 8 | Int(bytes[at + 3])
-    }
-    func key160() throws -> Number160 {
-        guard at + 20 <= bytes.count, let n = Number160(bytes: bytes[at..<at + 20]) else { throw LoadedPluginError.malformedOutput("truncated key") }
-        at += 20
-        return n
-    }
-    let count = try u32()
-    guard count <= bytes.count / 84 else { throw LoadedPluginError.malformedOutput("\(count) entries in \(bytes.count) bytes") }
-    var out: [Number640: [UInt8]] = [:]
-    for _ in 0..<count {
-        let key = Number640(location: try key160(), domain: try key160(), content: try key160(), version: try key160())
-        let len = try u32()
-        guard at + len <= bytes.count else { throw LoadedPluginError.malformedOutput("value of \(len) bytes past the end") }
-        out[key] = Array(bytes[at..<at + len])
-        at += len
-    }
-    return out
 }

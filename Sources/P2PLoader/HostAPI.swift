@@ -129,13 +129,7 @@ enum HostAPI {
         case .success(let reply):
             completion(ABI.ok, reply)
         case .failure(let error):
-            let code: Int32 = switch error as? RPCError {
-            case .denied?: ABI.denied
-            case .notFound?, .unknownCommand?: ABI.notFound
-            case .badRequest?: ABI.badRequest
-            default: ABI.failed
-            }
-            completion(code, Array("\(error)".utf8))
+            completion(PluginResultCode.code(for: error), Array("\(error)".utf8))
         }
     }
 }

@@ -124,14 +124,3 @@ enum ABI {
     static let badRequest = Int32(P2P_ERR_BAD_REQUEST)
     static let failed = Int32(P2P_ERR_FAILED)
 }
-
-/// The reply type a plugin's result code stands for.
-func replyType(_ code: Int32) -> MessageType {
-    switch code {
-    case ABI.ok: .ok
-    case ABI.denied: .denied
-    case ABI.notFound: .notFound
-    case ABI.badRequest: .badRequest
-    default: .exception
-    }
-}

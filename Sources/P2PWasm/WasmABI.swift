@@ -13,11 +13,11 @@ public enum WasmABI {
     public static let version: Int32 = 1
 
     /// Result codes, the same as the C ABI's.
-    public static let ok: Int32 = 0
-    public static let denied: Int32 = 1
-    public static let notFound: Int32 = 2
-    public static let badRequest: Int32 = 3
-    public static let failed: Int32 = 4
+    public static let ok = PluginResultCode.ok
+    public static let denied = PluginResultCode.denied
+    public static let notFound = PluginResultCode.notFound
+    public static let badRequest = PluginResultCode.badRequest
+    public static let failed = PluginResultCode.failed
 
     /// The exports every plugin has, with their types.
     static let requiredExports: [(String, FunctionType)] = [

@@ -28,22 +28,11 @@ struct WasmCommand: CommandHandler {
             }
         }
         return .future(future.map { outcome in
-            Reply(replyType(outcome.code), payload: [.bytes(outcome.output ?? [])])
+            Reply(PluginResultCode.replyType(outcome.code), payload: [.bytes(outcome.output ?? [])])
         }.flatMapErrorThrowing { error in
             guard let e = error as? PluginCallError else { throw error }
             return e.reply
         })
-    }
-}
-
-/// The reply type a plugin's result code stands for.
-func replyType(_ code: Int32) -> MessageType {
-    switch code {
-    case WasmABI.ok: .ok
-    case WasmABI.denied: .denied
-    case WasmABI.notFound: .notFound
-    case WasmABI.badRequest: .badRequest
-    default: .exception
     }
 }
 
@@ -117,53 +106,12 @@ struct WasmScheme: EvaluationScheme {
     static let maxInputBytes = 4 << 20
 
     func evaluate(_ answers: [PeerAnswer]) -> [Number640: [UInt8]] {
-        var input: [UInt8] = []
-        put(UInt32(answers.count), &input)
-        for a in answers {
-            input += a.peer.id.bytes
-            put(UInt32(a.entries.count), &input)
-            for (k, v) in a.entries.sorted(by: { $0.key < $1.key }) {
-                input += k.location.bytes + k.domain.bytes + k.content.bytes + k.version.bytes
-                put(UInt32(v.count), &input)
-                input += v
-            }
-        }
+        let input = SchemeEncoding.encode(answers)
         guard input.count <= WasmScheme.maxInputBytes else { return [:] }
         let name = self.name, count = UInt32(input.count)
         guard let outcome = try? plugin.invoke({ $0.schemes[name] }, callback: "scheme \(name)", segments: [input], arguments: { a in
             [.i32(a[0] ?? 0), .i32(count)]
         }), outcome.code == WasmABI.ok else { return [:] }
-        return (try? decodeEntries(outcome.output ?? [])) ?? [:]
+        return (try? SchemeEncoding.decodeEntries(outcome.output ?? [])) ?? [:]
     }
-
-    private func put(_ v: UInt32, _ out: inout [UInt8]) {
-        out += [UInt8(v >> 24), UInt8(v >> 16 & 0xFF), UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF)]
-    }
-}
-
-/// Reads `u32 count, count × (80-byte key, u32 length, bytes)`; every length is checked.
-func decodeEntries(_ bytes: [UInt8]) throws -> [Number640: [UInt8]] {
-    struct Malformed: Error {}
-    var at = 0
-    func u32() throws -> Int {
-        guard at + 4 <= bytes.count else { throw Malformed() }
-        defer { at += 4 }
-        return Int(bytes[at]) << 24 | Int(bytes[at + 1]) << 16 | Int(bytes[at + 2]) << 8 | Int(bytes[at + 3])
-    }
-    func key160() throws -> Number160 {
-        guard at + 20 <= bytes.count, let n = Number160(bytes: bytes[at..<at + 20]) else { throw Malformed() }
-        at += 20
-        return n
-    }
-    let count = try u32()
-    guard count <= bytes.count / 84 else { throw Malformed() }
-    var out: [Number640: [UInt8]] = [:]
-    for _ in 0..<count {
-        let key = Number640(location: try key160(), domain: try key160(), content: try key160(), version: try key160())
-        let len = try u32()
-        guard at + len <= bytes.count else { throw Malformed() }
-        out[key] = Array(bytes[at..<at + len])
-        at += len
-    }
-    return out
 }

@@ -314,13 +314,7 @@ public final class WasmPlugin: Plugin, @unchecked Sendable {
                 switch result {
                 case .success(let bytes): self.deliver(send.token, WasmABI.ok, bytes, to: instance, node: node)
                 case .failure(let error):
-                    let code: Int32 = switch error as? RPCError {
-                    case .denied?: WasmABI.denied
-                    case .notFound?, .unknownCommand?: WasmABI.notFound
-                    case .badRequest?: WasmABI.badRequest
-                    default: WasmABI.failed
-                    }
-                    self.deliver(send.token, code, Array("\(error)".utf8), to: instance, node: node)
+                    self.deliver(send.token, PluginResultCode.code(for: error), Array("\(error)".utf8), to: instance, node: node)
                 }
             }
         }

@@ -38,6 +38,17 @@ struct InspectCommand: AsyncParsableCommand {
         }
         say("file:          \(file)")
         say("abi version:   \(plugin.abiVersion.map(String.init) ?? "none (a C library bound by its manifest)") (this host: \(PluginLoader.abiVersion))")
+        sayRegistered(plugin, in: registry, replyHandler: "raw")
+        let functions = plugin.functions.map { f in
+            let d = f.declaration
+            return "\(d.command) = \(d.symbol)(\(d.params.map(\.rawValue).joined(separator: ", "))) -> \(d.returns.rawValue)"
+        }
+        say("manifest:      \(functions.isEmpty ? "none" : functions.joined(separator: "; "))")
+        say("limits:        \(describe(plugin.limits))")
+    }
+
+    /// The plugin's name and version and what it registered into `registry`.
+    func sayRegistered(_ plugin: any Plugin, in registry: PluginRegistry, replyHandler: String) {
         say("name:          \(plugin.name)")
         say("version:       \(plugin.version)")
         let commands = registry.commands.names
@@ -49,14 +60,8 @@ struct InspectCommand: AsyncParsableCommand {
             }
         }
         say("interceptors:  \(interceptors.isEmpty ? "none" : interceptors.joined(separator: ", "))")
-        say("reply handler: \(registry.rawReplyHandler == nil ? "none" : "raw")")
+        say("reply handler: \(registry.rawReplyHandler == nil ? "none" : replyHandler)")
         say("schemes:       \(registry.schemeNames.isEmpty ? "none" : registry.schemeNames.joined(separator: ", "))")
-        let functions = plugin.functions.map { f in
-            let d = f.declaration
-            return "\(d.command) = \(d.symbol)(\(d.params.map(\.rawValue).joined(separator: ", "))) -> \(d.returns.rawValue)"
-        }
-        say("manifest:      \(functions.isEmpty ? "none" : functions.joined(separator: "; "))")
-        say("limits:        \(describe(plugin.limits))")
     }
 
     func describe(_ l: PluginCallLimits) -> String {
@@ -77,19 +82,7 @@ struct InspectCommand: AsyncParsableCommand {
         do { try registry.install(plugin) } catch { throw CLIError.failed("plugin \(plugin.name) failed to install: \(error)") }
         say("file:          \(file) (\(module.size) bytes, WebAssembly)")
         say("abi version:   \(WasmABI.version) (this host: \(WasmABI.version))")
-        say("name:          \(plugin.name)")
-        say("version:       \(plugin.version)")
-        let commands = registry.commands.names
-        say("commands:      \(commands.isEmpty ? "none" : commands.map { "\($0) (0x\(String(CommandID.derive(from: $0), radix: 16)))" }.joined(separator: ", "))")
-        let interceptors = registry.interceptors(covering: nil).map { i -> String in
-            switch i.scope {
-            case .all: "all domains"
-            case .domain(let d): "domain \(d)"
-            }
-        }
-        say("interceptors:  \(interceptors.isEmpty ? "none" : interceptors.joined(separator: ", "))")
-        say("reply handler: \(registry.rawReplyHandler == nil ? "none" : "yes")")
-        say("schemes:       \(registry.schemeNames.isEmpty ? "none" : registry.schemeNames.joined(separator: ", "))")
+        sayRegistered(plugin, in: registry, replyHandler: "yes")
         say("imports:       \(module.imports.isEmpty ? "none" : module.imports.joined(separator: ", "))")
         say("exports:       \(module.exports.joined(separator: ", "))")
         let max = module.maximumMemoryPages.map { "\($0 * 64) KiB" } ?? "none"
