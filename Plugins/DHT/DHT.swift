@@ -251,7 +251,8 @@ public struct DHT: Sendable {
     @discardableResult
     public func add(location: Number160, domain: Number160 = .zero, _ value: [UInt8], list: Bool = false,
                     options: DHTOptions = DHTOptions()) async throws -> (key: Number640, result: PutResult) {
-        let content = list ? Number160.random() : Number160(sha1Of: value)
+        var rng = node.random.generator
+        let content = list ? Number160.random(using: &rng) : Number160(sha1Of: value)
         let key = Number640(location: location, domain: domain, content: content)
         return (key, try await put(key, value, options: options))
     }
@@ -431,7 +432,8 @@ public struct DHT: Sendable {
     private func routed(_ location: Number160, _ request: StorageRequest, options: DHTOptions) async throws -> [PeerOutcome] {
         guard node.registry.plugin(DHTPlugin.self) != nil else { throw DHTError.pluginNotInstalled }
         try checkSize(request)
-        let proof = try request.isWrite ? options.signer.map { try WriterProof(signing: request, with: $0) } : nil
+        let signedAt = node.clock.unixMilliseconds
+        let proof = try request.isWrite ? options.signer.map { try WriterProof(signing: request, with: $0, timestampMillis: signedAt) } : nil
         let payload = StorageCodec.encode(request, proof: proof)
         let answers = try await fanOut(location, options: options, remote: { peer in
             node.request(to: peer, command: DHTPlugin.storageCommand, payload: payload).flatMapThrowing { reply in

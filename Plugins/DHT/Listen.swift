@@ -194,7 +194,7 @@ struct ListenCommand: CommandHandler {
             return .reply(.error(.badRequest, "a listen request is keys [location], integer id, integer ttl ≥ 0"))
         }
         guard let state = context.node.registry.listenState else { return .reply(.error(.denied, "no listening here")) }
-        switch state.subscribe(location: keys[0], peer: context.sender, id: UInt64(bitPattern: id), ttlSeconds: ttl, now: StoragePipeline.now()) {
+        switch state.subscribe(location: keys[0], peer: context.sender, id: UInt64(bitPattern: id), ttlSeconds: ttl, now: context.node.clock.uptimeNanoseconds) {
         case .granted(let t): return .reply(Reply(payload: [.integer(t)]))
         case .refused(let why): return .reply(.error(.denied, why))
         }
@@ -238,7 +238,7 @@ extension DHT {
     /// confirm or remove ran on this peer).
     static func notifyListeners(of location: Number160, stored: [Number640], removed: [Number640], node: Node) {
         guard let state = node.registry.listenState, state.hasSubscriptions else { return }
-        let subs = state.subscribers(of: location, now: StoragePipeline.now())
+        let subs = state.subscribers(of: location, now: node.clock.uptimeNanoseconds)
         guard !subs.isEmpty else { return }
         var payload: [Payload] = []
         var events: [ListenEvent] = []
@@ -288,12 +288,12 @@ extension DHT {
             return AsyncThrowingStream { $0.finish(throwing: DHTError.pluginNotInstalled) }
         }
         let (stream, continuation) = AsyncThrowingStream<ListenEvent, any Error>.makeStream(bufferingPolicy: .bufferingNewest(state.limits.bufferedEvents))
-        let id = UInt64.random(in: 1...UInt64.max)
+        let id = max(1, node.random.next())
         let listener = ListenState.Listener(location: location, continuation: continuation, remembered: state.limits.rememberedKeys)
         state.add(listener, id: id)
         let seconds = max(3, min(ttl.components.seconds, state.limits.maxTTLSeconds))
         let dht = self
-        let task = Task {
+        let task = node.spawn {
             var first = true
             while !Task.isCancelled {
                 let granted = await dht.subscribe(location, id: id, ttlSeconds: seconds, listener: listener, options: options)
@@ -302,7 +302,7 @@ extension DHT {
                     return
                 }
                 first = false
-                try? await Task.sleep(for: .seconds(seconds) / 3)
+                try? await node.clock.sleep(for: .seconds(seconds) / 3)
             }
         }
         continuation.onTermination = { _ in
@@ -315,7 +315,7 @@ extension DHT {
                                  payload: [.keys([location]), .integer(Int64(bitPattern: id)), .integer(0)])
             }
             if peers.contains(node.peerID) {
-                _ = state.subscribe(location: location, peer: node.address, id: id, ttlSeconds: 0, now: StoragePipeline.now())
+                _ = state.subscribe(location: location, peer: node.address, id: id, ttlSeconds: 0, now: node.clock.uptimeNanoseconds)
             }
         }
         return stream
@@ -335,7 +335,7 @@ extension DHT {
         }, local: {
             listener.peers.withLockedValue { _ = $0.insert(node.peerID) }
             guard let state = node.registry.listenState else { return node.eventLoop.makeFailedFuture(DHTError.pluginNotInstalled) }
-            switch state.subscribe(location: location, peer: node.address, id: id, ttlSeconds: ttlSeconds, now: StoragePipeline.now()) {
+            switch state.subscribe(location: location, peer: node.address, id: id, ttlSeconds: ttlSeconds, now: node.clock.uptimeNanoseconds) {
             case .granted: return node.eventLoop.makeSucceededVoidFuture()
             case .refused(let why): return node.eventLoop.makeFailedFuture(DHTError.notListening(why))
             }

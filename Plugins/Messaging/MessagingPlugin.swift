@@ -78,7 +78,7 @@ struct ObjectCommand: CommandHandler {
         }
         let sender = context.sender
         let body = sections[1]
-        return .future(context.eventLoop.makeFutureWithTask {
+        return .future(context.node.makeFutureWithTask {
             do {
                 return Reply(payload: [.bytes(try await handler.reply(json: body, from: sender))])
             } catch let e as ObjectMessageError {

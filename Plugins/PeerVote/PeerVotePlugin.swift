@@ -47,7 +47,7 @@ public struct VoteCounter: StorageInterceptor {
 
     public func intercept(_ request: StorageRequest, context: StorageContext, next: StorageNext) async throws -> StorageResult {
         guard case .put(let entries, let mode) = request else { return try await next(request) }
-        let current = try context.backend.execute(.get(.keys(Array(entries.keys))), now: StoragePipeline.now())
+        let current = try context.backend.execute(.get(.keys(Array(entries.keys))), now: context.now)
         guard case .values(let stored, _) = current else { return try await next(request) }
         var summed: [Number640: StoredValue] = [:]
         for (key, vote) in entries {

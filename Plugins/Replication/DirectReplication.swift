@@ -1,4 +1,5 @@
 import NIOConcurrencyHelpers
+import NIOCore
 import P2PDHT
 import P2PKernel
 import P2PStorage
@@ -30,7 +31,8 @@ public final class DirectReplication: ReplicationPolicy, Sendable {
         var value: [UInt8]
         var options: DHTOptions
         var every: Duration
-        var due: ContinuousClock.Instant
+        /// On the node's clock (virtual on the simulated network).
+        var due: NIODeadline
         /// Removes left to send (a publication being removed), nil while it is published.
         var removesLeft: Int?
     }
@@ -63,7 +65,7 @@ public final class DirectReplication: ReplicationPolicy, Sendable {
         guard every > .zero, ttl > every else { throw PublishError.intervalNotBelowTTL }
         var o = options
         o.ttl = ttl
-        let publication = Publication(value: value, options: o, every: every, due: .now + every, removesLeft: nil)
+        let publication = Publication(value: value, options: o, every: every, due: node.clock.now + TimeAmount(every), removesLeft: nil)
         let admitted: Bool = table.withLockedValue { t in
             guard t[key] != nil || t.count < maxPublications else { return false }
             t[key] = publication
@@ -86,7 +88,7 @@ public final class DirectReplication: ReplicationPolicy, Sendable {
         let options: DHTOptions = table.withLockedValue { t in
             guard var p = t[key] else { return DHTOptions() }
             p.removesLeft = removeRepeats - 1
-            p.due = .now + p.every
+            p.due = node.clock.now + TimeAmount(p.every)
             t[key] = p.removesLeft == 0 ? nil : p
             return p.options
         }
@@ -104,7 +106,7 @@ public final class DirectReplication: ReplicationPolicy, Sendable {
         let first = running.withLockedValue { r in defer { r = true }; return !r }
         guard first else { return }
         defer { running.withLockedValue { $0 = false } }
-        let now = ContinuousClock.now
+        let now = context.node.clock.now
         let due: [(Number640, Publication)] = table.withLockedValue { t in
             var out: [(Number640, Publication)] = []
             // At most 256 a tick; the rest stay due for the next one.
@@ -112,7 +114,7 @@ public final class DirectReplication: ReplicationPolicy, Sendable {
                 guard out.count < 256 else { break }
                 out.append((k, p))
                 var next = p
-                next.due = now + p.every
+                next.due = now + TimeAmount(p.every)
                 if let left = p.removesLeft {
                     next.removesLeft = left - 1
                     if left - 1 <= 0 {

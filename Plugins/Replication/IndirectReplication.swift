@@ -71,9 +71,9 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
     public var stats: ReplicationStats { state.withLockedValue { $0.stats } }
 
     /// A removal is remembered at once, before any replica in flight can land.
-    public func record(_ event: ReplicationEvent) {
+    public func record(_ event: ReplicationEvent, context: ReplicationContext) {
         guard case .dataRemoved(let keys) = event else { return }
-        let until = StoragePipeline.now() + UInt64(tombstoneLifetime.components.seconds) * 1_000_000_000
+        let until = context.node.clock.uptimeNanoseconds + UInt64(tombstoneLifetime.components.seconds) * 1_000_000_000
         state.withLockedValue { s in
             for k in keys {
                 s.tombstones[k] = until
@@ -119,9 +119,8 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
     }
 
     /// Whether a key was removed here lately (an offer of it is not taken).
-    func isTombstoned(_ key: Number640) -> Bool {
-        let now = StoragePipeline.now()
-        return state.withLockedValue { s in
+    func isTombstoned(_ key: Number640, now: UInt64) -> Bool {
+        state.withLockedValue { s in
             guard let until = s.tombstones[key] else { return false }
             if until > now { return true }
             s.tombstones[key] = nil
@@ -230,7 +229,7 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
         var pages = 0
         while let q = query, pages < 64 {
             pages += 1
-            guard case .values(let values, let resume)? = try? backend.execute(.get(q), now: StoragePipeline.now()), !values.isEmpty else { return true }
+            guard case .values(let values, let resume)? = try? backend.execute(.get(q), now: node.clock.uptimeNanoseconds), !values.isEmpty else { return true }
             query = resume.flatMap { q.resuming(after: $0) }
             let keys = values.keys.sorted()
             guard let reply = try? await node.request(to: peer, command: ReplicationOfferCommand.commandName, payload: [.keys640(keys)]),
@@ -271,7 +270,7 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
 
     /// Sends values as a plain put, within the peer's byte budget; false when over it.
     private func send(_ values: [Number640: StoredValue], bytes: Int, to peer: PeerAddress, node: Node) async -> Bool {
-        let second = StoragePipeline.now() / 1_000_000_000
+        let second = node.clock.uptimeNanoseconds / 1_000_000_000
         let allowed: Bool = state.withLockedValue { s in
             var b = s.budget[peer.id] ?? (second, 0)
             if b.second != second { b = (second, 0) }

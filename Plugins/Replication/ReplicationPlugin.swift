@@ -94,12 +94,13 @@ struct ReplicationOfferCommand: CommandHandler {
         }
         guard let backend = context.node.registry.storageBackend else { return .reply(.error(.denied, "no storage here")) }
         let held: Set<Number640>
-        if case .digest(let d)? = try? backend.execute(.digest(.keys(keys)), now: StoragePipeline.now()) {
+        let now = context.node.clock.uptimeNanoseconds
+        if case .digest(let d)? = try? backend.execute(.digest(.keys(keys)), now: now) {
             held = Set(d.keys)
         } else {
             held = []
         }
-        let wanted = keys.filter { !held.contains($0) && !policy.isTombstoned($0) }
+        let wanted = keys.filter { !held.contains($0) && !policy.isTombstoned($0, now: now) }
         return .reply(Reply(payload: [.keys640(wanted)]))
     }
 }
@@ -122,7 +123,8 @@ struct ReplicationPushCommand: CommandHandler {
         guard case .put(let entries, let mode)? = try? StorageCodec.decodeSignedRequest(request.payload, maxEntries: node.storage.limits.maxEntriesPerRequest).request else {
             return .reply(.error(.badRequest, "a push is one put of at most \(node.storage.limits.maxEntriesPerRequest) values"))
         }
-        let kept = entries.filter { !policy.isTombstoned($0.key) }
+        let now = node.clock.uptimeNanoseconds
+        let kept = entries.filter { !policy.isTombstoned($0.key, now: now) }
         guard !kept.isEmpty else { return .reply(Reply(payload: StorageCodec.encode(.statuses([:])))) }
         var forwarded = request
         forwarded.payload = StorageCodec.encode(.put(kept, mode: mode.subtracting(.protectDomain)))

@@ -215,9 +215,10 @@ public final class TrackerAnnouncement: Sendable {
     func run(tracker: Tracker, attachment: [UInt8], every: Duration, service: TrackerService) {
         let key = self.key
         let every = max(.seconds(1), every)
-        let task = Task { [self] in
+        let node = tracker.node
+        let task = node.spawn { [self] in
             while !Task.isCancelled {
-                do { try await Task.sleep(for: every) } catch { break }
+                do { try await node.clock.sleep(for: every) } catch { break }
                 do {
                     let result = try await tracker.add(key, attachment: attachment)
                     state.withLockedValue { s in s.refreshes += 1; s.last = result; s.lastError = nil }

@@ -144,10 +144,11 @@ public final class TrackerService: Sendable {
 
     /// One exchange round: for a few keys, push some entries to one other tracker of the key.
     func exchange(_ node: Node) {
-        let keys = store.keys.shuffled().prefix(config.pexKeysPerRound)
+        var rng = node.random.generator
+        let keys = store.keys.shuffled(using: &rng).prefix(config.pexKeysPerRound)
         for key in keys {
             let others = node.peerMap.closest(to: key, count: config.replicas).filter { $0.id != node.peerID }
-            guard let to = others.randomElement() else { continue }
+            guard let to = others.randomElement(using: &rng) else { continue }
             let entries = store.sample(key: key, limit: config.maxPeersPerMessage).filter { $0.0.id != to.id }
             guard !entries.isEmpty else { continue }
             count { $0.pexSent += 1 }
@@ -212,15 +213,15 @@ public final class TrackerService: Sendable {
             return out
         }
         for p in batch {
-            let queuedAt = NIODeadline.now()
-            Task { [self] in
+            let queuedAt = node.clock.now
+            node.spawn { [self] in
                 let ok = (try? await node.ping(p.peer.peer.socket))?.id == p.peer.id
                 state.withLockedValue { s in
                     s.verifying -= 1
                     if ok { s.stats.verificationsPassed += 1 } else { s.stats.verificationsFailed += 1 }
                 }
                 if ok {
-                    let spent = (NIODeadline.now() - queuedAt).nanoseconds / 1_000_000_000
+                    let spent = (node.clock.now - queuedAt).nanoseconds / 1_000_000_000
                     let left = max(0, Int64(p.seconds) - spent)
                     if left > 0 { _ = store.add(key: p.key, peer: p.peer.peer, attachment: p.peer.attachment, firstHand: false, ttl: .seconds(left)) }
                 }

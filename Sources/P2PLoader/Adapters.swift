@@ -83,7 +83,7 @@ struct LoadedPutInterceptor: StorageInterceptor, @unchecked Sendable {
         }
         let keys = entries.keys.filter(covered)
         guard !keys.isEmpty else { return try await next(request) }
-        guard case .values(let current, _) = try context.backend.execute(.get(.keys(keys)), now: StoragePipeline.now()) else {
+        guard case .values(let current, _) = try context.backend.execute(.get(.keys(keys)), now: context.now) else {
             return try await next(request)
         }
         var changed = entries

@@ -66,21 +66,21 @@ enum HostAPI {
                 return HostAPI.registering(c) { try registry.register(scheme: LoadedScheme(name: String(cString: name), fn: fn, user: user)) }
             },
             storage_get: { ctx, key, out in
-                guard let c = HostContext.from(ctx), let backend = c.node?.registry.storageBackend else { return ABI.failed }
+                guard let c = HostContext.from(ctx), let node = c.node, let backend = node.registry.storageBackend else { return ABI.failed }
                 guard let key, let out else { return ABI.badRequest }
                 let k = key.pointee.number
-                guard case .values(let v, _)? = try? backend.execute(.get(.keys([k])), now: StoragePipeline.now()), let value = v[k] else {
+                guard case .values(let v, _)? = try? backend.execute(.get(.keys([k])), now: node.clock.uptimeNanoseconds), let value = v[k] else {
                     return ABI.notFound
                 }
                 out.pointee = hostAllocated(value.value)
                 return ABI.ok
             },
             storage_put: { ctx, key, value, ttl in
-                guard let c = HostContext.from(ctx), let backend = c.node?.registry.storageBackend else { return ABI.failed }
+                guard let c = HostContext.from(ctx), let node = c.node, let backend = node.registry.storageBackend else { return ABI.failed }
                 guard let key else { return ABI.badRequest }
                 let entry = [key.pointee.number: StoredValue(value.array, ttlSeconds: ttl)]
                 do {
-                    _ = try backend.execute(.put(entry, mode: .overwrite), now: StoragePipeline.now())
+                    _ = try backend.execute(.put(entry, mode: .overwrite), now: node.clock.uptimeNanoseconds)
                     return ABI.ok
                 } catch {
                     return ABI.denied

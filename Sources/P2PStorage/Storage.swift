@@ -345,6 +345,10 @@ public struct StorageContext: Sendable {
     public let node: Node
     /// The backend, for reads an interceptor needs (e.g. the current value to add to).
     public let backend: any StorageBackend
+
+    /// The node's uptime clock in nanoseconds, what the backend's TTLs use (virtual on the
+    /// simulated network): pass it to `backend.execute(_:now:)`.
+    public var now: UInt64 { node.clock.uptimeNanoseconds }
 }
 
 /// The rest of the chain after an interceptor.

@@ -63,7 +63,7 @@ extension Node {
         let registry = self.registry
         return registry.withShared(StorageRegistration.self, default: { StorageRegistration() }) { r in
             if let p = r.pipeline { return p }
-            let p = StoragePipeline(registry: registry)
+            let p = StoragePipeline(registry: registry, clock: clock)
             r.pipeline = p
             return p
         }
@@ -101,17 +101,24 @@ public final class StoragePipeline: Sendable {
     public let limits: StorageRequestLimits
     private let proofs: NIOLockedValueBox<ProofMemory>
     private let sweeper = NIOLockedValueBox<RepeatedTask?>(nil)
+    /// The node's clock (virtual on the simulated network); nil: the machine's.
+    private let clock: NodeClock?
 
     /// A pipeline over a registry's backend and interceptors (a node makes its own: `node.storage`).
-    public init(registry: PluginRegistry, limits: StorageRequestLimits = StorageRequestLimits()) {
+    public init(registry: PluginRegistry, limits: StorageRequestLimits = StorageRequestLimits(), clock: NodeClock? = nil) {
         self.registry = registry
         self.limits = limits
+        self.clock = clock
         self.gate = AsyncGate(maxWaiting: limits.maxInterceptorQueue)
         self.proofs = NIOLockedValueBox(ProofMemory(capacity: limits.rememberedProofs))
     }
 
-    /// The uptime clock storage uses for TTLs.
+    /// The machine's uptime clock, in nanoseconds (a node's own storage reads its node's clock:
+    /// `StorageContext.now`).
     public static func now() -> UInt64 { NIODeadline.now().uptimeNanoseconds }
+
+    /// The uptime clock this pipeline's TTLs use: its node's.
+    public func now() -> UInt64 { clock?.uptimeNanoseconds ?? Self.now() }
 
     /// Checks what a request claims before anything runs: its shape, every value signature, and
     /// the writer proof (signature, time window, replay). Returns the proven writer.
@@ -151,7 +158,7 @@ public final class StoragePipeline: Sendable {
             guard signatures < limits.maxSignaturesPerRequest else {
                 throw .denied("more than \(limits.maxSignaturesPerRequest) signatures in one request")
             }
-            let now = WriterProof.nowMillis()
+            let now = clock?.unixMilliseconds ?? WriterProof.nowMillis()
             let skew = now > proof.timestampMillis ? now - proof.timestampMillis : proof.timestampMillis - now
             guard skew <= limits.proofWindowMillis else {
                 throw .badWriterProof("signed \(skew / 1000) s \(now > proof.timestampMillis ? "ago" : "ahead"), outside this peer's window of \(limits.proofWindowMillis / 1000) s")
@@ -180,7 +187,7 @@ public final class StoragePipeline: Sendable {
     private func direct(_ request: StorageRequest, proof: WriterProof?, sender: Number160?, backend: any StorageBackend) -> Result<StorageResult, StorageError> {
         Result { () throws(StorageError) -> StorageResult in
             let writer = try admit(request, proof: proof, sender: sender)
-            return try backend.execute(request, writer: writer, now: Self.now())
+            return try backend.execute(request, writer: writer, now: now())
         }
     }
 
@@ -202,7 +209,7 @@ public final class StoragePipeline: Sendable {
         let chain = Self.interceptors(registration, for: request)
         let mark = backend.durabilityMark()
         guard !chain.isEmpty else {
-            let result = try backend.execute(request, writer: writer, now: Self.now())
+            let result = try backend.execute(request, writer: writer, now: now())
             try await Self.durable(request, backend, since: mark)
             return result
         }
@@ -228,7 +235,7 @@ public final class StoragePipeline: Sendable {
         let registration = registry.shared(StorageRegistration.self)
         guard let backend = registration?.backend else { return node.eventLoop.makeFailedFuture(StorageError.noBackend) }
         guard Self.interceptors(registration, for: request).isEmpty else {
-            return node.eventLoop.makeFutureWithTask { try await self.execute(request, proof: proof, sender: sender, node: node) }
+            return node.makeFutureWithTask { try await self.execute(request, proof: proof, sender: sender, node: node) }
         }
         let deferred = request.isWrite && backend.defersDurability
         let mark = deferred ? backend.durabilityMark() : 0
@@ -247,8 +254,9 @@ public final class StoragePipeline: Sendable {
     public func startSweeping(node: Node, every interval: Duration = .seconds(1)) {
         let registry = self.registry
         let t = TimeAmount(interval)
+        let clock = node.clock
         let task = node.eventLoop.scheduleRepeatedTask(initialDelay: t, delay: t) { _ in
-            _ = registry.storageBackend?.sweepExpired(now: StoragePipeline.now())
+            _ = registry.storageBackend?.sweepExpired(now: clock.uptimeNanoseconds)
         }
         sweeper.withLockedValue { old in
             old?.cancel()
@@ -257,8 +265,8 @@ public final class StoragePipeline: Sendable {
     }
 
     /// One sweep of the backend (what the repeated task runs): how many values it removed.
-    public func sweepOnce(now: UInt64 = StoragePipeline.now()) -> Int {
-        registry.storageBackend?.sweepExpired(now: now) ?? 0
+    public func sweepOnce(now: UInt64? = nil) -> Int {
+        registry.storageBackend?.sweepExpired(now: now ?? self.now()) ?? 0
     }
 
     /// Reports what the backend holds: `p2p_storage_entries` and `p2p_storage_bytes` gauges (when
@@ -291,7 +299,7 @@ public final class StoragePipeline: Sendable {
 
     private func run(_ request: StorageRequest, _ chain: ArraySlice<any StorageInterceptor>, context: StorageContext,
                      backend: any StorageBackend) async throws -> StorageResult {
-        guard let first = chain.first else { return try backend.execute(request, writer: context.writer, now: Self.now()) }
+        guard let first = chain.first else { return try backend.execute(request, writer: context.writer, now: now()) }
         let rest = chain.dropFirst()
         return try await first.intercept(request, context: context) { next in
             try await self.run(next, rest, context: context, backend: backend)

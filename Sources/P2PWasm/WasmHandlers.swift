@@ -71,7 +71,7 @@ struct WasmInterceptor: StorageInterceptor {
             return true
         }
         guard !keys.isEmpty else { return try await next(request) }
-        guard case .values(let current, _) = try context.backend.execute(.get(.keys(keys)), now: StoragePipeline.now()) else {
+        guard case .values(let current, _) = try context.backend.execute(.get(.keys(keys)), now: context.now) else {
             return try await next(request)
         }
         var changed = entries

@@ -404,9 +404,10 @@ final class WasmInstance: @unchecked Sendable {
         define("storage_get") { me, a in
             try me.charge(Int(a[2].i32))
             me.storageOperations += 1
-            guard me.inCall, me.storageOperations <= Self.storageOperationsPerCall, let backend = me.node.withLockedValue({ $0 })?.registry.storageBackend else { return i32(-WasmABI.failed) }
+            guard me.inCall, me.storageOperations <= Self.storageOperationsPerCall, let node = me.node.withLockedValue({ $0 }),
+                  let backend = node.registry.storageBackend else { return i32(-WasmABI.failed) }
             let key = try me.key640(a[0].i32)
-            guard case .values(let v, _)? = try? backend.execute(.get(.keys([key])), now: StoragePipeline.now()), let value = v[key] else {
+            guard case .values(let v, _)? = try? backend.execute(.get(.keys([key])), now: node.clock.uptimeNanoseconds), let value = v[key] else {
                 return i32(-WasmABI.notFound)
             }
             let bytes = value.value
@@ -417,11 +418,12 @@ final class WasmInstance: @unchecked Sendable {
         define("storage_put") { me, a in
             try me.charge(Int(a[2].i32))
             me.storageOperations += 1
-            guard me.inCall, me.storageOperations <= Self.storageOperationsPerCall, let backend = me.node.withLockedValue({ $0 })?.registry.storageBackend else { return i32(WasmABI.failed) }
+            guard me.inCall, me.storageOperations <= Self.storageOperationsPerCall, let node = me.node.withLockedValue({ $0 }),
+                  let backend = node.registry.storageBackend else { return i32(WasmABI.failed) }
             let key = try me.key640(a[0].i32)
             let value = try me.read(a[1].i32, a[2].i32, max: me.limits.calls.maxResultBytes)
             do {
-                _ = try backend.execute(.put([key: StoredValue(value, ttlSeconds: a[3].i32)], mode: .overwrite), now: StoragePipeline.now())
+                _ = try backend.execute(.put([key: StoredValue(value, ttlSeconds: a[3].i32)], mode: .overwrite), now: node.clock.uptimeNanoseconds)
                 return i32(WasmABI.ok)
             } catch {
                 return i32(WasmABI.denied)

@@ -1,5 +1,4 @@
 import NIOCore
-import NIOPosix
 
 /// Hole punching: a direct path between two relayed peers, both behind NATs, agreed through the
 /// relays they already use (so no other rendezvous is needed).
@@ -89,8 +88,8 @@ public struct DirectPath: Sendable, Equatable, CustomStringConvertible {
 /// A punched UDP path: the birthday socket it leaves on (nil: the node's own socket, whichever
 /// that is now — it is bound again if it ever closes) and the peer's address.
 struct UDPPath {
-    let socket: (any Channel)?
-    let address: SocketAddress
+    let socket: (any DatagramSocket)?
+    let address: Endpoint
     /// When a datagram last came from `address` (coarse seconds).
     var heard: UInt32
 }
@@ -103,15 +102,15 @@ struct Punch {
     let theirs: PunchClass
     /// The peer's IP with its claimed ports (UDP nil while unknown or when it is symmetric; TCP
     /// only when both sides are consistent).
-    var udpTarget: SocketAddress?
-    var tcpTarget: SocketAddress?
+    var udpTarget: Endpoint?
+    var tcpTarget: Endpoint?
     let created: NIODeadline
     var started: NIODeadline?
     var udpDone = false
     var tcpDone = false
     var sent = 0
     var tcpAttempts = 0
-    var sockets: [any Channel] = []
+    var sockets: [any DatagramSocket] = []
     var expiry: Scheduled<Void>?
     var spray: RepeatedTask?
 
@@ -174,7 +173,7 @@ extension Node {
     /// fails in the kernel, which would close the UDP socket), and loopback only for a node on
     /// loopback.
     func punchable(_ ip: IPAddress) -> Bool {
-        ip.isUnicast && (ip.isV4 || !udpFamilyIsV4) && (!ip.isLoopback || boundToLoopback)
+        ip.isUnicast && (ip.isV4 || !transport.isIPv4) && (!ip.isLoopback || boundToLoopback)
     }
 
     // MARK: beginning (the initiator)
@@ -198,11 +197,11 @@ extension Node {
         repeat { fresh = UInt64(randomIDs.next()) << 32 | UInt64(randomIDs.next()) } while fresh == 0 || punches[fresh] != nil
         let nonce = fresh
         notePunch(peer.id, ip: peer.ip, answering: false)
-        punches[nonce] = Punch(peer: peer, initiator: true, mine: mine, theirs: theirs, created: .now())
+        punches[nonce] = Punch(peer: peer, initiator: true, mine: mine, theirs: theirs, created: clock.now)
         punches[nonce]?.udpDone = haveUDP
         punchByPeer[peer.id] = nonce
         expirePunch(nonce, in: config.nat.punchBudget * 2)
-        let sent = NIODeadline.now()
+        let sent = clock.now
         let connect: [Payload] = [.integer(0), .integer(Int64(bitPattern: nonce)), .integer(mine.rawValue),
                                   .integer(Int64(ports.udp)), .integer(Int64(ports.tcp))]
         let command = kernelCommands.punch
@@ -230,7 +229,7 @@ extension Node {
             }
             (p.udpTarget, p.tcpTarget) = Node.punchTargets(ip: peer.ip, mine: mine, theirs: theirs, udp: udp, tcp: tcp)
             punches[nonce] = p
-            let rtt = NIODeadline.now() - sent
+            let rtt = clock.now - sent
             let sync: [Payload] = [.integer(1), .integer(Int64(bitPattern: nonce))]
             requestOnLoop(target: peer.socket, expectedID: peer.id, command: command, payload: sync, transport: .udp,
                           timeout: config.nat.punchBudget).whenComplete { _ in }
@@ -253,9 +252,9 @@ extension Node {
 
     /// Where to send: the peer's UDP port unless it is symmetric (then random ports of its IP),
     /// its TCP port only when both sides are consistent.
-    static func punchTargets(ip: IPAddress, mine: PunchClass, theirs: PunchClass, udp: UInt16, tcp: UInt16) -> (SocketAddress?, SocketAddress?) {
-        let u = theirs == .consistent ? ip.socketAddress(port: udp) : nil
-        let t = mine == .consistent && theirs == .consistent ? ip.socketAddress(port: tcp) : nil
+    static func punchTargets(ip: IPAddress, mine: PunchClass, theirs: PunchClass, udp: UInt16, tcp: UInt16) -> (Endpoint?, Endpoint?) {
+        let u = theirs == .consistent ? Endpoint(ip: ip, port: udp) : nil
+        let t = mine == .consistent && theirs == .consistent ? Endpoint(ip: ip, port: tcp) : nil
         return (u, t)
     }
 
@@ -288,7 +287,7 @@ extension Node {
         if let why = punchRefusal(sender.id, ip: sender.ip, birthday: mine == .symmetric || theirs == .symmetric, perPeer: !superseded) {
             return .error(.denied, why)
         }
-        var p = Punch(peer: sender, initiator: false, mine: mine, theirs: theirs, created: .now())
+        var p = Punch(peer: sender, initiator: false, mine: mine, theirs: theirs, created: clock.now)
         p.udpDone = udpPaths[sender.id] != nil
         (p.udpTarget, p.tcpTarget) = Node.punchTargets(ip: sender.ip, mine: mine, theirs: theirs, udp: udp, tcp: tcp)
         punches[nonce] = p
@@ -318,7 +317,7 @@ extension Node {
 
     private func beginPunch(_ nonce: UInt64) {
         guard var p = punches[nonce], p.started == nil, running else { return }
-        p.started = .now()
+        p.started = clock.now
         punches[nonce] = p
         // Already direct (its packets came first): nothing to send.
         if p.done { return finishIfDone(nonce) }
@@ -329,10 +328,10 @@ extension Node {
             dialPunch(nonce)
             guard let target = p.udpTarget, !p.udpDone else { break }
             punches[nonce]?.spray = eventLoop.scheduleRepeatedTask(initialDelay: .zero, delay: .milliseconds(50)) { [self] task in
-                guard let q = punches[nonce], !q.udpDone, let udp = udpChannel else { return task.cancel() }
+                guard let q = punches[nonce], !q.udpDone, let udp = transport.mainSocket else { return task.cancel() }
                 punches[nonce]?.sent += 1
                 punchPacketsSent += 1
-                udp.writeAndFlush(AddressedEnvelope(remoteAddress: target, data: PunchPacket.make(nonce, answer: false)), promise: nil)
+                udp.send(PunchPacket.make(nonce, answer: false), to: target, promise: nil)
             }
         case (.consistent, .symmetric):
             // Spray random ports of its IP from our socket: one of its many mappings answers.
@@ -340,13 +339,12 @@ extension Node {
             let tick = 5
             let perTick = max(1, cfg.birthdayProbes * tick / max(tick, Int(ReachabilityReport.ms(cfg.punchBudget))))
             punches[nonce]?.spray = eventLoop.scheduleRepeatedTask(initialDelay: .zero, delay: .milliseconds(Int64(tick))) { [self] task in
-                guard let q = punches[nonce], !q.udpDone, q.sent < cfg.birthdayProbes, let udp = udpChannel else { return task.cancel() }
+                guard let q = punches[nonce], !q.udpDone, q.sent < cfg.birthdayProbes, let udp = transport.mainSocket else { return task.cancel() }
                 let n = min(perTick, cfg.birthdayProbes - q.sent)
+                var rng = random.generator
                 for _ in 0..<n {
-                    udp.write(AddressedEnvelope(remoteAddress: ip.socketAddress(port: UInt16.random(in: 1024...65535)),
-                                                data: PunchPacket.make(nonce, answer: false)), promise: nil)
+                    udp.send(PunchPacket.make(nonce, answer: false), to: Endpoint(ip: ip, port: UInt16.random(in: 1024...65535, using: &rng)), promise: nil)
                 }
-                udp.flush()
                 punches[nonce]?.sent += n
                 punchPacketsSent += n
             }
@@ -359,22 +357,16 @@ extension Node {
     }
 
     /// The symmetric side: many sockets, each opening its own mapping toward the peer.
-    private func openBirthdaySockets(_ nonce: UInt64, toward target: SocketAddress, count: Int) {
-        let any = target.protocol == .inet ? "0.0.0.0" : "::"
+    private func openBirthdaySockets(_ nonce: UInt64, toward target: Endpoint, count: Int) {
         for _ in 0..<count {
-            DatagramBootstrap(group: eventLoop)
-                .channelInitializer { [self] ch in
-                    ch.eventLoop.makeCompletedFuture { try ch.pipeline.syncOperations.addHandler(PunchSocketHandler(node: self)) }
-                }
-                .bind(host: any, port: 0)
-                .whenComplete { [self] result in
-                    guard case .success(let ch) = result else { return }
-                    guard punches[nonce].map({ !$0.udpDone }) == true, running else { return ch.close(promise: nil) }
-                    punches[nonce]?.sockets.append(ch)
-                    punches[nonce]?.sent += 1
-                    punchPacketsSent += 1
-                    ch.writeAndFlush(AddressedEnvelope(remoteAddress: target, data: PunchPacket.make(nonce, answer: false)), promise: nil)
-                }
+            transport.openDatagramSocket().whenComplete { [self] result in
+                guard case .success(let socket) = result else { return }
+                guard punches[nonce].map({ !$0.udpDone }) == true, running else { return socket.close() }
+                punches[nonce]?.sockets.append(socket)
+                punches[nonce]?.sent += 1
+                punchPacketsSent += 1
+                socket.send(PunchPacket.make(nonce, answer: false), to: target, promise: nil)
+            }
         }
     }
 
@@ -386,27 +378,17 @@ extension Node {
             punches[nonce]?.tcpDone = true
             return finishIfDone(nonce)
         }
-        let left = started + TimeAmount(config.nat.punchBudget) - .now()
+        let left = started + TimeAmount(config.nat.punchBudget) - clock.now
         guard left > .milliseconds(50) else { return }
         punches[nonce]?.tcpAttempts += 1
         punchDials += 1
-        let local: SocketAddress
-        do { local = try SocketAddress(ipAddress: target.protocol == .inet ? "0.0.0.0" : "::", port: Int(boundPort)) } catch { return }
-        ClientBootstrap(group: eventLoop)
-            .channelOption(.socketOption(.so_reuseaddr), value: 1)
-            .channelOption(NATTraversal.reusePort, value: 1)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
-            .channelOption(.writeBufferWaterMark, value: tcpWaterMark)
-            .bind(to: local)
-            .connectTimeout(left)
-            .channelInitializer { [self] ch in configureTCP(ch, inbound: false) }
-            .connect(to: target)
+        transport.connect(to: target, timeout: left, fromListenPort: true, raw: nil)
             .whenComplete { [self] result in
                 switch result {
-                case .success(let ch):
-                    guard let q = punches[nonce], !q.tcpDone, directPaths[q.peer.id] == nil else { return ch.close(promise: nil) }
+                case .success(let c):
+                    guard let q = punches[nonce], !q.tcpDone, directPaths[q.peer.id] == nil else { return c.close() }
                     punches[nonce]?.tcpDone = true
-                    adoptPunchedConnection(ch, peer: q.peer, started: q.created)
+                    adoptPunchedConnection(c, peer: q.peer, started: q.created)
                 case .failure:
                     // Refused (its NAT or host answered before its own SYN went out) or the
                     // 4-tuple is taken (its SYN got in as an accepted connection): again soon.
@@ -416,15 +398,15 @@ extension Node {
     }
 
     /// A punched TCP connection: the peer's path once a ping in the session over it comes back.
-    private func adoptPunchedConnection(_ ch: any Channel, peer: PeerAddress, started: NIODeadline) {
-        installDirectPath(peer.id, channel: ch)
-        let remote = ch.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
+    private func adoptPunchedConnection(_ ch: any PeerConnection, peer: PeerAddress, started: NIODeadline) {
+        installDirectPath(peer.id, connection: ch)
+        let remote = "\(ch.remote)"
         requestOnLoop(target: peer.socket, expectedID: peer.id, command: kernelCommands.ping, payload: [], transport: .tcp,
                       timeout: config.nat.punchBudget).whenComplete { [self] result in
             // The answer proves the path only if it came over it (the connection still stands).
             guard case .success(let reply) = result, reply.type == .ok, let c = directPaths[peer.id], c === ch, ch.isActive else {
                 if let c = directPaths[peer.id], c === ch { directPaths[peer.id] = nil }
-                return ch.close(promise: nil)
+                return ch.close()
             }
             announcePath(DirectPath(peer: peer.id, transport: .tcp, method: .holePunch, remote: remote, milliseconds: ms(since: started)))
             if let nonce = punchByPeer[peer.id] { finishIfDone(nonce) }
@@ -438,45 +420,46 @@ extension Node {
     }
 
     /// Makes `channel` the way to `peer` over TCP while it is open (pinned: kept alive, not idle-closed).
-    func installDirectPath(_ peer: Number160, channel: any Channel) {
-        if directPaths[peer] == nil, directPaths.count >= config.limits.maxDirectPaths, let victim = directPaths.keys.randomElement() {
+    func installDirectPath(_ peer: Number160, connection: any PeerConnection) {
+        var rng = random.generator
+        if directPaths[peer] == nil, directPaths.count >= config.limits.maxDirectPaths, let victim = directPaths.keys.randomElement(using: &rng) {
             directPaths[victim] = nil
         }
-        directPaths[peer] = channel
-        let target = channel.remoteAddress.flatMap { a in IPAddress(a).map { PeerSocketAddress(ip: $0, tcpPort: UInt16(a.port ?? 0), udpPort: 0) } }
-        channel.closeFuture.whenComplete { [self] _ in
-            if let c = directPaths[peer], c === channel { directPaths[peer] = nil }
+        directPaths[peer] = connection
+        let target = PeerSocketAddress(ip: connection.remote.ip, tcpPort: connection.remote.port, udpPort: 0)
+        connection.closeFuture.whenComplete { [self] _ in
+            if let c = directPaths[peer], c === connection { directPaths[peer] = nil }
             // Requests waiting on it go through the peer's relays again (or fail if it has none).
-            if let target { failRequests(on: ObjectIdentifier(channel), target: target) }
+            failRequests(on: ObjectIdentifier(connection), target: target)
         }
     }
 
     // MARK: PUNCH packets
 
     /// A PUNCH on `channel` (the node's socket or a birthday socket) from `remote`.
-    func receivedPunch(_ buffer: ByteBuffer, from remote: SocketAddress, channel: any Channel) {
-        guard let (nonce, answer) = PunchPacket.decode(buffer), let p = punches[nonce], IPAddress(remote) == p.peer.ip else {
+    func receivedPunch(_ buffer: ByteBuffer, from remote: Endpoint, socket: any DatagramSocket) {
+        guard let (nonce, answer) = PunchPacket.decode(buffer), let p = punches[nonce], remote.ip == p.peer.ip else {
             return countDrop("punch packet from \(remote) for no punch with it")
         }
         if !answer {
-            channel.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: PunchPacket.make(nonce, answer: true)), promise: nil)
+            socket.send(PunchPacket.make(nonce, answer: true), to: remote, promise: nil)
         }
-        punchArrived(nonce, from: remote, channel: channel)
+        punchArrived(nonce, from: remote, socket: socket)
     }
 
     /// Something of the peer's came through the hole at `remote` on `channel`: that is the path
     /// (proven by a ping in the session over it before it is announced).
-    private func punchArrived(_ nonce: UInt64, from remote: SocketAddress, channel: any Channel) {
+    private func punchArrived(_ nonce: UInt64, from remote: Endpoint, socket: any DatagramSocket) {
         guard let p = punches[nonce], !p.udpDone else { return }
         punches[nonce]?.udpDone = true
         punches[nonce]?.spray?.cancel()
         punches[nonce]?.spray = nil
-        for s in p.sockets where s !== channel { s.close(promise: nil) }
-        punches[nonce]?.sockets = p.sockets.filter { $0 === channel }
-        installUDPPath(p.peer.id, socket: channel === udpChannel ? nil : channel, address: remote)
+        for s in p.sockets where s !== socket { s.close() }
+        punches[nonce]?.sockets = p.sockets.filter { $0 === socket }
+        installUDPPath(p.peer.id, socket: socket === transport.mainSocket ? nil : socket, address: remote)
         let method: DirectPathMethod = p.birthday ? .birthday : .holePunch
         let (sent, started) = (p.sent, p.created)
-        let seen = "\(remote.ipAddress ?? "?"):\(remote.port ?? 0)"
+        let seen = "\(remote)"
         requestOnLoop(target: p.peer.socket, expectedID: p.peer.id, command: kernelCommands.ping, payload: [], transport: .udp,
                       timeout: config.nat.punchBudget).whenComplete { [self] result in
             // Proven only if the answer came back while the path stood (it went over it).
@@ -494,24 +477,25 @@ extension Node {
     /// a hole its side punched (our punch may have ended before its answer came). Taken only
     /// from a peer we punch or punched with lately; its session proved the id, and the address
     /// is where its datagrams come from, as a reply to it goes.
-    func noteUDPPath(_ peer: PeerAddress, remote: SocketAddress, channel: (any Channel)?) {
+    func noteUDPPath(_ peer: PeerAddress, remote: Endpoint, socket: (any DatagramSocket)?) {
         // (A path it already has was marked heard when the message was dispatched.)
         guard selfAddress.flags.contains(.relayed), !relayRoutes.isEmpty, relayRoutes[peer.id] != nil, sessionsEnabled,
               udpPaths[peer.id] == nil else { return }
-        if let nonce = punchByPeer[peer.id], punches[nonce] != nil, let ch = channel ?? udpChannel {
-            return punchArrived(nonce, from: remote, channel: ch)
+        if let nonce = punchByPeer[peer.id], punches[nonce] != nil, let s = socket ?? transport.mainSocket {
+            return punchArrived(nonce, from: remote, socket: s)
         }
         let now = coarseSeconds, recent = punchRetrySeconds
         guard [punchTried[peer.id], punchAnswered[peer.id]].contains(where: { $0.map { now &- $0 < recent } ?? false }) else { return }
-        installUDPPath(peer.id, socket: channel, address: remote)
+        installUDPPath(peer.id, socket: socket, address: remote)
         let method: DirectPathMethod = peer.flags.contains(.symmetricNAT) || selfAddress.flags.contains(.symmetricNAT) ? .birthday : .holePunch
         announcePath(DirectPath(peer: peer.id, transport: .udp, method: method,
-                                remote: "\(remote.ipAddress ?? "?"):\(remote.port ?? 0), from its traffic", milliseconds: 0))
+                                remote: "\(remote), from its traffic", milliseconds: 0))
     }
 
-    private func installUDPPath(_ peer: Number160, socket: (any Channel)?, address: SocketAddress) {
+    private func installUDPPath(_ peer: Number160, socket: (any DatagramSocket)?, address: Endpoint) {
         if udpPaths[peer] != nil { dropUDPPath(peer) }
-        if udpPaths.count >= config.limits.maxDirectPaths, let victim = udpPaths.keys.randomElement() { dropUDPPath(victim) }
+        var rng = random.generator
+        if udpPaths.count >= config.limits.maxDirectPaths, let victim = udpPaths.keys.randomElement(using: &rng) { dropUDPPath(victim) }
         udpPaths[peer] = UDPPath(socket: socket, address: address, heard: coarseSeconds)
         if let socket { punchSockets[address] = socket }
         if pathKeepAlive == nil {
@@ -522,12 +506,12 @@ extension Node {
 
     /// Forgets the UDP path to `peer` (when it still leads to `ifTo`, if given); its birthday
     /// socket closes.
-    func dropUDPPath(_ peer: Number160, ifTo address: SocketAddress? = nil) {
+    func dropUDPPath(_ peer: Number160, ifTo address: Endpoint? = nil) {
         guard let path = udpPaths[peer], address.map({ $0 == path.address }) ?? true else { return }
         udpPaths[peer] = nil
         if let socket = path.socket {
             if let s = punchSockets[path.address], s === socket { punchSockets[path.address] = nil }
-            socket.close(promise: nil)
+            socket.close()
         }
         if udpPaths.isEmpty {
             pathKeepAlive?.cancel()
@@ -536,15 +520,14 @@ extension Node {
     }
 
     /// A datagram from `remote` over the UDP path to `peer`: the path is alive.
-    func heardOverPath(_ peer: Number160, _ remote: SocketAddress) {
+    func heardOverPath(_ peer: Number160, _ remote: Endpoint) {
         if let path = udpPaths[peer], path.address == remote { udpPaths[peer]?.heard = coarseSeconds }
     }
 
     /// Pings every punched UDP path (keeping the NAT mappings open); one whose ping fails is dropped.
     private func keepPathsAlive() {
         for (peer, path) in udpPaths {
-            guard let ip = IPAddress(path.address) else { continue }
-            let target = PeerSocketAddress(ip: ip, tcpPort: 0, udpPort: UInt16(path.address.port ?? 0))
+            let target = PeerSocketAddress(ip: path.address.ip, tcpPort: 0, udpPort: path.address.port)
             requestOnLoop(target: target, expectedID: peer, command: kernelCommands.ping, payload: [], transport: .udp, timeout: nil)
                 .whenComplete { [self] result in
                     if case .success(let r) = result, r.type == .ok { return }
@@ -557,31 +540,30 @@ extension Node {
 
     /// A TCP connection that went idle: a direct path is kept (pinged; closed if that fails),
     /// anything else closes.
-    func connectionIdle(_ channel: any Channel) {
-        guard !directPaths.isEmpty, let peer = directPaths.first(where: { $0.value === channel })?.key, let remote = channel.remoteAddress,
-              let ip = IPAddress(remote) else {
-            return channel.close(promise: nil)
+    func connectionIdle(_ connection: any PeerConnection) {
+        guard !directPaths.isEmpty, let peer = directPaths.first(where: { $0.value === connection })?.key else {
+            return connection.close()
         }
-        let target = PeerSocketAddress(ip: ip, tcpPort: UInt16(remote.port ?? 0), udpPort: 0)
+        let target = PeerSocketAddress(ip: connection.remote.ip, tcpPort: connection.remote.port, udpPort: 0)
         requestOnLoop(target: target, expectedID: peer, command: kernelCommands.ping, payload: [], transport: .tcp, timeout: nil)
             .whenComplete { result in
                 if case .success(let r) = result, r.type == .ok { return }
-                channel.close(promise: nil)
+                connection.close()
             }
     }
 
     /// A datagram on a birthday socket: a PUNCH; the peer's traffic once the socket is its path;
     /// or, while the punch runs, the peer's first session packet (its answer to our PUNCH was
     /// lost) — then this socket is the path.
-    func receivedOnPunchSocket(_ buffer: ByteBuffer, from remote: SocketAddress, channel: any Channel) {
+    func receivedOnPunchSocket(_ buffer: ByteBuffer, from remote: Endpoint, socket: any DatagramSocket) {
         guard running, let first = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) else { return }
         if first == PunchPacket.kind {
-            receivedPunch(buffer, from: remote, channel: channel)
-        } else if let s = punchSockets[remote], s === channel {
+            receivedPunch(buffer, from: remote, socket: socket)
+        } else if let s = punchSockets[remote], s === socket {
             received(buffer, from: remote, origin: .udp(remote))
-        } else if let (nonce, _) = punches.first(where: { $0.value.sockets.contains { $0 === channel } }),
-                  let p = punches[nonce], !p.udpDone, IPAddress(remote) == p.peer.ip {
-            punchArrived(nonce, from: remote, channel: channel)
+        } else if let (nonce, _) = punches.first(where: { $0.value.sockets.contains { $0 === socket } }),
+                  let p = punches[nonce], !p.udpDone, remote.ip == p.peer.ip {
+            punchArrived(nonce, from: remote, socket: socket)
             received(buffer, from: remote, origin: .udp(remote))
         } else {
             countDrop("datagram from \(remote) on a punch socket that is no path to it")
@@ -589,9 +571,9 @@ extension Node {
     }
 
     /// The socket a datagram to `remote` leaves on: a birthday socket that is the path to it, else ours.
-    func udpSocket(to remote: SocketAddress) -> (any Channel)? {
-        if punchSockets.isEmpty { return udpChannel }
-        return punchSockets[remote] ?? udpChannel
+    func udpSocket(to remote: Endpoint) -> (any DatagramSocket)? {
+        if punchSockets.isEmpty { return transport.mainSocket }
+        return punchSockets[remote] ?? transport.mainSocket
     }
 
     // MARK: ending
@@ -602,7 +584,7 @@ extension Node {
         p.expiry?.cancel()
         p.spray?.cancel()
         let keep = udpPaths[p.peer.id]?.socket
-        for s in p.sockets where s !== keep { s.close(promise: nil) }
+        for s in p.sockets where s !== keep { s.close() }
         guard !quiet else { return }
         let tcpDirect = p.tcpDone || directPaths[p.peer.id] != nil
         let udp = p.udpDone ? "direct" : "not punched"
@@ -619,7 +601,7 @@ extension Node {
         for nonce in Array(punches.keys) { endPunch(nonce, why: "the node stopped", quiet: true) }
         for peer in Array(udpPaths.keys) { dropUDPPath(peer) }
         // Punched connections belong to no pool: closed here (inbound ones close with the rest).
-        for ch in directPaths.values { ch.close(promise: nil) }
+        for c in directPaths.values { c.close() }
         directPaths.removeAll()
         pathKeepAlive?.cancel()
         pathKeepAlive = nil
@@ -631,22 +613,8 @@ extension Node {
     }
 
     func ms(since t: NIODeadline) -> Double {
-        Double((NIODeadline.now() - t).nanoseconds) / 1e6
+        Double((clock.now - t).nanoseconds) / 1e6
     }
-}
-
-/// A birthday socket's datagrams go to the node.
-final class PunchSocketHandler: ChannelInboundHandler, @unchecked Sendable {
-    typealias InboundIn = AddressedEnvelope<ByteBuffer>
-    let node: Node
-    init(node: Node) { self.node = node }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let envelope = unwrapInboundIn(data)
-        node.receivedOnPunchSocket(envelope.data, from: envelope.remoteAddress, channel: context.channel)
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {}
 }
 
 extension KernelCommands {

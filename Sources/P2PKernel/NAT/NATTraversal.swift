@@ -119,6 +119,8 @@ public struct ReachabilityReport: Sendable, Equatable {
         Double(d.components.seconds) * 1000 + Double(d.components.attoseconds) / 1e15
     }
 
+    static func ms(_ t: TimeAmount) -> Double { Double(t.nanoseconds) / 1e6 }
+
     /// One line: `reachable via upnp as 203.0.113.1:4000`, `relayed via 3 relays`, or why not.
     public var summary: String {
         if !reachable { return "not reachable (NAT \(natType.rawValue)\(external.map { ", seen as \($0.ip)" } ?? ""))" }
@@ -210,7 +212,7 @@ public final class NATTraversal: @unchecked Sendable {
         /// failed recently (not asked again until then).
         var relays: [PeerAddress] = []
         var wantRelays = false
-        var relayFailed: [Number160: ContinuousClock.Instant] = [:]
+        var relayFailed: [Number160: NIODeadline] = [:]
         var settingUpRelays = false
         /// Where peers saw us last (the classification's address), known before the report.
         var observed: PeerSocketAddress?
@@ -233,7 +235,7 @@ public final class NATTraversal: @unchecked Sendable {
         let task: Task<ReachabilityReport, any Error> = try state.withLockedValue { s in
             guard !s.stopped else { throw NATError.stopped }
             if let t = s.running { return t }
-            let t = Task { try await self.runLadder() }
+            let t = Task(executorPreference: node?.clock.taskExecutor) { try await self.runLadder() }
             s.running = t
             return t
         }
@@ -267,10 +269,10 @@ public final class NATTraversal: @unchecked Sendable {
     private func runLadder() async throws -> ReachabilityReport {
         guard let node else { throw NATError.stopped }
         let cfg = node.config.nat
-        let clock = ContinuousClock()
+        let clock = node.clock
         let start = clock.now
         var steps: [ReachabilityReport.Step] = []
-        func step(_ name: String, _ since: ContinuousClock.Instant, _ outcome: String) {
+        func step(_ name: String, _ since: NIODeadline, _ outcome: String) {
             steps.append(.init(name: name, milliseconds: ReachabilityReport.ms(clock.now - since), outcome: outcome))
         }
 
@@ -282,7 +284,7 @@ public final class NATTraversal: @unchecked Sendable {
         step("observe", tObserve, "\(answered.count) of \(observers.count) peers answered")
         guard !answered.isEmpty else { throw NATError.noObservation }
 
-        let bound = try await node.eventLoop.submit { node.boundPort }.get()
+        let bound = try await node.eventLoop.submit { node.transport.boundPort }.get()
         let local = NATTraversal.localAddresses()
         let c = NATTraversal.classify(observations, boundPort: bound, local: local)
         steps.append(.init(name: "classify", milliseconds: 0, outcome: c.type.rawValue))
@@ -358,7 +360,7 @@ public final class NATTraversal: @unchecked Sendable {
         } else {
             await dropRelays(node)
         }
-        report.elapsed = clock.now - start
+        report.elapsed = .nanoseconds((clock.now - start).nanoseconds)
         publish(report, on: node)
         return report
     }
@@ -367,7 +369,8 @@ public final class NATTraversal: @unchecked Sendable {
     private func pickObservers(_ node: Node, count: Int) -> [PeerAddress] {
         var chosen: [PeerAddress] = []
         var groups = Set<UInt64>(), ips = Set<IPAddress>()
-        let peers = node.peerMap.verifiedPeers.filter(\.isDirectlyReachable).shuffled()
+        var rng = node.random.generator
+        let peers = node.peerMap.verifiedPeers.filter(\.isDirectlyReachable).shuffled(using: &rng)
         for pass in 0..<2 {
             for p in peers where chosen.count < count && !ips.contains(p.ip) {
                 let group = p.ip.sybilGroup ?? UInt64(truncatingIfNeeded: p.ip.hashValue)
@@ -524,11 +527,11 @@ public final class NATTraversal: @unchecked Sendable {
     /// them. Returns our relays and how many candidates there were in all.
     private func setUpRelays(_ node: Node) async -> ([PeerAddress], Int) {
         let cfg = node.config.nat
-        let now = ContinuousClock.now
+        let now = node.clock.now
         guard state.withLockedValue({ s -> Bool in
             guard !s.settingUpRelays, !s.stopped else { return false }
             s.settingUpRelays = true
-            s.relayFailed = s.relayFailed.filter { now - $0.value < cfg.relayRetryAfter }
+            s.relayFailed = s.relayFailed.filter { now - $0.value < TimeAmount(cfg.relayRetryAfter) }
             return true
         }) else { return (state.withLockedValue { $0.relays }, 0) }
         defer { state.withLockedValue { $0.settingUpRelays = false } }
@@ -561,7 +564,8 @@ public final class NATTraversal: @unchecked Sendable {
                 return out
             }
             for (p, ok) in results {
-                if ok { got.append(p) } else { state.withLockedValue { $0.relayFailed[p.id] = .now } }
+                let failedAt = node.clock.now
+                if ok { got.append(p) } else { state.withLockedValue { $0.relayFailed[p.id] = failedAt } }
             }
         }
         let stillWanted = state.withLockedValue { s -> Bool in
@@ -574,7 +578,7 @@ public final class NATTraversal: @unchecked Sendable {
             return ([], all.count)
         }
         if got.map(\.id) != current.map(\.id) {
-            let bound = (try? await node.eventLoop.submit { node.boundPort }.get()) ?? 0
+            let bound = (try? await node.eventLoop.submit { node.transport.boundPort }.get()) ?? 0
             let flags = (try? await node.eventLoop.submit { node.selfAddress.flags }.get()) ?? []
             await announce(node, udpPort: bound, tcpPort: bound, ip: nil, flags: flags.subtracting([.relayed]), relays: got.map(\.socket))
         }
@@ -588,14 +592,14 @@ public final class NATTraversal: @unchecked Sendable {
                                                timeout: .seconds(3)).get()
             guard reply.type == .ok else { return false }
             let key = PeerSocketAddress(ip: peer.ip, tcpPort: peer.tcpPort, udpPort: 0)
-            let channel = try await node.eventLoop.flatSubmit { () -> EventLoopFuture<any Channel> in
+            let link = try await node.eventLoop.flatSubmit { () -> EventLoopFuture<any PeerConnection> in
                 node.pool[key] ?? node.eventLoop.makeFailedFuture(NATError.abandoned)
             }.get()
             try await node.eventLoop.submit {
-                node.adoptRelayLink(channel, relay: peer)
-                channel.closeFuture.whenComplete { _ in Task { await self.relayLost(node, peer) } }
+                node.adoptRelayLink(link, relay: peer)
+                link.closeFuture.whenComplete { _ in node.spawn { await self.relayLost(node, peer) } }
             }.get()
-            return channel.isActive
+            return link.isActive
         } catch {
             node.logger.debug("relay refused", metadata: ["peer": "\(peer)", "why": "\(error)"])
             return false
@@ -607,7 +611,7 @@ public final class NATTraversal: @unchecked Sendable {
         let wanted = state.withLockedValue { s -> Bool in
             guard s.relays.contains(where: { $0.id == peer.id }) else { return false }
             s.relays.removeAll { $0.id == peer.id }
-            s.relayFailed[peer.id] = .now
+            s.relayFailed[peer.id] = node.clock.now
             return s.wantRelays && !s.stopped
         }
         guard wanted else { return }
@@ -705,7 +709,7 @@ public final class NATTraversal: @unchecked Sendable {
         guard state.withLockedValue({ $0.report == nil }) else { return }
         let flags = (try? await node.eventLoop.submit { node.selfAddress.flags }.get()) ?? []
         guard !flags.isDisjoint(with: [.firewalledUDP, .firewalledTCP]) else { return }
-        let bound = (try? await node.eventLoop.submit { node.boundPort }.get()) ?? 0
+        let bound = (try? await node.eventLoop.submit { node.transport.boundPort }.get()) ?? 0
         guard bound != 0 else { return }
         await announce(node, udpPort: bound, tcpPort: bound, ip: nil, flags: [])
     }
@@ -713,7 +717,7 @@ public final class NATTraversal: @unchecked Sendable {
     private func ensureMaintenance() {
         state.withLockedValue { s in
             guard s.maintenance == nil, !s.stopped else { return }
-            s.maintenance = Task { [weak self] in await self?.maintain() }
+            s.maintenance = Task(executorPreference: node?.clock.taskExecutor) { [weak self] in await self?.maintain() }
         }
     }
 
@@ -721,14 +725,15 @@ public final class NATTraversal: @unchecked Sendable {
     /// schedule, and after a mapping is lost.
     private func maintain() async {
         var failures = 0
-        var nextRun = ContinuousClock.now
-        var lastCheck = ContinuousClock.now
-        var lastRelayCheck = ContinuousClock.now
+        guard let clock = node?.clock else { return }
+        var nextRun = clock.now
+        var lastCheck = clock.now
+        var lastRelayCheck = clock.now
         while !Task.isCancelled {
             guard let node, !state.withLockedValue({ $0.stopped }) else { return }
             let cfg = node.config.nat
-            let now = ContinuousClock.now
-            if let mapper = state.withLockedValue({ $0.mapper }), now - lastCheck >= cfg.mappingCheckInterval {
+            let now = clock.now
+            if let mapper = state.withLockedValue({ $0.mapper }), now - lastCheck >= TimeAmount(cfg.mappingCheckInterval) {
                 lastCheck = now
                 switch await mapper.check() {
                 case .ok:
@@ -751,11 +756,11 @@ public final class NATTraversal: @unchecked Sendable {
                         node.logger.warning("port mapping lost; running the NAT ladder again", metadata: ["why": "\(why)"])
                         state.withLockedValue { $0.mapper = nil }
                         _ = try? await makeReachable()
-                        nextRun = .now + cfg.recheckInterval
+                        nextRun = clock.now + TimeAmount(cfg.recheckInterval)
                     }
                 }
             }
-            if now - lastRelayCheck >= cfg.relayKeepAlive {
+            if now - lastRelayCheck >= TimeAmount(cfg.relayKeepAlive) {
                 lastRelayCheck = now
                 await tendRelays(node)
             }
@@ -763,15 +768,15 @@ public final class NATTraversal: @unchecked Sendable {
                 if node.peerMap.counts.verified > 0 {
                     do {
                         try await makeReachable()
-                        nextRun = .now + cfg.recheckInterval
+                        nextRun = clock.now + TimeAmount(cfg.recheckInterval)
                     } catch {
                         // No peer answered yet: try again soon.
-                        nextRun = .now + .seconds(5)
+                        nextRun = clock.now + .seconds(5)
                         if let e = error as? NATError, e == .noPeers || e == .noObservation { await nobodyToAsk(node) }
                     }
                 }
             }
-            try? await Task.sleep(for: .milliseconds(250))
+            try? await clock.sleep(for: .milliseconds(250))
         }
     }
 }

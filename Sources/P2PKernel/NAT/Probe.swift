@@ -1,6 +1,5 @@
 import NIOConcurrencyHelpers
 import NIOCore
-import NIOPosix
 
 /// Probe-back: how a node learns whether an address of its own is reachable from outside.
 ///
@@ -40,8 +39,8 @@ enum ObservePacket {
     static let answerKind: UInt8 = 0x89
     static let bytes = 9
 
-    static func answer(nonce: UInt64, seen: SocketAddress) -> ByteBuffer? {
-        guard let ip = IPAddress(seen), let port = seen.port else { return nil }
+    static func answer(nonce: UInt64, seen: Endpoint) -> ByteBuffer? {
+        let ip = seen.ip, port = seen.port
         var b = ByteBufferAllocator().buffer(capacity: 4 + 28)
         let ipBytes: [UInt8]
         switch ip {
@@ -106,7 +105,7 @@ extension KernelCommands {
             }
             let ip = request.sender.ip
             guard ip.isUnicast else { return .reply(.error(.badRequest, "\(ip) cannot be probed")) }
-            guard node.probeBuckets.allow(SourceKey.of(ip, port: context.sourcePort), nowNanoseconds: PeerMap.now()) else {
+            guard node.probeBuckets.allow(SourceKey.of(ip, port: context.sourcePort), nowNanoseconds: node.clock.uptimeNanoseconds) else {
                 return .reply(.error(.denied, "busy: probe rate of this source"))
             }
             let target = PeerAddress(id: request.sender.id, socket: PeerSocketAddress(ip: ip, tcpPort: tcp, udpPort: udp))
@@ -153,7 +152,7 @@ extension KernelCommands {
                 return .reply(.error(.badRequest, "probe-for needs a nonce, ports and a target"))
             }
             guard node.peerMap.contains(request.sender.id) else { return .reply(.error(.denied, "probe-for from a peer not in the map")) }
-            guard node.probeBuckets.allow(SourceKey.of(request.sender.ip, port: context.sourcePort), nowNanoseconds: PeerMap.now()) else {
+            guard node.probeBuckets.allow(SourceKey.of(request.sender.ip, port: context.sourcePort), nowNanoseconds: node.clock.uptimeNanoseconds) else {
                 return .reply(.error(.denied, "busy: probe rate of this source"))
             }
             return .future(node.sendProbes(nonce: nonce, to: target.socket).map { Reply(payload: [.integer($0)]) })
@@ -168,20 +167,27 @@ extension Node {
         let packet = ProbePacket.encode(nonce)
         var sent: [EventLoopFuture<Int64>] = []
         if target.udpPort != 0, target.ip.isUnicast {
-            let address = target.udpSocketAddress
-            sent.append(DatagramBootstrap(group: eventLoop).bind(host: target.ip.isV4 ? "0.0.0.0" : "::", port: 0).flatMap { ch in
-                var b = ch.allocator.buffer(capacity: packet.count)
+            let address = target.udpEndpoint
+            let loop = eventLoop
+            sent.append(transport.openDatagramSocket().flatMap { socket in
+                var b = ByteBufferAllocator().buffer(capacity: packet.count)
                 b.writeBytes(packet)
-                return ch.writeAndFlush(AddressedEnvelope(remoteAddress: address, data: b)).always { _ in ch.close(promise: nil) }
+                let written = loop.makePromise(of: Void.self)
+                socket.send(b, to: address, promise: written)
+                return written.futureResult.always { _ in socket.close() }
             }.map { 1 }.recover { _ in 0 })
         }
         if target.tcpPort != 0, target.ip.isUnicast {
             let timeout = TimeAmount(min(config.requestTimeout / 2, .seconds(1)))
-            sent.append(ClientBootstrap(group: eventLoop).connectTimeout(timeout).connect(to: target.tcpSocketAddress).flatMap { ch in
-                var b = ch.allocator.buffer(capacity: packet.count + 4)
+            let loop = eventLoop
+            let ignore = RawFrames(maxFrame: 64) { _ in }
+            sent.append(transport.connect(to: target.tcpEndpoint, timeout: timeout, fromListenPort: false, raw: ignore).flatMap { c in
+                var b = ByteBufferAllocator().buffer(capacity: packet.count + 4)
                 b.writeInteger(UInt32(packet.count))
                 b.writeBytes(packet)
-                return ch.writeAndFlush(b).flatMap { ch.close() }
+                let written = loop.makePromise(of: Void.self)
+                c.write(b, promise: written)
+                return written.futureResult.always { _ in c.close() }
             }.map { 2 }.recover { _ in 0 })
         }
         return EventLoopFuture.whenAllSucceed(sent, on: eventLoop).map { $0.reduce(0, |) }
@@ -192,7 +198,7 @@ extension Node {
     /// sent the probes; they then get `grace` to arrive. `prober` is the peer that sent them.
     public func probeBack(via peer: PeerAddress, udpPort: UInt16, tcpPort: UInt16,
                           grace: Duration = .milliseconds(400)) async throws -> (udp: Bool, tcp: Bool, prober: PeerAddress?) {
-        let nonce = UInt64.random(in: 1...UInt64.max)
+        let nonce = max(1, random.next())
         let seen = try await eventLoop.submit { [self] in
             let promise = eventLoop.makePromise(of: Void.self)
             probes[nonce] = ProbeWait(udp: udpPort == 0, tcp: tcpPort == 0, promise: promise)
@@ -237,45 +243,38 @@ extension Node {
     /// Asks the peer at `target` for the address it sees a TCP connection from our listen port
     /// at (see `ObservePacket`).
     public func observeTCP(at target: PeerSocketAddress, timeout: Duration = .seconds(2)) async throws -> PeerSocketAddress {
-        let nonce = UInt64.random(in: 1...UInt64.max)
-        let port = try await eventLoop.submit { self.boundPort }.get()
+        let nonce = max(1, random.next())
         let promise = Once(eventLoop.makePromise(of: PeerSocketAddress.self))
         let deadline = eventLoop.scheduleTask(in: TimeAmount(timeout)) {
             promise.fail(RPCError.timeout(peer: "\(target)", milliseconds: Int(timeout.components.seconds * 1000)))
         }
         defer { deadline.cancel() }
-        let channel: any Channel
+        let answers = RawFrames(maxFrame: 64) { frame in
+            if let seen = ObservePacket.parseAnswer(frame, nonce: nonce) { promise.succeed(seen) } else {
+                promise.fail(RPCError.malformedReply("observe answer"))
+            }
+        }
+        let connection: any PeerConnection
         do {
-            channel = try await ClientBootstrap(group: eventLoop)
-                .channelOption(.socketOption(.so_reuseaddr), value: 1)
-                .channelOption(NATTraversal.reusePort, value: 1)
-                .bind(to: try SocketAddress(ipAddress: target.ip.isV4 ? "0.0.0.0" : "::", port: Int(port)))
-                .connectTimeout(TimeAmount(timeout))
-                .channelInitializer { ch in
-                    ch.eventLoop.makeCompletedFuture {
-                        try ch.pipeline.syncOperations.addHandler(ByteToMessageHandler(SmallFrameDecoder(max: 64)))
-                        try ch.pipeline.syncOperations.addHandler(FrameCatcher { frame in
-                            if let seen = ObservePacket.parseAnswer(frame, nonce: nonce) { promise.succeed(seen) } else {
-                                promise.fail(RPCError.malformedReply("observe answer"))
-                            }
-                        })
-                    }
-                }
-                .connect(to: target.tcpSocketAddress).get()
+            connection = try await eventLoop.flatSubmit { [self] in
+                transport.connect(to: target.tcpEndpoint, timeout: TimeAmount(timeout), fromListenPort: true, raw: answers)
+            }.get()
         } catch {
             throw RPCError.unreachable(peer: "\(target)", reason: "\(error)")
         }
-        defer { channel.close(promise: nil) }
-        var b = channel.allocator.buffer(capacity: 4 + ObservePacket.bytes)
+        defer { connection.close() }
+        var b = ByteBufferAllocator().buffer(capacity: 4 + ObservePacket.bytes)
         b.writeInteger(UInt32(ObservePacket.bytes))
         b.writeInteger(ObservePacket.kind)
         b.writeInteger(nonce)
-        try await channel.writeAndFlush(b).get()
+        let written = eventLoop.makePromise(of: Void.self)
+        connection.write(b, promise: written)
+        try await written.futureResult.get()
         return try await promise.futureResult.get()
     }
 
     /// PROBE and OBSERVE packets (on the event loop); they need no session.
-    func receivedNATPacket(_ kind: UInt8, _ buffer: ByteBuffer, remote: SocketAddress, origin: Origin) {
+    func receivedNATPacket(_ kind: UInt8, _ buffer: ByteBuffer, remote: Endpoint, origin: Origin) {
         switch kind {
         case ProbePacket.kind:
             if let nonce = ProbePacket.decode(buffer), probes[nonce] != nil {
@@ -286,13 +285,15 @@ extension Node {
             }
             closeIfStream(origin)
         case ObservePacket.kind:
-            guard case .tcp(let channel) = origin, buffer.readableBytes == ObservePacket.bytes,
+            guard case .tcp(let connection) = origin, buffer.readableBytes == ObservePacket.bytes,
                   let nonce = buffer.getInteger(at: buffer.readerIndex + 1, as: UInt64.self),
                   let answer = ObservePacket.answer(nonce: nonce, seen: remote) else {
                 countDrop("observe from \(remote) not on TCP or malformed")
                 return closeIfStream(origin)
             }
-            channel.writeAndFlush(answer).whenComplete { _ in channel.close(promise: nil) }
+            let written = eventLoop.makePromise(of: Void.self)
+            connection.write(answer, promise: written)
+            written.futureResult.whenComplete { _ in connection.close() }
         default:
             countDrop("unexpected packet kind \(kind) from \(remote)")
             closeIfStream(origin)
@@ -307,27 +308,3 @@ struct ProbeWait {
     let promise: EventLoopPromise<Void>
 }
 
-/// Length-prefixed frames of at most `max` bytes (a longer one closes the connection): for the
-/// few small unauthenticated exchanges of NAT traversal.
-struct SmallFrameDecoder: ByteToMessageDecoder {
-    typealias InboundOut = ByteBuffer
-    let max: Int
-    mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
-        guard let length = buffer.getInteger(at: buffer.readerIndex, as: UInt32.self) else { return .needMoreData }
-        guard length <= max else { throw RPCError.malformedReply("frame of \(length) bytes, more than \(max)") }
-        guard buffer.readableBytes >= 4 + Int(length) else { return .needMoreData }
-        buffer.moveReaderIndex(forwardBy: 4)
-        guard let frame = buffer.readSlice(length: Int(length)) else { return .needMoreData }
-        context.fireChannelRead(NIOAny(frame))
-        return .continue
-    }
-}
-
-/// Hands each inbound frame to a closure.
-final class FrameCatcher: ChannelInboundHandler, @unchecked Sendable {
-    typealias InboundIn = ByteBuffer
-    let onFrame: (ByteBuffer) -> Void
-    init(_ onFrame: @escaping (ByteBuffer) -> Void) { self.onFrame = onFrame }
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) { onFrame(unwrapInboundIn(data)) }
-    func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }
-}

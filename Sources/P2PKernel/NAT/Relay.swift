@@ -1,5 +1,4 @@
 import NIOCore
-import NIOPosix
 
 /// Relay packets (docs/WIRE.md). A peer U that cannot be reached keeps an authenticated TCP
 /// connection — its link — to each of its relays R. Another peer A reaches U through R; what
@@ -69,7 +68,7 @@ struct RelayRoute {
 
 /// A peer this node relays for (the relay side).
 struct RelayServed {
-    let link: any Channel
+    let link: any PeerConnection
     /// The way back to each peer that wrote to it recently, by token (a ring).
     var returns: [ReturnPath?]
     var nextToken: UInt32 = 0
@@ -80,8 +79,8 @@ struct RelayServed {
 }
 
 enum ReturnPath {
-    case udp(SocketAddress)
-    case tcp(any Channel)
+    case udp(Endpoint)
+    case tcp(any PeerConnection)
 }
 
 extension Node {
@@ -102,10 +101,11 @@ extension Node {
                     relayRoutes[peer.id] = r
                 }
             } else {
-                if relayRoutes.count >= config.limits.maxRelayRoutes, let victim = relayRoutes.keys.randomElement() {
+                var rng = random.generator
+                if relayRoutes.count >= config.limits.maxRelayRoutes, let victim = relayRoutes.keys.randomElement(using: &rng) {
                     relayRoutes[victim] = nil
                 }
-                relayRoutes[peer.id] = RelayRoute(relays: relays, next: Int.random(in: 0..<relays.count))
+                relayRoutes[peer.id] = RelayRoute(relays: relays, next: Int.random(in: 0..<relays.count, using: &rng))
             }
         } else if relayRoutes[peer.id] != nil {
             relayRoutes[peer.id] = nil
@@ -130,39 +130,39 @@ extension Node {
 
     /// Sends a datagram for `peer`: to `target`, or wrapped to its relay.
     func emitUDP(_ packet: ByteBuffer, to target: PeerSocketAddress, peer: Number160, promise: EventLoopPromise<Void>?) {
-        guard let udp = udpChannel else {
+        guard let udp = transport.mainSocket else {
             promise?.fail(RPCError.shutDown)
             return
         }
         if peer != .zero, !udpPaths.isEmpty, let path = udpPaths[peer] {
-            (path.socket ?? udp).writeAndFlush(AddressedEnvelope(remoteAddress: path.address, data: packet), promise: promise)
+            (path.socket ?? udp).send(packet, to: path.address, promise: promise)
             return
         }
         let via = routedTarget(target, expected: peer)
         guard via != target else {
-            udp.writeAndFlush(AddressedEnvelope(remoteAddress: target.udpSocketAddress, data: packet), promise: promise)
+            udp.send(packet, to: target.udpEndpoint, promise: promise)
             return
         }
         let wrapped = RelayPacket.wrap(packet, framed: false, tcp: false) { b in
             b.writeInteger(RelayPacket.toRelay)
             b.writeBytes(peer.bytes)
         }
-        udp.writeAndFlush(AddressedEnvelope(remoteAddress: via.udpSocketAddress, data: wrapped), promise: promise)
+        udp.send(wrapped, to: via.udpEndpoint, promise: promise)
     }
 
     /// Writes a frame for `peer` on `channel`: as it is, or wrapped when the channel leads to
     /// the peer's relay rather than to the peer.
-    func emitTCP(_ frame: ByteBuffer, on channel: any Channel, peer: Number160, promise: EventLoopPromise<Void>?) {
-        let direct = relayRoutes.isEmpty || peer == .zero || relayRoutes[peer] == nil || directPaths[peer].map { $0 === channel } == true
+    func emitTCP(_ frame: ByteBuffer, on connection: any PeerConnection, peer: Number160, promise: EventLoopPromise<Void>?) {
+        let direct = relayRoutes.isEmpty || peer == .zero || relayRoutes[peer] == nil || directPaths[peer].map { $0 === connection } == true
         guard !direct else {
-            channel.writeAndFlush(frame, promise: promise)
+            connection.write(frame, promise: promise)
             return
         }
         let wrapped = RelayPacket.wrap(frame, framed: true, tcp: true) { b in
             b.writeInteger(RelayPacket.toRelay)
             b.writeBytes(peer.bytes)
         }
-        channel.writeAndFlush(wrapped, promise: promise)
+        connection.write(wrapped, promise: promise)
     }
 
     /// Writes a packet back the way a relayed one came (`framed`: it carries a TCP length).
@@ -173,19 +173,19 @@ extension Node {
                 b.writeInteger(RelayPacket.toRelay)
                 b.writeBytes(peer.bytes)
             }
-            udpChannel?.writeAndFlush(AddressedEnvelope(remoteAddress: relay, data: out), promise: nil)
-        case .relayed(let peer, .tcp(let channel)):
+            transport.mainSocket?.send(out, to: relay, promise: nil)
+        case .relayed(let peer, .tcp(let connection)):
             let out = RelayPacket.wrap(packet, framed: framed, tcp: true) { b in
                 b.writeInteger(RelayPacket.toRelay)
                 b.writeBytes(peer.bytes)
             }
-            channel.writeAndFlush(out, promise: nil)
-        case .link(let channel, let token, _, _):
+            connection.write(out, promise: nil)
+        case .link(let connection, let token, _, _):
             let out = RelayPacket.wrap(packet, framed: framed, tcp: true) { b in
                 b.writeInteger(RelayPacket.fromClient)
                 b.writeInteger(token)
             }
-            writeReply(out, on: channel)
+            writeReply(out, on: connection)
         case .udp, .tcp:
             return
         }
@@ -193,7 +193,7 @@ extension Node {
 
     // MARK: receiving
 
-    func receivedRelayPacket(_ kind: UInt8, _ buffer: ByteBuffer, remote: SocketAddress, origin: Origin) {
+    func receivedRelayPacket(_ kind: UInt8, _ buffer: ByteBuffer, remote: Endpoint, origin: Origin) {
         var b = buffer
         b.moveReaderIndex(forwardBy: 1)
         switch kind {
@@ -206,17 +206,18 @@ extension Node {
     }
 
     /// Relay side: A's packet for a peer we serve goes down that peer's link with a return token.
-    private func relayForward(_ b: inout ByteBuffer, remote: SocketAddress, origin: Origin) {
+    private func relayForward(_ b: inout ByteBuffer, remote: Endpoint, origin: Origin) {
         guard let target = RelayPacket.readID(&b), var served = relayServed[target] else {
             return countDrop("relay packet from \(remote) for a peer we do not relay")
         }
         let back: ReturnPath
         switch origin {
         case .udp(let a): back = .udp(a)
-        case .tcp(let ch): back = .tcp(ch)
+        case .tcp(let c): back = .tcp(c)
         default: return countDrop("relay packet from \(remote) nested in a relayed one")
         }
-        guard spend(b.readableBytes, on: &served), let ip = IPAddress(remote) else {
+        let ip = remote.ip
+        guard spend(b.readableBytes, on: &served) else {
             relayServed[target] = served
             return countDrop("relay packet for \(target): over its byte rate")
         }
@@ -224,7 +225,7 @@ extension Node {
         served.nextToken &+= 1
         served.returns[Int(token) % served.returns.count] = back
         relayServed[target] = served
-        let port = UInt16(remote.port ?? 0)
+        let port = remote.port
         let out = RelayPacket.wrap(b, framed: false, tcp: true) { o in
             o.writeInteger(RelayPacket.toClient)
             o.writeInteger(token)
@@ -259,21 +260,21 @@ extension Node {
                 o.writeBytes(owner.bytes)
                 RelayPacket.write(served.ip, into: &o)
             }
-            udpChannel?.writeAndFlush(AddressedEnvelope(remoteAddress: a, data: out), promise: nil)
-        case .tcp(let ch):
-            guard ch.isActive else { return }
+            transport.mainSocket?.send(out, to: a, promise: nil)
+        case .tcp(let c):
+            guard c.isActive else { return }
             let out = RelayPacket.wrap(b, framed: false, tcp: true) { o in
                 o.writeInteger(RelayPacket.fromRelay)
                 o.writeBytes(owner.bytes)
                 RelayPacket.write(served.ip, into: &o)
             }
-            writeReply(out, on: ch)
+            writeReply(out, on: c)
         }
     }
 
     /// Takes `bytes` from a served peer's allowance (`relayBytesPerSecond`, burst of `relayBurstBytes`).
     private func spend(_ bytes: Int, on served: inout RelayServed) -> Bool {
-        let now = PeerMap.now()
+        let now = clock.uptimeNanoseconds
         let limits = config.limits
         served.allowance = min(Double(limits.relayBurstBytes),
                                served.allowance + Double(now &- served.stamp) / 1e9 * Double(limits.relayBytesPerSecond))
@@ -284,45 +285,44 @@ extension Node {
     }
 
     /// Relayed side: a packet through one of our relays, from the peer it names.
-    private func relayDeliverToUs(_ b: inout ByteBuffer, remote: SocketAddress, origin: Origin) {
+    private func relayDeliverToUs(_ b: inout ByteBuffer, remote: Endpoint, origin: Origin) {
         guard case .tcp(let link) = origin, relayLinks[ObjectIdentifier(link)] != nil else {
             return countDrop("relay delivery from \(remote), not one of our relays")
         }
         guard let token = b.readInteger(as: UInt32.self), let kind = b.readInteger(as: UInt8.self), kind <= 1,
-              let ip = RelayPacket.readIP(&b), let port = b.readInteger(as: UInt16.self),
-              let source = try? SocketAddress(ipAddress: "\(ip)", port: Int(port)) else {
+              let ip = RelayPacket.readIP(&b), let port = b.readInteger(as: UInt16.self) else {
             return countDrop("malformed relay delivery from \(remote)")
         }
+        let source = Endpoint(ip: ip, port: port)
         receivedInner(b, ip: ip, remote: source, origin: .link(link, token: token, kind: kind == 0 ? .udp : .tcp, source: source))
     }
 
     /// Sending side: an answer from a relayed peer through one of the relays it announced.
-    private func relayArrived(_ b: inout ByteBuffer, remote: SocketAddress, origin: Origin) {
+    private func relayArrived(_ b: inout ByteBuffer, remote: Endpoint, origin: Origin) {
         guard let peer = RelayPacket.readID(&b), let ip = RelayPacket.readIP(&b), let route = relayRoutes[peer] else {
             return countDrop("relayed packet from \(remote) for a peer we know no relays of")
         }
         let via: RelayVia
-        let fromIP = IPAddress(remote), fromPort = UInt16(remote.port ?? 0)
+        let fromIP = remote.ip, fromPort = remote.port
         switch origin {
         case .udp(let a):
             guard route.relays.contains(where: { $0.ip == fromIP && $0.udpPort == fromPort }) else {
                 return countDrop("relayed packet from \(remote), not a relay of \(peer)")
             }
             via = .udp(a)
-        case .tcp(let ch):
+        case .tcp(let c):
             guard route.relays.contains(where: { $0.ip == fromIP && $0.tcpPort == fromPort }) else {
                 return countDrop("relayed packet from \(remote), not a relay of \(peer)")
             }
-            via = .tcp(ch)
+            via = .tcp(c)
         default:
             return countDrop("relayed packet nested in a relayed one")
         }
-        let source = (try? SocketAddress(ipAddress: "\(ip)", port: 0)) ?? remote
-        receivedInner(b, ip: ip, remote: source, origin: .relayed(peer, via))
+        receivedInner(b, ip: ip, remote: Endpoint(ip: ip, port: 0), origin: .relayed(peer, via))
     }
 
     /// A packet that came wrapped: a plain or session packet, never another wrapper.
-    private func receivedInner(_ buffer: ByteBuffer, ip: IPAddress, remote: SocketAddress, origin: Origin) {
+    private func receivedInner(_ buffer: ByteBuffer, ip: IPAddress, remote: Endpoint, origin: Origin) {
         guard let first = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) else { return }
         if first == PacketKind.plaintext.rawValue {
             receivedPlaintext(buffer, ip: ip, remote: remote, origin: origin)
@@ -338,15 +338,15 @@ extension Node {
     // MARK: serving as a relay
 
     /// Starts relaying for `peer` over `link` (its authenticated connection to us).
-    func serveRelay(for peer: PeerAddress, link: any Channel) -> Reply {
+    func serveRelay(for peer: PeerAddress, link: any PeerConnection) -> Reply {
         let limits = config.limits
-        let ip = link.remoteAddress.flatMap(IPAddress.init) ?? peer.ip
+        let ip = link.remote.ip
         if let refusal = relayRefusal(for: peer.id, ip: ip) { return .error(.denied, refusal) }
         if let old = relayServed[peer.id], old.link !== link {
             relayLinkOwners[ObjectIdentifier(old.link)] = nil
         }
         relayServed[peer.id] = RelayServed(link: link, returns: Array(repeating: nil, count: max(1, limits.relayReturnSlots)),
-                                           allowance: Double(limits.relayBurstBytes), stamp: PeerMap.now(), ip: ip)
+                                           allowance: Double(limits.relayBurstBytes), stamp: clock.uptimeNanoseconds, ip: ip)
         relayLinkOwners[ObjectIdentifier(link)] = peer.id
         link.closeFuture.whenComplete { [self] _ in
             relayLinkOwners[ObjectIdentifier(link)] = nil
@@ -369,11 +369,11 @@ extension Node {
     }
 
     /// Relayed side: `channel` is a link to our relay `relay`; it stays open (pinned).
-    func adoptRelayLink(_ channel: any Channel, relay: PeerAddress) {
-        relayLinks[ObjectIdentifier(channel)] = relay.id
+    func adoptRelayLink(_ link: any PeerConnection, relay: PeerAddress) {
+        relayLinks[ObjectIdentifier(link)] = relay.id
         pinned.insert(PeerSocketAddress(ip: relay.ip, tcpPort: relay.tcpPort, udpPort: 0))
-        channel.closeFuture.whenComplete { [self] _ in
-            relayLinks[ObjectIdentifier(channel)] = nil
+        link.closeFuture.whenComplete { [self] _ in
+            relayLinks[ObjectIdentifier(link)] = nil
             pinned.remove(PeerSocketAddress(ip: relay.ip, tcpPort: relay.tcpPort, udpPort: 0))
         }
     }
@@ -383,7 +383,7 @@ extension Node {
         let key = PeerSocketAddress(ip: relay.ip, tcpPort: relay.tcpPort, udpPort: 0)
         pinned.remove(key)
         for (id, owner) in relayLinks where owner == relay.id { relayLinks[id] = nil }
-        pool[key]?.whenSuccess { $0.close(promise: nil) }
+        pool[key]?.whenSuccess { $0.close() }
     }
 
     // MARK: reverse connections
@@ -391,10 +391,10 @@ extension Node {
     /// A relayed peer that connected to us directly (over TCP, in a session that proved its id):
     /// we reach it over that connection while it lasts, instead of through its relays.
     func noteDirectPath(_ peer: Number160, origin: Origin) {
-        guard !relayRoutes.isEmpty, case .tcp(let channel) = origin, relayRoutes[peer] != nil,
-              directPaths[peer].map({ $0 !== channel }) ?? true else { return }
-        installDirectPath(peer, channel: channel)
-        let remote = channel.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" } ?? "?"
+        guard !relayRoutes.isEmpty, case .tcp(let connection) = origin, relayRoutes[peer] != nil,
+              directPaths[peer].map({ $0 !== connection }) ?? true else { return }
+        installDirectPath(peer, connection: connection)
+        let remote = "\(connection.remote)"
         if let nonce = punchByPeer[peer], let p = punches[nonce], p.wantsTCP, !p.tcpDone {
             // The peer's SYN got to our listener during a punch: this connection is the punched path.
             punches[nonce]?.tcpDone = true

@@ -70,7 +70,7 @@ public enum KernelCommands {
                 return .reply(.error(.badRequest, "discover runs over UDP: the probe goes back to the datagram's source"))
             }
             let source = SourceKey.of(sender.ip, port: context.sourcePort)
-            guard node.discoverBuckets.allow(source, nowNanoseconds: PeerMap.now()) else {
+            guard node.discoverBuckets.allow(source, nowNanoseconds: node.clock.uptimeNanoseconds) else {
                 return .reply(.error(.denied, "busy: more than \(node.config.limits.discoversPerSecond) discovers a second from this source"))
             }
             let observed = PeerSocketAddress(ip: sender.ip, port: context.sourcePort)

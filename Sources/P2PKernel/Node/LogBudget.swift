@@ -12,10 +12,13 @@ public final class LogBudget: Sendable {
     }
     private let perSecond: Double
     private let state: NIOLockedValueBox<State>
+    private let clock: NodeClock?
 
-    public init(perSecond: Double) {
+    /// `clock`: the node's (virtual on the simulated network); nil reads the machine's.
+    public init(perSecond: Double, clock: NodeClock? = nil) {
         self.perSecond = max(0.1, perSecond)
-        self.state = NIOLockedValueBox(State(tokens: max(1, perSecond), stamp: NIODeadline.now().uptimeNanoseconds))
+        self.clock = clock
+        self.state = NIOLockedValueBox(State(tokens: max(1, perSecond), stamp: clock?.uptimeNanoseconds ?? NIODeadline.now().uptimeNanoseconds))
     }
 
     /// Whether one more line may be logged now.
@@ -23,7 +26,7 @@ public final class LogBudget: Sendable {
 
     /// Nil when over budget; otherwise how many lines were suppressed since the last allowed one.
     public func take() -> Int? {
-        let now = NIODeadline.now().uptimeNanoseconds
+        let now = clock?.uptimeNanoseconds ?? NIODeadline.now().uptimeNanoseconds
         return state.withLockedValue { s in
             s.tokens = min(max(1, perSecond), s.tokens + Double(now &- s.stamp) / 1e9 * perSecond)
             s.stamp = now

@@ -114,7 +114,7 @@ extension Node {
     public func refreshBuckets() async throws -> Int {
         let occupancy = peerMap.bucketOccupancy
         guard let nearest = occupancy.firstIndex(where: { $0 > 0 }) else { return 0 }
-        var rng = SystemRandomNumberGenerator()
+        var rng = random.generator
         var keys: [Number160] = []
         for bucket in stride(from: 159, to: nearest, by: -1) where occupancy[bucket] == 0 {
             keys.append(peerID ^ Number160.random(bitLength: bucket + 1, using: &rng))
@@ -151,7 +151,7 @@ extension Node {
             let t = TimeAmount(every)
             backgroundTasks.append(eventLoop.scheduleRepeatedTask(initialDelay: t, delay: t) { [self] _ in
                 let context = ReplicationContext(node: self)
-                Task { await policy.handle(.timer, context: context) }
+                spawn { await policy.handle(.timer, context: context) }
             })
         }
         guard let interval = config.maintenanceInterval else { return }

@@ -1,7 +1,6 @@
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
-import NIOPosix
 
 /// A peer of the overlay: UDP and TCP on one port, a peer map, an RPC layer and iterative routing.
 ///
@@ -19,7 +18,9 @@ import NIOPosix
 ///  TCP frame ────┘   (network id checked)  └─ request ─ registry[command] ── handler ── reply
 /// ```
 /// Everything on that path runs on the node's event loop; the state it touches (`pending`, the
-/// TCP pool) is confined to that loop, and only the peer map is shared behind a lock.
+/// TCP pool) is confined to that loop, and only the peer map is shared behind a lock. Bytes move
+/// through the node's `PeerTransport`: real sockets, or the simulated network (P2PTesting), on
+/// which the same code runs in virtual time.
 public final class Node: @unchecked Sendable {
     public let config: NodeConfig
     /// This peer's id.
@@ -36,7 +37,7 @@ public final class Node: @unchecked Sendable {
     /// The node's counters and gauges, when `NodeConfig.metrics` names a factory.
     public let metrics: NodeMetrics?
     /// The latest events, for the status page.
-    let events = EventLog()
+    let events: EventLog
     /// This node as others reach it: its announced ports, flags and relays. It changes at run
     /// time (a port mapping, relays); read from any thread.
     public var address: PeerAddress { published.withLockedValue { $0 } }
@@ -48,20 +49,24 @@ public final class Node: @unchecked Sendable {
     /// Probe-backs waiting for their nonce (see `ProbePacket`).
     var probes: [UInt64: ProbeWait] = [:]
 
+    /// The node's time (virtual on the simulated network) and random numbers (seeded there).
+    public let clock: NodeClock
+    public let random: RandomSource
+    /// How bytes move: sockets, or the simulated network.
+    let transport: any PeerTransport
+
     // Confined to `eventLoop`:
-    var udpChannel: (any Channel)?
-    var tcpServer: (any Channel)?
     var pending: [UInt32: PendingRequest] = [:]
     /// Relayed peers: where their relays are (see `Relay.swift`).
     var relayRoutes: [Number160: RelayRoute] = [:]
     /// Connections relayed peers opened to us (reverse connections), used instead of their relays.
-    var directPaths: [Number160: any Channel] = [:]
+    var directPaths: [Number160: any PeerConnection] = [:]
     /// Punched UDP paths to relayed peers: the socket and the address their datagrams go to
     /// instead of their relays (see `HolePunch.swift`).
     var udpPaths: [Number160: UDPPath] = [:]
     /// Birthday sockets that became paths, by the remote address they serve: replies to a
     /// datagram from there leave on that socket, not the node's.
-    var punchSockets: [SocketAddress: any Channel] = [:]
+    var punchSockets: [Endpoint: any DatagramSocket] = [:]
     /// Punches in progress by nonce, which peer each is with, and when each peer was last punched to.
     var punches: [UInt64: Punch] = [:]
     var punchByPeer: [Number160: UInt64] = [:]
@@ -82,9 +87,7 @@ public final class Node: @unchecked Sendable {
     /// connected back to a peer that wrote through them.
     var relayLinks: [ObjectIdentifier: Number160] = [:]
     var reverseTried: [Number160: UInt32] = [:]
-    var randomIDs = RandomPool()
-    /// Whether the UDP socket is IPv4 (then IPv6 targets are refused before a send could fail).
-    var udpFamilyIsV4 = true
+    var randomIDs: RandomPool
     /// The handshake responder; nil in insecure mode.
     let responder: HandshakeResponder?
     var sessions: SessionTable
@@ -93,24 +96,18 @@ public final class Node: @unchecked Sendable {
     var handshakeBuckets: TokenBuckets
     var discoverBuckets: TokenBuckets
     var probeBuckets: TokenBuckets
-    /// Times the UDP socket closed under the node and was bound again.
-    var udpRebinds = 0
-    /// The port UDP and TCP are bound to (the announced ports may differ: a port mapping).
-    var boundPort: UInt16 = 0
     var handlersInFlight = 0
     var handlersPerPeer: [UInt64: Int] = [:]
     let refusalLog: LogBudget
-    let tcpWaterMark: ChannelOptions.Types.WriteBufferWaterMark
-    var pool: [PeerSocketAddress: EventLoopFuture<any Channel>] = [:]
-    var inboundConnections: [ObjectIdentifier: any Channel] = [:]
+    var pool: [PeerSocketAddress: EventLoopFuture<any PeerConnection>] = [:]
+    var inboundConnections: [ObjectIdentifier: any PeerConnection] = [:]
     var inboundPerIP: [UInt64: Int] = [:]
     var authenticatedConnections: Set<ObjectIdentifier> = []
     /// Bytes announced by TCP frames still arriving, over all connections.
-    var partialFrameBytes = 0
-    /// Uptime seconds, updated once a second: what sessions age by (a clock read per packet
-    /// would cost more than the LRU order it keeps is worth).
-    var coarseSeconds = UInt32(truncatingIfNeeded: PeerMap.now() / 1_000_000_000)
-    var clockTask: RepeatedTask?
+    package let partialFrames: PartialFrameBudget
+    /// Uptime seconds: what sessions age by.
+    var coarseSeconds: UInt32 { clock.seconds }
+    var metricsTask: RepeatedTask?
 
     var poolOrder: [PeerSocketAddress] = []
     var running = true
@@ -138,11 +135,17 @@ public final class Node: @unchecked Sendable {
 
     init(config: NodeConfig, kernelCommands: KernelCommandIDs) {
         self.config = config
-        let keys = config.keyPair ?? PeerKeyPair()
+        let random = config.randomSeed.map(RandomSource.init(seed:)) ?? RandomSource()
+        self.random = random
+        let keys = config.keyPair ?? PeerKeyPair(random: random)
         self.keyPair = keys
         self.peerID = config.security == .insecure ? (config.peerID ?? keys.peerID) : keys.peerID
-        self.eventLoop = config.eventLoopGroup.next()
-        self.peerMap = PeerMap(selfID: peerID, config: config.peerMap)
+        let loop = config.eventLoopGroup.next()
+        self.eventLoop = loop
+        let clock = NodeClock(loop: loop)
+        self.clock = clock
+        self.events = EventLog(clock: clock)
+        self.peerMap = PeerMap(selfID: peerID, config: config.peerMap, clock: clock)
         self.registry = PluginRegistry()
         var logger = config.logger
         logger[metadataKey: "peer"] = "\(peerID.hexString.prefix(8))"
@@ -152,14 +155,17 @@ public final class Node: @unchecked Sendable {
         self.selfAddress = me
         self.published = NIOLockedValueBox(me)
         self.kernelCommands = kernelCommands
-        self.responder = config.security == .authenticated ? HandshakeResponder(identity: keys, network: config.networkID) : nil
+        self.randomIDs = RandomPool(random)
+        self.responder = config.security == .authenticated ? HandshakeResponder(identity: keys, network: config.networkID, random: random) : nil
         self.sessions = SessionTable(capacity: config.limits.maxSessions)
         let limits = config.limits
-        self.handshakeBuckets = TokenBuckets(rate: limits.handshakesPerSecond, burst: limits.handshakeBurst, slots: limits.rateLimitSlots)
-        self.discoverBuckets = TokenBuckets(rate: limits.discoversPerSecond, burst: limits.discoverBurst, slots: limits.rateLimitSlots)
-        self.probeBuckets = TokenBuckets(rate: limits.probesPerSecond, burst: limits.probeBurst, slots: limits.rateLimitSlots)
-        self.refusalLog = LogBudget(perSecond: 2)
-        self.tcpWaterMark = .init(low: limits.tcpWriteLowWater, high: max(limits.tcpWriteLowWater + 1, limits.tcpWriteHighWater))
+        self.handshakeBuckets = TokenBuckets(rate: limits.handshakesPerSecond, burst: limits.handshakeBurst, slots: limits.rateLimitSlots, seed: random.next())
+        self.discoverBuckets = TokenBuckets(rate: limits.discoversPerSecond, burst: limits.discoverBurst, slots: limits.rateLimitSlots, seed: random.next())
+        self.probeBuckets = TokenBuckets(rate: limits.probesPerSecond, burst: limits.probeBurst, slots: limits.rateLimitSlots, seed: random.next())
+        self.refusalLog = LogBudget(perSecond: 2, clock: clock)
+        self.partialFrames = PartialFrameBudget(limit: limits.maxPartialFrameBytes)
+        self.transport = config.makeTransport?(loop, config, logger)
+            ?? SocketTransport(eventLoop: loop, host: config.host, port: config.port, idleTimeout: config.tcpIdleTimeout, limits: limits, logger: logger)
         nat.attach(self)
     }
 
@@ -194,7 +200,17 @@ public final class Node: @unchecked Sendable {
         } catch {
             throw NodeStartError.plugin(error)
         }
-        try await node.bind()
+        do {
+            try await node.transport.start(events: node).get()
+        } catch let error as NodeStartError {
+            throw error
+        } catch {
+            throw NodeStartError.bindFailed(host: config.host, port: config.port, reason: "\(error)")
+        }
+        try await node.eventLoop.submit {
+            node.selfAddress.socket = PeerSocketAddress(ip: node.selfAddress.socket.ip, port: node.transport.boundPort)
+            node.published.withLockedValue { $0 = node.selfAddress }
+        }.get()
         node.connectEvents()
         for plugin in node.registry.plugins {
             do {
@@ -205,10 +221,11 @@ public final class Node: @unchecked Sendable {
             }
         }
         node.eventLoop.execute {
-            node.clockTask = node.eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [weak node] _ in
-                guard let node else { return }
-                node.coarseSeconds = UInt32(truncatingIfNeeded: PeerMap.now() / 1_000_000_000)
-                node.metrics?.sample(node)
+            if node.metrics != nil {
+                node.metricsTask = node.eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [weak node] _ in
+                    guard let node else { return }
+                    node.metrics?.sample(node)
+                }
             }
             node.startMaintenance()
         }
@@ -247,99 +264,10 @@ public final class Node: @unchecked Sendable {
     public func replicate(_ event: ReplicationEvent) {
         let policies = registry.replicationPolicies
         guard !policies.isEmpty else { return }
-        for p in policies { p.record(event) }
         let context = ReplicationContext(node: self)
-        Task {
+        for p in policies { p.record(event, context: context) }
+        spawn {
             for p in policies { await p.handle(event, context: context) }
-        }
-    }
-
-    /// Binds UDP, then TCP on the port UDP got. With port 0 a port free for UDP may be taken for
-    /// TCP, so that case retries with another port a few times.
-    private func bind() async throws {
-        let attempts = config.port == 0 ? 8 : 1
-        var lastError: (any Error)?
-        for _ in 0..<attempts {
-            let udp: any Channel
-            do {
-                udp = try await bindUDP(port: config.port)
-            } catch {
-                throw NodeStartError.bindFailed(host: config.host, port: config.port, reason: "\(error)")
-            }
-            let port = UInt16(udp.localAddress?.port ?? 0)
-            do {
-                let tcp = try await ServerBootstrap(group: eventLoop)
-                    .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-                    // So that a dialing socket can bind this port too: the TCP observation and
-                    // hole punching go out from the port NATs saw (Linux needs SO_REUSEPORT on
-                    // both sockets). UDP, bound first without it, keeps the port ours.
-                    .serverChannelOption(NATTraversal.reusePort, value: 1)
-                    .serverChannelOption(.backlog, value: 256)
-                    // At the file-descriptor limit accept() fails at once, again and again: pause
-                    // accepting for a moment instead of spinning a core.
-                    .serverChannelInitializer { ch in
-                        ch.eventLoop.makeCompletedFuture {
-                            try ch.pipeline.syncOperations.addHandler(AcceptThrottle(pause: .milliseconds(250)))
-                        }
-                    }
-                    .childChannelOption(.writeBufferWaterMark, value: tcpWaterMark)
-                    .childChannelInitializer { [self] ch in self.configureTCP(ch, inbound: true) }
-                    .bind(host: config.host, port: Int(port)).get()
-                try await eventLoop.submit { [self] in
-                    udpChannel = udp
-                    udpFamilyIsV4 = udp.localAddress?.protocol != .inet6
-                    tcpServer = tcp
-                    boundPort = port
-                    selfAddress.socket = PeerSocketAddress(ip: selfAddress.socket.ip, port: port)
-                    published.withLockedValue { $0 = selfAddress }
-                    watch(udp)
-                }.get()
-                return
-            } catch {
-                lastError = error
-                try? await udp.close()
-            }
-        }
-        throw NodeStartError.bindFailed(host: config.host, port: config.port, reason: "\(lastError.map { "\($0)" } ?? "unknown")")
-    }
-
-    private func bindUDP(port: UInt16) async throws -> any Channel {
-        try await DatagramBootstrap(group: eventLoop)
-            .channelOption(.maxMessagesPerRead, value: 16)
-            .channelInitializer { [self] ch in
-                ch.eventLoop.makeCompletedFuture { try ch.pipeline.syncOperations.addHandler(UDPHandler(node: self)) }
-            }
-            .bind(host: config.host, port: Int(port)).get()
-    }
-
-    /// SwiftNIO closes a UDP socket on most send errors (a route gone, a firewall's EPERM); a node
-    /// without its UDP socket is out of the overlay while looking alive. So a UDP socket that
-    /// closes while the node runs is bound again on the same port.
-    private func watch(_ udp: any Channel) {
-        udp.closeFuture.whenComplete { [self] _ in
-            eventLoop.execute { [self] in
-                guard running, !stopping, udpChannel === udp else { return }
-                udpChannel = nil
-                logger.error("UDP socket closed unexpectedly; binding it again", metadata: ["port": "\(selfAddress.udpPort)"])
-                rebindUDP(attempt: 1)
-            }
-        }
-    }
-
-    private func rebindUDP(attempt: Int) {
-        guard running, !stopping else { return }
-        let port = boundPort
-        eventLoop.makeFutureWithTask { [self] in try await bindUDP(port: port) }.whenComplete { [self] result in
-            switch result {
-            case .success(let udp):
-                guard running, !stopping else { return udp.close(promise: nil) }
-                udpChannel = udp
-                udpRebinds += 1
-                watch(udp)
-            case .failure(let error):
-                logger.error("binding UDP again failed", metadata: ["attempt": "\(attempt)", "error": "\(error)"])
-                eventLoop.scheduleTask(in: .milliseconds(Int64(min(5_000, 100 * attempt)))) { [self] in rebindUDP(attempt: attempt + 1) }
-            }
         }
     }
 
@@ -360,8 +288,8 @@ public final class Node: @unchecked Sendable {
             guard running else { return eventLoop.makeSucceededVoidFuture() }
             maintenanceTask?.cancel()
             maintenanceTask = nil
-            clockTask?.cancel()
-            clockTask = nil
+            metricsTask?.cancel()
+            metricsTask = nil
             for t in backgroundTasks { t.cancel() }
             backgroundTasks.removeAll()
             var writes: [EventLoopFuture<Void>] = []
@@ -395,14 +323,11 @@ public final class Node: @unchecked Sendable {
                 for (_, w) in probes { w.promise.succeed(()) }
                 probes.removeAll()
                 endAllPunches()
-                var closes: [EventLoopFuture<Void>] = []
-                for (_, f) in pool { closes.append(f.flatMap { $0.close() }.recover { _ in }) }
+                for (_, f) in pool { f.whenSuccess { $0.close() } }
                 pool.removeAll()
                 poolOrder.removeAll()
-                for ch in inboundConnections.values { closes.append(ch.close().recover { _ in }) }
-                if let tcpServer { closes.append(tcpServer.close().recover { _ in }) }
-                if let udpChannel { closes.append(udpChannel.close().recover { _ in }) }
-                return EventLoopFuture.andAllComplete(closes, on: eventLoop)
+                for c in inboundConnections.values { c.close() }
+                return transport.close()
             }
         }
         try? await closing.get()

@@ -48,6 +48,12 @@ public struct NodeConfig: Sendable {
     /// Where the node's metrics go (see `NodeMetrics`); nil records none, at no cost. Each node
     /// takes its own factory, so several nodes in one process keep separate numbers.
     public var metrics: (any MetricsFactory)?
+    /// Seeds the node's random numbers (ids, keys, message ids, every random choice) so that a run
+    /// repeats: simulations only, since seeded numbers are predictable. Nil: the system's generator.
+    public var randomSeed: UInt64?
+    /// Makes the node's transport; nil: real sockets (`SocketTransport`). The simulated network
+    /// sets its own.
+    package var makeTransport: (@Sendable (_ loop: any EventLoop, _ config: NodeConfig, _ logger: Logger) -> any PeerTransport)?
 
     public init() {}
 }

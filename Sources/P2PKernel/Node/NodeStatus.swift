@@ -77,10 +77,16 @@ public struct NodeStatus: Codable, Sendable, Equatable {
 final class EventLog: Sendable {
     static let capacity = 64
     private let ring = NIOLockedValueBox((items: [NodeStatus.Event](), next: 0))
-    private let started = NIODeadline.now()
+    private let clock: NodeClock
+    private let started: NIODeadline
+
+    init(clock: NodeClock) {
+        self.clock = clock
+        self.started = clock.now
+    }
 
     func add(_ text: String) {
-        let at = Double((NIODeadline.now() - started).nanoseconds) / 1e9
+        let at = Double((clock.now - started).nanoseconds) / 1e9
         ring.withLockedValue { r in
             let e = NodeStatus.Event(at: at, text: text)
             if r.items.count < Self.capacity {
@@ -96,7 +102,7 @@ final class EventLog: Sendable {
         ring.withLockedValue { r in Array(r.items[r.next...] + r.items[..<r.next]) }
     }
 
-    var uptime: Double { Double((NIODeadline.now() - started).nanoseconds) / 1e9 }
+    var uptime: Double { Double((clock.now - started).nanoseconds) / 1e9 }
 }
 
 extension Node {
@@ -134,7 +140,7 @@ extension Node {
         return NodeStatus(
             id: peerID.hexString,
             announced: "\(me.socket)",
-            bound: "\(config.host):\(boundPort)",
+            bound: "\(config.host):\(transport.boundPort)",
             security: config.security == .authenticated ? "authenticated sessions" : "insecure (plaintext)",
             uptimeSeconds: events.uptime,
             reachability: reach,

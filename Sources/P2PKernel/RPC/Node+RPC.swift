@@ -1,15 +1,14 @@
 import NIOCore
-import NIOPosix
 
 /// Where a message came from, and so where its reply goes.
 enum Origin {
-    case udp(SocketAddress)
-    case tcp(any Channel)
+    case udp(Endpoint)
+    case tcp(any PeerConnection)
     /// From a relayed peer (its id), forwarded by one of its relays (see `RelayPacket`).
     case relayed(Number160, RelayVia)
     /// To us, a relayed peer, through our link to a relay: the relay's return token, the
     /// transport the sender used to reach the relay, and its address as the relay saw it.
-    case link(any Channel, token: UInt32, kind: TransportKind, source: SocketAddress)
+    case link(any PeerConnection, token: UInt32, kind: TransportKind, source: Endpoint)
 
     /// The transport the sender used: sessions seal and open per transport.
     var kind: TransportKind {
@@ -24,8 +23,8 @@ enum Origin {
 
 /// How a relay's packets reach us: datagrams from its UDP socket, or frames on our connection to it.
 enum RelayVia {
-    case udp(SocketAddress)
-    case tcp(any Channel)
+    case udp(Endpoint)
+    case tcp(any PeerConnection)
     var kind: TransportKind { if case .udp = self { .udp } else { .tcp } }
 }
 
@@ -66,8 +65,9 @@ extension Node {
     // MARK: inbound
 
     /// Every datagram and TCP frame starts here, on the node's event loop.
-    func received(_ buffer: ByteBuffer, from remote: SocketAddress, origin: Origin) {
-        guard running, let ip = IPAddress(remote), let first = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) else { return }
+    func received(_ buffer: ByteBuffer, from remote: Endpoint, origin: Origin) {
+        guard running, let first = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) else { return }
+        let ip = remote.ip
         if first == PacketKind.plaintext.rawValue {
             receivedPlaintext(buffer, ip: ip, remote: remote, origin: origin)
         } else if first >= ProbePacket.kind, first <= ObservePacket.answerKind {
@@ -75,11 +75,11 @@ extension Node {
         } else if first >= RelayPacket.toRelay, first <= RelayPacket.fromRelay {
             receivedRelayPacket(first, buffer, remote: remote, origin: origin)
         } else if first == PunchPacket.kind {
-            guard case .udp = origin, let udp = udpChannel else {
+            guard case .udp = origin, let udp = transport.mainSocket else {
                 countDrop("punch packet from \(remote) not over UDP")
                 return closeIfStream(origin)
             }
-            receivedPunch(buffer, from: remote, channel: udp)
+            receivedPunch(buffer, from: remote, socket: udp)
         } else if sessionsEnabled {
             receivedSessionPacket(buffer, ip: ip, remote: remote, origin: origin)
         } else {
@@ -87,7 +87,7 @@ extension Node {
         }
     }
 
-    func receivedPlaintext(_ buffer: ByteBuffer, ip: IPAddress, remote: SocketAddress, origin: Origin) {
+    func receivedPlaintext(_ buffer: ByteBuffer, ip: IPAddress, remote: Endpoint, origin: Origin) {
         let networkID = config.networkID
         let decoded = buffer.withUnsafeReadableBytes { raw in
             Result { () throws(WireError) -> Message in try WireCodec.decode(raw, senderIP: ip, networkID: networkID) }
@@ -109,7 +109,7 @@ extension Node {
 
     /// A decoded message: from an authenticated session (`session` is our index of it) or, in
     /// insecure mode, in the clear.
-    func dispatch(_ message: Message, bytes: Int, origin: Origin, remote: SocketAddress, session: UInt64) {
+    func dispatch(_ message: Message, bytes: Int, origin: Origin, remote: Endpoint, session: UInt64) {
         guard message.sender.id != peerID else { return }
         if let metrics {
             let s = metrics.series(message.command, registry: registry.commands)
@@ -135,7 +135,7 @@ extension Node {
     /// id, in secure mode), and arrives from the address the request went to — or on the TCP
     /// connection it went out on. Anything else is dropped, so a guessed message id is not
     /// enough to answer someone else's request.
-    private func completePending(_ reply: Message, origin: Origin, remote: SocketAddress, session: UInt64) {
+    private func completePending(_ reply: Message, origin: Origin, remote: Endpoint, session: UInt64) {
         guard let p = pending[reply.id] else { return }
         guard reply.recipientID == peerID, p.expected == .zero || p.expected == reply.sender.id else {
             countDrop("reply \(reply.id) from \(remote) names the wrong peers")
@@ -143,13 +143,13 @@ extension Node {
         }
         switch origin {
         case .udp:
-            let sameAddress = remote.port.map(UInt16.init) == p.target.udpPort && IPAddress(remote) == p.target.ip
+            let sameAddress = remote.port == p.target.udpPort && remote.ip == p.target.ip
             guard p.transport == .udp, sameAddress || (!udpPaths.isEmpty && p.expected != .zero && udpPaths[p.expected]?.address == remote) else {
                 countDrop("reply \(reply.id) from \(remote), but the request went to \(p.target)")
                 return
             }
-        case .tcp(let channel):
-            guard p.connection == ObjectIdentifier(channel) else {
+        case .tcp(let connection):
+            guard p.connection == ObjectIdentifier(connection) else {
                 countDrop("reply \(reply.id) on another connection than its request")
                 return
             }
@@ -158,7 +158,7 @@ extension Node {
             let sameWay: Bool
             switch via {
             case .udp: sameWay = p.transport == .udp
-            case .tcp(let channel): sameWay = p.connection == ObjectIdentifier(channel)
+            case .tcp(let connection): sameWay = p.connection == ObjectIdentifier(connection)
             }
             guard p.expected == peer, sameWay else {
                 countDrop("relayed reply \(reply.id) for another request")
@@ -182,7 +182,7 @@ extension Node {
         }
         noteContact(reply.sender)
         if let metrics {
-            metrics.series(p.command, registry: registry.commands).latency.recordNanoseconds(Int64(clamping: (NIODeadline.now() - p.sent).nanoseconds))
+            metrics.series(p.command, registry: registry.commands).latency.recordNanoseconds(Int64(clamping: (clock.now - p.sent).nanoseconds))
         }
         p.promise.succeed(reply)
     }
@@ -193,7 +193,7 @@ extension Node {
         }
         switch origin {
         case .udp(let remote):
-            if !relayRoutes.isEmpty { noteUDPPath(request.sender, remote: remote, channel: punchSockets.isEmpty ? nil : punchSockets[remote]) }
+            if !relayRoutes.isEmpty { noteUDPPath(request.sender, remote: remote, socket: punchSockets.isEmpty ? nil : punchSockets[remote]) }
         case .tcp: noteDirectPath(request.sender.id, origin: origin)
         case .link:
             considerReverseConnection(to: request.sender, origin: origin)
@@ -220,9 +220,9 @@ extension Node {
             }
             return
         }
-        var channel: (any Channel)?
-        if case .tcp(let ch) = origin { channel = ch }
-        let context = CommandContext(node: self, sender: request.sender, transport: origin.kind, sourcePort: origin.sourcePort, connection: channel)
+        var connection: (any PeerConnection)?
+        if case .tcp(let c) = origin { connection = c }
+        let context = CommandContext(node: self, sender: request.sender, transport: origin.kind, sourcePort: origin.sourcePort, connection: connection)
         switch handler.handle(request, context: context) {
         case .reply(let reply):
             if request.type == .request { sendReply(reply, to: request, origin: origin, session: session) }
@@ -272,9 +272,9 @@ extension Node {
     func write(_ packet: ByteBuffer, origin: Origin) {
         switch origin {
         case .udp(let remote):
-            udpSocket(to: remote)?.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: packet), promise: nil)
-        case .tcp(let channel):
-            writeReply(packet.framed(), on: channel)
+            udpSocket(to: remote)?.send(packet, to: remote, promise: nil)
+        case .tcp(let connection):
+            writeReply(packet.framed(), on: connection)
         case .relayed, .link:
             writeRelayed(packet, framed: false, origin: origin)
         }
@@ -284,14 +284,14 @@ extension Node {
     /// not read: then the peer is not reading its replies and the connection is closed.
     /// (Back-pressure stops reading from it, but handlers already running still answer, and a
     /// reply may be megabytes.)
-    func writeReply(_ frame: ByteBuffer, on channel: any Channel) {
-        let queued = (try? channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0
+    func writeReply(_ frame: ByteBuffer, on connection: any PeerConnection) {
+        let queued = connection.queuedBytes
         guard queued + frame.readableBytes <= config.limits.maxQueuedReplyBytes else {
             countDrop("a reply to a peer that does not read: \(queued) bytes already queued")
-            channel.close(promise: nil)
+            connection.close()
             return
         }
-        channel.writeAndFlush(frame, promise: nil)
+        connection.write(frame, promise: nil)
     }
 
     // MARK: outbound
@@ -399,13 +399,13 @@ extension Node {
                                      payload: payload, timeout: total, plaintext: plain, transport: routedKind)
         if let metrics {
             metrics.countOut(metrics.series(command, registry: registry.commands), bytes: size)
-            pending[id]?.sent = .now()
+            pending[id]?.sent = clock.now
         }
         transmit(plain, to: target, expected: expectedID, over: routedKind, requestID: id)
         if routedKind == .udp {
             // Re-sent every `udpRetryAfter` until the deadline: datagrams get lost, and so may the
             // FINISH of a fresh session. A re-sent request is sealed anew, so the peer answers it.
-            resend(id, every: min(config.udpRetryAfter, total / 2), deadline: NIODeadline.now() + TimeAmount(total), total: total)
+            resend(id, every: min(config.udpRetryAfter, total / 2), deadline: clock.now + TimeAmount(total), total: total)
         } else {
             pending[id]?.timer = eventLoop.scheduleTask(in: TimeAmount(total)) { [self] in
                 timedOut(id, after: total)
@@ -415,7 +415,7 @@ extension Node {
     }
 
     private func resend(_ id: UInt32, every interval: Duration, deadline: NIODeadline, total: Duration, attempt: Int = 1) {
-        let next = NIODeadline.now() + TimeAmount(interval)
+        let next = clock.now + TimeAmount(interval)
         guard next < deadline else {
             pending[id]?.timer = eventLoop.scheduleTask(deadline: deadline) { [self] in timedOut(id, after: total) }
             return
@@ -443,7 +443,7 @@ extension Node {
         let port = kind == .udp ? target.udpPort : target.tcpPort
         if port == 0 { return "\(target): port 0" }
         if !target.ip.isUnicast { return "\(target): not a unicast address" }
-        if !target.ip.isV4, udpFamilyIsV4 { return "\(target): IPv6, and this node listens on IPv4 only" }
+        if !target.ip.isV4, transport.isIPv4 { return "\(target): IPv6, and this node listens on IPv4 only" }
         return nil
     }
 
@@ -492,7 +492,7 @@ extension Node {
                   requestID: UInt32?, written: EventLoopPromise<Void>? = nil) {
         switch kind {
         case .udp:
-            guard udpChannel != nil else {
+            guard transport.mainSocket != nil else {
                 written?.fail(RPCError.shutDown)
                 return
             }
@@ -507,16 +507,16 @@ extension Node {
                 case .failure(let error):
                     written?.fail(error)
                     if let id = requestID { failRequest(id, .unreachable(peer: "\(target)", reason: "\(error)"), peerFailed: true) }
-                case .success(let channel):
+                case .success(let connection):
                     if let id = requestID {
                         guard pending[id] != nil else { return }
-                        pending[id]?.connection = ObjectIdentifier(channel)
+                        pending[id]?.connection = ObjectIdentifier(connection)
                     }
                     if !sessionsEnabled {
-                        emitTCP(plain.framed(), on: channel, peer: expected, promise: written)
+                        emitTCP(plain.framed(), on: connection, peer: expected, promise: written)
                     } else {
                         sendSecure(QueuedMessage(plain: plain, requestID: requestID, written: written), to: target, expected: expected,
-                                   over: .tcp, connection: channel)
+                                   over: .tcp, connection: connection)
                     }
                 }
             }
@@ -527,37 +527,32 @@ extension Node {
 
     /// The connection to use for `peer`: one it opened to us (a reverse connection), the pooled
     /// one to its relay when it is relayed, else the pooled one to `target`.
-    func connection(to target: PeerSocketAddress, peer: Number160) -> EventLoopFuture<any Channel> {
+    func connection(to target: PeerSocketAddress, peer: Number160) -> EventLoopFuture<any PeerConnection> {
         if !directPaths.isEmpty, peer != .zero, let direct = directPaths[peer] { return eventLoop.makeSucceededFuture(direct) }
         return connection(to: routedTarget(target, expected: peer))
     }
 
     /// A pooled connection to the peer's TCP port, opened on first use and reused after.
-    func connection(to target: PeerSocketAddress) -> EventLoopFuture<any Channel> {
+    func connection(to target: PeerSocketAddress) -> EventLoopFuture<any PeerConnection> {
         let key = PeerSocketAddress(ip: target.ip, tcpPort: target.tcpPort, udpPort: 0)
         if let existing = pool[key] { return existing }
         if let problem = unsendable(target, .tcp) { return eventLoop.makeFailedFuture(RPCError.invalidAddress(problem)) }
         // The oldest unpinned connection makes room (links to our relays are pinned).
         if pool.count >= config.maxTCPConnections, let at = poolOrder.firstIndex(where: { !pinned.contains($0) }) {
             let oldest = poolOrder.remove(at: at)
-            pool.removeValue(forKey: oldest)?.whenSuccess { $0.close(promise: nil) }
+            pool.removeValue(forKey: oldest)?.whenSuccess { $0.close() }
         }
-        let future = ClientBootstrap(group: eventLoop)
-            .connectTimeout(TimeAmount(config.requestTimeout))
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
-            .channelOption(.writeBufferWaterMark, value: tcpWaterMark)
-            .channelInitializer { [self] ch in configureTCP(ch, inbound: false) }
-            .connect(to: target.tcpSocketAddress)
+        let future = transport.connect(to: target.tcpEndpoint, timeout: TimeAmount(config.requestTimeout), fromListenPort: false, raw: nil)
         pool[key] = future
         poolOrder.append(key)
         future.whenComplete { [self] result in
             switch result {
             case .failure:
                 forget(key, future)
-            case .success(let ch):
-                ch.closeFuture.whenComplete { [self] _ in
+            case .success(let c):
+                c.closeFuture.whenComplete { [self] _ in
                     forget(key, future)
-                    failRequests(on: ObjectIdentifier(ch), target: target)
+                    failRequests(on: ObjectIdentifier(c), target: target)
                 }
             }
         }
@@ -580,7 +575,7 @@ extension Node {
         }
     }
 
-    private func forget(_ key: PeerSocketAddress, _ future: EventLoopFuture<any Channel>) {
+    private func forget(_ key: PeerSocketAddress, _ future: EventLoopFuture<any PeerConnection>) {
         if let current = pool[key], current === future {
             pool[key] = nil
             poolOrder.removeAll { $0 == key }
@@ -616,7 +611,7 @@ extension Node {
 extension Origin {
     /// The source port of a datagram; zero for TCP (a connection's port says nothing about the peer).
     var sourcePort: UInt16 {
-        if case .udp(let remote) = self { return UInt16(remote.port ?? 0) }
+        if case .udp(let remote) = self { return remote.port }
         return 0
     }
 }
@@ -631,17 +626,19 @@ extension ByteBuffer {
     }
 }
 
-/// Random 32-bit numbers from the system generator, two per draw.
+/// Random 32-bit numbers from the node's source, two per draw.
 struct RandomPool {
+    let source: RandomSource
     private var spare: UInt32?
+
+    init(_ source: RandomSource) { self.source = source }
 
     mutating func next() -> UInt32 {
         if let v = spare {
             spare = nil
             return v
         }
-        var rng = SystemRandomNumberGenerator()
-        let v: UInt64 = rng.next()
+        let v = source.next()
         spare = UInt32(truncatingIfNeeded: v >> 32)
         return UInt32(truncatingIfNeeded: v)
     }

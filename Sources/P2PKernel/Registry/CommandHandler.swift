@@ -59,7 +59,7 @@ public struct CommandContext: Sendable {
     /// The source port the request came from (the outside port, when the sender is behind NAT).
     public let sourcePort: UInt16
     /// The TCP connection the request came on (nil for UDP and relayed requests).
-    var connection: (any Channel)? = nil
+    var connection: (any PeerConnection)? = nil
     /// The node's event loop, on which the handler runs.
     public var eventLoop: any EventLoop { node.eventLoop }
 }

@@ -24,12 +24,12 @@ public protocol ReplicationPolicy: Sendable {
     func handle(_ event: ReplicationEvent, context: ReplicationContext) async
     /// Called synchronously, before `handle`, where the event happens (for what must be known at
     /// once, such as a removal that a replica in flight must not undo).
-    func record(_ event: ReplicationEvent)
+    func record(_ event: ReplicationEvent, context: ReplicationContext)
 }
 
 extension ReplicationPolicy {
     public var timerInterval: Duration? { nil }
-    public func record(_ event: ReplicationEvent) {}
+    public func record(_ event: ReplicationEvent, context: ReplicationContext) {}
 }
 
 /// What a replication policy is told.

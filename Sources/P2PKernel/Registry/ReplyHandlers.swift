@@ -18,7 +18,7 @@ extension CommandContext {
             return .reply(.error(.denied, "this peer has no raw reply handler"))
         }
         let sender = self.sender
-        return .future(eventLoop.makeFutureWithTask {
+        return .future(node.makeFutureWithTask {
             Reply(payload: [.bytes(try await handler.reply(to: bytes, from: sender))])
         })
     }

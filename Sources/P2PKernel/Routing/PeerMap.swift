@@ -110,9 +110,13 @@ public final class PeerMap: @unchecked Sendable {
     private var listeners: [@Sendable (PeerMapEvent) -> Void] = []
     private let checkIntervals: [UInt64]
 
-    public init(selfID: Number160, config: PeerMapConfig = PeerMapConfig()) {
+    private let clock: NodeClock?
+
+    /// `clock`: the node's (virtual on the simulated network); nil reads the machine's.
+    public init(selfID: Number160, config: PeerMapConfig = PeerMapConfig(), clock: NodeClock? = nil) {
         self.selfID = selfID
         self.config = config
+        self.clock = clock
         self.checkIntervals = config.checkIntervals.map { PeerMap.nanoseconds($0) }
     }
 
@@ -121,7 +125,7 @@ public final class PeerMap: @unchecked Sendable {
         return UInt64(max(0, s)) * 1_000_000_000 + UInt64(max(0, a) / 1_000_000_000)
     }
 
-    static func now() -> UInt64 { NIODeadline.now().uptimeNanoseconds }
+    private func now() -> UInt64 { clock?.uptimeNanoseconds ?? NIODeadline.now().uptimeNanoseconds }
 
     /// The bucket index of an id: bit length of the XOR distance minus one; `nil` for our own id.
     @inlinable
@@ -141,7 +145,7 @@ public final class PeerMap: @unchecked Sendable {
     public func peerFound(_ address: PeerAddress, verified: Bool) -> Bool {
         // A record we could not send to (port 0, broadcast, multicast…) never enters the map.
         guard address.socket.isValidPeerRecord, let b = bucketIndex(of: address.id) else { return false }
-        let now = PeerMap.now()
+        let now = now()
         let event: PeerMapEvent? = lock.withLock {
             if let until = banned[address.id] {
                 if until > now && !verified { return nil }
@@ -211,12 +215,12 @@ public final class PeerMap: @unchecked Sendable {
         if banned.count >= config.maxBanned, let oldest = banned.min(by: { $0.value < $1.value })?.key {
             banned[oldest] = nil
         }
-        banned[id] = PeerMap.now() + PeerMap.nanoseconds(config.banDuration)
+        banned[id] = now() + PeerMap.nanoseconds(config.banDuration)
     }
 
     /// Whether an id is banned right now (failed until offline, not heard from first-hand since).
     public func isBanned(_ id: Number160) -> Bool {
-        lock.withLock { (banned[id] ?? 0) > PeerMap.now() }
+        lock.withLock { (banned[id] ?? 0) > now() }
     }
 
     /// The verified peer with this id, if any.
@@ -311,7 +315,7 @@ public final class PeerMap: @unchecked Sendable {
     /// each is marked as checked so it is not handed out again before its next interval.
     public func dueForCheck(limit: Int) -> [PeerAddress] {
         guard limit > 0, !checkIntervals.isEmpty else { return [] }
-        let now = PeerMap.now()
+        let now = now()
         return lock.withLock {
             var due: [(UInt64, Int, Int)] = []
             for (b, bucket) in buckets.enumerated() where !bucket.verified.isEmpty {

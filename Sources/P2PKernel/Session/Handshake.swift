@@ -85,8 +85,10 @@ struct InitiatorHandshake {
     /// The INIT we send (and send again when a datagram is lost).
     let initPacket: [UInt8]
 
-    init(network: UInt32, index: UInt64, expected: Number160) {
-        ephemeral = Curve25519.KeyAgreement.PrivateKey()
+    init(network: UInt32, index: UInt64, expected: Number160, random: RandomSource) {
+        // From the node's source: the system's generator, or a simulation's seeded one.
+        ephemeral = random.isSeeded ? ((try? Curve25519.KeyAgreement.PrivateKey(rawRepresentation: random.bytes(32))) ?? Curve25519.KeyAgreement.PrivateKey())
+            : Curve25519.KeyAgreement.PrivateKey()
         self.index = index
         self.expected = expected
         initPacket = SessionCodec.encode(HandshakeInit(networkID: network, ephemeral: Array(ephemeral.publicKey.rawRepresentation),
@@ -131,10 +133,10 @@ final class HandshakeResponder {
     private let master: SymmetricKey
     private var cached: [(epoch: UInt64, key: SymmetricKey)] = []
 
-    init(identity: PeerKeyPair, network: UInt32) {
+    init(identity: PeerKeyPair, network: UInt32, random: RandomSource) {
         self.identity = identity
         self.network = network
-        self.master = SymmetricKey(size: .bits256)
+        self.master = random.isSeeded ? SymmetricKey(data: random.bytes(32)) : SymmetricKey(size: .bits256)
     }
 
     private func secret(epoch: UInt64) -> SymmetricKey {

@@ -23,7 +23,7 @@ struct OutboundHandshake {
     let target: PeerSocketAddress
     let transport: TransportKind
     /// The TCP connection the INIT went out on (the RESPONSE must come back on it).
-    let connection: (any Channel)?
+    let connection: (any PeerConnection)?
     var queue: [QueuedMessage]
     var retransmit: Scheduled<Void>?
     var expiry: Scheduled<Void>?
@@ -46,7 +46,7 @@ extension Node {
 
     /// Seals `item` in the session with `expected`, or queues it behind a handshake.
     func sendSecure(_ item: QueuedMessage, to target: PeerSocketAddress, expected: Number160, over kind: TransportKind,
-                    connection: (any Channel)?) {
+                    connection: (any PeerConnection)?) {
         if expected != .zero, let (packet, local) = sessions.seal(item.plain, peer: expected, transport: kind, now: coarseSeconds) {
             send(item, packet, session: local, to: target, peer: expected, over: kind, connection: connection)
         } else {
@@ -55,14 +55,14 @@ extension Node {
     }
 
     /// Seals one message in the session in `slot` and writes it.
-    private func seal(_ item: QueuedMessage, slot: Int, to target: PeerSocketAddress, over kind: TransportKind, connection: (any Channel)?) {
+    private func seal(_ item: QueuedMessage, slot: Int, to target: PeerSocketAddress, over kind: TransportKind, connection: (any PeerConnection)?) {
         let local = sessions[slot].localIndex, peer = sessions[slot].remoteID
         send(item, sessions.seal(item.plain, slot: slot, transport: kind, now: coarseSeconds), session: local, to: target, peer: peer,
              over: kind, connection: connection)
     }
 
     private func send(_ item: QueuedMessage, _ packet: ByteBuffer?, session: UInt64, to target: PeerSocketAddress, peer: Number160,
-                      over kind: TransportKind, connection: (any Channel)?) {
+                      over kind: TransportKind, connection: (any PeerConnection)?) {
         guard let packet else {
             return reject(item, .encoding(.limitExceeded(what: "sealed message bytes", value: item.plain.readableBytes, limit: WireLimits.maxMessageBytes)))
         }
@@ -72,7 +72,7 @@ extension Node {
         }
         switch kind {
         case .udp:
-            guard udpChannel != nil else { return reject(item, .shutDown) }
+            guard transport.mainSocket != nil else { return reject(item, .shutDown) }
             emitUDP(packet, to: target, peer: peer, promise: item.written)
         case .tcp:
             guard let connection else { return reject(item, .shutDown) }
@@ -85,8 +85,8 @@ extension Node {
     func sendInSession(_ plain: ByteBuffer, replyTo peer: Number160, session: UInt64, origin: Origin) {
         guard let packet = sessions.sealReply(plain, index: session, peer: peer, transport: origin.kind, now: coarseSeconds) else { return }
         switch origin {
-        case .udp(let remote): udpSocket(to: remote)?.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: packet), promise: nil)
-        case .tcp(let channel): writeReply(packet, on: channel)
+        case .udp(let remote): udpSocket(to: remote)?.send(packet, to: remote, promise: nil)
+        case .tcp(let connection): writeReply(packet, on: connection)
         case .relayed, .link: writeRelayed(packet, framed: origin.kind == .tcp, origin: origin)
         }
     }
@@ -99,7 +99,7 @@ extension Node {
     // MARK: handshakes we start
 
     private func enqueue(_ item: QueuedMessage, target: PeerSocketAddress, expected: Number160, over kind: TransportKind,
-                         connection: (any Channel)?) {
+                         connection: (any PeerConnection)?) {
         let key = HandshakeKey(ip: target.ip, port: kind == .udp ? target.udpPort : target.tcpPort, expected: expected, transport: kind)
         if let index = handshakeKeys[key], handshakes[index] != nil {
             if let id = item.requestID, handshakes[index]?.queue.contains(where: { $0.requestID == id }) == true { return }
@@ -114,7 +114,7 @@ extension Node {
         }
         var index: UInt64
         repeat { index = UInt64(randomIDs.next()) << 32 | UInt64(randomIDs.next()) } while index == 0 || handshakes[index] != nil || sessions.slot(index: index) != nil
-        let crypto = InitiatorHandshake(network: config.networkID, index: index, expected: expected)
+        let crypto = InitiatorHandshake(network: config.networkID, index: index, expected: expected, random: random)
         handshakes[index] = OutboundHandshake(crypto: crypto, key: key, target: target, transport: kind, connection: connection, queue: [item])
         handshakeKeys[key] = index
         sendINIT(index, retry: min(config.udpRetryAfter / 2, config.requestTimeout / 4))
@@ -164,20 +164,20 @@ extension Node {
     }
 
     /// Whether a handshake packet came back the way the handshake went out.
-    private func cameBack(_ h: OutboundHandshake, origin: Origin, remote: SocketAddress) -> Bool {
+    private func cameBack(_ h: OutboundHandshake, origin: Origin, remote: Endpoint) -> Bool {
         switch origin {
         case .udp:
             return h.transport == .udp && (udpPaths[h.crypto.expected]?.address == remote
-                || (IPAddress(remote) == h.target.ip && remote.port.map(UInt16.init) == h.target.udpPort))
-        case .tcp(let channel): return h.connection.map { ObjectIdentifier($0) == ObjectIdentifier(channel) } ?? false
+                || (remote.ip == h.target.ip && remote.port == h.target.udpPort))
+        case .tcp(let connection): return h.connection.map { $0 === connection } ?? false
         case .relayed(let peer, .udp): return h.transport == .udp && h.crypto.expected == peer
-        case .relayed(let peer, .tcp(let channel)):
-            return h.crypto.expected == peer && (h.connection.map { ObjectIdentifier($0) == ObjectIdentifier(channel) } ?? false)
+        case .relayed(let peer, .tcp(let connection)):
+            return h.crypto.expected == peer && (h.connection.map { $0 === connection } ?? false)
         case .link: return false
         }
     }
 
-    private func completeHandshake(_ r: HandshakeResponse, origin: Origin, remote: SocketAddress) {
+    private func completeHandshake(_ r: HandshakeResponse, origin: Origin, remote: Endpoint) {
         guard let h = handshakes[r.initiatorIndex], cameBack(h, origin: origin, remote: remote) else {
             countDrop("RESPONSE from \(remote) for no handshake of ours")
             return
@@ -208,7 +208,7 @@ extension Node {
         }
     }
 
-    private func handshakeRefused(_ reason: RefusalReason, index: UInt64, origin: Origin, remote: SocketAddress) {
+    private func handshakeRefused(_ reason: RefusalReason, index: UInt64, origin: Origin, remote: Endpoint) {
         guard let h = handshakes[index], cameBack(h, origin: origin, remote: remote) else { return }
         let peer = "\(h.target)"
         switch reason {
@@ -225,7 +225,7 @@ extension Node {
     /// The peer says it has no session with the index we used: it restarted or dropped it. If we
     /// have requests in that session waiting on exactly that address, forget the session and send
     /// them again (a new handshake first), so a restarted peer answers within one request timeout.
-    private func sessionLost(_ index: UInt64, origin: Origin, remote: SocketAddress) {
+    private func sessionLost(_ index: UInt64, origin: Origin, remote: Endpoint) {
         guard let slot = sessions.sessions.firstIndex(where: { $0.remoteIndex == index }) else { return }
         let local = sessions[slot].localIndex
         let affected = pending.filter { _, p in
@@ -233,8 +233,8 @@ extension Node {
             switch origin {
             case .udp:
                 return p.transport == .udp && ((p.expected != .zero && udpPaths[p.expected]?.address == remote)
-                    || (IPAddress(remote) == p.target.ip && remote.port.map(UInt16.init) == p.target.udpPort))
-            case .tcp(let channel): return p.connection == ObjectIdentifier(channel)
+                    || (remote.ip == p.target.ip && remote.port == p.target.udpPort))
+            case .tcp(let connection): return p.connection == ObjectIdentifier(connection)
             case .relayed(let peer, let via): return p.expected == peer && p.transport == via.kind
             case .link: return false
             }
@@ -255,7 +255,7 @@ extension Node {
 
     // MARK: receiving
 
-    func receivedSessionPacket(_ buffer: ByteBuffer, ip: IPAddress, remote: SocketAddress, origin: Origin) {
+    func receivedSessionPacket(_ buffer: ByteBuffer, ip: IPAddress, remote: Endpoint, origin: Origin) {
         buffer.withUnsafeReadableBytes { raw in
             let packet: SessionPacket
             do {
@@ -265,12 +265,12 @@ extension Node {
                 closeIfStream(origin)
                 return
             }
-            let source = SourceKey.of(ip, port: UInt16(remote.port ?? 0))
+            let source = SourceKey.of(ip, port: remote.port)
             switch packet {
             case .sealed(let header):
                 let opened = open(raw, index: header.receiverIndex, headerBytes: SessionWire.sealedHeaderBytes, counter: header.counter,
                                   ip: ip, remote: remote, origin: origin)
-                if !opened, handshakeBuckets.allow(source, nowNanoseconds: PeerMap.now()) {
+                if !opened, handshakeBuckets.allow(source, nowNanoseconds: clock.uptimeNanoseconds) {
                     // The peer holds a session we do not (we restarted, or dropped it): say so, so it
                     // handshakes again. Nine bytes, for at least 33 received: no amplification.
                     var notice = ByteBufferAllocator().buffer(capacity: SessionWire.sessionUnknownBytes)
@@ -292,7 +292,7 @@ extension Node {
     }
 
     private func answerInit(_ i: HandshakeInit, source: UInt64, ip: IPAddress, origin: Origin) {
-        guard let responder, handshakeBuckets.allow(source, nowNanoseconds: PeerMap.now()) else {
+        guard let responder, handshakeBuckets.allow(source, nowNanoseconds: clock.uptimeNanoseconds) else {
             countDrop("INIT over the handshake rate of its source")
             return
         }
@@ -304,7 +304,7 @@ extension Node {
             packet.writeBytes(SessionCodec.encodeRefused(refusal, initiatorIndex: i.initiatorIndex))
         } else {
             do {
-                packet.writeBytes(SessionCodec.encode(try responder.respond(to: i, from: ip, now: PeerMap.now())))
+                packet.writeBytes(SessionCodec.encode(try responder.respond(to: i, from: ip, now: clock.uptimeNanoseconds)))
             } catch {
                 countDrop("INIT with a bad key: \(error)")
                 return
@@ -314,19 +314,19 @@ extension Node {
     }
 
     private func acceptFinish(_ raw: UnsafeRawBufferPointer, _ f: HandshakeFinish, bodyOffset: Int, source: UInt64,
-                              ip: IPAddress, remote: SocketAddress, origin: Origin) {
+                              ip: IPAddress, remote: Endpoint, origin: Origin) {
         // The initiator repeats FINISH until we answer in the session: those open in it directly.
         if let slot = sessions.slot(index: f.responderIndex) {
             guard sessions[slot].remoteIndex == f.initiatorIndex else { return countDrop("FINISH for another session") }
             _ = open(raw, index: f.responderIndex, headerBytes: bodyOffset, counter: f.counter, ip: ip, remote: remote, origin: origin)
             return
         }
-        guard let responder, handshakeBuckets.allow(source, nowNanoseconds: PeerMap.now()) else {
+        guard let responder, handshakeBuckets.allow(source, nowNanoseconds: clock.uptimeNanoseconds) else {
             return countDrop("FINISH over the handshake rate of its source")
         }
         var session: Session
         do {
-            session = try responder.accept(f, from: ip, now: PeerMap.now(), seconds: coarseSeconds)
+            session = try responder.accept(f, from: ip, now: clock.uptimeNanoseconds, seconds: coarseSeconds)
         } catch {
             return countDrop("FINISH from \(remote): \(error)")
         }
@@ -350,7 +350,7 @@ extension Node {
     /// Opens a packet addressed to our index and hands on what it carries; false when no session
     /// has that index.
     private func open(_ raw: UnsafeRawBufferPointer, index: UInt64, headerBytes: Int, counter: UInt64, ip: IPAddress,
-                      remote: SocketAddress, origin: Origin) -> Bool {
+                      remote: Endpoint, origin: Origin) -> Bool {
         withScratch(raw.count) { scratch in
             switch sessions.open(raw, index: index, headerBytes: headerBytes, counter: counter, transport: origin.kind,
                                  now: coarseSeconds, into: scratch) {
@@ -382,7 +382,7 @@ extension Node {
     }
 
     /// Decodes an opened message and hands it on, if its sender is the session's proven peer.
-    private func deliver(_ plain: UnsafeRawBufferPointer, remoteID: Number160, session: UInt64, ip: IPAddress, remote: SocketAddress, origin: Origin) {
+    private func deliver(_ plain: UnsafeRawBufferPointer, remoteID: Number160, session: UInt64, ip: IPAddress, remote: Endpoint, origin: Origin) {
         let message: Message
         do {
             message = try WireCodec.decode(plain, senderIP: ip, networkID: config.networkID)
@@ -399,9 +399,9 @@ extension Node {
 
     /// A plaintext request to a node that requires sessions: answered with `sessionRequired`, a
     /// bare header no larger than the request, so the insecure peer gets a clear error.
-    func refusePlaintext(_ message: Message, remote: SocketAddress, origin: Origin) {
+    func refusePlaintext(_ message: Message, remote: Endpoint, origin: Origin) {
         guard message.type == .request,
-              handshakeBuckets.allow(SourceKey.of(message.sender.ip, port: UInt16(remote.port ?? 0)), nowNanoseconds: PeerMap.now()) else {
+              handshakeBuckets.allow(SourceKey.of(message.sender.ip, port: remote.port), nowNanoseconds: clock.uptimeNanoseconds) else {
             return countDrop("plaintext message from \(remote)")
         }
         logRefusal("refused a plaintext request from \(remote): this node requires authenticated sessions (the peer runs insecure)")
@@ -414,13 +414,12 @@ extension Node {
 
     /// A handshake to a node in insecure mode: refused with a 10-byte REFUSED, so the secure peer
     /// gets a clear error too.
-    func refuseHandshake(_ buffer: ByteBuffer, remote: SocketAddress, origin: Origin) {
+    func refuseHandshake(_ buffer: ByteBuffer, remote: Endpoint, origin: Origin) {
         let index: UInt64? = buffer.withUnsafeReadableBytes { raw in
             if case .handshakeInit(let i)? = try? SessionCodec.decode(raw) { return i.initiatorIndex }
             return nil
         }
-        guard let index, let ip = IPAddress(remote),
-              handshakeBuckets.allow(SourceKey.of(ip, port: UInt16(remote.port ?? 0)), nowNanoseconds: PeerMap.now()) else {
+        guard let index, handshakeBuckets.allow(SourceKey.of(remote.ip, port: remote.port), nowNanoseconds: clock.uptimeNanoseconds) else {
             return countDrop("session packet from \(remote) to an insecure node")
         }
         logRefusal("refused a handshake from \(remote): this node runs insecure and the peer requires authenticated sessions")

@@ -7,14 +7,14 @@ public enum SessionBenchmark {
     /// packets encoded and decoded as on the wire.
     public static func handshakesPerSecond(for duration: Duration) throws -> Double {
         let a = PeerKeyPair(), b = PeerKeyPair()
-        let responder = HandshakeResponder(identity: b, network: 1)
+        let responder = HandshakeResponder(identity: b, network: 1, random: RandomSource())
         let clock = ContinuousClock()
         let start = clock.now
         var done = 0
         var index: UInt64 = 1
         repeat {
             index &+= 1
-            let initiator = InitiatorHandshake(network: 1, index: index, expected: b.peerID)
+            let initiator = InitiatorHandshake(network: 1, index: index, expected: b.peerID, random: RandomSource())
             guard case .handshakeInit(let i) = try SessionCodec.decode(initiator.initPacket) else { throw HandshakeError.badKey }
             let response = SessionCodec.encode(try responder.respond(to: i, from: .loopback, now: 1))
             guard case .handshakeResponse(let r) = try SessionCodec.decode(response) else { throw HandshakeError.badKey }
@@ -38,8 +38,8 @@ public enum SessionBenchmark {
     /// Messages of `bytes` sealed and opened per second, and the bytes sealing adds to each.
     public static func sealOpenPerSecond(messageBytes bytes: Int, for duration: Duration) throws -> (perSecond: Double, overhead: Int) {
         let a = PeerKeyPair(), b = PeerKeyPair()
-        let responder = HandshakeResponder(identity: b, network: 1)
-        let initiator = InitiatorHandshake(network: 1, index: 7, expected: .zero)
+        let responder = HandshakeResponder(identity: b, network: 1, random: RandomSource())
+        let initiator = InitiatorHandshake(network: 1, index: 7, expected: .zero, random: RandomSource())
         guard case .handshakeInit(let i) = try SessionCodec.decode(initiator.initPacket) else { throw HandshakeError.badKey }
         let r = try responder.respond(to: i, from: .loopback, now: 1)
         var (sender, prefix) = try initiator.complete(r, network: 1, identity: a, now: 0)

@@ -3,22 +3,27 @@ import NIOCore
 import Glibc
 #endif
 
-/// Hands every datagram to the node. Holds the node strongly until the channel closes.
+/// Hands every datagram of one socket to the transport. Holds the transport strongly until the
+/// channel closes.
 final class UDPHandler: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = AddressedEnvelope<ByteBuffer>
-    let node: Node
+    let socket: ChannelDatagramSocket
+    let transport: SocketTransport
 
-    init(node: Node) { self.node = node }
+    init(socket: ChannelDatagramSocket, transport: SocketTransport) {
+        self.socket = socket
+        self.transport = transport
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let envelope = unwrapInboundIn(data)
-        node.received(envelope.data, from: envelope.remoteAddress, origin: .udp(envelope.remoteAddress))
+        transport.deliver(datagram: envelope.data, from: envelope.remoteAddress, on: socket)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         // A UDP socket reports ICMP errors and the like here; the affected request times out on
         // its own, and the socket stays open for everyone else.
-        node.logger.trace("udp error", metadata: ["error": "\(error)"])
+        transport.logger.trace("udp error", metadata: ["error": "\(error)"])
     }
 }
 
@@ -56,22 +61,23 @@ final class AcceptThrottle: ChannelInboundHandler, @unchecked Sendable {
     }
 }
 
-/// Hands every TCP frame to the node; closes the connection when it has been idle too long or
-/// broke a framing bound. On inbound connections it stops reading while the peer does not read
+/// Hands every TCP frame to the transport; closes the connection when it has been idle too long
+/// or broke a framing bound. On inbound connections it stops reading while the peer does not read
 /// its replies, and starts again once the replies drain.
 final class TCPHandler: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
-    let node: Node
+    let connection: ChannelConnection
+    let transport: SocketTransport
     let inbound: Bool
 
-    init(node: Node, inbound: Bool) {
-        self.node = node
+    init(connection: ChannelConnection, transport: SocketTransport, inbound: Bool) {
+        self.connection = connection
+        self.transport = transport
         self.inbound = inbound
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard let remote = context.remoteAddress else { return }
-        node.received(unwrapInboundIn(data), from: remote, origin: .tcp(context.channel))
+        transport.deliver(frame: unwrapInboundIn(data), on: connection)
     }
 
     /// Closes the connection if it stays unable to take writes this long (set while paused).
@@ -90,7 +96,7 @@ final class TCPHandler: ChannelInboundHandler, @unchecked Sendable {
             } else {
                 // A peer that does not read its replies for long is gone or hostile: close.
                 let channel = context.channel
-                stalled = context.eventLoop.scheduleTask(in: TimeAmount(node.config.limits.stalledWriteTimeout)) {
+                stalled = context.eventLoop.scheduleTask(in: TimeAmount(transport.stalledWriteTimeout)) {
                     channel.close(promise: nil)
                 }
             }
@@ -107,14 +113,39 @@ final class TCPHandler: ChannelInboundHandler, @unchecked Sendable {
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event is IdleStateHandler.IdleStateEvent {
             // A direct path to a relayed peer is kept (pinged); any other idle connection closes.
-            node.connectionIdle(context.channel)
+            transport.idle(connection)
         } else {
             context.fireUserInboundEventTriggered(event)
         }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        node.logger.debug("closing tcp connection", metadata: ["error": "\(error)"])
+        transport.logger.debug("closing tcp connection", metadata: ["error": "\(error)"])
         context.close(promise: nil)
     }
+}
+
+/// Length-prefixed frames of at most `max` bytes (a longer one closes the connection): for the
+/// few small unauthenticated exchanges of NAT traversal.
+struct SmallFrameDecoder: ByteToMessageDecoder {
+    typealias InboundOut = ByteBuffer
+    let max: Int
+    mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
+        guard let length = buffer.getInteger(at: buffer.readerIndex, as: UInt32.self) else { return .needMoreData }
+        guard length <= max else { throw RPCError.malformedReply("frame of \(length) bytes, more than \(max)") }
+        guard buffer.readableBytes >= 4 + Int(length) else { return .needMoreData }
+        buffer.moveReaderIndex(forwardBy: 4)
+        guard let frame = buffer.readSlice(length: Int(length)) else { return .needMoreData }
+        context.fireChannelRead(NIOAny(frame))
+        return .continue
+    }
+}
+
+/// Hands each inbound frame to a closure.
+final class FrameCatcher: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    let onFrame: @Sendable (ByteBuffer) -> Void
+    init(_ onFrame: @escaping @Sendable (ByteBuffer) -> Void) { self.onFrame = onFrame }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) { onFrame(unwrapInboundIn(data)) }
+    func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }
 }

@@ -14,14 +14,16 @@ struct FrameDecoder: ByteToMessageDecoder {
     /// The largest frame: a maximum-size message sealed in a FINISH.
     static let maxFrameBytes = WireLimits.maxMessageBytes + SessionWire.finishHeaderBytes + SessionWire.tagBytes
 
-    let node: Node
+    let budget: PartialFrameBudget
+    let frameDeadline: Duration
     let pauseWhenUnwritable: Bool
     /// Budget held for the frame in progress.
     private var reserved = 0
     private var deadline: Scheduled<Void>?
 
-    init(node: Node, pauseWhenUnwritable: Bool) {
-        self.node = node
+    init(budget: PartialFrameBudget, deadline: Duration, pauseWhenUnwritable: Bool) {
+        self.budget = budget
+        self.frameDeadline = deadline
         self.pauseWhenUnwritable = pauseWhenUnwritable
     }
 
@@ -34,13 +36,12 @@ struct FrameDecoder: ByteToMessageDecoder {
         let total = 4 + Int(length)
         guard buffer.readableBytes >= total else {
             if reserved == 0 {
-                guard node.reserveFrameBytes(total) else {
-                    throw WireError.limitExceeded(what: "bytes held in partial TCP frames", value: node.partialFrameBytes + total,
-                                                  limit: node.config.limits.maxPartialFrameBytes)
+                guard budget.reserve(total) else {
+                    throw WireError.limitExceeded(what: "bytes held in partial TCP frames", value: budget.held + total, limit: budget.limit)
                 }
                 reserved = total
                 let channel = context.channel
-                deadline = context.eventLoop.scheduleTask(in: TimeAmount(node.config.limits.frameDeadline)) {
+                deadline = context.eventLoop.scheduleTask(in: TimeAmount(frameDeadline)) {
                     channel.close(promise: nil)
                 }
             }
@@ -64,7 +65,7 @@ struct FrameDecoder: ByteToMessageDecoder {
 
     private mutating func release() {
         if reserved > 0 {
-            node.releaseFrameBytes(reserved)
+            budget.release(reserved)
             reserved = 0
         }
         deadline?.cancel()

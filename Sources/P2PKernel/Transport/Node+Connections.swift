@@ -1,43 +1,49 @@
 import NIOCore
 
-/// TCP connection bookkeeping of a node: inbound admission by count and source, the budget of
-/// bytes in partial frames, and closing connections that never authenticate.
-extension Node {
-    /// Sets up a new TCP connection's pipeline; an inbound one over a bound is refused (closed).
-    func configureTCP(_ ch: any Channel, inbound: Bool) -> EventLoopFuture<Void> {
-        ch.eventLoop.makeCompletedFuture {
-            if inbound { try admit(ch) }
-            let ops = ch.pipeline.syncOperations
-            try ops.addHandler(IdleStateHandler(allTimeout: TimeAmount(config.tcpIdleTimeout)))
-            try ops.addHandler(ByteToMessageHandler(FrameDecoder(node: self, pauseWhenUnwritable: inbound),
-                                                    maximumBufferSize: FrameDecoder.maxFrameBytes + 4 + (256 << 10)))
-            try ops.addHandler(TCPHandler(node: self, inbound: inbound))
+/// What the node's transport hands it (see `TransportEvents`), and connection bookkeeping:
+/// inbound admission by count and source, and closing connections that never authenticate.
+extension Node: TransportEvents {
+    package func received(datagram: ByteBuffer, from remote: Endpoint, on socket: any DatagramSocket) {
+        if let main = transport.mainSocket, main === socket {
+            received(datagram, from: remote, origin: .udp(remote))
+        } else {
+            receivedOnPunchSocket(datagram, from: remote, socket: socket)
         }
     }
+
+    package func received(frame: ByteBuffer, on connection: any PeerConnection) {
+        received(frame, from: connection.remote, origin: .tcp(connection))
+    }
+
+    package func idle(_ connection: any PeerConnection) {
+        connectionIdle(connection)
+    }
+
+    package var limits: NodeLimits { config.limits }
 
     /// Admits an inbound connection within `maxInboundTCP` in all and `maxInboundTCPPerIP` per
     /// source IP (loopback exempt), and gives it `requestTimeout` to send something that
     /// authenticates (a valid sealed packet, or in insecure mode a valid message) before it is closed.
-    private func admit(_ ch: any Channel) throws {
+    package func admit(_ connection: any PeerConnection) throws {
         let limits = config.limits
         guard running, inboundConnections.count < limits.maxInboundTCP else {
             throw RPCError.busy("more than \(limits.maxInboundTCP) inbound TCP connections")
         }
-        let ip = ch.remoteAddress.flatMap(IPAddress.init)
-        let key = ip.flatMap { $0.isLoopback ? nil : SourceKey.of($0, port: 0) }
+        let ip = connection.remote.ip
+        let key = ip.isLoopback ? nil : SourceKey.of(ip, port: 0)
         if let key {
             let n = inboundPerIP[key] ?? 0
             guard n < limits.maxInboundTCPPerIP else {
-                    throw RPCError.busy("more than \(limits.maxInboundTCPPerIP) inbound TCP connections from \(ip.map { "\($0)" } ?? "?")")
+                throw RPCError.busy("more than \(limits.maxInboundTCPPerIP) inbound TCP connections from \(ip)")
             }
             inboundPerIP[key] = n + 1
         }
-        let id = ObjectIdentifier(ch)
-        inboundConnections[id] = ch
+        let id = ObjectIdentifier(connection)
+        inboundConnections[id] = connection
         let deadline = eventLoop.scheduleTask(in: TimeAmount(config.requestTimeout)) { [self] in
-            if !authenticatedConnections.contains(id) { ch.close(promise: nil) }
+            if !authenticatedConnections.contains(id) { connection.close() }
         }
-        ch.closeFuture.whenComplete { [self] _ in
+        connection.closeFuture.whenComplete { [self] _ in
             eventLoop.execute { [self] in
                 deadline.cancel()
                 inboundConnections[id] = nil
@@ -49,26 +55,15 @@ extension Node {
 
     /// Records that an inbound connection delivered an authenticated message.
     func authenticated(_ origin: Origin) {
-        if case .tcp(let ch) = origin {
-            let id = ObjectIdentifier(ch)
+        if case .tcp(let c) = origin {
+            let id = ObjectIdentifier(c)
             if inboundConnections[id] != nil { authenticatedConnections.insert(id) }
         }
-    }
-
-    /// Takes `bytes` from the budget of bytes in partial frames; false when they do not fit.
-    func reserveFrameBytes(_ bytes: Int) -> Bool {
-        guard partialFrameBytes + bytes <= config.limits.maxPartialFrameBytes else { return false }
-        partialFrameBytes += bytes
-        return true
-    }
-
-    func releaseFrameBytes(_ bytes: Int) {
-        partialFrameBytes = max(0, partialFrameBytes - bytes)
     }
 
     /// Closes a TCP connection that sent something undecodable or unauthentic: unlike a datagram,
     /// a stream cannot be resynchronised, and a broken or hostile peer should not keep the slot.
     func closeIfStream(_ origin: Origin) {
-        if case .tcp(let ch) = origin { ch.close(promise: nil) }
+        if case .tcp(let c) = origin { c.close() }
     }
 }

@@ -9,7 +9,7 @@ struct TokenBuckets {
     let rate: Double
     let burst: Double
     let slots: Int
-    private let seed = UInt64.random(in: 0...UInt64.max)
+    private let seed: UInt64
     private var table: [Bucket] = []
 
     private struct Bucket {
@@ -18,7 +18,8 @@ struct TokenBuckets {
         var stamp: UInt32
     }
 
-    init(rate: Double, burst: Double, slots: Int) {
+    init(rate: Double, burst: Double, slots: Int, seed: UInt64) {
+        self.seed = seed
         self.rate = max(0, rate)
         self.burst = max(1, burst)
         self.slots = max(1, slots)
