@@ -64,9 +64,18 @@ let package = Package(
                 .product(name: "HeapModule", package: "swift-collections"),
             ]
         ),
+        // In-process testnets: on loopback sockets, or on the simulated network (virtual time,
+        // latency, loss, partitions, NAT, one seed).
         .target(
             name: "P2PTesting",
-            dependencies: ["P2PKernel"]
+            dependencies: [
+                "P2PKernel",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "DequeModule", package: "swift-collections"),
+                .product(name: "HeapModule", package: "swift-collections"),
+            ]
         ),
         // libffi (Debian's libffi-dev), for manifest-declared C functions.
         .systemLibrary(name: "CFFI", pkgConfig: "libffi", providers: [.apt(["libffi-dev"])]),

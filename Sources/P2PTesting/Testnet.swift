@@ -14,7 +14,7 @@ public final class Testnet: Sendable {
     /// Seconds the bootstrap phase took (zero with perfect routing or without bootstrap).
     public let bootstrapSeconds: Double
 
-    init(nodes: [Node], bootstrapSeconds: Double) {
+    public init(nodes: [Node], bootstrapSeconds: Double) {
         self.nodes = nodes
         self.bootstrapSeconds = bootstrapSeconds
     }
@@ -37,19 +37,23 @@ public final class Testnet: Sendable {
     ///   - plugins: the plugins of peer i (none by default: a bare kernel).
     ///   - configure: changes to each node's config (maintenance is off unless set here).
     ///   - progress: called with (phase, done, total) now and then during long phases.
+    ///   - network: the simulated network to start the peers on (call this inside its `run`);
+    ///     nil: real sockets on 127.0.0.1.
     public static func start(peers: Int, routing: Routing = .bootstrap, joinConcurrency: Int = 16,
+                             network: SimulatedNetwork? = nil,
                              plugins: @Sendable (Int) -> [any Plugin] = { _ in [] },
                              configure: @Sendable (Int, inout NodeConfig) -> Void = { _, _ in },
                              progress: (@Sendable (String, Int, Int) -> Void)? = nil) async throws -> Testnet {
         precondition(peers >= 1, "a testnet needs at least one peer")
         var nodes: [Node] = []
         nodes.reserveCapacity(peers)
+        let clock = network.map { NodeClock(loop: $0.loop) }
         do {
             for i in 0..<peers {
-                var builder = Node.builder().host("127.0.0.1").port(0).maintenance(nil).requestTimeout(.seconds(2))
+                var builder = (network?.node() ?? Node.builder().host("127.0.0.1").port(0)).maintenance(nil).requestTimeout(.seconds(2))
                 builder = builder.configure { configure(i, &$0) }.plugins(plugins(i))
                 nodes.append(try await builder.start())
-                if i % 500 == 499 { progress?("start", i + 1, peers) }
+                if i % 5000 == 4999 || (network == nil && i % 500 == 499) { progress?("start", i + 1, peers) }
             }
         } catch {
             for n in nodes { await n.shutdown() }
@@ -64,8 +68,9 @@ public final class Testnet: Sendable {
                 if i % 500 == 499 { progress?("fill", i + 1, peers) }
             }
         case .bootstrap:
-            let clock = ContinuousClock()
-            let started = clock.now
+            let wall = ContinuousClock()
+            let started = wall.now
+            let virtualStart = clock?.now
             let seed = nodes[0].address.socket
             let joiners = Array(nodes.dropFirst())
             let window = max(1, joinConcurrency)
@@ -76,12 +81,14 @@ public final class Testnet: Sendable {
                     let node = joiners[next]
                     next += 1
                     group.addTask {
-                        // A busy seed may miss a ping (UDP): retry as a real node would.
-                        for attempt in 1...3 {
+                        // A busy seed may miss a ping (UDP), and a lossy simulated link several:
+                        // retry as a real node would.
+                        let attempts = network.map { $0.conditions.loss > 0 ? 10 : 3 } ?? 3
+                        for attempt in 1...attempts {
                             do {
                                 try await node.bootstrap(to: seed)
                                 return
-                            } catch where attempt < 3 {
+                            } catch where attempt < attempts {
                                 continue
                             }
                         }
@@ -90,11 +97,16 @@ public final class Testnet: Sendable {
                 while next < min(window, joiners.count) { add() }
                 while try await group.next() != nil {
                     done += 1
-                    if done % 250 == 0 { progress?("bootstrap", done, joiners.count) }
+                    if done % (network == nil ? 250 : 5000) == 0 { progress?("bootstrap", done, joiners.count) }
                     if next < joiners.count { add() }
                 }
             }
-            seconds = (clock.now - started).seconds
+            // On the simulated network, the virtual time it took.
+            if let clock, let virtualStart {
+                seconds = Double((clock.now - virtualStart).nanoseconds) / 1e9
+            } else {
+                seconds = (wall.now - started).seconds
+            }
         }
         return Testnet(nodes: nodes, bootstrapSeconds: seconds)
     }

@@ -54,17 +54,19 @@ struct ChurnSim {
     let waves: Int
     let valueSize: Int
     let policies: PolicyRegistry
+    let runtime: SimRuntime
     let makePlugins: @Sendable () -> [any Plugin]
 
     func run(_ net: Testnet) async throws -> (waves: [ChurnWave], live: [Node]) {
         var live = net.nodes
-        var rng = SystemRandomNumberGenerator()
+        let runtime = self.runtime
+        var rng = runtime.random.generator
         let keys = (0..<values).map { Number640(location: Number160(hashing: "churn value \($0)")) }
-        let data = (0..<values).map { i in Array("value \(i) ".utf8) + (0..<valueSize).map { _ in UInt8.random(in: 0...255, using: &rng) } }
+        let data = (0..<values).map { i in Array("value \(i) ".utf8) + runtime.random.bytes(valueSize) }
         note("churn: storing \(values) values with \(policies.factor) replicas…")
         var stored = 0
         for (k, v) in zip(keys, data) {
-            let node = live[Int.random(in: 0..<live.count, using: &rng)]
+            let node = live[runtime.index(live.count)]
             if (try? await node.dht.put(k, v, options: DHTOptions(replicas: policies.factor)).isSuccess) == true { stored += 1 }
         }
         guard stored == values else { throw CLIError.failed("only \(stored) of \(values) values were stored before churn") }
@@ -81,7 +83,7 @@ struct ChurnSim {
             let before = policies.sent.bytes
             // New peers join 16 at a time, each through a random survivor (a join meets the dead
             // in other peers' maps and waits out their timeouts, as a real one would).
-            let seeds = (0..<leaving).map { _ in live[Int.random(in: 0..<live.count, using: &rng)].address.socket }
+            let seeds = (0..<leaving).map { _ in live[runtime.index(live.count)].address.socket }
             let plugins = makePlugins
             let newcomers: [Node] = await withTaskGroup(of: Node?.self) { group in
                 var out: [Node] = []
@@ -90,7 +92,7 @@ struct ChurnSim {
                     let seed = seeds[next]
                     next += 1
                     group.addTask {
-                        guard let node = try? await Node.builder().host("127.0.0.1").port(0).maintenance(.seconds(1)).requestTimeout(.seconds(2))
+                        guard let node = try? await runtime.builder().maintenance(.seconds(1)).requestTimeout(.seconds(2))
                             .plugins(plugins()).start() else { return nil }
                         do {
                             try await node.bootstrap(to: seed)
@@ -114,7 +116,7 @@ struct ChurnSim {
             let settleSeconds = try await settle()
             let bytes = policies.sent.bytes - before
             // Every value read from a random live peer (32 at a time), and its exact copies counted.
-            let askers = keys.map { _ in live[Int.random(in: 0..<live.count, using: &rng)] }
+            let askers = keys.map { _ in live[runtime.index(live.count)] }
             let found = await withTaskGroup(of: Bool.self) { group in
                 var hits = 0
                 var next = 0
@@ -133,7 +135,7 @@ struct ChurnSim {
             var replicas = 0
             for (k, v) in zip(keys, data) {
                 replicas += live.count { n in
-                    guard case .values(let got, _)? = try? n.registry.storageBackend?.execute(.get(.keys([k])), now: StoragePipeline.now()) else { return false }
+                    guard case .values(let got, _)? = try? n.registry.storageBackend?.execute(.get(.keys([k])), now: n.clock.uptimeNanoseconds) else { return false }
                     return got[k]?.value == v
                 }
             }
@@ -150,20 +152,20 @@ struct ChurnSim {
     /// before offering a location again to a peer it brought up to date (three rounds), so the
     /// dead are noticed first — at most 180 s; how long it took.
     private func settle() async throws -> Double {
-        let clock = ContinuousClock()
-        let start = clock.now
+        let start = runtime.now()
         var last = policies.sent.activity
-        var quietSince = clock.now
-        while clock.now - start < .seconds(180) {
-            try await Task.sleep(for: .milliseconds(200))
+        var quietSince = runtime.now()
+        let quiet = Double(policies.interval.components.seconds) * 1000 + Double(policies.interval.components.attoseconds) / 1e15
+        while runtime.milliseconds(since: start) < 180_000 {
+            try await runtime.sleep(for: .milliseconds(200))
             let now = policies.sent.activity
             if now != last {
                 last = now
-                quietSince = clock.now
-            } else if clock.now - quietSince >= policies.interval * 5 {
+                quietSince = runtime.now()
+            } else if runtime.milliseconds(since: quietSince) >= quiet * 5 {
                 break
             }
         }
-        return (clock.now - start).milliseconds / 1000
+        return runtime.milliseconds(since: start) / 1000
     }
 }

@@ -83,6 +83,33 @@ struct SimCommand: AsyncParsableCommand {
     @Option(name: .customLong("replication-interval"), help: "Seconds between replication rounds (with --values).")
     var replicationInterval: Double = 2
 
+    @Option(help: "What the peers run on: simulated (one thread, virtual time; the default above 1,000 peers) or sockets (real UDP and TCP on 127.0.0.1).")
+    var network: NetworkArgument?
+
+    @Option(help: "Seed of every random choice on the simulated network: ids, keys, addresses, latencies, losses and the workloads. The same seed repeats a run exactly. Default: a fresh one, printed.")
+    var seed: UInt64?
+
+    @Option(help: "Round trip on the simulated network: a constant (50ms), a range drawn per link (20ms-200ms), or world (peers spread over the world's regions, with real-world round trips between them).")
+    var rtt: LatencyModel = .world
+
+    @Option(help: "Simulated network: fraction of datagrams lost (each lost TCP segment delays its frame instead).")
+    var loss: Double = 0
+
+    @Option(help: "Simulated network: fraction of datagrams delivered twice.")
+    var duplicate: Double = 0
+
+    @Option(help: "Simulated network: extra delay per datagram, up to this many milliseconds (reorders them).")
+    var jitter: Double = 0
+
+    @Option(help: "Simulated network: after the other phases, split the peers in two — this fraction on one side — for --partition-seconds, run lookups during it and after it heals.")
+    var partition: Double?
+
+    @Option(name: .customLong("partition-seconds"), help: "Virtual seconds the partition lasts.")
+    var partitionSeconds: Double = 60
+
+    /// The network this run uses: simulated above 1,000 peers unless told.
+    var resolvedNetwork: NetworkArgument { network ?? (peers > 1_000 ? .simulated : .sockets) }
+
     func validate() throws {
         guard peers >= 1 else { throw ValidationError("--peers must be at least 1, got \(peers)") }
         guard lookups >= 0 else { throw ValidationError("--lookups must not be negative, got \(lookups)") }
@@ -97,10 +124,61 @@ struct SimCommand: AsyncParsableCommand {
         guard (1...20).contains(replicationFactor) else { throw ValidationError("--replication-factor must be from 1 to 20, got \(replicationFactor)") }
         guard replicationInterval >= 0.1, replicationInterval <= 3_600 else { throw ValidationError("--replication-interval must be from 0.1 to 3600 seconds") }
         guard values == 0 || peers >= 2 else { throw ValidationError("churn needs at least 2 peers") }
+        guard (0...1).contains(loss) else { throw ValidationError("--loss must be from 0 to 1, got \(loss)") }
+        guard (0...1).contains(duplicate) else { throw ValidationError("--duplicate must be from 0 to 1, got \(duplicate)") }
+        guard (0...10_000).contains(jitter) else { throw ValidationError("--jitter must be from 0 to 10000 ms, got \(jitter)") }
+        if let partition { guard partition > 0, partition < 1 else { throw ValidationError("--partition must be between 0 and 1, got \(partition)") } }
+        guard (1...86_400).contains(partitionSeconds) else { throw ValidationError("--partition-seconds must be from 1 to 86400") }
+        if resolvedNetwork == .sockets {
+            let simulatedOnly = [(seed != nil, "--seed"), (loss > 0, "--loss"), (duplicate > 0, "--duplicate"), (jitter > 0, "--jitter"),
+                                 (partition != nil, "--partition")].filter(\.0).map(\.1)
+            guard simulatedOnly.isEmpty else {
+                throw ValidationError("\(simulatedOnly.joined(separator: ", ")) need the simulated network (--network simulated)")
+            }
+        }
+        guard resolvedNetwork == .sockets || storage == .memory else { throw ValidationError("--storage sqlite needs --network sockets") }
+        guard resolvedNetwork == .sockets || pluginFiles.isEmpty else { throw ValidationError("--plugin needs --network sockets") }
     }
 
     func run() async throws {
-        raiseOpenFileLimit()
+        let wall = ContinuousClock()
+        let started = wall.now
+        let cpuBefore = processCPUSeconds()
+        guard resolvedNetwork == .simulated else {
+            raiseOpenFileLimit()
+            let runtime = SimRuntime(network: nil, random: RandomSource())
+            let report = try await execute(runtime)
+            return output(report, wallSeconds: (wall.now - started).seconds, cpuSeconds: processCPUSeconds() - cpuBefore)
+        }
+        ensureDeterministicHashing()
+        let seed = self.seed ?? UInt64.random(in: 1...999_999)
+        note("simulated network, seed \(seed) (repeat with --seed \(seed))")
+        let conditions = LinkConditions(latency: rtt, loss: loss, duplicate: duplicate, jitter: .nanoseconds(Int64(jitter * 1e6)))
+        let net = SimulatedNetwork(seed: seed, conditions: conditions)
+        let runtime = SimRuntime(network: net, random: RandomSource(seed: seed ^ 0xD81E))
+        var report: SimReport
+        do {
+            report = try await net.run { try await self.execute(runtime) }
+        } catch {
+            net.stop()
+            throw CLIError.failed("\(error) (seed \(seed))")
+        }
+        report.simulation = SimulationFacts(seed: seed, rtt: "\(rtt)", loss: loss, duplicate: duplicate, jitterMilliseconds: jitter,
+                                            virtualSeconds: net.elapsed.seconds, stats: net.stats,
+                                            foreignJobs: net.loop.foreignSubmissions)
+        net.stop()
+        output(report, wallSeconds: (wall.now - started).seconds, cpuSeconds: processCPUSeconds() - cpuBefore)
+    }
+
+    private func output(_ report: SimReport, wallSeconds: Double, cpuSeconds: Double) {
+        var r = report
+        r.wallSeconds = wallSeconds
+        r.cpuSeconds = cpuSeconds
+        print(json ? r.json() : r.summary())
+    }
+
+    /// Every phase of the run, on sockets or on the simulated network.
+    func execute(_ runtime: SimRuntime) async throws -> SimReport {
         var sqliteBackends: [SQLiteStorage] = []
         let rssBefore = residentMemoryBytes() ?? 0
         note("starting \(peers) peers…")
@@ -134,7 +212,7 @@ struct SimCommand: AsyncParsableCommand {
             sqliteBackends = stores
             let recordMetrics = metrics
             net = try await Testnet.start(peers: peers, routing: perfect ? .perfect : .bootstrap,
-                                          joinConcurrency: joinConcurrency,
+                                          joinConcurrency: joinConcurrency, network: runtime.network,
                                           plugins: { i in
                                               ((try? BuiltInPlugins.make(names, peerID: { "" }, backend: sqliteStores.isEmpty ? nil : sqliteStores[i])) ?? [])
                                                   + files.compactMap { try? PluginFile.load($0) }
@@ -156,43 +234,20 @@ struct SimCommand: AsyncParsableCommand {
         let rssAfter = residentMemoryBytes() ?? 0
         let bootstrapHandshakes = net.nodes.reduce(0) { $0 + $1.handshakesCompleted } / 2
         let memoryPerPeerKiB = Double(max(0, rssAfter - rssBefore)) / Double(peers) / 1024
-        note("bootstrapped \(peers) peers in \(String(format: "%.2f", net.bootstrapSeconds)) s; running \(lookups) lookups…")
+        note("bootstrapped \(peers) peers in \(String(format: "%.2f", net.bootstrapSeconds)) \(runtime.isSimulated ? "virtual " : "")s; running \(lookups) lookups…")
 
-        var latencies: [Double] = []
-        var recalls: [Double] = []
-        var hops = 0, messages = 0, failedLookups = 0
-        latencies.reserveCapacity(lookups)
-        var rng = SystemRandomNumberGenerator()
         var routing = RoutingConfig()
         routing.parallel = parallel
-        let clock = ContinuousClock()
-        if peers > 1 {
-            for i in 0..<lookups {
-                let asker = net.nodes[Int.random(in: 0..<peers, using: &rng)]
-                let key = Number160.random(using: &rng)
-                let start = clock.now
-                do {
-                    let result = try await asker.closestPeers(to: key, config: routing)
-                    latencies.append((clock.now - start).milliseconds)
-                    let r = net.recall(of: result, key: key, asker: asker.peerID)
-                    recalls.append(r)
-                    hops += result.hops
-                    messages += result.messages
-                } catch {
-                    failedLookups += 1
-                }
-                if lookups >= 1000, (i + 1) % (lookups / 4) == 0 { note("  lookups: \(i + 1)/\(lookups)") }
-            }
-        }
+        let measured = peers > 1 ? await LookupPhase.run(net, count: lookups, routing: routing, runtime: runtime, progress: true) : LookupPhase()
         let lookupHandshakes = net.nodes.reduce(0) { $0 + $1.handshakesCompleted } / 2 - bootstrapHandshakes
         var phases: [String: PhaseReport] = [:]
         if ops > 0 {
             let workload = DHTWorkload(net: net, ops: ops, valueSize: valueSize, domain: try domain.map(parseKey) ?? .zero,
-                                       fixedValue: value.map { Array($0.utf8) })
+                                       fixedValue: value.map { Array($0.utf8) }, runtime: runtime)
             // The signed phases store values signed by a user key, with the request's writer proof
             // and entry protection, and read them back verifying each signature: the cost of the
             // security model beside the unsigned phases of the same run.
-            let signer = Curve25519.Signing.PrivateKey()
+            let signer = (try? Curve25519.Signing.PrivateKey(rawRepresentation: runtime.random.bytes(32))) ?? Curve25519.Signing.PrivateKey()
             let plan: [(String, Bool, Bool, Curve25519.Signing.PrivateKey?)] = [
                 ("seq_put", false, true, nil), ("seq_get", false, false, nil), ("put", true, true, nil), ("get", true, false, nil),
                 ("signed_put", true, true, signer), ("signed_get", true, false, signer),
@@ -208,50 +263,48 @@ struct SimCommand: AsyncParsableCommand {
             }
         }
         var churnReport: [ChurnWave]?
+        var live = net.nodes
         if replicating {
             let names = ["dht", "evaluation"]
-            let sim = ChurnSim(values: values, churn: churn, waves: churnWaves, valueSize: valueSize, policies: policies, makePlugins: {
+            let sim = ChurnSim(values: values, churn: churn, waves: churnWaves, valueSize: valueSize, policies: policies, runtime: runtime, makePlugins: {
                 ((try? BuiltInPlugins.make(names, peerID: { "" })) ?? []) + [ReplicationPlugin(policies.make())]
             })
-            let (waves, live) = try await sim.run(net)
+            let (waves, survivors) = try await sim.run(net)
             churnReport = waves
+            live = survivors
+        }
+        var partitionReport: PartitionReport?
+        if let fraction = partition, let network = runtime.network {
+            partitionReport = try await PartitionPhase(fraction: fraction, seconds: partitionSeconds, lookups: min(max(lookups, 100), 1_000))
+                .run(live, network: network, runtime: runtime, routing: routing)
+        }
+        let verified = live.map { $0.peerMap.counts.verified }
+        note("shutting down…")
+        if runtime.isSimulated {
+            // Nothing to release: the whole network goes when its loop stops.
+        } else {
+            await net.shutdown()
             for n in live where !net.nodes.contains(where: { $0 === n }) { await n.shutdown() }
         }
-        let verified = net.nodes.map { $0.peerMap.counts.verified }
-        note("shutting down…")
-        await net.shutdown()
         for store in sqliteBackends { store.close() }
-        let footprint = ops > 0 ? try storageFootprint() : nil
+        let footprint = ops > 0 && !runtime.isSimulated ? try storageFootprint() : nil
 
-        latencies.sort()
-        let sortedRecalls = recalls.sorted()
-        let n = max(1, latencies.count)
-        let report = SimReport(
+        return SimReport(
             peers: peers,
+            network: runtime.isSimulated ? "simulated" : "sockets",
             bootstrapSeconds: net.bootstrapSeconds,
             bootstrapHandshakes: bootstrapHandshakes,
             lookupHandshakes: lookupHandshakes,
             secure: !insecure,
-            lookups: latencies.count,
-            failedLookups: failedLookups,
-            p50: percentile(latencies, 0.50), p95: percentile(latencies, 0.95), p99: percentile(latencies, 0.99),
-            hopsMean: Double(hops) / Double(n),
-            messagesMean: Double(messages) / Double(n),
-            recall: recalls.isEmpty ? 0 : recalls.reduce(0, +) / Double(recalls.count),
-            recallMin: sortedRecalls.first ?? 0,
-            recallMedian: percentile(sortedRecalls, 0.5),
+            lookup: measured,
             memoryPerPeerKiB: memoryPerPeerKiB,
             rssMiB: Double(rssAfter) / 1_048_576,
             verifiedMean: Double(verified.reduce(0, +)) / Double(max(1, verified.count)),
             phases: phases,
             footprint: footprint,
-            churn: churnReport.map { ChurnReport(churn: churn, factor: replicationFactor, values: values, waves: $0) }
+            churn: churnReport.map { ChurnReport(churn: churn, factor: replicationFactor, values: values, waves: $0) },
+            partition: partitionReport
         )
-        if json {
-            print(report.json())
-        } else {
-            print(report.summary())
-        }
     }
 
     /// Resident bytes per stored 100-byte entry in a memory backend: 100,000 unsigned entries,
@@ -297,40 +350,39 @@ func percentile(_ sorted: [Double], _ p: Double) -> Double {
 
 struct SimReport {
     var peers: Int
+    var network: String
     var bootstrapSeconds: Double
     var bootstrapHandshakes: Int
     var lookupHandshakes: Int
     var secure: Bool
-    var lookups: Int
-    var failedLookups: Int
-    var p50: Double, p95: Double, p99: Double
-    var hopsMean: Double
-    var messagesMean: Double
-    var recall: Double, recallMin: Double, recallMedian: Double
+    var lookup: LookupPhase
     var memoryPerPeerKiB: Double
     var rssMiB: Double
     var verifiedMean: Double
     var phases: [String: PhaseReport]
     var footprint: StorageFootprint?
     var churn: ChurnReport?
+    var partition: PartitionReport?
+    var simulation: SimulationFacts?
+    var wallSeconds = 0.0
+    var cpuSeconds = 0.0
 
+    /// One JSON object. On the simulated network every time is virtual and every figure repeats
+    /// with the seed, except those whose keys name the machine: `wall`, `cpu`, `memory`, `rss`.
     func json() -> String {
         func r(_ v: Double, _ digits: Int = 4) -> Double { (v * pow(10, Double(digits))).rounded() / pow(10, Double(digits)) }
         var object: [String: Any] = [
             "peers": peers,
+            "network": network,
             "bootstrap_s": r(bootstrapSeconds, 3),
             "bootstrap_handshakes": bootstrapHandshakes,
             "secure": secure,
-            "lookup": [
-                "count": lookups, "failed": failedLookups,
-                "p50_ms": r(p50), "p95_ms": r(p95), "p99_ms": r(p99),
-                "hops_mean": r(hopsMean, 3), "messages_mean": r(messagesMean, 2),
-                "recall": r(recall), "recall_min": r(recallMin), "recall_median": r(recallMedian),
-                "handshakes": lookupHandshakes,
-            ] as [String: Any],
+            "lookup": lookup.json(r) .merging(["handshakes": lookupHandshakes]) { a, _ in a },
             "memory_per_peer_kib": r(memoryPerPeerKiB, 2),
             "rss_mib": r(rssMiB, 1),
             "verified_peers_mean": r(verifiedMean, 1),
+            "wall_s": r(wallSeconds, 2),
+            "cpu_s": r(cpuSeconds, 2),
         ]
         for (name, p) in phases {
             object[name] = ["ops": p.ops, "ops_per_s": r(p.opsPerSecond, 1), "p50_ms": r(p.p50), "p95_ms": r(p.p95),
@@ -342,7 +394,7 @@ struct SimReport {
                                             "get": r(sget.opsPerSecond / max(get.opsPerSecond, 1e-9), 3)]
         }
         if let footprint {
-            object["storage_bytes_per_100_byte_entry"] = ["unsigned": r(footprint.unsigned, 0), "signed": r(footprint.signed, 0)]
+            object["storage_memory_bytes_per_100_byte_entry"] = ["unsigned": r(footprint.unsigned, 0), "signed": r(footprint.signed, 0)]
         }
         if let churn {
             object["churn"] = [
@@ -355,21 +407,29 @@ struct SimReport {
                 },
             ] as [String: Any]
         }
+        if let partition { object["partition"] = partition.json(r) }
+        if let simulation { object["simulation"] = simulation.json(r) }
         let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
         return String(decoding: data, as: UTF8.self)
     }
 
     func summary() -> String {
         func f(_ v: Double, _ d: Int = 3) -> String { String(format: "%.\(d)f", v) }
+        let virtual = simulation != nil
+        let unit = virtual ? "virtual " : ""
+        let place = simulation.map { "on the simulated network (seed \($0.seed), \($0.rtt)\($0.loss > 0 ? ", \(f($0.loss * 100, 1)) % loss" : ""))" }
+            ?? "on sockets in one process"
+        let l = lookup
         return """
-        SwiftP2P simulation: \(peers) peers in one process
-          bootstrap     \(f(bootstrapSeconds, 2)) s (every peer pinged the seed and looked up its own id; \(secure ? "\(bootstrapHandshakes) handshakes" : "insecure: no sessions"))
+        SwiftP2P simulation: \(peers) peers \(place)
+          bootstrap     \(f(bootstrapSeconds, 2)) \(unit)s (every peer pinged the seed and looked up its own id; \(secure ? "\(bootstrapHandshakes) handshakes" : "insecure: no sessions"))
           peer maps     \(f(verifiedMean, 1)) verified peers each on average
-          lookups       \(lookups) done, \(failedLookups) failed
-          latency       p50 \(f(p50)) ms · p95 \(f(p95)) ms · p99 \(f(p99)) ms
-          per lookup    \(f(hopsMean, 2)) hops · \(f(messagesMean, 1)) messages
-          recall        \(f(recall, 4)) of the true 20 closest on average (median \(f(recallMedian, 2)), worst \(f(recallMin, 2)))
+          lookups       \(l.count) done, \(l.failed) failed
+          latency       p50 \(f(l.p50)) ms · p95 \(f(l.p95)) ms · p99 \(f(l.p99)) ms\(virtual ? " (virtual)" : "")
+          per lookup    \(f(l.hopsMean, 2)) hops · \(f(l.messagesMean, 1)) messages
+          recall        \(f(l.recall, 4)) of the true 20 closest on average (median \(f(l.recallMedian, 2)), worst \(f(l.recallMin, 2)))
           memory        \(f(memoryPerPeerKiB, 1)) KiB per peer (RSS \(f(rssMiB, 1)) MiB)
+          machine       \(f(wallSeconds, 1)) s wall, \(f(cpuSeconds, 1)) s CPU\(simulation.map { " for \(f($0.virtualSeconds, 1)) s of virtual time" } ?? "")
         """ + ["seq_put", "seq_get", "put", "get", "signed_put", "signed_get"].compactMap { name in
             phases[name].map { p in
                 "\n  \(name.padding(toLength: 12, withPad: " ", startingAt: 0))  \(f(p.opsPerSecond, 0)) ops/s with \(p.concurrency) in flight · p50 \(f(p.p50)) ms · p95 \(f(p.p95)) ms · p99 \(f(p.p99)) ms · success \(f(p.successRate * 100, 2)) %"
@@ -378,6 +438,10 @@ struct SimReport {
             + (churn.map { c in
                 "\n  churn         \(c.waves.count) waves of \(f(c.churn * 100, 0)) %: \(f(c.retrievable * 100, 2)) % of \(c.values) values retrievable (worst wave), "
                     + "\(f(c.replicasMean, 2)) replicas on average (factor \(c.factor)), \(f(c.bytesPerValuePerWave, 0)) replication bytes per value per wave"
+            } ?? "")
+            + (partition.map { p in
+                "\n  partition     \(f(p.fraction * 100, 0)) % / \(f(100 - p.fraction * 100, 0)) % for \(f(p.seconds, 0)) s: recall \(f(p.during.recall, 4)) during "
+                    + "(of the reachable side), \(f(p.after.recall, 4)) after healing; lookup p50 \(f(p.during.p50)) ms during, \(f(p.after.p50)) ms after"
             } ?? "")
     }
 }
@@ -402,19 +466,21 @@ final class DHTWorkload: @unchecked Sendable {
     let ops: Int
     let keys: [[Number640]]
     let values: [[[UInt8]]]
+    let runtime: SimRuntime
 
-    init(net: Testnet, ops: Int, valueSize: Int, domain: Number160 = .zero, fixedValue: [UInt8]? = nil) {
+    init(net: Testnet, ops: Int, valueSize: Int, domain: Number160 = .zero, fixedValue: [UInt8]? = nil, runtime: SimRuntime) {
         self.net = net
         self.ops = ops
-        var rng = SystemRandomNumberGenerator()
+        self.runtime = runtime
+        var rng = runtime.random.generator
         keys = (0..<3).map { _ in (0..<ops).map { _ in Number640(location: .random(using: &rng), domain: domain) } }
-        values = (0..<3).map { _ in (0..<ops).map { _ in fixedValue ?? (0..<valueSize).map { _ in UInt8.random(in: 0...255, using: &rng) } } }
+        values = (0..<3).map { _ in (0..<ops).map { _ in fixedValue ?? runtime.random.bytes(valueSize) } }
     }
 
     func run(isPut: Bool, concurrency: Int, keySet: Int, signer: Curve25519.Signing.PrivateKey? = nil) async -> PhaseReport {
         let options = signer.map { DHTOptions(signer: $0, protect: .entry) } ?? DHTOptions()
-        let clock = ContinuousClock()
-        let start = clock.now
+        let runtime = self.runtime
+        let start = runtime.now()
         let results = await withTaskGroup(of: (Double, Bool).self) { group in
             var out: [(Double, Bool)] = []
             out.reserveCapacity(ops)
@@ -422,10 +488,10 @@ final class DHTWorkload: @unchecked Sendable {
             func add() {
                 let i = next
                 next += 1
-                let node = net.nodes[Int.random(in: 0..<net.nodes.count)]
+                let node = net.nodes[runtime.index(net.nodes.count)]
                 let key = keys[keySet][i], value = values[keySet][i]
                 group.addTask {
-                    let t0 = ContinuousClock.now
+                    let t0 = runtime.now()
                     let ok: Bool
                     if isPut {
                         ok = (try? await node.dht.put(key, value, options: options).isSuccess) ?? false
@@ -436,7 +502,7 @@ final class DHTWorkload: @unchecked Sendable {
                     } else {
                         ok = (try? await node.dht.get(key).value) == value
                     }
-                    return ((ContinuousClock.now - t0).milliseconds, ok)
+                    return (runtime.milliseconds(since: t0), ok)
                 }
             }
             while next < min(concurrency, ops) { add() }
@@ -446,7 +512,7 @@ final class DHTWorkload: @unchecked Sendable {
             }
             return out
         }
-        let seconds = (clock.now - start).milliseconds / 1000
+        let seconds = runtime.milliseconds(since: start) / 1000
         let latencies = results.map(\.0).sorted()
         return PhaseReport(ops: ops, concurrency: concurrency, opsPerSecond: Double(ops) / max(seconds, 1e-9),
                            p50: percentile(latencies, 0.5), p95: percentile(latencies, 0.95), p99: percentile(latencies, 0.99),

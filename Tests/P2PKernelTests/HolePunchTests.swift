@@ -87,7 +87,7 @@ struct HolePunchTests {
         let silent = try await SilentPeer()
         defer { silent.channel.close(promise: nil) }
         try await a.eventLoop.submit {
-            if let p = a.udpPaths[b.peerID] { a.udpPaths[b.peerID] = UDPPath(socket: p.socket, address: silent.address.socket.udpSocketAddress, heard: 0) }
+            if let p = a.udpPaths[b.peerID] { a.udpPaths[b.peerID] = UDPPath(socket: p.socket, address: silent.address.socket.udpEndpoint, heard: 0) }
         }.get()
         let viaRelays = try await a.request(to: b.address, command: a.kernelCommands.ping, transport: .udp, timeout: .seconds(6)).get()
         #expect(viaRelays.type == .ok && viaRelays.sender.id == b.peerID)

@@ -22,7 +22,7 @@ struct HostileTests {
         let target = victim.address
         let usage = try await victim.underAttack {
             // One socket sends INITs and random bytes as fast as it can, for 4 s.
-            let initiator = InitiatorHandshake(network: 1, index: 1, expected: .zero)
+            let initiator = InitiatorHandshake(network: 1, index: 1, expected: .zero, random: RandomSource())
             let flood = Flood(to: target, for: 4) { i in i % 2 == 0 ? initiator.initPacket : (0..<64).map { _ in UInt8.random(in: 0...255) } }
             // Meanwhile another tries to open a session as each of its 301 ids at once.
             let opened = await withTaskGroup(of: Bool.self) { group in

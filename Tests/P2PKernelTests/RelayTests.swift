@@ -137,7 +137,7 @@ struct RelayTests {
         let limit = relay.config.limits.reverseConnectionsPerMinute
         let tried = try await relay.eventLoop.submit { () -> Int in
             relay.relayLinks[ObjectIdentifier(link)] = other.peerID
-            let source = try SocketAddress(ipAddress: "127.0.0.1", port: 9)
+            let source = Endpoint(ip: .loopback, port: 9)
             for i in 0..<(limit + 20) {
                 let sender = PeerAddress(id: .random(), socket: PeerSocketAddress(ip: .v4(0x7F00_0002 + UInt32(i)), port: 9))
                 relay.considerReverseConnection(to: sender, origin: .link(link, token: 0, kind: .udp, source: source))
@@ -188,7 +188,8 @@ struct RelayTests {
         #expect(try await served() == tokensBefore, "the relay forwarded something")
         // A stale token from U itself, on its own link: one ring turn old, refused.
         let stale = try await r.eventLoop.submit { () -> Bool in
-            guard let s = r.relayServed[u.peerID], let remote = s.link.remoteAddress else { return false }
+            guard let s = r.relayServed[u.peerID] else { return false }
+            let remote = s.link.remote
             let before = r.droppedMessages
             var b = ByteBufferAllocator().buffer(capacity: 16)
             b.writeInteger(RelayPacket.fromClient)

@@ -121,8 +121,8 @@ struct SessionCodecTests {
     @Test("a handshake between two key pairs gives both sides matching keys and proves both ids")
     func handshakeProvesIDs() throws {
         let a = PeerKeyPair(), b = PeerKeyPair()
-        let responder = HandshakeResponder(identity: b, network: 1)
-        let initiator = InitiatorHandshake(network: 1, index: 11, expected: b.peerID)
+        let responder = HandshakeResponder(identity: b, network: 1, random: RandomSource())
+        let initiator = InitiatorHandshake(network: 1, index: 11, expected: b.peerID, random: RandomSource())
         guard case .handshakeInit(let i) = try SessionCodec.decode(initiator.initPacket) else { Issue.record("no INIT"); return }
         let r = try responder.respond(to: i, from: .loopback, now: 1)
         let (mine, finishPrefix) = try initiator.complete(r, network: 1, identity: a, now: 0)
@@ -133,7 +133,7 @@ struct SessionCodecTests {
         #expect(theirs.remoteID == a.peerID)
         #expect(mine.sendKey == theirs.receiveKey && mine.receiveKey == theirs.sendKey)
         // Another id expected, another source IP, another network, or a stale epoch: refused.
-        let wrong = InitiatorHandshake(network: 1, index: 12, expected: Number160(hashing: "someone"))
+        let wrong = InitiatorHandshake(network: 1, index: 12, expected: Number160(hashing: "someone"), random: RandomSource())
         #expect(throws: HandshakeError.self) { _ = try wrong.complete(r, network: 1, identity: a, now: 0) }
         #expect(throws: HandshakeError.staleCookie) { _ = try responder.accept(f, from: .v4(0x0A00_0001), now: 1, seconds: 0) }
         #expect(throws: HandshakeError.staleCookie) {

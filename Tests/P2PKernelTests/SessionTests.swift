@@ -262,7 +262,7 @@ struct SessionTests {
         let secure = try await loopbackNode(timeout: .seconds(5))
         let insecure = try await loopbackNode(timeout: .seconds(5)) { $0.security(.insecure) }
         let raw = try await RawSocket()
-        let initiator = InitiatorHandshake(network: 1, index: 42, expected: .zero)
+        let initiator = InitiatorHandshake(network: 1, index: 42, expected: .zero, random: RandomSource())
         let plainPing = try WireCodec.encode(Message(networkID: 1, id: 7, type: .request, command: CommandID.derive(from: KernelCommands.ping),
                                                      sender: PeerAddress(id: .random(), socket: raw.address), recipientID: .zero))
         let unknownSession = SessionCodec.encode(SealedHeader(receiverIndex: 99, counter: 0)) + [UInt8](repeating: 0, count: 16)

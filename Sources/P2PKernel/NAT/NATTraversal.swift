@@ -285,7 +285,7 @@ public final class NATTraversal: @unchecked Sendable {
         guard !answered.isEmpty else { throw NATError.noObservation }
 
         let bound = try await node.eventLoop.submit { node.transport.boundPort }.get()
-        let local = NATTraversal.localAddresses()
+        let local = node.transport.localAddresses
         let c = NATTraversal.classify(observations, boundPort: bound, local: local)
         steps.append(.init(name: "classify", milliseconds: 0, outcome: c.type.rawValue))
         let external = PeerSocketAddress(ip: c.ip, tcpPort: c.tcpPort, udpPort: c.udpPort)

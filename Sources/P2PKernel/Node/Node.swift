@@ -96,6 +96,8 @@ public final class Node: @unchecked Sendable {
     var handshakeBuckets: TokenBuckets
     var discoverBuckets: TokenBuckets
     var probeBuckets: TokenBuckets
+    /// The smoothed round trip of UDP requests: when to send one again.
+    var rtt = RTTEstimator()
     var handlersInFlight = 0
     var handlersPerPeer: [UInt64: Int] = [:]
     let refusalLog: LogBudget

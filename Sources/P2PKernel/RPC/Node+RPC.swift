@@ -49,8 +49,42 @@ struct PendingRequest {
     var connection: ObjectIdentifier?
     /// Our index of the session the request went out in (zero: none yet, or insecure mode).
     var session: UInt64 = 0
-    /// When it was sent (only read when the node records metrics).
+    /// When it was sent (UDP requests, and every request when the node records metrics).
     var sent: NIODeadline = .uptimeNanoseconds(0)
+    /// Whether it went out more than once (its reply then says nothing about the round trip).
+    var resent = false
+}
+
+/// The round trip of this node's UDP requests, smoothed (RFC 6298's estimator, over every peer):
+/// how soon a request with no reply is sent again. On loopback that is the floor, on a
+/// continent-spanning link a few hundred milliseconds, and a lost datagram costs about one
+/// round trip instead of a fixed second.
+struct RTTEstimator {
+    private var srtt: Int64 = 0
+    private var rttvar: Int64 = 0
+    private var samples = 0
+    /// Never sooner than this: a busy peer (or machine) answers late without anything being lost.
+    static let floor: Int64 = 200_000_000
+
+    mutating func sample(_ rtt: TimeAmount) {
+        let r = max(0, rtt.nanoseconds)
+        if samples == 0 {
+            srtt = r
+            rttvar = r / 2
+        } else {
+            rttvar += (abs(srtt - r) - rttvar) / 4
+            srtt += (r - srtt) / 8
+        }
+        samples &+= 1
+    }
+
+    /// When to send again: srtt + 4·rttvar, between the floor and `ceiling` (`ceiling` / 2 before
+    /// any sample).
+    func timeout(ceiling: Duration) -> TimeAmount {
+        let cap = TimeAmount(ceiling).nanoseconds
+        guard samples > 0 else { return .nanoseconds(max(Self.floor, cap / 2)) }
+        return .nanoseconds(min(cap, max(Self.floor, srtt + 4 * rttvar)))
+    }
 }
 
 /// How a request travels.
@@ -181,6 +215,7 @@ extension Node {
             return
         }
         noteContact(reply.sender)
+        if p.transport == .udp, !p.resent, case .udp = origin { rtt.sample(clock.now - p.sent) }
         if let metrics {
             metrics.series(p.command, registry: registry.commands).latency.recordNanoseconds(Int64(clamping: (clock.now - p.sent).nanoseconds))
         }
@@ -397,15 +432,15 @@ extension Node {
         let total = timeout ?? config.requestTimeout
         pending[id] = PendingRequest(promise: promise, timer: nil, expected: expectedID, target: target, command: command,
                                      payload: payload, timeout: total, plaintext: plain, transport: routedKind)
-        if let metrics {
-            metrics.countOut(metrics.series(command, registry: registry.commands), bytes: size)
-            pending[id]?.sent = clock.now
-        }
+        if let metrics { metrics.countOut(metrics.series(command, registry: registry.commands), bytes: size) }
+        if metrics != nil || routedKind == .udp { pending[id]?.sent = clock.now }
         transmit(plain, to: target, expected: expectedID, over: routedKind, requestID: id)
         if routedKind == .udp {
-            // Re-sent every `udpRetryAfter` until the deadline: datagrams get lost, and so may the
-            // FINISH of a fresh session. A re-sent request is sealed anew, so the peer answers it.
-            resend(id, every: min(config.udpRetryAfter, total / 2), deadline: clock.now + TimeAmount(total), total: total)
+            // Re-sent after about a round trip, then at doubling intervals, until the deadline:
+            // datagrams get lost, and so may the FINISH of a fresh session. A re-sent request is
+            // sealed anew, so the peer answers it.
+            let first = min(rtt.timeout(ceiling: config.udpRetryAfter), TimeAmount(total / 2))
+            resend(id, after: first, deadline: clock.now + TimeAmount(total), total: total)
         } else {
             pending[id]?.timer = eventLoop.scheduleTask(in: TimeAmount(total)) { [self] in
                 timedOut(id, after: total)
@@ -414,8 +449,8 @@ extension Node {
         return promise.futureResult
     }
 
-    private func resend(_ id: UInt32, every interval: Duration, deadline: NIODeadline, total: Duration, attempt: Int = 1) {
-        let next = clock.now + TimeAmount(interval)
+    private func resend(_ id: UInt32, after interval: TimeAmount, deadline: NIODeadline, total: Duration, attempt: Int = 1) {
+        let next = clock.now + interval
         guard next < deadline else {
             pending[id]?.timer = eventLoop.scheduleTask(deadline: deadline) { [self] in timedOut(id, after: total) }
             return
@@ -431,8 +466,9 @@ extension Node {
                     dropUDPPath(p.expected, ifTo: path.address)
                 }
             }
+            pending[id]?.resent = true
             transmit(p.plaintext, to: p.target, expected: p.expected, over: .udp, requestID: id)
-            resend(id, every: interval, deadline: deadline, total: total, attempt: attempt + 1)
+            resend(id, after: min(interval * 2, TimeAmount(config.udpRetryAfter)), deadline: deadline, total: total, attempt: attempt + 1)
         }
     }
 

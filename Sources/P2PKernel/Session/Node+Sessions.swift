@@ -117,7 +117,7 @@ extension Node {
         let crypto = InitiatorHandshake(network: config.networkID, index: index, expected: expected, random: random)
         handshakes[index] = OutboundHandshake(crypto: crypto, key: key, target: target, transport: kind, connection: connection, queue: [item])
         handshakeKeys[key] = index
-        sendINIT(index, retry: min(config.udpRetryAfter / 2, config.requestTimeout / 4))
+        sendINIT(index, retry: min(rtt.timeout(ceiling: config.udpRetryAfter), TimeAmount(config.requestTimeout / 4)))
         // No RESPONSE within a request's time: the peer did not answer, which counts against it.
         handshakes[index]?.expiry = eventLoop.scheduleTask(in: TimeAmount(config.requestTimeout)) { [self] in
             failHandshake(index, .timeout(peer: "\(target)", milliseconds: Int(config.requestTimeout.components.seconds * 1000
@@ -127,14 +127,14 @@ extension Node {
 
     /// Sends (or re-sends) an INIT; over UDP, again after `retry`, doubling, until the handshake
     /// finishes or expires.
-    private func sendINIT(_ index: UInt64, retry: Duration) {
+    private func sendINIT(_ index: UInt64, retry: TimeAmount) {
         guard let h = handshakes[index], running else { return }
         var packet = ByteBufferAllocator().buffer(capacity: SessionWire.initBytes + 4)
         switch h.transport {
         case .udp:
             packet.writeBytes(h.crypto.initPacket)
             emitUDP(packet, to: h.target, peer: h.crypto.expected, promise: nil)
-            handshakes[index]?.retransmit = eventLoop.scheduleTask(in: TimeAmount(retry)) { [self] in
+            handshakes[index]?.retransmit = eventLoop.scheduleTask(in: retry) { [self] in
                 sendINIT(index, retry: retry * 2)
             }
         case .tcp:

@@ -45,6 +45,8 @@ package protocol PeerTransport: AnyObject, Sendable {
     var isIPv4: Bool { get }
     /// Times the main socket closed under the node and was bound again.
     var rebinds: Int { get }
+    /// The host's own addresses (a peer that sees us at one of them sees us without a NAT).
+    var localAddresses: Set<IPAddress> { get }
     /// An extra datagram socket on an ephemeral port (hole punching's birthday sockets, probes);
     /// what arrives on it goes to the events with that socket.
     func openDatagramSocket() -> EventLoopFuture<any DatagramSocket>

@@ -43,6 +43,11 @@ package final class SocketTransport: PeerTransport, @unchecked Sendable {
 
     package var mainSocket: (any DatagramSocket)? { udp }
 
+    /// The main UDP socket's channel (tests close it under the node).
+    var mainChannel: (any Channel)? { udp?.channel }
+
+    package var localAddresses: Set<IPAddress> { NATTraversal.localAddresses() }
+
     /// Binds UDP, then TCP on the port UDP got. With port 0 a port free for UDP may be taken for
     /// TCP, so that case retries with another port a few times.
     package func start(events: any TransportEvents) -> EventLoopFuture<Void> {

@@ -72,7 +72,7 @@ final class HostilePeer: @unchecked Sendable {
         state.withLockedValue { s in
             if s.identities[k.peerID] == nil { s.order.append(k.peerID) }
             s.identities[k.peerID] = k
-            s.responders[k.peerID] = HandshakeResponder(identity: k, network: network)
+            s.responders[k.peerID] = HandshakeResponder(identity: k, network: network, random: RandomSource())
         }
         return k.peerID
     }
@@ -116,7 +116,7 @@ final class HostilePeer: @unchecked Sendable {
         let who = identity ?? id
         guard let k = state.withLockedValue({ $0.identities[who] }) else { throw RPCError.shutDown }
         let index = UInt64.random(in: 1...UInt64.max)
-        let initiator = InitiatorHandshake(network: network, index: index, expected: expecting)
+        let initiator = InitiatorHandshake(network: network, index: index, expected: expecting, random: RandomSource())
         let done: UInt64? = await withCheckedContinuation { c in
             state.withLockedValue { $0.initiating[index] = (initiator, k, c) }
             channel.eventLoop.scheduleTask(in: HostilePeer.nanoseconds(timeout)) { [state] in
@@ -199,7 +199,7 @@ final class HostilePeer: @unchecked Sendable {
         case .handshakeInit(let i):
             let response: [UInt8]? = state.withLockedValue { s in
                 let who = i.responderHint == .zero ? id : i.responderHint
-                guard let responder = s.responders[who], let r = try? responder.respond(to: i, from: IPAddress(remote) ?? .loopback, now: PeerMap.now()) else { return nil }
+                guard let responder = s.responders[who], let r = try? responder.respond(to: i, from: IPAddress(remote) ?? .loopback, now: NIODeadline.now().uptimeNanoseconds) else { return nil }
                 s.handshakesAnswered += 1
                 return SessionCodec.encode(r)
             }
@@ -218,7 +218,7 @@ final class HostilePeer: @unchecked Sendable {
             let opened: (Message, Number160, UInt64)? = state.withLockedValue { s in
                 if s.sessions[f.responderIndex] == nil {
                     for (who, responder) in s.responders {
-                        guard let session = try? responder.accept(f, from: IPAddress(remote) ?? .loopback, now: PeerMap.now(), seconds: 0) else { continue }
+                        guard let session = try? responder.accept(f, from: IPAddress(remote) ?? .loopback, now: NIODeadline.now().uptimeNanoseconds, seconds: 0) else { continue }
                         s.sessions[session.localIndex] = Live(session: session, finish: nil, identity: who, remote: remote)
                         break
                     }

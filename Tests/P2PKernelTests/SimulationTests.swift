@@ -1,0 +1,116 @@
+import Testing
+import P2PKernel
+import P2PTesting
+
+/// The real kernel on the simulated network: no sockets, no sleeps, virtual time.
+@Suite("Simulated network")
+struct SimulationTests {
+    /// Ids, lookup results, message counts and virtual times of one small run.
+    private func course(seed: UInt64, loss: Double) async throws -> [String] {
+        let net = SimulatedNetwork(seed: seed, conditions: LinkConditions(latency: .world, loss: loss, jitter: .milliseconds(5)))
+        defer { net.stop() }
+        return try await net.run {
+            let t = try await Testnet.start(peers: 80, joinConcurrency: 8, network: net)
+            var out = t.nodes.map { "\($0.peerID)" }
+            for i in 0..<30 {
+                let key = Number160(hashing: "key \(i)")
+                let r = try await t.nodes[(i * 7) % 80].closestPeers(to: key)
+                out.append("\(r.peers.map(\.id)) \(r.messages) \(r.hops) \(net.elapsed)")
+            }
+            out.append("\(net.stats)")
+            return out
+        }
+    }
+
+    @Test("two runs of one seed take the same course, to the message and the virtual nanosecond; another seed another")
+    func determinism() async throws {
+        let a = try await course(seed: 11, loss: 0.05)
+        let b = try await course(seed: 11, loss: 0.05)
+        let c = try await course(seed: 12, loss: 0.05)
+        #expect(a == b)
+        #expect(a != c)
+    }
+
+    @Test("a lookup that waits out a request timeout costs virtual time, not wall time")
+    func virtualTime() async throws {
+        let net = SimulatedNetwork(seed: 3, conditions: LinkConditions(latency: .constant(.milliseconds(100))))
+        defer { net.stop() }
+        let wall = ContinuousClock.now
+        let elapsed = try await net.run {
+            let t = try await Testnet.start(peers: 30, network: net)
+            // A peer everyone knows goes silent: asking it costs a whole request timeout (2 s).
+            let quiet = t.nodes[5]
+            let ip = try #require(IPAddress(quiet.config.host))
+            net.disconnect(try #require(net.host(at: ip)))
+            let before = net.elapsed
+            _ = try? await t.nodes[1].ping(quiet.address.socket)
+            return net.elapsed - before
+        }
+        #expect(elapsed >= .seconds(2))
+        // Two virtual seconds passed; the machine spent far less (generous for a busy machine).
+        #expect(ContinuousClock.now - wall < .seconds(60))
+    }
+
+    @Test("with 20 % of datagrams lost, lookups in 300 peers still find the true closest")
+    func lossyLookups() async throws {
+        let net = SimulatedNetwork(seed: 21, conditions: LinkConditions(latency: .uniform(.milliseconds(20), .milliseconds(200)), loss: 0.2))
+        defer { net.stop() }
+        let recalls = try await net.run {
+            let t = try await Testnet.start(peers: 300, network: net)
+            var rng = RandomSource(seed: 4).generator
+            var out: [Double] = []
+            for _ in 0..<50 {
+                let asker = t.nodes[Int(rng.next() % 300)]
+                let key = Number160.random(using: &rng)
+                let r = try await asker.closestPeers(to: key)
+                out.append(t.recall(of: r, key: key, asker: asker.peerID))
+            }
+            return out
+        }
+        let mean = recalls.reduce(0, +) / Double(recalls.count)
+        // A request is sent again after about a round trip, at doubling intervals, so most
+        // exchanges get through; but a true closest peer whose exchange still fails is left out
+        // of the result, and one that fails three times leaves the maps (0.85 at this seed; it
+        // was 0.74 with a fixed one-second resend). Lookups that hold up under loss: issue #22.
+        #expect(mean >= 0.8, "mean recall \(mean) under 20 % loss")
+        #expect(net.stats.datagramsLost > 0)
+    }
+
+    @Test("a partition keeps each side routing among itself, and after it heals the halves find each other again")
+    func partitionHeals() async throws {
+        let net = SimulatedNetwork(seed: 31, conditions: LinkConditions(latency: .constant(.milliseconds(40))))
+        defer { net.stop() }
+        let (during, after) = try await net.run {
+            let t = try await Testnet.start(peers: 200, network: net)
+            let hosts = t.nodes.map { net.host(at: IPAddress($0.config.host)!)! }
+            let sideA = Set(t.nodes.prefix(100).map(\.peerID))
+            net.partition([Array(hosts.prefix(100)), Array(hosts.dropFirst(100))])
+            var rng = RandomSource(seed: 9).generator
+            var during: [Double] = []
+            for _ in 0..<30 {
+                let asker = t.nodes[Int(rng.next() % 100)]
+                let key = Number160.random(using: &rng)
+                let r = try await asker.closestPeers(to: key)
+                let truth = sideA.filter { $0 != asker.peerID }.sorted { ($0 ^ key) < ($1 ^ key) }.prefix(20)
+                during.append(Double(r.peers.filter { truth.contains($0.id) }.count) / 20)
+            }
+            net.heal()
+            // Peers that timed out across the split were dropped from the maps; lookups after
+            // healing meet them again through peers that kept them.
+            for n in t.nodes { _ = try? await n.refreshBuckets() }
+            var after: [Double] = []
+            for _ in 0..<30 {
+                let asker = t.nodes[Int(rng.next() % 200)]
+                let key = Number160.random(using: &rng)
+                let r = try await asker.closestPeers(to: key)
+                after.append(t.recall(of: r, key: key, asker: asker.peerID))
+            }
+            return (during.reduce(0, +) / 30, after.reduce(0, +) / 30)
+        }
+        // Lookups right after the split still ask peers across it: each failure costs a timeout,
+        // and `maxFailures` (20) ends some lookups before they converge on their own side
+        // (0.85 at this seed). Making lookups converge among the living is issue #22's.
+        #expect(during >= 0.8, "recall within one side during the partition: \(during)")
+        #expect(after >= 0.95, "recall after healing: \(after)")
+    }
+}
