@@ -17,7 +17,7 @@ struct SimCommand: AsyncParsableCommand {
         abstract: "Start N peers in this process, bootstrap them, run lookups and compare each with the true k closest."
     )
 
-    @Option(help: "How many peers.")
+    @Option(help: "How many peers. Above 1,000 they run on the simulated network unless --network sockets; above 20,000 simulated peers run without sessions unless --secure.")
     var peers: Int = 500
 
     @Option(help: "How many lookups for random keys, from random peers, one after another.")
@@ -64,6 +64,21 @@ struct SimCommand: AsyncParsableCommand {
 
     @Flag(help: "Run every peer without sessions (plaintext, unauthenticated), to compare with the default.")
     var insecure = false
+
+    @Flag(help: "Authenticated sessions even above \(SimCommand.plaintextAbove) simulated peers (where they are off unless asked for: see --help of --peers).")
+    var secure = false
+
+    /// Above this many simulated peers sessions are off unless `--secure`: a handshake costs about
+    /// 0.3 ms of CPU on each side and a peer makes ~50 when it joins, so 100,000 peers would spend
+    /// ~25 minutes of one core on handshakes alone (measured: 10,000 secure peers 217 s, plaintext 25 s).
+    static let plaintextAbove = 20_000
+
+    /// Authenticated unless `--insecure`, or a simulation above `plaintextAbove` peers without `--secure`.
+    var security: SecurityMode {
+        if insecure { return .insecure }
+        if secure { return .authenticated }
+        return resolvedNetwork == .simulated && peers > Self.plaintextAbove ? .insecure : .authenticated
+    }
 
     @Flag(help: "Every peer records its metrics into a Prometheus registry of its own (as p2p node --metrics does), to measure what recording costs.")
     var metrics = false
@@ -136,6 +151,7 @@ struct SimCommand: AsyncParsableCommand {
                 throw ValidationError("\(simulatedOnly.joined(separator: ", ")) need the simulated network (--network simulated)")
             }
         }
+        guard !(secure && insecure) else { throw ValidationError("--secure and --insecure exclude each other") }
         guard resolvedNetwork == .sockets || storage == .memory else { throw ValidationError("--storage sqlite needs --network sockets") }
         guard resolvedNetwork == .sockets || pluginFiles.isEmpty else { throw ValidationError("--plugin needs --network sockets") }
     }
@@ -153,6 +169,9 @@ struct SimCommand: AsyncParsableCommand {
         ensureDeterministicHashing()
         let seed = self.seed ?? UInt64.random(in: 1...999_999)
         note("simulated network, seed \(seed) (repeat with --seed \(seed))")
+        if security == .insecure, !insecure {
+            note("sessions off above \(Self.plaintextAbove) simulated peers (handshake CPU would dominate the run); --secure turns them on")
+        }
         let conditions = LinkConditions(latency: rtt, loss: loss, duplicate: duplicate, jitter: .nanoseconds(Int64(jitter * 1e6)))
         let net = SimulatedNetwork(seed: seed, conditions: conditions)
         let runtime = SimRuntime(network: net, random: RandomSource(seed: seed ^ 0xD81E))
@@ -194,7 +213,7 @@ struct SimCommand: AsyncParsableCommand {
                 do { _ = try PluginFile.load(file) } catch { throw CLIError.usage("\(error)") }
             }
             let files = pluginFiles
-            let security: SecurityMode = insecure ? .insecure : .authenticated
+            let security = self.security
             var stores: [SQLiteStorage] = []
             if case .sqlite(let dir) = storage {
                 guard chosen.contains("dht") else { throw CLIError.usage("--storage sqlite:DIR needs the dht plugin (and --ops)") }
@@ -295,7 +314,7 @@ struct SimCommand: AsyncParsableCommand {
             bootstrapSeconds: net.bootstrapSeconds,
             bootstrapHandshakes: bootstrapHandshakes,
             lookupHandshakes: lookupHandshakes,
-            secure: !insecure,
+            secure: security == .authenticated,
             lookup: measured,
             memoryPerPeerKiB: memoryPerPeerKiB,
             rssMiB: Double(rssAfter) / 1_048_576,

@@ -38,7 +38,7 @@ struct HolePunchTests {
     }
 
     static func paths(_ n: Node, to peer: Number160) async throws -> (udp: Bool, tcp: Bool) {
-        try await n.eventLoop.submit { (n.udpPaths[peer] != nil, n.directPaths[peer] != nil) }.get()
+        try await n.eventLoop.submit { (n.kernel.paths.udpPaths[peer] != nil, n.kernel.paths.directPaths[peer] != nil) }.get()
     }
 
     static func waitFor(_ what: String, seconds: Double = 20, _ condition: () async throws -> Bool) async throws {
@@ -60,7 +60,7 @@ struct HolePunchTests {
         a.registry.subscribe { if case .directPath(let p) = $0 { events.withLockedValue { $0.append(p) } } }
         #expect(b.address.flags.isSuperset(of: [.relayed, .punchable]), "\(b.address)")
         // One exchange through b's relays starts it.
-        let first = try await a.request(to: b.address, command: a.kernelCommands.ping).get()
+        let first = try await a.request(to: b.address, command: a.kernel.commands.ping).get()
         #expect(first.type == .ok)
         try await HolePunchTests.waitFor("both paths on both sides") {
             let (x, y) = try await HolePunchTests.paths(a, to: b.peerID), (z, w) = try await HolePunchTests.paths(b, to: a.peerID)
@@ -75,21 +75,21 @@ struct HolePunchTests {
         #expect(relays.count == 2)
         let before = try await RelayTests.forwarded(relays, for: b.peerID)
         for transport in [TransportChoice.udp, .tcp] {
-            let r = try await a.request(to: b.address, command: a.kernelCommands.ping, transport: transport).get()
+            let r = try await a.request(to: b.address, command: a.kernel.commands.ping, transport: transport).get()
             #expect(r.type == .ok && r.sender.id == b.peerID)
         }
         #expect(try await RelayTests.forwarded(relays, for: b.peerID) == before, "a ping went through a relay after the punch")
         // And the other way.
-        let r = try await b.request(to: a.address, command: b.kernelCommands.ping, transport: .udp).get()
+        let r = try await b.request(to: a.address, command: b.kernel.commands.ping, transport: .udp).get()
         #expect(r.type == .ok && r.sender.id == a.peerID)
         // The hole closes (a NAT forgot it; here a's path leads to a socket that never answers):
         // a request on it still gets its answer, through the relays, and the path is given up.
         let silent = try await SilentPeer()
         defer { silent.channel.close(promise: nil) }
         try await a.eventLoop.submit {
-            if let p = a.udpPaths[b.peerID] { a.udpPaths[b.peerID] = UDPPath(socket: p.socket, address: silent.address.socket.udpEndpoint, heard: 0) }
+            if let p = a.kernel.paths.udpPaths[b.peerID] { a.kernel.paths.udpPaths[b.peerID] = UDPPath(socket: p.socket, address: silent.address.socket.udpEndpoint, heard: 0) }
         }.get()
-        let viaRelays = try await a.request(to: b.address, command: a.kernelCommands.ping, transport: .udp, timeout: .seconds(6)).get()
+        let viaRelays = try await a.request(to: b.address, command: a.kernel.commands.ping, transport: .udp, timeout: .seconds(6)).get()
         #expect(viaRelays.type == .ok && viaRelays.sender.id == b.peerID)
         #expect(try await HolePunchTests.paths(a, to: b.peerID).udp == false, "the dead path was kept")
     }
@@ -101,21 +101,21 @@ struct HolePunchTests {
         let c = try await HolePunchTests.natted(.portPreserving, nodes)
         defer { Task { for n in nodes + [s, c] { try? await n.shutdown() } } }
         #expect(s.address.flags.contains(.symmetricNAT))
-        _ = try await s.request(to: c.address, command: s.kernelCommands.ping).get()
+        _ = try await s.request(to: c.address, command: s.kernel.commands.ping).get()
         try await HolePunchTests.waitFor("UDP paths on both sides") {
             let x = try await HolePunchTests.paths(s, to: c.peerID).udp, y = try await HolePunchTests.paths(c, to: s.peerID).udp
             return x && y
         }
         // The symmetric side reaches c from one of its birthday sockets, not the node's own.
-        let (viaBirthday, sockets) = try await s.eventLoop.submit { (s.udpPaths[c.peerID]?.socket != nil, s.punchSockets.count) }.get()
+        let (viaBirthday, sockets) = try await s.eventLoop.submit { (s.kernel.paths.udpPaths[c.peerID]?.socket != nil, s.kernel.paths.punchSockets.count) }.get()
         #expect(viaBirthday && sockets == 1)
-        let r = try await c.request(to: s.address, command: c.kernelCommands.ping, transport: .udp).get()
+        let r = try await c.request(to: s.address, command: c.kernel.commands.ping, transport: .udp).get()
         #expect(r.type == .ok && r.sender.id == s.peerID)
-        let r2 = try await s.request(to: c.address, command: s.kernelCommands.ping, transport: .udp).get()
+        let r2 = try await s.request(to: c.address, command: s.kernel.commands.ping, transport: .udp).get()
         #expect(r2.type == .ok && r2.sender.id == c.peerID)
         // The punch ends; the other birthday sockets are closed, and no TCP path was tried.
-        try await HolePunchTests.waitFor("the punch to end") { try await s.eventLoop.submit { s.punches.isEmpty }.get() }
-        #expect(try await s.eventLoop.submit { s.punchDials }.get() == 0)
+        try await HolePunchTests.waitFor("the punch to end") { try await s.eventLoop.submit { s.kernel.punch.punches.isEmpty }.get() }
+        #expect(try await s.eventLoop.submit { s.kernel.punch.punchDials }.get() == 0)
         #expect(try await HolePunchTests.paths(s, to: c.peerID).tcp == false)
     }
 
@@ -126,12 +126,12 @@ struct HolePunchTests {
         let b = try await HolePunchTests.natted(.symmetric, nodes)
         defer { Task { for n in nodes + [a, b] { try? await n.shutdown() } } }
         for transport in [TransportChoice.udp, .tcp] {
-            let r = try await a.request(to: b.address, command: a.kernelCommands.ping, transport: transport).get()
+            let r = try await a.request(to: b.address, command: a.kernel.commands.ping, transport: transport).get()
             #expect(r.type == .ok)
         }
         // Punches begin (or not) before the reply is handed over: nothing began on either side.
         for n in [a, b] {
-            let (punches, tried, sent) = try await n.eventLoop.submit { (n.punches.count, n.punchTried.count + n.punchAnswered.count, n.punchPacketsSent) }.get()
+            let (punches, tried, sent) = try await n.eventLoop.submit { (n.kernel.punch.punches.count, n.kernel.punch.punchTried.count + n.kernel.punch.punchAnswered.count, n.kernel.punch.punchPacketsSent) }.get()
             #expect(punches == 0 && tried == 0 && sent == 0)
         }
     }
@@ -174,15 +174,15 @@ struct HolePunchTests {
         #expect(try await ask(hostile[6], connect(5, cls: 2)).type == .badRequest)
         // Many ids from one network: a bounded number of punches a minute with its /24 (loopback is exempt).
         let grouped = try await v.eventLoop.submit { () -> [String?] in
-            v.punchLog.removeAll()
-            for _ in 0..<v.config.limits.punchesPerMinutePerIPGroup { v.punchLog.append((v.coarseSeconds, IPAddress.v4(0x0A01_0201).sybilGroup ?? 0, .random())) }
-            let out = [v.punchRefusal(.random(), ip: .v4(0x0A01_0209), birthday: false), v.punchRefusal(.random(), ip: .v4(0x0A01_0309), birthday: false)]
-            v.punchLog.removeAll()
-            v.punchAnswered.removeAll()
+            v.kernel.punch.punchLog.removeAll()
+            for _ in 0..<v.config.limits.punchesPerMinutePerIPGroup { v.kernel.punch.punchLog.append((v.kernel.coarseSeconds, IPAddress.v4(0x0A01_0201).sybilGroup ?? 0, .random())) }
+            let out = [v.kernel.punch.punchRefusal(.random(), ip: .v4(0x0A01_0209), birthday: false), v.kernel.punch.punchRefusal(.random(), ip: .v4(0x0A01_0309), birthday: false)]
+            v.kernel.punch.punchLog.removeAll()
+            v.kernel.punch.punchAnswered.removeAll()
             return out
         }.get()
         #expect(grouped[0]?.contains("network") == true && grouped[1] == nil, "\(grouped)")
-        #expect(try await plain.eventLoop.submit { plain.punches.isEmpty }.get())
+        #expect(try await plain.eventLoop.submit { plain.kernel.punch.punches.isEmpty }.get())
         // Three at once; the fourth asker waits for one to end.
         for (i, h) in hostile.prefix(3).enumerated() { #expect(try await ask(h, connect(Int64(100 + i))).type == .ok) }
         let busy = try await ask(hostile[3], connect(103))
@@ -197,8 +197,8 @@ struct HolePunchTests {
         // hostile[0] fires its punch: v sends PUNCH packets to its IP at the claimed port, and
         // dials the claimed TCP port (nothing listens: refused, again every 100 ms), until the budget ends.
         #expect(try await ask(hostile[0], [.integer(1), .integer(100)]).type == .ok)
-        try await HolePunchTests.waitFor("the punches to end") { try await v.eventLoop.submit { v.punches.isEmpty }.get() }
-        let (sent, dials, paths, dropped) = try await v.eventLoop.submit { (v.punchPacketsSent, v.punchDials, v.udpPaths.count, v.droppedMessages) }.get()
+        try await HolePunchTests.waitFor("the punches to end") { try await v.eventLoop.submit { v.kernel.punch.punches.isEmpty }.get() }
+        let (sent, dials, paths, dropped) = try await v.eventLoop.submit { (v.kernel.punch.punchPacketsSent, v.kernel.punch.punchDials, v.kernel.paths.udpPaths.count, v.droppedMessages) }.get()
         #expect(paths == 0, "a path from a stranger's packet")
         #expect(dropped > 0)
         // 500 ms at one PUNCH per 50 ms and one dial per 100 ms after a refusal, with slack for a busy machine.
@@ -211,7 +211,7 @@ struct HolePunchTests {
         let perMinute = try await ask(hostile[5], connect(302))
         #expect(perMinute.type == .denied && RPCError.from(reply: perMinute).map { "\($0)".contains("last minute") } == true, "\(perMinute)")
         // An asker whose punch ended is not answered again within a minute.
-        try await HolePunchTests.waitFor("the punches to end") { try await v.eventLoop.submit { v.punches.isEmpty }.get() }
+        try await HolePunchTests.waitFor("the punches to end") { try await v.eventLoop.submit { v.kernel.punch.punches.isEmpty }.get() }
         let again = try await ask(hostile[0], connect(400))
         #expect(again.type == .denied, "\(again)")
     }

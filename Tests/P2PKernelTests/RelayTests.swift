@@ -19,7 +19,7 @@ struct RelayTests {
 
     static func forwarded(_ relays: ArraySlice<Node>, for peer: Number160) async throws -> UInt32 {
         var n: UInt32 = 0
-        for r in relays { n += try await r.eventLoop.submit { r.relayServed[peer]?.nextToken ?? 0 }.get() }
+        for r in relays { n += try await r.eventLoop.submit { r.kernel.relay.relayServed[peer]?.nextToken ?? 0 }.get() }
         return n
     }
 
@@ -42,19 +42,19 @@ struct RelayTests {
         }
         // A (not a relay) knows U's record with relays and reaches it through them.
         var before = try await RelayTests.forwarded(relayNodes, for: u.peerID)
-        let ping = try await a.request(to: me, command: a.kernelCommands.ping).get()
+        let ping = try await a.request(to: me, command: a.kernel.commands.ping).get()
         #expect(ping.type == .ok && ping.sender.id == u.peerID)
-        #expect(try await a.eventLoop.submit { a.relayRoutes[u.peerID]?.relays.count }.get() == 3)
+        #expect(try await a.eventLoop.submit { a.kernel.paths.relayRoutes[u.peerID]?.relays.count }.get() == 3)
         var after = try await RelayTests.forwarded(relayNodes, for: u.peerID)
         #expect(after > before, "the UDP ping did not go through a relay")
         // A can be reached, so U connected back to it: A now reaches U over that connection.
         let deadline = ContinuousClock.now + .seconds(20)
-        while ContinuousClock.now < deadline, try await a.eventLoop.submit({ a.directPaths[u.peerID] == nil }).get() {
+        while ContinuousClock.now < deadline, try await a.eventLoop.submit({ a.kernel.paths.directPaths[u.peerID] == nil }).get() {
             try await Task.sleep(for: .milliseconds(10))
         }
-        #expect(try await a.eventLoop.submit { a.directPaths[u.peerID] != nil }.get(), "no reverse connection")
+        #expect(try await a.eventLoop.submit { a.kernel.paths.directPaths[u.peerID] != nil }.get(), "no reverse connection")
         before = try await RelayTests.forwarded(relayNodes, for: u.peerID)
-        let direct = try await a.request(to: me, command: a.kernelCommands.ping).get()
+        let direct = try await a.request(to: me, command: a.kernel.commands.ping).get()
         #expect(direct.sender.id == u.peerID)
         #expect(try await RelayTests.forwarded(relayNodes, for: u.peerID) == before, "went through a relay despite the reverse connection")
         // A firewalled peer (U cannot connect back to it) keeps using the relays, over UDP and TCP.
@@ -62,7 +62,7 @@ struct RelayTests {
         defer { Task { try? await f.shutdown() } }
         for transport in [TransportChoice.udp, .tcp] {
             before = try await RelayTests.forwarded(relayNodes, for: u.peerID)
-            let r = try await f.request(to: me, command: f.kernelCommands.ping, transport: transport).get()
+            let r = try await f.request(to: me, command: f.kernel.commands.ping, transport: transport).get()
             #expect(r.type == .ok && r.sender.id == u.peerID)
             after = try await RelayTests.forwarded(relayNodes, for: u.peerID)
             #expect(after > before, "the \(transport) ping did not go through a relay")
@@ -75,7 +75,7 @@ struct RelayTests {
         #expect(found.peers.first?.id == u.peerID, "\(found.peers)")
         #expect(found.peers.first?.flags.contains(.relayed) == true)
         if let record = found.peers.first {
-            let reply = try await c.request(to: record, command: c.kernelCommands.ping).get()
+            let reply = try await c.request(to: record, command: c.kernel.commands.ping).get()
             #expect(reply.sender.id == u.peerID)
         }
     }
@@ -110,16 +110,16 @@ struct RelayTests {
         let other = try await loopbackNode()
         defer { Task { try? await relay.shutdown(); try? await other.shutdown() } }
         // Any open connection stands in for the links; the address each peer came from is what counts.
-        let link = try await relay.connection(to: other.address.socket).get()
+        let link = try await relay.kernel.connections.connection(to: other.address.socket).get()
         let refusals = try await relay.eventLoop.submit { () -> [String?] in
             var out: [String?] = []
             for i in 0..<7 {
                 let ip = IPAddress.v4(i < 5 ? 0x0A01_0200 | UInt32(i + 1) : 0x0A01_0300 | UInt32(i + 1))
                 let id = Number160.random()
-                let refusal = relay.relayRefusal(for: id, ip: ip)
+                let refusal = relay.kernel.relay.relayRefusal(for: id, ip: ip)
                 out.append(refusal)
                 if refusal == nil {
-                    relay.relayServed[id] = RelayServed(link: link, returns: [nil], allowance: 0, stamp: 0, ip: ip)
+                    relay.kernel.relay.relayServed[id] = RelayServed(link: link, returns: [nil], allowance: 0, stamp: 0, ip: ip)
                 }
             }
             return out
@@ -128,22 +128,22 @@ struct RelayTests {
         #expect(refusals[0..<4].allSatisfy { $0 == nil })
         #expect(refusals[4]?.contains("network") == true, "\(refusals)")
         #expect(refusals[5] == nil && refusals[6] == nil, "\(refusals)")
-        let full = try await relay.eventLoop.submit { relay.relayRefusal(for: .random(), ip: .v4(0x0A01_0401)) }.get()
+        let full = try await relay.eventLoop.submit { relay.kernel.relay.relayRefusal(for: .random(), ip: .v4(0x0A01_0401)) }.get()
         #expect(full?.contains("6 peers") == true, "\(String(describing: full))")
-        try await relay.eventLoop.submit { relay.relayServed.removeAll() }.get()
+        try await relay.eventLoop.submit { relay.kernel.relay.relayServed.removeAll() }.get()
 
         // Connections back to peers that wrote through a relay aim where the relay says: a few a
         // minute in all, however many ids ask (only loopback addresses here, where nothing listens).
         let limit = relay.config.limits.reverseConnectionsPerMinute
         let tried = try await relay.eventLoop.submit { () -> Int in
-            relay.relayLinks[ObjectIdentifier(link)] = other.peerID
+            relay.kernel.relay.relayLinks[ObjectIdentifier(link)] = other.peerID
             let source = Endpoint(ip: .loopback, port: 9)
             for i in 0..<(limit + 20) {
                 let sender = PeerAddress(id: .random(), socket: PeerSocketAddress(ip: .v4(0x7F00_0002 + UInt32(i)), port: 9))
-                relay.considerReverseConnection(to: sender, origin: .link(link, token: 0, kind: .udp, source: source))
+                relay.kernel.relay.considerReverseConnection(to: sender, origin: .link(link, token: 0, kind: .udp, source: source))
             }
-            relay.relayLinks.removeAll()
-            return relay.reverseTried.count
+            relay.kernel.relay.relayLinks.removeAll()
+            return relay.kernel.relay.reverseTried.count
         }.get()
         #expect(tried == limit)
     }
@@ -164,12 +164,12 @@ struct RelayTests {
             return
         }
         // A learns U's relays by reaching it through them.
-        #expect(try await a.request(to: u.address, command: a.kernelCommands.ping).get().type == .ok)
+        #expect(try await a.request(to: u.address, command: a.kernel.commands.ping).get().type == .ok)
         let raw = try await RawSocket()
         defer { Task { await raw.close() } }
         let stranger = Number160.random()
         func drops(_ n: Node) -> Int { n.droppedMessages }
-        let served = { try await r.eventLoop.submit { r.relayServed[u.peerID]?.nextToken ?? 0 }.get() }
+        let served = { try await r.eventLoop.submit { r.kernel.relay.relayServed[u.peerID]?.nextToken ?? 0 }.get() }
         let tokensBefore = try await served()
         let (rBefore, uBefore, aBefore) = (drops(r), drops(u), drops(a))
         let garbage = [UInt8](repeating: 0xAB, count: 40)
@@ -188,19 +188,19 @@ struct RelayTests {
         #expect(try await served() == tokensBefore, "the relay forwarded something")
         // A stale token from U itself, on its own link: one ring turn old, refused.
         let stale = try await r.eventLoop.submit { () -> Bool in
-            guard let s = r.relayServed[u.peerID] else { return false }
+            guard let s = r.kernel.relay.relayServed[u.peerID] else { return false }
             let remote = s.link.remote
             let before = r.droppedMessages
             var b = ByteBufferAllocator().buffer(capacity: 16)
             b.writeInteger(RelayPacket.fromClient)
             b.writeInteger(s.nextToken &- UInt32(s.returns.count) &- 1)
             b.writeBytes(garbage)
-            r.receivedRelayPacket(RelayPacket.fromClient, b, remote: remote, origin: .tcp(s.link))
+            r.kernel.relay.received(.fromClient, b, remote: remote, origin: .tcp(s.link))
             return r.droppedMessages == before + 1
         }.get()
         #expect(stale, "a stale token was answered")
         // And the relay still serves U.
-        let after = try await a.request(to: u.address, command: a.kernelCommands.ping, transport: .udp).get()
+        let after = try await a.request(to: u.address, command: a.kernel.commands.ping, transport: .udp).get()
         #expect(after.type == .ok && after.sender.id == u.peerID)
     }
 }

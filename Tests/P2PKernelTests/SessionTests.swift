@@ -203,7 +203,7 @@ struct SessionTests {
         // A request to a peer that never answers stays pending: forge its reply every way.
         let silent = try await SilentPeer()
         let pendingPing = victim.request(to: silent.address, command: CommandID.derive(from: KernelCommands.ping))
-        let ids = try await victim.onLoop { Array(victim.pending.keys) }
+        let ids = try await victim.onLoop { Array(victim.kernel.rpc.pending.keys) }
         let fakes = (0..<20).map { _ in PeerAddress(id: .random(), socket: hostile.socket.address) }
         for id in ids {
             // Its reply claims the silent peer, in the hostile peer's session: wrong session.
@@ -218,7 +218,7 @@ struct SessionTests {
         let stop = NIOLockedValueBox(false)
         let forger = Task {
             while !stop.withLockedValue({ $0 }) {
-                let open = (try? await victim.onLoop { Array(victim.pending.keys) }) ?? []
+                let open = (try? await victim.onLoop { Array(victim.kernel.rpc.pending.keys) }) ?? []
                 for id in open {
                     try? await hostile.send(hostile.message(id: id, type: .ok, command: KernelCommands.neighbors, recipient: victim.peerID,
                                                             payload: [.peers(fakes)]), to: victim.address.socket)
@@ -248,11 +248,11 @@ struct SessionTests {
             _ = try await c.ping(b.address.socket)
             clients.append(c)
         }
-        #expect(try await b.onLoop { b.sessions.count } == 4)
+        #expect(try await b.onLoop { b.kernel.sessions.table.count } == 4)
         // The first client's session was evicted; its next request still succeeds.
         let again = try await clients[0].request(to: PeerAddress(id: b.peerID, socket: b.address.socket), command: KernelCommands.ping)
         #expect(again.type == .ok)
-        #expect(try await b.onLoop { b.sessions.count } == 4)
+        #expect(try await b.onLoop { b.kernel.sessions.table.count } == 4)
         for c in clients { await c.shutdown() }
         await b.shutdown()
     }

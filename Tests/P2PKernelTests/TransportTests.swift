@@ -146,14 +146,14 @@ struct TransportTests {
         let port = b.address.udpPort
         let peer = try await a.ping(b.address.socket)
         // What SwiftNIO does after a send error it deems fatal (EINVAL, EPERM, ENETUNREACH…).
-        try await b.onLoop { (b.transport as? SocketTransport)?.mainChannel }?.close()
+        try await b.onLoop { (b.kernel.transport as? SocketTransport)?.mainChannel }?.close()
         var rebinds = 0
         for _ in 0..<500 where rebinds == 0 {
-            rebinds = try await b.onLoop { b.transport.rebinds }
+            rebinds = try await b.onLoop { b.kernel.transport.rebinds }
             if rebinds == 0 { try await Task.sleep(for: .milliseconds(10)) }
         }
         #expect(rebinds == 1)
-        #expect(try await b.onLoop { (b.transport as? SocketTransport)?.mainChannel?.localAddress?.port } == Int(port))
+        #expect(try await b.onLoop { (b.kernel.transport as? SocketTransport)?.mainChannel?.localAddress?.port } == Int(port))
         let again = try await a.request(to: peer, command: KernelCommands.ping)
         #expect(again.type == .ok)
         await a.shutdown(); await b.shutdown()

@@ -24,7 +24,7 @@ import NIOCore
 /// Either side may begin, after any exchange through relays; if both do at once, the lower id's
 /// punch goes on.
 enum PunchPacket {
-    static let kind: UInt8 = 0x8E
+    static let kind = PacketKind.punch.rawValue
     static let bytes = 10
 
     static func make(_ nonce: UInt64, answer: Bool) -> ByteBuffer {
@@ -85,15 +85,6 @@ public struct DirectPath: Sendable, Equatable, CustomStringConvertible {
     }
 }
 
-/// A punched UDP path: the birthday socket it leaves on (nil: the node's own socket, whichever
-/// that is now — it is bound again if it ever closes) and the peer's address.
-struct UDPPath {
-    let socket: (any DatagramSocket)?
-    let address: Endpoint
-    /// When a datagram last came from `address` (coarse seconds).
-    var heard: UInt32
-}
-
 /// One punch in progress (by nonce).
 struct Punch {
     let peer: PeerAddress
@@ -119,7 +110,24 @@ struct Punch {
     var done: Bool { udpDone && (!wantsTCP || tcpDone) }
 }
 
-extension Node {
+/// Hole punching, both sides: the punches in progress, their limits, and the paths they install
+/// into the `PathTable` when something comes through. Confined to the node's event loop.
+final class HolePuncher: KernelPart, @unchecked Sendable {
+    private var link = KernelLink()
+    var kernel: Kernel { link.value }
+    func attach(_ kernel: Kernel) { link.set(kernel) }
+
+    /// Punches in progress by nonce, which peer each is with, and when each peer was last punched to.
+    var punches: [UInt64: Punch] = [:]
+    var punchByPeer: [Number160: UInt64] = [:]
+    var punchTried: [Number160: UInt32] = [:]
+    var punchAnswered: [Number160: UInt32] = [:]
+    /// Punches begun or answered in the last minute: when, and the other side's address group.
+    var punchLog: [(at: UInt32, group: UInt64, peer: Number160)] = []
+    /// PUNCH datagrams sent and TCP punch dials made, over the node's life.
+    var punchPacketsSent = 0
+    var punchDials = 0
+
     /// Our punch class, when we are relayed behind a NAT the ladder classified.
     var ownPunchClass: PunchClass? {
         guard selfAddress.flags.contains(.relayed) else { return nil }
@@ -128,7 +136,7 @@ extension Node {
 
     /// Our external ports as observed (the ladder's report).
     private var ownExternalPorts: (udp: UInt16, tcp: UInt16)? {
-        guard let ext = nat.observedExternal else { return nil }
+        guard let ext = node.nat.observedExternal else { return nil }
         return (ext.udpPort, ext.tcpPort)
     }
 
@@ -173,28 +181,26 @@ extension Node {
     /// fails in the kernel, which would close the UDP socket), and loopback only for a node on
     /// loopback.
     func punchable(_ ip: IPAddress) -> Bool {
-        ip.isUnicast && (ip.isV4 || !transport.isIPv4) && (!ip.isLoopback || boundToLoopback)
+        ip.isUnicast && (ip.isV4 || !transport.isIPv4) && (!ip.isLoopback || node.boundToLoopback)
     }
-
-    // MARK: beginning (the initiator)
 
     /// After a request from `peer` came down one of our relay links: punch a direct path when
     /// both of us are relayed behind NATs that allow it and the pair lacks one. Only then: the IP
     /// punched to is the one our own relay saw (a relay the peer named could say anything).
     func considerPunch(with peer: PeerAddress) {
         guard config.nat.holePunching, peer.flags.contains(.relayed), let theirs = peer.flags.punchClass, let mine = ownPunchClass,
-              !(mine == .symmetric && theirs == .symmetric), sessionsEnabled, running, peer.id != peerID,
+              !(mine == .symmetric && theirs == .symmetric), kernel.sessions.enabled, running, peer.id != peerID,
               punchByPeer[peer.id] == nil else { return }
         // A path for each transport the pair allows: UDP always, TCP when both are consistent.
-        let haveUDP = udpPaths[peer.id] != nil
-        guard !haveUDP || (mine == .consistent && theirs == .consistent && directPaths[peer.id] == nil) else { return }
+        let haveUDP = kernel.paths.udpPaths[peer.id] != nil
+        guard !haveUDP || (mine == .consistent && theirs == .consistent && kernel.paths.directPaths[peer.id] == nil) else { return }
         if let why = punchRefusal(peer.id, ip: peer.ip, birthday: mine == .symmetric || theirs == .symmetric, answering: false) {
             logger.trace("no punch", metadata: ["peer": "\(peer.id)", "why": "\(why)"])
             return
         }
         guard punchable(peer.ip), let ports = ownExternalPorts else { return }
         var fresh: UInt64
-        repeat { fresh = UInt64(randomIDs.next()) << 32 | UInt64(randomIDs.next()) } while fresh == 0 || punches[fresh] != nil
+        repeat { fresh = UInt64(kernel.rpc.randomIDs.next()) << 32 | UInt64(kernel.rpc.randomIDs.next()) } while fresh == 0 || punches[fresh] != nil
         let nonce = fresh
         notePunch(peer.id, ip: peer.ip, answering: false)
         punches[nonce] = Punch(peer: peer, initiator: true, mine: mine, theirs: theirs, created: clock.now)
@@ -205,7 +211,7 @@ extension Node {
         let connect: [Payload] = [.integer(0), .integer(Int64(bitPattern: nonce)), .integer(mine.rawValue),
                                   .integer(Int64(ports.udp)), .integer(Int64(ports.tcp))]
         let command = kernelCommands.punch
-        requestOnLoop(target: peer.socket, expectedID: peer.id, command: command, payload: connect, transport: .udp,
+        kernel.rpc.requestOnLoop(target: peer.socket, expectedID: peer.id, command: command, payload: connect, transport: .udp,
                       timeout: config.nat.punchBudget).whenComplete { [self] result in
             guard var p = punches[nonce] else { return }
             let reply: Message
@@ -214,7 +220,7 @@ extension Node {
             case .success(let m): reply = m
             }
             if let error = RPCError.from(reply: reply) {
-                if case .denied(let text) = error, text == Node.punchYield {
+                if case .denied(let text) = error, text == HolePuncher.punchYield {
                     // Its punch with us goes on instead: this one was never a try.
                     punchTried[peer.id] = nil
                     return endPunch(nonce, why: "the peer's punch goes on", quiet: true)
@@ -224,14 +230,14 @@ extension Node {
                 return endPunch(nonce, why: "CONNECT refused: \(error)")
             }
             // Its terms must be those its flags announced (the limits were checked for those).
-            guard let (cls, udp, tcp) = Node.punchTerms(reply.payload, from: 0), cls == theirs else {
+            guard let (cls, udp, tcp) = HolePuncher.punchTerms(reply.payload, from: 0), cls == theirs else {
                 return endPunch(nonce, why: "CONNECT: an answer with other terms than the peer announced")
             }
-            (p.udpTarget, p.tcpTarget) = Node.punchTargets(ip: peer.ip, mine: mine, theirs: theirs, udp: udp, tcp: tcp)
+            (p.udpTarget, p.tcpTarget) = HolePuncher.punchTargets(ip: peer.ip, mine: mine, theirs: theirs, udp: udp, tcp: tcp)
             punches[nonce] = p
             let rtt = clock.now - sent
             let sync: [Payload] = [.integer(1), .integer(Int64(bitPattern: nonce))]
-            requestOnLoop(target: peer.socket, expectedID: peer.id, command: command, payload: sync, transport: .udp,
+            kernel.rpc.requestOnLoop(target: peer.socket, expectedID: peer.id, command: command, payload: sync, transport: .udp,
                           timeout: config.nat.punchBudget).whenComplete { _ in }
             // The SYNC reaches the peer in about half the round trip: fire then, together.
             _ = eventLoop.scheduleTask(in: .nanoseconds(rtt.nanoseconds / 2)) { [self] in beginPunch(nonce) }
@@ -258,17 +264,15 @@ extension Node {
         return (u, t)
     }
 
-    // MARK: answering (the responder)
-
     /// CONNECT from `sender` (its IP as our relay, or its own datagrams, reported it): keeps the
     /// punch, answers our terms.
     func answerPunch(_ payload: [Payload], from sender: PeerAddress) -> Reply {
-        guard sessionsEnabled else { return .error(.denied, "punching needs authenticated sessions") }
+        guard kernel.sessions.enabled else { return .error(.denied, "punching needs authenticated kernel.sessions.table") }
         guard config.nat.holePunching, let mine = ownPunchClass, let ports = ownExternalPorts else {
             return .error(.denied, "this node does not punch (not relayed behind a classified NAT)")
         }
         let ints = payload.compactMap { p -> Int64? in if case .integer(let v) = p { v } else { nil } }
-        guard ints.count == 5, ints[0] == 0, ints[1] != 0, let (theirs, udp, tcp) = Node.punchTerms(payload, from: 2) else {
+        guard ints.count == 5, ints[0] == 0, ints[1] != 0, let (theirs, udp, tcp) = HolePuncher.punchTerms(payload, from: 2) else {
             return .error(.badRequest, "CONNECT needs phase 0, a nonce, a class and two ports")
         }
         guard theirs == sender.flags.punchClass else { return .error(.badRequest, "CONNECT with another class than the sender's flags say") }
@@ -278,7 +282,7 @@ extension Node {
         var superseded = false
         if let other = punchByPeer[sender.id], let p = punches[other] {
             // Both began at once: the lower id's punch goes on.
-            if p.initiator, peerID < sender.id { return .error(.denied, Node.punchYield) }
+            if p.initiator, peerID < sender.id { return .error(.denied, HolePuncher.punchYield) }
             guard p.initiator, p.started == nil else { return .error(.denied, "busy: a punch with you is in progress") }
             endPunch(other, why: "superseded by the peer's", quiet: true)
             superseded = true
@@ -288,8 +292,8 @@ extension Node {
             return .error(.denied, why)
         }
         var p = Punch(peer: sender, initiator: false, mine: mine, theirs: theirs, created: clock.now)
-        p.udpDone = udpPaths[sender.id] != nil
-        (p.udpTarget, p.tcpTarget) = Node.punchTargets(ip: sender.ip, mine: mine, theirs: theirs, udp: udp, tcp: tcp)
+        p.udpDone = kernel.paths.udpPaths[sender.id] != nil
+        (p.udpTarget, p.tcpTarget) = HolePuncher.punchTargets(ip: sender.ip, mine: mine, theirs: theirs, udp: udp, tcp: tcp)
         punches[nonce] = p
         punchByPeer[sender.id] = nonce
         notePunch(sender.id, ip: sender.ip, answering: true)
@@ -307,8 +311,6 @@ extension Node {
         if p.started == nil { beginPunch(nonce) }
         return Reply()
     }
-
-    // MARK: firing
 
     private func expirePunch(_ nonce: UInt64, in d: Duration) {
         punches[nonce]?.expiry?.cancel()
@@ -373,7 +375,7 @@ extension Node {
     /// TCP: dial the peer's port from our listen port until a connection stands or time is up.
     private func dialPunch(_ nonce: UInt64) {
         guard let p = punches[nonce], !p.tcpDone, let target = p.tcpTarget, let started = p.started, running else { return }
-        if directPaths[p.peer.id] != nil {
+        if kernel.paths.directPaths[p.peer.id] != nil {
             // Its SYN reached our listener first: the accepted connection is the path.
             punches[nonce]?.tcpDone = true
             return finishIfDone(nonce)
@@ -386,7 +388,7 @@ extension Node {
             .whenComplete { [self] result in
                 switch result {
                 case .success(let c):
-                    guard let q = punches[nonce], !q.tcpDone, directPaths[q.peer.id] == nil else { return c.close() }
+                    guard let q = punches[nonce], !q.tcpDone, kernel.paths.directPaths[q.peer.id] == nil else { return c.close() }
                     punches[nonce]?.tcpDone = true
                     adoptPunchedConnection(c, peer: q.peer, started: q.created)
                 case .failure:
@@ -399,13 +401,13 @@ extension Node {
 
     /// A punched TCP connection: the peer's path once a ping in the session over it comes back.
     private func adoptPunchedConnection(_ ch: any PeerConnection, peer: PeerAddress, started: NIODeadline) {
-        installDirectPath(peer.id, connection: ch)
+        kernel.paths.installDirectPath(peer.id, connection: ch)
         let remote = "\(ch.remote)"
-        requestOnLoop(target: peer.socket, expectedID: peer.id, command: kernelCommands.ping, payload: [], transport: .tcp,
+        kernel.rpc.requestOnLoop(target: peer.socket, expectedID: peer.id, command: kernelCommands.ping, payload: [], transport: .tcp,
                       timeout: config.nat.punchBudget).whenComplete { [self] result in
             // The answer proves the path only if it came over it (the connection still stands).
-            guard case .success(let reply) = result, reply.type == .ok, let c = directPaths[peer.id], c === ch, ch.isActive else {
-                if let c = directPaths[peer.id], c === ch { directPaths[peer.id] = nil }
+            guard case .success(let reply) = result, reply.type == .ok, let c = kernel.paths.directPaths[peer.id], c === ch, ch.isActive else {
+                if let c = kernel.paths.directPaths[peer.id], c === ch { kernel.paths.directPaths[peer.id] = nil }
                 return ch.close()
             }
             announcePath(DirectPath(peer: peer.id, transport: .tcp, method: .holePunch, remote: remote, milliseconds: ms(since: started)))
@@ -418,23 +420,6 @@ extension Node {
         guard let p = punches[nonce], p.done else { return }
         expirePunch(nonce, in: .milliseconds(500))
     }
-
-    /// Makes `channel` the way to `peer` over TCP while it is open (pinned: kept alive, not idle-closed).
-    func installDirectPath(_ peer: Number160, connection: any PeerConnection) {
-        var rng = random.generator
-        if directPaths[peer] == nil, directPaths.count >= config.limits.maxDirectPaths, let victim = directPaths.keys.randomElement(using: &rng) {
-            directPaths[victim] = nil
-        }
-        directPaths[peer] = connection
-        let target = PeerSocketAddress(ip: connection.remote.ip, tcpPort: connection.remote.port, udpPort: 0)
-        connection.closeFuture.whenComplete { [self] _ in
-            if let c = directPaths[peer], c === connection { directPaths[peer] = nil }
-            // Requests waiting on it go through the peer's relays again (or fail if it has none).
-            failRequests(on: ObjectIdentifier(connection), target: target)
-        }
-    }
-
-    // MARK: PUNCH packets
 
     /// A PUNCH on `channel` (the node's socket or a birthday socket) from `remote`.
     func receivedPunch(_ buffer: ByteBuffer, from remote: Endpoint, socket: any DatagramSocket) {
@@ -456,18 +441,18 @@ extension Node {
         punches[nonce]?.spray = nil
         for s in p.sockets where s !== socket { s.close() }
         punches[nonce]?.sockets = p.sockets.filter { $0 === socket }
-        installUDPPath(p.peer.id, socket: socket === transport.mainSocket ? nil : socket, address: remote)
+        kernel.paths.installUDPPath(p.peer.id, socket: socket === transport.mainSocket ? nil : socket, address: remote)
         let method: DirectPathMethod = p.birthday ? .birthday : .holePunch
         let (sent, started) = (p.sent, p.created)
         let seen = "\(remote)"
-        requestOnLoop(target: p.peer.socket, expectedID: p.peer.id, command: kernelCommands.ping, payload: [], transport: .udp,
+        kernel.rpc.requestOnLoop(target: p.peer.socket, expectedID: p.peer.id, command: kernelCommands.ping, payload: [], transport: .udp,
                       timeout: config.nat.punchBudget).whenComplete { [self] result in
             // Proven only if the answer came back while the path stood (it went over it).
-            guard case .success(let reply) = result, reply.type == .ok, udpPaths[p.peer.id]?.address == remote else {
-                return dropUDPPath(p.peer.id, ifTo: remote)
+            guard case .success(let reply) = result, reply.type == .ok, kernel.paths.udpPaths[p.peer.id]?.address == remote else {
+                return kernel.paths.dropUDPPath(p.peer.id, ifTo: remote)
             }
             var path = DirectPath(peer: p.peer.id, transport: .udp, method: method, remote: seen, milliseconds: ms(since: started))
-            if method == .birthday { path.remote += " after \(sent) probes" }
+            if method == .birthday { path.remote += " after \(sent) kernel.prober.probes" }
             announcePath(path)
             finishIfDone(nonce)
         }
@@ -479,77 +464,17 @@ extension Node {
     /// is where its datagrams come from, as a reply to it goes.
     func noteUDPPath(_ peer: PeerAddress, remote: Endpoint, socket: (any DatagramSocket)?) {
         // (A path it already has was marked heard when the message was dispatched.)
-        guard selfAddress.flags.contains(.relayed), !relayRoutes.isEmpty, relayRoutes[peer.id] != nil, sessionsEnabled,
-              udpPaths[peer.id] == nil else { return }
+        guard selfAddress.flags.contains(.relayed), !kernel.paths.relayRoutes.isEmpty, kernel.paths.relayRoutes[peer.id] != nil, kernel.sessions.enabled,
+              kernel.paths.udpPaths[peer.id] == nil else { return }
         if let nonce = punchByPeer[peer.id], punches[nonce] != nil, let s = socket ?? transport.mainSocket {
             return punchArrived(nonce, from: remote, socket: s)
         }
         let now = coarseSeconds, recent = punchRetrySeconds
         guard [punchTried[peer.id], punchAnswered[peer.id]].contains(where: { $0.map { now &- $0 < recent } ?? false }) else { return }
-        installUDPPath(peer.id, socket: socket, address: remote)
+        kernel.paths.installUDPPath(peer.id, socket: socket, address: remote)
         let method: DirectPathMethod = peer.flags.contains(.symmetricNAT) || selfAddress.flags.contains(.symmetricNAT) ? .birthday : .holePunch
         announcePath(DirectPath(peer: peer.id, transport: .udp, method: method,
                                 remote: "\(remote), from its traffic", milliseconds: 0))
-    }
-
-    private func installUDPPath(_ peer: Number160, socket: (any DatagramSocket)?, address: Endpoint) {
-        if udpPaths[peer] != nil { dropUDPPath(peer) }
-        var rng = random.generator
-        if udpPaths.count >= config.limits.maxDirectPaths, let victim = udpPaths.keys.randomElement(using: &rng) { dropUDPPath(victim) }
-        udpPaths[peer] = UDPPath(socket: socket, address: address, heard: coarseSeconds)
-        if let socket { punchSockets[address] = socket }
-        if pathKeepAlive == nil {
-            let every = TimeAmount(config.nat.pathKeepAlive)
-            pathKeepAlive = eventLoop.scheduleRepeatedTask(initialDelay: every, delay: every) { [self] _ in keepPathsAlive() }
-        }
-    }
-
-    /// Forgets the UDP path to `peer` (when it still leads to `ifTo`, if given); its birthday
-    /// socket closes.
-    func dropUDPPath(_ peer: Number160, ifTo address: Endpoint? = nil) {
-        guard let path = udpPaths[peer], address.map({ $0 == path.address }) ?? true else { return }
-        udpPaths[peer] = nil
-        if let socket = path.socket {
-            if let s = punchSockets[path.address], s === socket { punchSockets[path.address] = nil }
-            socket.close()
-        }
-        if udpPaths.isEmpty {
-            pathKeepAlive?.cancel()
-            pathKeepAlive = nil
-        }
-    }
-
-    /// A datagram from `remote` over the UDP path to `peer`: the path is alive.
-    func heardOverPath(_ peer: Number160, _ remote: Endpoint) {
-        if let path = udpPaths[peer], path.address == remote { udpPaths[peer]?.heard = coarseSeconds }
-    }
-
-    /// Pings every punched UDP path (keeping the NAT mappings open); one whose ping fails is dropped.
-    private func keepPathsAlive() {
-        for (peer, path) in udpPaths {
-            let target = PeerSocketAddress(ip: path.address.ip, tcpPort: 0, udpPort: path.address.port)
-            requestOnLoop(target: target, expectedID: peer, command: kernelCommands.ping, payload: [], transport: .udp, timeout: nil)
-                .whenComplete { [self] result in
-                    if case .success(let r) = result, r.type == .ok { return }
-                    guard udpPaths[peer]?.address == path.address else { return }
-                    logger.info("direct path to \(peer) over udp lost; its relays carry the traffic again")
-                    dropUDPPath(peer, ifTo: path.address)
-                }
-        }
-    }
-
-    /// A TCP connection that went idle: a direct path is kept (pinged; closed if that fails),
-    /// anything else closes.
-    func connectionIdle(_ connection: any PeerConnection) {
-        guard !directPaths.isEmpty, let peer = directPaths.first(where: { $0.value === connection })?.key else {
-            return connection.close()
-        }
-        let target = PeerSocketAddress(ip: connection.remote.ip, tcpPort: connection.remote.port, udpPort: 0)
-        requestOnLoop(target: target, expectedID: peer, command: kernelCommands.ping, payload: [], transport: .tcp, timeout: nil)
-            .whenComplete { result in
-                if case .success(let r) = result, r.type == .ok { return }
-                connection.close()
-            }
     }
 
     /// A datagram on a birthday socket: a PUNCH; the peer's traffic once the socket is its path;
@@ -559,34 +484,26 @@ extension Node {
         guard running, let first = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) else { return }
         if first == PunchPacket.kind {
             receivedPunch(buffer, from: remote, socket: socket)
-        } else if let s = punchSockets[remote], s === socket {
-            received(buffer, from: remote, origin: .udp(remote))
+        } else if let s = kernel.paths.punchSockets[remote], s === socket {
+            kernel.received(buffer, from: remote, origin: .udp(remote))
         } else if let (nonce, _) = punches.first(where: { $0.value.sockets.contains { $0 === socket } }),
                   let p = punches[nonce], !p.udpDone, remote.ip == p.peer.ip {
             punchArrived(nonce, from: remote, socket: socket)
-            received(buffer, from: remote, origin: .udp(remote))
+            kernel.received(buffer, from: remote, origin: .udp(remote))
         } else {
             countDrop("datagram from \(remote) on a punch socket that is no path to it")
         }
     }
-
-    /// The socket a datagram to `remote` leaves on: a birthday socket that is the path to it, else ours.
-    func udpSocket(to remote: Endpoint) -> (any DatagramSocket)? {
-        if punchSockets.isEmpty { return transport.mainSocket }
-        return punchSockets[remote] ?? transport.mainSocket
-    }
-
-    // MARK: ending
 
     func endPunch(_ nonce: UInt64, why: String, quiet: Bool = false) {
         guard let p = punches.removeValue(forKey: nonce) else { return }
         if punchByPeer[p.peer.id] == nonce { punchByPeer[p.peer.id] = nil }
         p.expiry?.cancel()
         p.spray?.cancel()
-        let keep = udpPaths[p.peer.id]?.socket
+        let keep = kernel.paths.udpPaths[p.peer.id]?.socket
         for s in p.sockets where s !== keep { s.close() }
         guard !quiet else { return }
-        let tcpDirect = p.tcpDone || directPaths[p.peer.id] != nil
+        let tcpDirect = p.tcpDone || kernel.paths.directPaths[p.peer.id] != nil
         let udp = p.udpDone ? "direct" : "not punched"
         let tcp = p.wantsTCP ? (tcpDirect ? ", tcp direct" : ", tcp not punched after \(p.tcpAttempts) dials") : ""
         if p.started == nil || !p.udpDone || (p.wantsTCP && !tcpDirect) {
@@ -598,13 +515,7 @@ extension Node {
 
     /// Ends every punch and drops every punched path (shutdown).
     func endAllPunches() {
-        for nonce in Array(punches.keys) { endPunch(nonce, why: "the node stopped", quiet: true) }
-        for peer in Array(udpPaths.keys) { dropUDPPath(peer) }
-        // Punched connections belong to no pool: closed here (inbound ones close with the rest).
-        for c in directPaths.values { c.close() }
-        directPaths.removeAll()
-        pathKeepAlive?.cancel()
-        pathKeepAlive = nil
+        for nonce in Array(punches.keys).sorted() { endPunch(nonce, why: "the node stopped", quiet: true) }
     }
 
     func announcePath(_ path: DirectPath) {
@@ -629,8 +540,8 @@ extension KernelCommands {
             let node = context.node
             guard case .integer(let phase)? = request.payload.first else { return .reply(.error(.badRequest, "punch needs a phase")) }
             switch phase {
-            case 0: return .reply(node.answerPunch(request.payload, from: request.sender))
-            case 1: return .reply(node.syncPunch(request.payload, from: request.sender))
+            case 0: return .reply(node.kernel.punch.answerPunch(request.payload, from: request.sender))
+            case 1: return .reply(node.kernel.punch.syncPunch(request.payload, from: request.sender))
             default: return .reply(.error(.badRequest, "punch phase \(phase) unknown"))
             }
         }

@@ -284,8 +284,8 @@ public final class NATTraversal: @unchecked Sendable {
         step("observe", tObserve, "\(answered.count) of \(observers.count) peers answered")
         guard !answered.isEmpty else { throw NATError.noObservation }
 
-        let bound = try await node.eventLoop.submit { node.transport.boundPort }.get()
-        let local = node.transport.localAddresses
+        let bound = try await node.eventLoop.submit { node.kernel.transport.boundPort }.get()
+        let local = node.kernel.transport.localAddresses
         let c = NATTraversal.classify(observations, boundPort: bound, local: local)
         steps.append(.init(name: "classify", milliseconds: 0, outcome: c.type.rawValue))
         let external = PeerSocketAddress(ip: c.ip, tcpPort: c.tcpPort, udpPort: c.udpPort)
@@ -345,7 +345,7 @@ public final class NATTraversal: @unchecked Sendable {
             case .none, .unknown: break
             }
             await announce(node, udpPort: bound, tcpPort: bound, ip: nil, flags: flags)
-            if cfg.relays > 0, node.sessionsEnabled {
+            if cfg.relays > 0, node.kernel.sessions.enabled {
                 let tRelay = clock.now
                 state.withLockedValue { $0.wantRelays = true }
                 let (relays, candidates) = await setUpRelays(node)
@@ -495,7 +495,7 @@ public final class NATTraversal: @unchecked Sendable {
     private func announce(_ node: Node, udpPort: UInt16, tcpPort: UInt16, ip: IPAddress?, flags: PeerFlags,
                           relays: [PeerSocketAddress]? = nil) async {
         _ = try? await node.eventLoop.submit {
-            var me = node.selfAddress
+            var me = node.kernel.me
             let keep = me.flags.intersection([.relayed])
             me.socket = PeerSocketAddress(ip: ip ?? me.socket.ip, tcpPort: tcpPort, udpPort: udpPort)
             me.flags = flags.union(keep)
@@ -503,12 +503,11 @@ public final class NATTraversal: @unchecked Sendable {
                 try? me.setRelays(Array(relays.prefix(PeerAddress.maxRelays)))
                 if relays.isEmpty { me.flags.remove(.relayed) } else { me.flags.insert(.relayed) }
             }
-            guard me != node.selfAddress else { return }
-            node.selfAddress = me
-            node.published.withLockedValue { $0 = me }
+            guard me != node.kernel.me else { return }
+            node.kernel.announce(me)
             var told = 0
-            for peer in node.peerMap.verifiedPeers where told < 64 && (!node.sessionsEnabled || node.sessions.slot(peer: peer.id) != nil) {
-                node.sendFireAndForget(to: peer, command: node.kernelCommands.ping)
+            for peer in node.peerMap.verifiedPeers where told < 64 && (!node.kernel.sessions.enabled || node.kernel.sessions.table.slot(peer: peer.id) != nil) {
+                node.kernel.rpc.sendFireAndForget(to: peer, command: node.kernel.commands.ping)
                 told += 1
             }
         }.get()
@@ -574,12 +573,12 @@ public final class NATTraversal: @unchecked Sendable {
             return true
         }
         guard stillWanted else {
-            for p in got where !current.contains(where: { $0.id == p.id }) { _ = try? await node.eventLoop.submit { node.dropRelayLink(to: p) }.get() }
+            for p in got where !current.contains(where: { $0.id == p.id }) { _ = try? await node.eventLoop.submit { node.kernel.relay.dropRelayLink(to: p) }.get() }
             return ([], all.count)
         }
         if got.map(\.id) != current.map(\.id) {
-            let bound = (try? await node.eventLoop.submit { node.transport.boundPort }.get()) ?? 0
-            let flags = (try? await node.eventLoop.submit { node.selfAddress.flags }.get()) ?? []
+            let bound = (try? await node.eventLoop.submit { node.kernel.transport.boundPort }.get()) ?? 0
+            let flags = (try? await node.eventLoop.submit { node.kernel.me.flags }.get()) ?? []
             await announce(node, udpPort: bound, tcpPort: bound, ip: nil, flags: flags.subtracting([.relayed]), relays: got.map(\.socket))
         }
         return (got, all.count)
@@ -593,10 +592,10 @@ public final class NATTraversal: @unchecked Sendable {
             guard reply.type == .ok else { return false }
             let key = PeerSocketAddress(ip: peer.ip, tcpPort: peer.tcpPort, udpPort: 0)
             let link = try await node.eventLoop.flatSubmit { () -> EventLoopFuture<any PeerConnection> in
-                node.pool[key] ?? node.eventLoop.makeFailedFuture(NATError.abandoned)
+                node.kernel.connections.pool[key] ?? node.eventLoop.makeFailedFuture(NATError.abandoned)
             }.get()
             try await node.eventLoop.submit {
-                node.adoptRelayLink(link, relay: peer)
+                node.kernel.relay.adoptRelayLink(link, relay: peer)
                 link.closeFuture.whenComplete { _ in node.spawn { await self.relayLost(node, peer) } }
             }.get()
             return link.isActive
@@ -619,7 +618,7 @@ public final class NATTraversal: @unchecked Sendable {
         // Its link broke or it stopped answering: gone from the map too (its place may be
         // needed by its successor at the same address).
         _ = try? await node.eventLoop.submit {
-            node.dropRelayLink(to: peer)
+            node.kernel.relay.dropRelayLink(to: peer)
             node.peerMap.peerFailed(peer.id, reason: .disconnected)
         }.get()
         let (relays, _) = await setUpRelays(node)
@@ -642,8 +641,8 @@ public final class NATTraversal: @unchecked Sendable {
             return s.relays
         }
         guard !old.isEmpty else { return }
-        for p in old { _ = try? await node.eventLoop.submit { node.dropRelayLink(to: p) }.get() }
-        let bound = (try? await node.eventLoop.submit { node.selfAddress }.get())
+        for p in old { _ = try? await node.eventLoop.submit { node.kernel.relay.dropRelayLink(to: p) }.get() }
+        let bound = (try? await node.eventLoop.submit { node.kernel.me }.get())
         if let me = bound { await announce(node, udpPort: me.udpPort, tcpPort: me.tcpPort, ip: nil, flags: me.flags.subtracting([.relayed]), relays: []) }
     }
 
@@ -657,7 +656,7 @@ public final class NATTraversal: @unchecked Sendable {
     public func useRelays() async -> [PeerAddress] {
         guard let node else { return [] }
         state.withLockedValue { $0.wantRelays = true }
-        let me = (try? await node.eventLoop.submit { node.selfAddress }.get())
+        let me = (try? await node.eventLoop.submit { node.kernel.me }.get())
         if let me { await announce(node, udpPort: me.udpPort, tcpPort: me.tcpPort, ip: nil, flags: [.firewalledUDP, .firewalledTCP]) }
         return await setUpRelays(node).0
     }
@@ -677,7 +676,7 @@ public final class NATTraversal: @unchecked Sendable {
             s.report = ReachabilityReport(reachable: !s.relays.isEmpty, method: s.relays.isEmpty ? .none : .relay, external: external,
                                           natType: type, observations: [], mappings: [], relays: s.relays, steps: [], elapsed: .zero)
         }
-        guard let me = try? await node.eventLoop.submit({ node.selfAddress }).get() else { return }
+        guard let me = try? await node.eventLoop.submit({ node.kernel.me }).get() else { return }
         await announce(node, udpPort: me.udpPort, tcpPort: me.tcpPort, ip: nil, flags: flags)
     }
 
@@ -689,7 +688,7 @@ public final class NATTraversal: @unchecked Sendable {
         let silent = await withTaskGroup(of: PeerAddress?.self) { group in
             for p in relays {
                 group.addTask {
-                    (try? await node.request(to: p, command: node.kernelCommands.ping, transport: .tcp, timeout: .seconds(3)).get()) == nil ? p : nil
+                    (try? await node.request(to: p, command: node.kernel.commands.ping, transport: .tcp, timeout: .seconds(3)).get()) == nil ? p : nil
                 }
             }
             var out: [PeerAddress] = []
@@ -707,9 +706,9 @@ public final class NATTraversal: @unchecked Sendable {
     /// its verdict (the ladder runs as soon as a verified peer is known).
     func nobodyToAsk(_ node: Node) async {
         guard state.withLockedValue({ $0.report == nil }) else { return }
-        let flags = (try? await node.eventLoop.submit { node.selfAddress.flags }.get()) ?? []
+        let flags = (try? await node.eventLoop.submit { node.kernel.me.flags }.get()) ?? []
         guard !flags.isDisjoint(with: [.firewalledUDP, .firewalledTCP]) else { return }
-        let bound = (try? await node.eventLoop.submit { node.transport.boundPort }.get()) ?? 0
+        let bound = (try? await node.eventLoop.submit { node.kernel.transport.boundPort }.get()) ?? 0
         guard bound != 0 else { return }
         await announce(node, udpPort: bound, tcpPort: bound, ip: nil, flags: [])
     }
@@ -781,7 +780,4 @@ public final class NATTraversal: @unchecked Sendable {
     }
 }
 
-extension Node {
-    /// Whether the node listens on loopback only (no gateway is ever asked for it).
-    var boundToLoopback: Bool { IPAddress(config.host)?.isLoopback ?? false }
-}
+

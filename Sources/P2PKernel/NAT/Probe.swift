@@ -14,7 +14,7 @@ import NIOCore
 ///
 /// A PROBE packet is `0x87 ‖ u64 nonce` (9 bytes), one datagram or one TCP frame; it needs no session.
 enum ProbePacket {
-    static let kind: UInt8 = 0x87
+    static let kind = PacketKind.probe.rawValue
     static let bytes = 9
 
     static func encode(_ nonce: UInt64) -> [UInt8] {
@@ -35,8 +35,8 @@ enum ProbePacket {
 /// 4 or 16 bytes of IP`, one frame each, after which the answering side closes. TCP only: over
 /// UDP an unauthenticated answer larger than its question could be aimed at a spoofed source.
 enum ObservePacket {
-    static let kind: UInt8 = 0x88
-    static let answerKind: UInt8 = 0x89
+    static let kind = PacketKind.observe.rawValue
+    static let answerKind = PacketKind.observeAnswer.rawValue
     static let bytes = 9
 
     static func answer(nonce: UInt64, seen: Endpoint) -> ByteBuffer? {
@@ -105,22 +105,22 @@ extension KernelCommands {
             }
             let ip = request.sender.ip
             guard ip.isUnicast else { return .reply(.error(.badRequest, "\(ip) cannot be probed")) }
-            guard node.probeBuckets.allow(SourceKey.of(ip, port: context.sourcePort), nowNanoseconds: node.clock.uptimeNanoseconds) else {
+            guard node.kernel.prober.probeBuckets.allow(SourceKey.of(ip, port: context.sourcePort), nowNanoseconds: node.clock.uptimeNanoseconds) else {
                 return .reply(.error(.denied, "busy: probe rate of this source"))
             }
             let target = PeerAddress(id: request.sender.id, socket: PeerSocketAddress(ip: ip, tcpPort: tcp, udpPort: udp))
-            let me = node.selfAddress
+            let me = node.kernel.me
             // A helper on another address than ours and the requester's (another /24 where
             // there is one), that we hold a session with: it is alive and proven.
             let helpers = node.peerMap.verifiedPeers.filter {
                 $0.id != target.id && $0.ip != ip && $0.ip != me.ip && $0.isDirectlyReachable
-                    && (!node.sessionsEnabled || node.sessions.slot(peer: $0.id) != nil)
+                    && (!node.kernel.sessions.enabled || node.kernel.sessions.table.slot(peer: $0.id) != nil)
             }
             let helper = helpers.first { $0.ip.sybilGroup != ip.sybilGroup } ?? helpers.first
             let payload: [Payload] = [.integer(Int64(bitPattern: nonce)), .integer(Int64(udp)), .integer(Int64(tcp)), .peers([target])]
-            let own: @Sendable () -> EventLoopFuture<Reply> = { node.sendProbes(nonce: nonce, to: target.socket).map { Reply(payload: [.integer($0), .peers([me])]) } }
+            let own: @Sendable () -> EventLoopFuture<Reply> = { node.kernel.prober.sendProbes(nonce: nonce, to: target.socket).map { Reply(payload: [.integer($0), .peers([me])]) } }
             guard let helper else { return .future(own()) }
-            let delegated = node.requestOnLoop(target: helper.socket, expectedID: helper.id, command: CommandID.derive(from: KernelCommands.probeFor),
+            let delegated = node.kernel.rpc.requestOnLoop(target: helper.socket, expectedID: helper.id, command: CommandID.derive(from: KernelCommands.probeFor),
                                                payload: payload, transport: .udp, timeout: min(node.config.requestTimeout, .seconds(2)))
                 .flatMap { reply -> EventLoopFuture<Reply> in
                     if reply.type == .ok, let bits = reply.firstInteger, bits != 0 {
@@ -152,15 +152,37 @@ extension KernelCommands {
                 return .reply(.error(.badRequest, "probe-for needs a nonce, ports and a target"))
             }
             guard node.peerMap.contains(request.sender.id) else { return .reply(.error(.denied, "probe-for from a peer not in the map")) }
-            guard node.probeBuckets.allow(SourceKey.of(request.sender.ip, port: context.sourcePort), nowNanoseconds: node.clock.uptimeNanoseconds) else {
+            guard node.kernel.prober.probeBuckets.allow(SourceKey.of(request.sender.ip, port: context.sourcePort), nowNanoseconds: node.clock.uptimeNanoseconds) else {
                 return .reply(.error(.denied, "busy: probe rate of this source"))
             }
-            return .future(node.sendProbes(nonce: nonce, to: target.socket).map { Reply(payload: [.integer($0)]) })
+            return .future(node.kernel.prober.sendProbes(nonce: nonce, to: target.socket).map { Reply(payload: [.integer($0)]) })
         }
     }
 }
 
-extension Node {
+/// Probe-backs and observations (see `ProbePacket`, `ObservePacket`): the probe-backs this node
+/// waits for, the probes it sends for others, and their rate limits. Confined to the node's loop.
+final class Prober: KernelPart, @unchecked Sendable {
+    private var link = KernelLink()
+    var kernel: Kernel { link.value }
+    func attach(_ kernel: Kernel) { link.set(kernel) }
+
+    /// Probe-backs waiting for their nonce.
+    var probes: [UInt64: ProbeWait] = [:]
+    var discoverBuckets: TokenBuckets
+    var probeBuckets: TokenBuckets
+
+    init(limits: NodeLimits, random: RandomSource) {
+        discoverBuckets = TokenBuckets(rate: limits.discoversPerSecond, burst: limits.discoverBurst, slots: limits.rateLimitSlots, seed: random.next())
+        probeBuckets = TokenBuckets(rate: limits.probesPerSecond, burst: limits.probeBurst, slots: limits.rateLimitSlots, seed: random.next())
+    }
+
+    /// Ends every probe-back still waiting (shutdown).
+    func closeAll() {
+        for nonce in probes.keys.sorted() { probes[nonce]?.promise.succeed(()) }
+        probes.removeAll()
+    }
+
     /// Sends PROBE(nonce) to `target`'s UDP and TCP ports (0 skips one) from ephemeral ports;
     /// completes with bit 0 set if the datagram went out, bit 1 if the TCP frame was written.
     func sendProbes(nonce: UInt64, to target: PeerSocketAddress) -> EventLoopFuture<Int64> {
@@ -196,7 +218,7 @@ extension Node {
     /// Whether `peer` (or a third peer it picks) can reach this node at `udpPort` and `tcpPort`
     /// of the IP it sees us from, unsolicited (see `ProbePacket`). The prober answers once it has
     /// sent the probes; they then get `grace` to arrive. `prober` is the peer that sent them.
-    public func probeBack(via peer: PeerAddress, udpPort: UInt16, tcpPort: UInt16,
+    func probeBack(via peer: PeerAddress, udpPort: UInt16, tcpPort: UInt16,
                           grace: Duration = .milliseconds(400)) async throws -> (udp: Bool, tcp: Bool, prober: PeerAddress?) {
         let nonce = max(1, random.next())
         let seen = try await eventLoop.submit { [self] in
@@ -213,7 +235,7 @@ extension Node {
         }
         let reply: Message
         do {
-            reply = try await request(to: peer, command: CommandID.derive(from: KernelCommands.probe),
+            reply = try await node.request(to: peer, command: CommandID.derive(from: KernelCommands.probe),
                                       payload: [.integer(Int64(bitPattern: nonce)), .integer(Int64(udpPort)), .integer(Int64(tcpPort))]).get()
         } catch {
             _ = await finish()
@@ -231,8 +253,8 @@ extension Node {
     }
 
     /// Asks `peer` for the address it sees our UDP socket at.
-    public func observeUDP(via peer: PeerAddress, timeout: Duration? = nil) async throws -> PeerSocketAddress {
-        let reply = try await request(to: peer, command: CommandID.derive(from: KernelCommands.observe), transport: .udp, timeout: timeout).get()
+    func observeUDP(via peer: PeerAddress, timeout: Duration? = nil) async throws -> PeerSocketAddress {
+        let reply = try await node.request(to: peer, command: CommandID.derive(from: KernelCommands.observe), transport: .udp, timeout: timeout).get()
         if let error = RPCError.from(reply: reply) { throw error }
         guard let seen = reply.firstPeers?.first?.socket, seen.udpPort != 0 else {
             throw RPCError.malformedReply("observe reply without an address")
@@ -242,7 +264,7 @@ extension Node {
 
     /// Asks the peer at `target` for the address it sees a TCP connection from our listen port
     /// at (see `ObservePacket`).
-    public func observeTCP(at target: PeerSocketAddress, timeout: Duration = .seconds(2)) async throws -> PeerSocketAddress {
+    func observeTCP(at target: PeerSocketAddress, timeout: Duration = .seconds(2)) async throws -> PeerSocketAddress {
         let nonce = max(1, random.next())
         let promise = Once(eventLoop.makePromise(of: PeerSocketAddress.self))
         let deadline = eventLoop.scheduleTask(in: TimeAmount(timeout)) {
@@ -274,29 +296,29 @@ extension Node {
     }
 
     /// PROBE and OBSERVE packets (on the event loop); they need no session.
-    func receivedNATPacket(_ kind: UInt8, _ buffer: ByteBuffer, remote: Endpoint, origin: Origin) {
+    func received(_ kind: PacketKind, _ buffer: ByteBuffer, remote: Endpoint, origin: Origin) {
         switch kind {
-        case ProbePacket.kind:
+        case .probe:
             if let nonce = ProbePacket.decode(buffer), probes[nonce] != nil {
                 if origin.kind == .udp { probes[nonce]?.udp = true } else { probes[nonce]?.tcp = true }
                 if let w = probes[nonce], w.udp, w.tcp { w.promise.succeed(()) }
             } else {
                 countDrop("probe from \(remote) with no probe-back waiting for it")
             }
-            closeIfStream(origin)
-        case ObservePacket.kind:
+            kernel.connections.closeIfStream(origin)
+        case .observe:
             guard case .tcp(let connection) = origin, buffer.readableBytes == ObservePacket.bytes,
                   let nonce = buffer.getInteger(at: buffer.readerIndex + 1, as: UInt64.self),
                   let answer = ObservePacket.answer(nonce: nonce, seen: remote) else {
                 countDrop("observe from \(remote) not on TCP or malformed")
-                return closeIfStream(origin)
+                return kernel.connections.closeIfStream(origin)
             }
             let written = eventLoop.makePromise(of: Void.self)
             connection.write(answer, promise: written)
             written.futureResult.whenComplete { _ in connection.close() }
         default:
             countDrop("unexpected packet kind \(kind) from \(remote)")
-            closeIfStream(origin)
+            kernel.connections.closeIfStream(origin)
         }
     }
 }

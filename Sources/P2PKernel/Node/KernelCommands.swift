@@ -48,9 +48,9 @@ public enum KernelCommands {
         let name = KernelCommands.quit
         func handle(_ request: Message, context: CommandContext) -> CommandResult {
             context.node.peerMap.peerFailed(request.sender.id, reason: .quit)
-            context.node.forgetSessions(of: request.sender.id)
-            context.node.dropUDPPath(request.sender.id)
-            if let nonce = context.node.punchByPeer[request.sender.id] { context.node.endPunch(nonce, why: "the peer quit", quiet: true) }
+            context.node.kernel.sessions.forgetSessions(of: request.sender.id)
+            context.node.kernel.paths.dropUDPPath(request.sender.id)
+            if let nonce = context.node.kernel.punch.punchByPeer[request.sender.id] { context.node.kernel.punch.endPunch(nonce, why: "the peer quit", quiet: true) }
             return .reply(Reply())
         }
     }
@@ -70,15 +70,15 @@ public enum KernelCommands {
                 return .reply(.error(.badRequest, "discover runs over UDP: the probe goes back to the datagram's source"))
             }
             let source = SourceKey.of(sender.ip, port: context.sourcePort)
-            guard node.discoverBuckets.allow(source, nowNanoseconds: node.clock.uptimeNanoseconds) else {
+            guard node.kernel.prober.discoverBuckets.allow(source, nowNanoseconds: node.clock.uptimeNanoseconds) else {
                 return .reply(.error(.denied, "busy: more than \(node.config.limits.discoversPerSecond) discovers a second from this source"))
             }
             let observed = PeerSocketAddress(ip: sender.ip, port: context.sourcePort)
             let probeTimeout = min(node.config.requestTimeout / 2, .seconds(2))
-            let udp = node.requestOnLoop(target: observed, expectedID: sender.id, command: node.kernelCommands.ping, payload: [],
+            let udp = node.kernel.rpc.requestOnLoop(target: observed, expectedID: sender.id, command: node.kernel.commands.ping, payload: [],
                                          transport: .udp, timeout: probeTimeout)
                 .map { _ in 1 as Int64 }.recover { _ in 0 }
-            let tcp = node.requestOnLoop(target: observed, expectedID: sender.id, command: node.kernelCommands.ping, payload: [],
+            let tcp = node.kernel.rpc.requestOnLoop(target: observed, expectedID: sender.id, command: node.kernel.commands.ping, payload: [],
                                          transport: .tcp, timeout: probeTimeout)
                 .map { _ in 2 as Int64 }.recover { _ in 0 }
             let reply = udp.and(tcp).map { u, t in

@@ -2,7 +2,8 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 
-/// A peer of the overlay: UDP and TCP on one port, a peer map, an RPC layer and iterative routing.
+/// A peer of the overlay: a thin front over its kernel — transport, paths, sessions, RPC,
+/// routing, NAT traversal — and its plugin registry.
 ///
 /// ```swift
 /// let node = try await Node.builder().port(0).start()
@@ -11,24 +12,27 @@ import NIOCore
 /// await node.shutdown()
 /// ```
 ///
-/// Data flow of one message:
+/// Data flow of one message (see `Kernel` for the parts):
 /// ```
-///  UDP datagram ─┐                         ┌─ reply? ── pending[id] ── promise ── caller
-///                ├─ WireCodec.decode ──────┤
-///  TCP frame ────┘   (network id checked)  └─ request ─ registry[command] ── handler ── reply
+///  datagram ─┐                               ┌─ reply? ── pending[id] ── promise ── caller
+///            ├─ transport ─ kernel ─ session ┤
+///  frame ────┘   (packet kind)      (open)   └─ request ─ registry[command] ── handler ── reply
 /// ```
-/// Everything on that path runs on the node's event loop; the state it touches (`pending`, the
-/// TCP pool) is confined to that loop, and only the peer map is shared behind a lock. Bytes move
-/// through the node's `PeerTransport`: real sockets, or the simulated network (P2PTesting), on
-/// which the same code runs in virtual time.
+/// Everything on that path runs on the node's event loop; the parts' state is confined to that
+/// loop, and only the peer map is shared behind a lock. Bytes move through the node's
+/// `PeerTransport`: real sockets, or the simulated network (P2PTesting), on which the same code
+/// runs in virtual time.
 public final class Node: @unchecked Sendable {
     public let config: NodeConfig
     /// This peer's id.
     public let peerID: Number160
-    /// The key pair behind the id (signing comes in a later layer).
+    /// The key pair behind the id.
     public let keyPair: PeerKeyPair
-    /// The loop every channel and callback of this node runs on.
+    /// The loop every part and callback of this node runs on.
     public let eventLoop: any EventLoop
+    /// The node's time (virtual on the simulated network) and random numbers (seeded there).
+    public let clock: NodeClock
+    public let random: RandomSource
     public let peerMap: PeerMap
     /// What plugins registered: commands, reply handlers, schemes, policies, and the state
     /// plugins share (storage keeps its backend and interceptors there).
@@ -36,106 +40,25 @@ public final class Node: @unchecked Sendable {
     public let logger: Logger
     /// The node's counters and gauges, when `NodeConfig.metrics` names a factory.
     public let metrics: NodeMetrics?
+    /// NAT traversal: reachability, port mappings, relays (see `NATTraversal`).
+    public let nat = NATTraversal()
+    /// The parts that move, seal, route and answer messages.
+    let kernel: Kernel
     /// The latest events, for the status page.
     let events: EventLog
-    /// This node as others reach it: its announced ports, flags and relays. It changes at run
-    /// time (a port mapping, relays); read from any thread.
-    public var address: PeerAddress { published.withLockedValue { $0 } }
+    /// This node as others reach it (set on the loop by the kernel; read from any thread).
     let published: NIOLockedValueBox<PeerAddress>
-    /// The same, confined to the event loop: what every outgoing message header carries.
-    var selfAddress: PeerAddress
-    /// NAT traversal: reachability, port mappings (see `NATTraversal`).
-    public let nat = NATTraversal()
-    /// Probe-backs waiting for their nonce (see `ProbePacket`).
-    var probes: [UInt64: ProbeWait] = [:]
+    /// What is counted for operators and tests, and the plugins that failed to install.
+    let counters = NIOLockedValueBox(Counters())
 
-    /// The node's time (virtual on the simulated network) and random numbers (seeded there).
-    public let clock: NodeClock
-    public let random: RandomSource
-    /// How bytes move: sockets, or the simulated network.
-    let transport: any PeerTransport
+    struct Counters {
+        var dropped = 0
+        var handshakes = 0
+        var securityRefusals = 0
+        var refusedPlugins: [(name: String, reason: String)] = []
+    }
 
-    // Confined to `eventLoop`:
-    var pending: [UInt32: PendingRequest] = [:]
-    /// Relayed peers: where their relays are (see `Relay.swift`).
-    var relayRoutes: [Number160: RelayRoute] = [:]
-    /// Connections relayed peers opened to us (reverse connections), used instead of their relays.
-    var directPaths: [Number160: any PeerConnection] = [:]
-    /// Punched UDP paths to relayed peers: the socket and the address their datagrams go to
-    /// instead of their relays (see `HolePunch.swift`).
-    var udpPaths: [Number160: UDPPath] = [:]
-    /// Birthday sockets that became paths, by the remote address they serve: replies to a
-    /// datagram from there leave on that socket, not the node's.
-    var punchSockets: [Endpoint: any DatagramSocket] = [:]
-    /// Punches in progress by nonce, which peer each is with, and when each peer was last punched to.
-    var punches: [UInt64: Punch] = [:]
-    var punchByPeer: [Number160: UInt64] = [:]
-    var punchTried: [Number160: UInt32] = [:]
-    var punchAnswered: [Number160: UInt32] = [:]
-    /// Punches begun or answered in the last minute: when, and the other side's address group.
-    var punchLog: [(at: UInt32, group: UInt64, peer: Number160)] = []
-    /// PUNCH datagrams sent and TCP punch dials made, over the node's life.
-    var punchPacketsSent = 0
-    var punchDials = 0
-    var pathKeepAlive: RepeatedTask?
-    /// Pool keys whose connections are never evicted (links to our relays, reverse connections).
-    var pinned: Set<PeerSocketAddress> = []
-    /// Relay side: the peers we relay for, and which link belongs to whom.
-    var relayServed: [Number160: RelayServed] = [:]
-    var relayLinkOwners: [ObjectIdentifier: Number160] = [:]
-    /// Relayed side: our links to our relays (connection → relay id), and when we last
-    /// connected back to a peer that wrote through them.
-    var relayLinks: [ObjectIdentifier: Number160] = [:]
-    var reverseTried: [Number160: UInt32] = [:]
-    var randomIDs: RandomPool
-    /// The handshake responder; nil in insecure mode.
-    let responder: HandshakeResponder?
-    var sessions: SessionTable
-    var handshakes: [UInt64: OutboundHandshake] = [:]
-    var handshakeKeys: [HandshakeKey: UInt64] = [:]
-    var handshakeBuckets: TokenBuckets
-    var discoverBuckets: TokenBuckets
-    var probeBuckets: TokenBuckets
-    /// The smoothed round trip of UDP requests: when to send one again.
-    var rtt = RTTEstimator()
-    var handlersInFlight = 0
-    var handlersPerPeer: [UInt64: Int] = [:]
-    let refusalLog: LogBudget
-    var pool: [PeerSocketAddress: EventLoopFuture<any PeerConnection>] = [:]
-    var inboundConnections: [ObjectIdentifier: any PeerConnection] = [:]
-    var inboundPerIP: [UInt64: Int] = [:]
-    var authenticatedConnections: Set<ObjectIdentifier> = []
-    /// Bytes announced by TCP frames still arriving, over all connections.
-    package let partialFrames: PartialFrameBudget
-    /// Uptime seconds: what sessions age by.
-    var coarseSeconds: UInt32 { clock.seconds }
-    var metricsTask: RepeatedTask?
-
-    var poolOrder: [PeerSocketAddress] = []
-    var running = true
-    var stopping = false
-    var maintenanceTask: RepeatedTask?
-    var backgroundTasks: [RepeatedTask] = []
-    let kernelCommands: KernelCommandIDs
-
-    /// Optional plugins that failed to install, with why; the node runs without them.
-    public var refusedPlugins: [(name: String, reason: String)] { refused.withLockedValue { $0 } }
-    let refused = NIOLockedValueBox([(name: String, reason: String)]())
-
-    /// Packets dropped: undecodable, unauthenticated, replayed, misdirected or over a rate
-    /// (counted for operators and tests).
-    public var droppedMessages: Int { droppedCount.withLockedValue { $0 } }
-    let droppedCount = NIOLockedValueBox(0)
-
-    /// Handshakes completed, as initiator and as responder.
-    public var handshakesCompleted: Int { handshakeCount.withLockedValue { $0 } }
-    let handshakeCount = NIOLockedValueBox(0)
-
-    /// Exchanges refused because one side runs insecure mode and the other does not.
-    public var securityRefusals: Int { securityRefusalCount.withLockedValue { $0 } }
-    let securityRefusalCount = NIOLockedValueBox(0)
-
-    init(config: NodeConfig, kernelCommands: KernelCommandIDs) {
+    init(config: NodeConfig) {
         self.config = config
         let random = config.randomSeed.map(RandomSource.init(seed:)) ?? RandomSource()
         self.random = random
@@ -154,20 +77,9 @@ public final class Node: @unchecked Sendable {
         self.logger = logger
         self.metrics = config.metrics.map(NodeMetrics.init(factory:))
         let me = PeerAddress(id: peerID, socket: PeerSocketAddress(ip: IPAddress(config.host) ?? .v4(0), port: config.port), flags: config.flags)
-        self.selfAddress = me
         self.published = NIOLockedValueBox(me)
-        self.kernelCommands = kernelCommands
-        self.randomIDs = RandomPool(random)
-        self.responder = config.security == .authenticated ? HandshakeResponder(identity: keys, network: config.networkID, random: random) : nil
-        self.sessions = SessionTable(capacity: config.limits.maxSessions)
-        let limits = config.limits
-        self.handshakeBuckets = TokenBuckets(rate: limits.handshakesPerSecond, burst: limits.handshakeBurst, slots: limits.rateLimitSlots, seed: random.next())
-        self.discoverBuckets = TokenBuckets(rate: limits.discoversPerSecond, burst: limits.discoverBurst, slots: limits.rateLimitSlots, seed: random.next())
-        self.probeBuckets = TokenBuckets(rate: limits.probesPerSecond, burst: limits.probeBurst, slots: limits.rateLimitSlots, seed: random.next())
-        self.refusalLog = LogBudget(perSecond: 2, clock: clock)
-        self.partialFrames = PartialFrameBudget(limit: limits.maxPartialFrameBytes)
-        self.transport = config.makeTransport?(loop, config, logger)
-            ?? SocketTransport(eventLoop: loop, host: config.host, port: config.port, idleTimeout: config.tcpIdleTimeout, limits: limits, logger: logger)
+        self.kernel = Kernel(config: config, loop: loop, clock: clock, random: random, keyPair: keys, logger: logger, me: me)
+        kernel.attach(self)
         nat.attach(self)
     }
 
@@ -178,8 +90,7 @@ public final class Node: @unchecked Sendable {
         if config.security == .authenticated, let fixed = config.peerID, fixed != config.keyPair?.peerID {
             throw NodeStartError.unprovableID(fixed)
         }
-        let kernel = KernelCommandIDs()
-        let node = Node(config: config, kernelCommands: kernel)
+        let node = Node(config: config)
         do {
             for h in KernelCommands.handlers + handlers { try node.registry.commands.register(h) }
         } catch {
@@ -192,7 +103,7 @@ public final class Node: @unchecked Sendable {
                 let failure: PluginError = (error as? PluginError) ?? .installFailed(plugin: plugin.name, reason: "\(error)")
                 guard optional else { throw NodeStartError.plugin(failure) }
                 node.logger.error("plugin refused, running without it", metadata: ["plugin": "\(plugin.name)", "error": "\(failure)"])
-                node.refused.withLockedValue { $0.append((plugin.name, "\(failure)")) }
+                node.counters.withLockedValue { $0.refusedPlugins.append((plugin.name, "\(failure)")) }
             }
         }
         do {
@@ -202,17 +113,7 @@ public final class Node: @unchecked Sendable {
         } catch {
             throw NodeStartError.plugin(error)
         }
-        do {
-            try await node.transport.start(events: node).get()
-        } catch let error as NodeStartError {
-            throw error
-        } catch {
-            throw NodeStartError.bindFailed(host: config.host, port: config.port, reason: "\(error)")
-        }
-        try await node.eventLoop.submit {
-            node.selfAddress.socket = PeerSocketAddress(ip: node.selfAddress.socket.ip, port: node.transport.boundPort)
-            node.published.withLockedValue { $0 = node.selfAddress }
-        }.get()
+        try await node.kernel.bind()
         node.connectEvents()
         for plugin in node.registry.plugins {
             do {
@@ -222,15 +123,7 @@ public final class Node: @unchecked Sendable {
                 throw NodeStartError.plugin(.installFailed(plugin: plugin.name, reason: "start failed: \(error)"))
             }
         }
-        node.eventLoop.execute {
-            if node.metrics != nil {
-                node.metricsTask = node.eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [weak node] _ in
-                    guard let node else { return }
-                    node.metrics?.sample(node)
-                }
-            }
-            node.startMaintenance()
-        }
+        node.eventLoop.execute { node.kernel.startTimers() }
         if config.nat.mode == .auto { node.nat.startAutomatic() }
         node.logger.debug("listening", metadata: ["address": "\(node.address.socket)"])
         return node
@@ -278,72 +171,212 @@ public final class Node: @unchecked Sendable {
     /// `announce: false` no quit is sent: the node vanishes as a crashed one would (for tests of
     /// churn).
     public func shutdown(announce: Bool = true) async {
-        let first: Bool = (try? await eventLoop.submit { [self] in
-            defer { stopping = true }
-            return running && !stopping
+        let first: Bool = (try? await eventLoop.submit { [kernel] in
+            defer { kernel.stopping = true }
+            return kernel.running && !kernel.stopping
         }.get()) ?? false
         if first {
             for plugin in registry.plugins.reversed() { await plugin.stop(node: self) }
             await nat.stop()
         }
-        let closing: EventLoopFuture<Void> = eventLoop.flatSubmit { [self] in
-            guard running else { return eventLoop.makeSucceededVoidFuture() }
-            maintenanceTask?.cancel()
-            maintenanceTask = nil
-            metricsTask?.cancel()
-            metricsTask = nil
-            for t in backgroundTasks { t.cancel() }
-            backgroundTasks.removeAll()
-            var writes: [EventLoopFuture<Void>] = []
-            // With sessions, quit goes to the peers we hold a session with: a peer we have no
-            // session with has not talked to us lately, and a handshake per peer at exit would
-            // cost more than the quit saves.
-            for peer in peerMap.verifiedPeers where announce && (!sessionsEnabled || sessions.slot(peer: peer.id) != nil) {
-                if let f = sendFireAndForget(to: peer, command: kernelCommands.quit) { writes.append(f) }
-            }
-            let grace = eventLoop.makePromise(of: Void.self)
-            EventLoopFuture.andAllComplete(writes, on: eventLoop).cascade(to: grace)
-            let limit = eventLoop.scheduleTask(in: TimeAmount(min(config.requestTimeout, .seconds(1)))) { grace.succeed(()) }
-            return grace.futureResult.flatMap { [self] in
-                limit.cancel()
-                running = false
-                let waiting = pending
-                pending.removeAll()
-                for (_, p) in waiting {
-                    p.timer?.cancel()
-                    p.promise.fail(RPCError.shutDown)
-                }
-                for index in Array(handshakes.keys) {
-                    if let h = handshakes.removeValue(forKey: index) {
-                        h.retransmit?.cancel()
-                        h.expiry?.cancel()
-                        for item in h.queue { item.written?.fail(RPCError.shutDown) }
-                    }
-                }
-                handshakeKeys.removeAll()
-                sessions.removeAll()
-                for (_, w) in probes { w.promise.succeed(()) }
-                probes.removeAll()
-                endAllPunches()
-                for (_, f) in pool { f.whenSuccess { $0.close() } }
-                pool.removeAll()
-                poolOrder.removeAll()
-                for c in inboundConnections.values { c.close() }
-                return transport.close()
-            }
-        }
-        try? await closing.get()
+        try? await eventLoop.flatSubmit { [kernel] in kernel.stop(announce: announce) }.get()
     }
 
     /// Whether the node is still running (not shut down).
     public var isRunning: Bool {
-        get async { (try? await eventLoop.submit { self.running }.get()) ?? false }
+        get async { (try? await eventLoop.submit { [kernel] in kernel.running }.get()) ?? false }
     }
-}
 
-extension TimeAmount {
-    init(_ d: Duration) {
-        let (s, a) = d.components
-        self = .nanoseconds(s * 1_000_000_000 + a / 1_000_000_000)
+    // MARK: what a node shows
+
+    /// This node as others reach it: its announced ports, flags and relays. It changes at run
+    /// time (a port mapping, relays); read from any thread.
+    public var address: PeerAddress { published.withLockedValue { $0 } }
+
+    /// Optional plugins that failed to install, with why; the node runs without them.
+    public var refusedPlugins: [(name: String, reason: String)] { counters.withLockedValue { $0.refusedPlugins } }
+
+    /// Packets dropped: undecodable, unauthenticated, replayed, misdirected or over a rate.
+    public var droppedMessages: Int { counters.withLockedValue { $0.dropped } }
+
+    /// Handshakes completed, as initiator and as responder.
+    public var handshakesCompleted: Int { counters.withLockedValue { $0.handshakes } }
+
+    /// Exchanges refused because one side runs insecure mode and the other does not.
+    public var securityRefusals: Int { counters.withLockedValue { $0.securityRefusals } }
+
+    /// Whether the node listens on loopback only (no gateway is ever asked for it).
+    var boundToLoopback: Bool { IPAddress(config.host)?.isLoopback ?? false }
+
+    // MARK: requests
+
+    /// Sends a request and completes with the peer's reply, whatever its type (`ok`, `notFound`,
+    /// `denied` …); transport failures and timeouts fail the future with an `RPCError`.
+    ///
+    /// - Parameters:
+    ///   - target: where to send it.
+    ///   - expectedID: the peer id the reply must come from; `.zero` when not known yet.
+    public func request(to target: PeerSocketAddress, expectedID: Number160 = .zero, command: UInt16,
+                        payload: [Payload] = [], transport: TransportChoice = .auto,
+                        timeout: Duration? = nil) -> EventLoopFuture<Message> {
+        onLoop { [kernel] in
+            kernel.rpc.requestOnLoop(target: target, expectedID: expectedID, command: command, payload: payload, transport: transport, timeout: timeout)
+        }
+    }
+
+    /// `request` to a known peer: the reply must come from its id.
+    public func request(to peer: PeerAddress, command: UInt16, payload: [Payload] = [],
+                        transport: TransportChoice = .auto, timeout: Duration? = nil) -> EventLoopFuture<Message> {
+        onLoop { [kernel] in
+            kernel.paths.learnRoute(peer)
+            return kernel.rpc.requestOnLoop(target: peer.socket, expectedID: peer.id, command: command, payload: payload, transport: transport, timeout: timeout)
+        }
+    }
+
+    /// Sends a request by command name; the reply's type is checked (`ok` or the matching error).
+    public func request(to peer: PeerAddress, command name: String, payload: [Payload] = [],
+                        transport: TransportChoice = .auto) async throws -> Message {
+        let reply = try await request(to: peer, command: CommandID.derive(from: name), payload: payload, transport: transport).get()
+        if let error = RPCError.from(reply: reply) { throw error }
+        return reply
+    }
+
+    /// Runs a command of this node's registry as if the request had come from this node itself,
+    /// and returns the reply it would have sent (an `unknownCommand` reply when there is no handler).
+    public func handleLocally(command: UInt16, payload: [Payload]) -> EventLoopFuture<Message> {
+        let (network, me, sender) = (config.networkID, peerID, address)
+        let request = Message(networkID: network, id: 0, type: .request, command: command, sender: sender, recipientID: me, payload: payload)
+        let message: @Sendable (Reply) -> Message = { reply in
+            Message(networkID: network, id: 0, type: reply.type, command: command, sender: sender, recipientID: me, payload: reply.payload)
+        }
+        guard let handler = registry.commands.handler(for: command) else {
+            return eventLoop.makeSucceededFuture(message(.error(.unknownCommand, "no handler for command 0x\(String(command, radix: 16))")))
+        }
+        return onLoop { [self] in
+            let context = CommandContext(node: self, sender: sender, transport: .udp, sourcePort: sender.udpPort)
+            switch handler.handle(request, context: context) {
+            case .reply(let r): return eventLoop.makeSucceededFuture(message(r))
+            case .future(let f): return f.hop(to: eventLoop).map(message)
+            }
+        }
+    }
+
+    /// Pings an address and returns the peer that answered.
+    public func ping(_ target: PeerSocketAddress, over transport: TransportKind = .udp) async throws -> PeerAddress {
+        let reply = try await request(to: target, command: kernel.commands.ping, transport: transport == .udp ? .udp : .tcp).get()
+        if let error = RPCError.from(reply: reply) { throw error }
+        return reply.sender
+    }
+
+    /// Runs `body` on the event loop (at once when already there).
+    private func onLoop<T: Sendable>(_ body: @escaping @Sendable () -> EventLoopFuture<T>) -> EventLoopFuture<T> {
+        eventLoop.inEventLoop ? body() : eventLoop.flatSubmit(body)
+    }
+
+    // MARK: routing
+
+    /// The k peers closest to `key` in the whole overlay, found by iterative lookup.
+    public func closestPeers(to key: Number160, config: RoutingConfig? = nil) async throws -> RoutingResult {
+        try await lookup(key, config: config).get()
+    }
+
+    /// The lookup as a future, for callers already on event loops (simulations, plugins).
+    ///
+    /// - Parameters:
+    ///   - question: a plugin's question carried in every request; answers come back in
+    ///     `RoutingResult.answers`, and hits count towards `maxDirectHits`.
+    ///   - initialHits: hits already counted before the lookup (say, this node holds the data).
+    public func lookup(_ key: Number160, config: RoutingConfig? = nil, question: RoutingQuestion? = nil,
+                       initialHits: Int = 0) -> EventLoopFuture<RoutingResult> {
+        let cfg = config ?? self.config.routing
+        return onLoop { [self] in
+            guard kernel.running else { return eventLoop.makeFailedFuture(RPCError.shutDown) }
+            return IterativeLookup(node: self, key: key, config: cfg, question: question, initialHits: initialHits).start()
+        }
+    }
+
+    /// Joins the overlay: pings the seeds until one answers, then looks up our own id, which fills
+    /// our peer map and announces us to the peers closest to us.
+    @discardableResult
+    public func bootstrap(to seeds: [PeerSocketAddress]) async throws -> BootstrapResult {
+        var reasons: [String] = []
+        for seed in seeds {
+            do {
+                let peer = try await ping(seed)
+                let lookup = try await closestPeers(to: peerID)
+                let refreshed = try await refreshBuckets()
+                let verified = peerMap.counts.verified
+                // Joined, but nobody here can say how we are seen: taken as reachable for now.
+                if verified == 0 { await nat.nobodyToAsk(self) }
+                return BootstrapResult(seed: peer, lookup: lookup, refreshLookups: refreshed, verifiedPeers: verified)
+            } catch {
+                reasons.append("\(seed): \(error)")
+            }
+        }
+        throw BootstrapError.noSeedAnswered(reasons)
+    }
+
+    /// Joins through one seed.
+    @discardableResult
+    public func bootstrap(to seed: PeerSocketAddress) async throws -> BootstrapResult {
+        try await bootstrap(to: [seed])
+    }
+
+    /// Fills empty buckets farther than our nearest neighbour by looking up a random id in each.
+    ///
+    /// Looking up our own id only meets peers near us; without this, a peer can end up knowing
+    /// nobody in the other half of the id space, and lookups from it for keys there converge on
+    /// the wrong region (Kademlia's join does the same refresh). Returns how many lookups ran.
+    @discardableResult
+    public func refreshBuckets() async throws -> Int {
+        let occupancy = peerMap.bucketOccupancy
+        guard let nearest = occupancy.firstIndex(where: { $0 > 0 }) else { return 0 }
+        var rng = random.generator
+        var keys: [Number160] = []
+        for bucket in stride(from: 159, to: nearest, by: -1) where occupancy[bucket] == 0 {
+            keys.append(peerID ^ Number160.random(bitLength: bucket + 1, using: &rng))
+        }
+        guard !keys.isEmpty else { return 0 }
+        var refresh = config.routing
+        refresh.resultSize = min(refresh.resultSize, refresh.refreshResultSize)
+        let lookups = keys.map { lookup($0, config: refresh) }
+        _ = try await EventLoopFuture.whenAllComplete(lookups, on: eventLoop).get()
+        return keys.count
+    }
+
+    // MARK: reachability
+
+    /// Asks a peer how it sees us and to probe us back over UDP and TCP.
+    public func discover(via peer: PeerSocketAddress) async throws -> DiscoverResult {
+        let reply = try await request(to: peer, command: kernel.commands.discover, transport: .udp).get()
+        if let error = RPCError.from(reply: reply) { throw error }
+        guard let observed = reply.firstPeers?.first?.socket, let bits = reply.firstInteger else {
+            throw RPCError.malformedReply("discover reply without observed address and probe result")
+        }
+        let udp = bits & 1 != 0, tcp = bits & 2 != 0
+        let reachable = udp && tcp && observed.udpPort == address.udpPort
+        let result = DiscoverResult(observed: observed, udpReachable: udp, tcpReachable: tcp,
+                                    reachability: reachable ? .reachable : .behindNAT(outside: observed))
+        registry.publish(.reachability(result))
+        return result
+    }
+
+    /// Whether `peer` (or a third peer it picks) can reach this node at `udpPort` and `tcpPort`
+    /// of the IP it sees us from, unsolicited (see `ProbePacket`). The prober answers once it has
+    /// sent the probes; they then get `grace` to arrive. `prober` is the peer that sent them.
+    public func probeBack(via peer: PeerAddress, udpPort: UInt16, tcpPort: UInt16,
+                          grace: Duration = .milliseconds(400)) async throws -> (udp: Bool, tcp: Bool, prober: PeerAddress?) {
+        try await kernel.prober.probeBack(via: peer, udpPort: udpPort, tcpPort: tcpPort, grace: grace)
+    }
+
+    /// Asks `peer` for the address it sees our UDP socket at.
+    public func observeUDP(via peer: PeerAddress, timeout: Duration? = nil) async throws -> PeerSocketAddress {
+        try await kernel.prober.observeUDP(via: peer, timeout: timeout)
+    }
+
+    /// Asks the peer at `target` for the address it sees a TCP connection from our listen port
+    /// at (see `ObservePacket`).
+    public func observeTCP(at target: PeerSocketAddress, timeout: Duration = .seconds(2)) async throws -> PeerSocketAddress {
+        try await kernel.prober.observeTCP(at: target, timeout: timeout)
     }
 }

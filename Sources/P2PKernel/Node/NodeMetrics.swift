@@ -152,7 +152,7 @@ public final class NodeMetrics: @unchecked Sendable {
         let counts = node.peerMap.counts
         verified.record(counts.verified)
         overflow.record(counts.overflow)
-        sessions.record(node.sessions.count)
+        sessions.record(node.kernel.sessions.table.count)
         let report = node.nat.report
         let method = report?.reachable == false ? ReachabilityMethod.none.rawValue : (report?.method.rawValue ?? ReachabilityMethod.direct.rawValue)
         for m in [ReachabilityMethod.direct, .upnp, .natPMP, .pcp, .holePunch, .relay, .none] {
@@ -167,7 +167,7 @@ public final class NodeMetrics: @unchecked Sendable {
         }
         mappings.record(report?.mappings.count ?? 0)
         relaysUsed.record(node.nat.relays.count)
-        relayedPeers.record(node.relayServed.count)
+        relayedPeers.record(node.kernel.relay.relayServed.count)
         pluginsLoaded.record(node.registry.plugins.count)
         commandsRegistered.record(node.registry.commands.names.count)
         for s in samplers.withLockedValue({ $0 }) { s() }

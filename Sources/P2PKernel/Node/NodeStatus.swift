@@ -136,19 +136,19 @@ extension Node {
         let plugins = registry.plugins.map { p in
             NodeStatus.PluginInfo(name: p.name, version: p.version, commands: registry.commandNames(of: p.name))
         }
-        let me = selfAddress
+        let me = kernel.me
         return NodeStatus(
             id: peerID.hexString,
             announced: "\(me.socket)",
-            bound: "\(config.host):\(transport.boundPort)",
+            bound: "\(config.host):\(kernel.transport.boundPort)",
             security: config.security == .authenticated ? "authenticated sessions" : "insecure (plaintext)",
             uptimeSeconds: events.uptime,
             reachability: reach,
             verifiedPeers: counts.verified,
             overflowPeers: counts.overflow,
             buckets: buckets,
-            sessions: sessions.count,
-            requestsInFlight: pending.count,
+            sessions: kernel.sessions.table.count,
+            requestsInFlight: kernel.rpc.pending.count,
             droppedMessages: droppedMessages,
             handshakes: handshakesCompleted,
             plugins: plugins,

@@ -4,7 +4,7 @@ import NIOCore
 /// until the k closest peers it knows have all answered or a cap is reached.
 ///
 /// Confined to the node's event loop: every reply callback runs there, so the state needs no lock.
-final class IterativeLookup {
+final class IterativeLookup: @unchecked Sendable {
     private enum State: UInt8 { case new, inFlight, answered, failed }
     private struct Candidate {
         let distance: Number160
@@ -121,8 +121,8 @@ final class IterativeLookup {
         messages += 1
         let peer = candidates[index].peer
         let depth = candidates[index].depth
-        node.learnRoute(peer)
-        node.requestOnLoop(target: peer.socket, expectedID: peer.id, command: node.kernelCommands.neighbors,
+        node.kernel.paths.learnRoute(peer)
+        node.kernel.rpc.requestOnLoop(target: peer.socket, expectedID: peer.id, command: node.kernel.commands.neighbors,
                            payload: request, transport: .auto, timeout: nil)
             .whenComplete { [self] result in
                 inFlight -= 1

@@ -1,24 +1,3 @@
-/// What a datagram or TCP frame is, by its first byte.
-///
-/// A plaintext wire message starts with the wire version (1); everything the session layer sends
-/// starts with a byte of 0x81 or more, so the two can never be mistaken for each other.
-public enum PacketKind: UInt8, Sendable, CaseIterable {
-    /// A wire message in the clear (insecure mode only); the byte is `WireLimits.version`.
-    case plaintext = 1
-    /// First handshake message: the initiator's ephemeral key, padded (docs/WIRE.md).
-    case handshakeInit = 0x81
-    /// Second: the responder's ephemeral key, identity and signature over the transcript.
-    case handshakeResponse = 0x82
-    /// Third: the initiator's identity and signature, followed by one sealed message.
-    case handshakeFinish = 0x83
-    /// A message sealed under an established session.
-    case sealed = 0x84
-    /// "I have no session with this index": the sender should handshake again.
-    case sessionUnknown = 0x85
-    /// A handshake refused, with why.
-    case refused = 0x86
-}
-
 /// Why a peer refused a handshake.
 public enum RefusalReason: UInt8, Sendable, CaseIterable, CustomStringConvertible {
     /// The peer runs without sessions (insecure mode).
@@ -160,7 +139,7 @@ public enum SessionCodec {
     public static func decode(_ bytes: UnsafeRawBufferPointer) throws(WireError) -> SessionPacket {
         var r = ByteReader(bytes)
         let first = try r.u8("packet kind")
-        guard let kind = PacketKind(rawValue: first), kind != .plaintext else { throw .unsupportedVersion(first) }
+        guard let kind = PacketKind(rawValue: first), kind.layer == .session else { throw .unsupportedVersion(first) }
         switch kind {
         case .handshakeInit:
             guard bytes.count == SessionWire.initBytes else {
@@ -214,7 +193,7 @@ public enum SessionCodec {
             let raw = try r.u8("refusal reason")
             guard let reason = RefusalReason(rawValue: raw) else { throw .unknownMessageType(raw) }
             return .refused(reason, initiatorIndex: try r.u64("initiator index"))
-        case .plaintext:
+        case .plaintext, .probe, .observe, .observeAnswer, .toRelay, .toClient, .fromClient, .fromRelay, .punch:
             throw .unsupportedVersion(first)
         }
     }

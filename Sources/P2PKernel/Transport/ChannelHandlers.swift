@@ -136,7 +136,7 @@ struct SmallFrameDecoder: ByteToMessageDecoder {
         guard buffer.readableBytes >= 4 + Int(length) else { return .needMoreData }
         buffer.moveReaderIndex(forwardBy: 4)
         guard let frame = buffer.readSlice(length: Int(length)) else { return .needMoreData }
-        context.fireChannelRead(NIOAny(frame))
+        context.fireChannelRead(wrapInboundOut(frame))
         return .continue
     }
 }

@@ -81,7 +81,7 @@ package final class SocketTransport: PeerTransport, @unchecked Sendable {
                         }
                     }
                     .childChannelOption(.writeBufferWaterMark, value: waterMark)
-                    .childChannelInitializer { [self] ch in configure(ch, inbound: true, raw: nil).map { _ in } }
+                    .childChannelInitializer { [self] ch in configure(ch, inbound: true, remote: nil, raw: nil).map { _ in } }
                     .bind(host: host, port: Int(bound)).get()
                 try await eventLoop.submit { [self] in
                     udp = socket
@@ -168,7 +168,7 @@ package final class SocketTransport: PeerTransport, @unchecked Sendable {
             }
         }
         return bootstrap
-            .channelInitializer { [self] ch in configure(ch, inbound: false, raw: raw).map { box.connection = $0 } }
+            .channelInitializer { [self] ch in configure(ch, inbound: false, remote: remote, raw: raw).map { box.connection = $0 } }
             .connect(to: remote.ip.socketAddress(port: remote.port))
             .flatMapThrowing { _ in
                 guard let c = box.connection else { throw RPCError.shutDown }
@@ -176,10 +176,11 @@ package final class SocketTransport: PeerTransport, @unchecked Sendable {
             }
     }
 
-    /// Sets up a new connection's pipeline; an inbound one the node does not admit is refused (closed).
-    private func configure(_ ch: any Channel, inbound: Bool, raw: RawFrames?) -> EventLoopFuture<ChannelConnection> {
+    /// Sets up a new connection's pipeline; an inbound one the node does not admit is refused
+    /// (closed). `remote`: where an outbound one is going (it is not connected yet here).
+    private func configure(_ ch: any Channel, inbound: Bool, remote target: Endpoint?, raw: RawFrames?) -> EventLoopFuture<ChannelConnection> {
         ch.eventLoop.makeCompletedFuture { [self] in
-            let remote = ch.remoteAddress.flatMap { a in IPAddress(a).map { Endpoint(ip: $0, port: UInt16(a.port ?? 0)) } } ?? Endpoint(ip: .v4(0), port: 0)
+            let remote = target ?? ch.remoteAddress.flatMap { a in IPAddress(a).map { Endpoint(ip: $0, port: UInt16(a.port ?? 0)) } } ?? Endpoint(ip: .v4(0), port: 0)
             let connection = ChannelConnection(channel: ch, remote: remote)
             guard let events else { throw RPCError.shutDown }
             if inbound { try events.admit(connection) }

@@ -14,10 +14,10 @@ import NIOCore
 /// token names the way back to A in a ring of `NodeLimits.relayReturnSlots` per served peer, so
 /// U can only answer peers that wrote to it recently and never names a destination itself.
 enum RelayPacket {
-    static let toRelay: UInt8 = 0x8A
-    static let toClient: UInt8 = 0x8B
-    static let fromClient: UInt8 = 0x8C
-    static let fromRelay: UInt8 = 0x8D
+    static let toRelay = PacketKind.toRelay.rawValue
+    static let toClient = PacketKind.toClient.rawValue
+    static let fromClient = PacketKind.fromClient.rawValue
+    static let fromRelay = PacketKind.fromRelay.rawValue
 
     static func write(_ ip: IPAddress, into b: inout ByteBuffer) {
         switch ip {
@@ -59,13 +59,6 @@ enum RelayPacket {
     }
 }
 
-/// A relayed peer as we know it: where its relays are, and which one we use now.
-struct RelayRoute {
-    var relays: [PeerSocketAddress]
-    var next: Int
-    var current: PeerSocketAddress? { relays.isEmpty ? nil : relays[next % relays.count] }
-}
-
 /// A peer this node relays for (the relay side).
 struct RelayServed {
     let link: any PeerConnection
@@ -83,125 +76,31 @@ enum ReturnPath {
     case tcp(any PeerConnection)
 }
 
-extension Node {
-    // MARK: routing to relayed peers (the sending side)
+/// Relays on both sides: serving peers that cannot be reached (their links, return tokens, byte
+/// rates), and, as a relayed peer, the links to our own relays and the connections we open back
+/// to peers that write through them. Confined to the node's event loop.
+final class RelayService: KernelPart, @unchecked Sendable {
+    private var link = KernelLink()
+    var kernel: Kernel { link.value }
+    func attach(_ kernel: Kernel) { link.set(kernel) }
 
-    /// Remembers how to reach `peer` when it is relayed; forgets it when it no longer is.
-    func learnRoute(_ peer: PeerAddress) {
-        guard peer.id != peerID else { return }
-        if peer.flags.contains(.relayed), !peer.relays.isEmpty {
-            let relays = peer.relays.filter { unsendable($0, .udp) == nil && unsendable($0, .tcp) == nil }
-            guard !relays.isEmpty else { return }
-            if var r = relayRoutes[peer.id] {
-                if r.relays != relays {
-                    // Keep using the relay we use now if it is still listed.
-                    let now = r.current
-                    r.relays = relays
-                    r.next = now.flatMap { relays.firstIndex(of: $0) } ?? 0
-                    relayRoutes[peer.id] = r
-                }
-            } else {
-                var rng = random.generator
-                if relayRoutes.count >= config.limits.maxRelayRoutes, let victim = relayRoutes.keys.randomElement(using: &rng) {
-                    relayRoutes[victim] = nil
-                }
-                relayRoutes[peer.id] = RelayRoute(relays: relays, next: Int.random(in: 0..<relays.count, using: &rng))
-            }
-        } else if relayRoutes[peer.id] != nil {
-            relayRoutes[peer.id] = nil
-            dropUDPPath(peer.id)
-        }
-    }
+    /// Relay side: the peers we relay for, and which link belongs to whom.
+    var relayServed: [Number160: RelayServed] = [:]
+    var relayLinkOwners: [ObjectIdentifier: Number160] = [:]
+    /// Relayed side: our links to our relays (connection → relay id), and when we last
+    /// connected back to a peer that wrote through them.
+    var relayLinks: [ObjectIdentifier: Number160] = [:]
+    var reverseTried: [Number160: UInt32] = [:]
 
-    /// Moves `peer`'s traffic to its next relay (one did not answer, or went away).
-    func rotateRelay(for peer: Number160) {
-        guard var r = relayRoutes[peer], r.relays.count > 1 else { return }
-        r.next = (r.next + 1) % r.relays.count
-        relayRoutes[peer] = r
-    }
-
-    /// Where bytes for `expected` at `target` go: its relay when it is relayed and we hold no
-    /// direct connection to it, else `target`.
-    func routedTarget(_ target: PeerSocketAddress, expected: Number160) -> PeerSocketAddress {
-        // Most nodes know no relayed peer: the empty table answers before any id is hashed.
-        guard !relayRoutes.isEmpty, expected != .zero, let relay = relayRoutes[expected]?.current, directPaths[expected] == nil else { return target }
-        return relay
-    }
-
-    /// Sends a datagram for `peer`: to `target`, or wrapped to its relay.
-    func emitUDP(_ packet: ByteBuffer, to target: PeerSocketAddress, peer: Number160, promise: EventLoopPromise<Void>?) {
-        guard let udp = transport.mainSocket else {
-            promise?.fail(RPCError.shutDown)
-            return
-        }
-        if peer != .zero, !udpPaths.isEmpty, let path = udpPaths[peer] {
-            (path.socket ?? udp).send(packet, to: path.address, promise: promise)
-            return
-        }
-        let via = routedTarget(target, expected: peer)
-        guard via != target else {
-            udp.send(packet, to: target.udpEndpoint, promise: promise)
-            return
-        }
-        let wrapped = RelayPacket.wrap(packet, framed: false, tcp: false) { b in
-            b.writeInteger(RelayPacket.toRelay)
-            b.writeBytes(peer.bytes)
-        }
-        udp.send(wrapped, to: via.udpEndpoint, promise: promise)
-    }
-
-    /// Writes a frame for `peer` on `channel`: as it is, or wrapped when the channel leads to
-    /// the peer's relay rather than to the peer.
-    func emitTCP(_ frame: ByteBuffer, on connection: any PeerConnection, peer: Number160, promise: EventLoopPromise<Void>?) {
-        let direct = relayRoutes.isEmpty || peer == .zero || relayRoutes[peer] == nil || directPaths[peer].map { $0 === connection } == true
-        guard !direct else {
-            connection.write(frame, promise: promise)
-            return
-        }
-        let wrapped = RelayPacket.wrap(frame, framed: true, tcp: true) { b in
-            b.writeInteger(RelayPacket.toRelay)
-            b.writeBytes(peer.bytes)
-        }
-        connection.write(wrapped, promise: promise)
-    }
-
-    /// Writes a packet back the way a relayed one came (`framed`: it carries a TCP length).
-    func writeRelayed(_ packet: ByteBuffer, framed: Bool, origin: Origin) {
-        switch origin {
-        case .relayed(let peer, .udp(let relay)):
-            let out = RelayPacket.wrap(packet, framed: framed, tcp: false) { b in
-                b.writeInteger(RelayPacket.toRelay)
-                b.writeBytes(peer.bytes)
-            }
-            transport.mainSocket?.send(out, to: relay, promise: nil)
-        case .relayed(let peer, .tcp(let connection)):
-            let out = RelayPacket.wrap(packet, framed: framed, tcp: true) { b in
-                b.writeInteger(RelayPacket.toRelay)
-                b.writeBytes(peer.bytes)
-            }
-            connection.write(out, promise: nil)
-        case .link(let connection, let token, _, _):
-            let out = RelayPacket.wrap(packet, framed: framed, tcp: true) { b in
-                b.writeInteger(RelayPacket.fromClient)
-                b.writeInteger(token)
-            }
-            writeReply(out, on: connection)
-        case .udp, .tcp:
-            return
-        }
-    }
-
-    // MARK: receiving
-
-    func receivedRelayPacket(_ kind: UInt8, _ buffer: ByteBuffer, remote: Endpoint, origin: Origin) {
+    func received(_ kind: PacketKind, _ buffer: ByteBuffer, remote: Endpoint, origin: Origin) {
         var b = buffer
         b.moveReaderIndex(forwardBy: 1)
         switch kind {
-        case RelayPacket.toRelay: relayForward(&b, remote: remote, origin: origin)
-        case RelayPacket.toClient: relayDeliverToUs(&b, remote: remote, origin: origin)
-        case RelayPacket.fromClient: relayReturn(&b, origin: origin)
-        case RelayPacket.fromRelay: relayArrived(&b, remote: remote, origin: origin)
-        default: countDrop("relay packet kind \(kind) from \(remote)")
+        case .toRelay: relayForward(&b, remote: remote, origin: origin)
+        case .toClient: relayDeliverToUs(&b, remote: remote, origin: origin)
+        case .fromClient: relayReturn(&b, origin: origin)
+        case .fromRelay: relayArrived(&b, remote: remote, origin: origin)
+        default: countDrop("packet kind \(kind) from \(remote) is no relay packet")
         }
     }
 
@@ -233,7 +132,7 @@ extension Node {
             RelayPacket.write(ip, into: &o)
             o.writeInteger(port)
         }
-        writeReply(out, on: served.link)
+        kernel.rpc.writeReply(out, on: served.link)
     }
 
     /// Relay side: the served peer answers along a token.
@@ -268,7 +167,7 @@ extension Node {
                 o.writeBytes(owner.bytes)
                 RelayPacket.write(served.ip, into: &o)
             }
-            writeReply(out, on: c)
+            kernel.rpc.writeReply(out, on: c)
         }
     }
 
@@ -294,12 +193,12 @@ extension Node {
             return countDrop("malformed relay delivery from \(remote)")
         }
         let source = Endpoint(ip: ip, port: port)
-        receivedInner(b, ip: ip, remote: source, origin: .link(link, token: token, kind: kind == 0 ? .udp : .tcp, source: source))
+        kernel.receivedInner(b, remote: source, origin: .link(link, token: token, kind: kind == 0 ? .udp : .tcp, source: source))
     }
 
     /// Sending side: an answer from a relayed peer through one of the relays it announced.
     private func relayArrived(_ b: inout ByteBuffer, remote: Endpoint, origin: Origin) {
-        guard let peer = RelayPacket.readID(&b), let ip = RelayPacket.readIP(&b), let route = relayRoutes[peer] else {
+        guard let peer = RelayPacket.readID(&b), let ip = RelayPacket.readIP(&b), let route = kernel.paths.relayRoutes[peer] else {
             return countDrop("relayed packet from \(remote) for a peer we know no relays of")
         }
         let via: RelayVia
@@ -318,24 +217,8 @@ extension Node {
         default:
             return countDrop("relayed packet nested in a relayed one")
         }
-        receivedInner(b, ip: ip, remote: Endpoint(ip: ip, port: 0), origin: .relayed(peer, via))
+        kernel.receivedInner(b, remote: Endpoint(ip: ip, port: 0), origin: .relayed(peer, via))
     }
-
-    /// A packet that came wrapped: a plain or session packet, never another wrapper.
-    private func receivedInner(_ buffer: ByteBuffer, ip: IPAddress, remote: Endpoint, origin: Origin) {
-        guard let first = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) else { return }
-        if first == PacketKind.plaintext.rawValue {
-            receivedPlaintext(buffer, ip: ip, remote: remote, origin: origin)
-        } else if first >= ProbePacket.kind {
-            countDrop("packet kind \(first) inside a relayed one")
-        } else if sessionsEnabled {
-            receivedSessionPacket(buffer, ip: ip, remote: remote, origin: origin)
-        } else {
-            refuseHandshake(buffer, remote: remote, origin: origin)
-        }
-    }
-
-    // MARK: serving as a relay
 
     /// Starts relaying for `peer` over `link` (its authenticated connection to us).
     func serveRelay(for peer: PeerAddress, link: any PeerConnection) -> Reply {
@@ -368,40 +251,38 @@ extension Node {
         return nil
     }
 
-    /// Relayed side: `channel` is a link to our relay `relay`; it stays open (pinned).
+    /// Relayed side: `channel` is a link to our relay `relay`; it stays open (pinned in the pool).
     func adoptRelayLink(_ link: any PeerConnection, relay: PeerAddress) {
         relayLinks[ObjectIdentifier(link)] = relay.id
-        pinned.insert(PeerSocketAddress(ip: relay.ip, tcpPort: relay.tcpPort, udpPort: 0))
+        kernel.connections.pinned.insert(PeerSocketAddress(ip: relay.ip, tcpPort: relay.tcpPort, udpPort: 0))
         link.closeFuture.whenComplete { [self] _ in
             relayLinks[ObjectIdentifier(link)] = nil
-            pinned.remove(PeerSocketAddress(ip: relay.ip, tcpPort: relay.tcpPort, udpPort: 0))
+            kernel.connections.pinned.remove(PeerSocketAddress(ip: relay.ip, tcpPort: relay.tcpPort, udpPort: 0))
         }
     }
 
     /// Relayed side: stops using a link (the relay is being replaced).
     func dropRelayLink(to relay: PeerAddress) {
         let key = PeerSocketAddress(ip: relay.ip, tcpPort: relay.tcpPort, udpPort: 0)
-        pinned.remove(key)
+        kernel.connections.pinned.remove(key)
         for (id, owner) in relayLinks where owner == relay.id { relayLinks[id] = nil }
-        pool[key]?.whenSuccess { $0.close() }
+        kernel.connections.pool[key]?.whenSuccess { $0.close() }
     }
-
-    // MARK: reverse connections
 
     /// A relayed peer that connected to us directly (over TCP, in a session that proved its id):
     /// we reach it over that connection while it lasts, instead of through its relays.
     func noteDirectPath(_ peer: Number160, origin: Origin) {
-        guard !relayRoutes.isEmpty, case .tcp(let connection) = origin, relayRoutes[peer] != nil,
-              directPaths[peer].map({ $0 !== connection }) ?? true else { return }
-        installDirectPath(peer, connection: connection)
+        guard !kernel.paths.relayRoutes.isEmpty, case .tcp(let connection) = origin, kernel.paths.relayRoutes[peer] != nil,
+              kernel.paths.directPaths[peer].map({ $0 !== connection }) ?? true else { return }
+        kernel.paths.installDirectPath(peer, connection: connection)
         let remote = "\(connection.remote)"
-        if let nonce = punchByPeer[peer], let p = punches[nonce], p.wantsTCP, !p.tcpDone {
+        if let nonce = kernel.punch.punchByPeer[peer], let p = kernel.punch.punches[nonce], p.wantsTCP, !p.tcpDone {
             // The peer's SYN got to our listener during a punch: this connection is the punched path.
-            punches[nonce]?.tcpDone = true
-            announcePath(DirectPath(peer: peer, transport: .tcp, method: .holePunch, remote: remote, milliseconds: ms(since: p.created)))
-            finishIfDone(nonce)
+            kernel.punch.punches[nonce]?.tcpDone = true
+            kernel.punch.announcePath(DirectPath(peer: peer, transport: .tcp, method: .holePunch, remote: remote, milliseconds: kernel.punch.ms(since: p.created)))
+            kernel.punch.finishIfDone(nonce)
         } else {
-            announcePath(DirectPath(peer: peer, transport: .tcp, method: .reverseConnection, remote: remote, milliseconds: 0))
+            kernel.punch.announcePath(DirectPath(peer: peer, transport: .tcp, method: .reverseConnection, remote: remote, milliseconds: 0))
         }
     }
 
@@ -419,10 +300,10 @@ extension Node {
         guard reverseTried.count < config.limits.reverseConnectionsPerMinute else { return }
         reverseTried[sender.id] = now
         let ping = kernelCommands.ping
-        request(to: sender.socket, expectedID: sender.id, command: ping, transport: .tcp).whenComplete { [self] result in
+        kernel.rpc.requestOnLoop(target: sender.socket, expectedID: sender.id, command: ping, payload: [], transport: .tcp, timeout: nil).whenComplete { [self] result in
             if case .success = result {
                 logger.info("direct connection to \(sender.id) (reverse connection)")
-                pinned.insert(PeerSocketAddress(ip: sender.ip, tcpPort: sender.tcpPort, udpPort: 0))
+                kernel.connections.pinned.insert(PeerSocketAddress(ip: sender.ip, tcpPort: sender.tcpPort, udpPort: 0))
             }
         }
     }
@@ -438,10 +319,10 @@ extension KernelCommands {
         let name = KernelCommands.relay
         func handle(_ request: Message, context: CommandContext) -> CommandResult {
             let node = context.node
-            guard node.sessionsEnabled else { return .reply(.error(.denied, "this node relays only for peers that prove their id")) }
+            guard node.kernel.sessions.enabled else { return .reply(.error(.denied, "this node relays only for peers that prove their id")) }
             guard let link = context.connection else { return .reply(.error(.badRequest, "ask for a relay over TCP: the connection becomes the link")) }
             guard request.sender.id != node.peerID else { return .reply(.error(.badRequest, "a peer cannot relay for itself")) }
-            return .reply(node.serveRelay(for: request.sender, link: link))
+            return .reply(node.kernel.relay.serveRelay(for: request.sender, link: link))
         }
     }
 }

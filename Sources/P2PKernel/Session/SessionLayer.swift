@@ -29,25 +29,60 @@ struct OutboundHandshake {
     var expiry: Scheduled<Void>?
 }
 
-/// The session layer of a node, between the wire codec and the sockets:
+/// The session layer of a node, between the wire codec and the transport: its sessions, the
+/// handshakes it started, the stateless responder and the handshake rate limit.
 ///
 /// ```
-///  send:    message ─ encode ─┬─ session with the peer? ── seal ──────────────────── socket
-///                             └─ no: queue ─ INIT ⇢ RESPONSE ─ session ─ FINISH+seal ─ socket
-///  receive: packet ─┬─ SEALED / FINISH ─ session by index ─ open ─ replay check ─ decode ─ dispatch
+///  send:    message ─ encode ─┬─ session with the peer? ── seal ──────────────────── PathTable
+///                             └─ no: queue ─ INIT ⇢ RESPONSE ─ session ─ FINISH+seal ─ PathTable
+///  receive: packet ─┬─ SEALED / FINISH ─ session by index ─ open ─ replay check ─ decode ─ RPCEngine
 ///                   ├─ INIT ─ rate limit ─ stateless RESPONSE
 ///                   └─ SESSION_UNKNOWN / REFUSED ─ the handshake or requests they concern
 /// ```
-/// Everything here runs on the node's event loop and touches only loop-confined state.
-extension Node {
-    var sessionsEnabled: Bool { responder != nil }
+/// Confined to the node's event loop.
+final class SessionLayer: KernelPart, @unchecked Sendable {
+    private var link = KernelLink()
+    var kernel: Kernel { link.value }
+    func attach(_ kernel: Kernel) { link.set(kernel) }
+
+    /// The handshake responder; nil in insecure mode.
+    let responder: HandshakeResponder?
+    var table: SessionTable
+    var handshakes: [UInt64: OutboundHandshake] = [:]
+    var handshakeKeys: [HandshakeKey: UInt64] = [:]
+    var handshakeBuckets: TokenBuckets
+    let refusalLog: LogBudget
+
+    init(config: NodeConfig, keyPair: PeerKeyPair, random: RandomSource, clock: NodeClock) {
+        let limits = config.limits
+        responder = config.security == .authenticated ? HandshakeResponder(identity: keyPair, network: config.networkID, random: random) : nil
+        table = SessionTable(capacity: limits.maxSessions)
+        handshakeBuckets = TokenBuckets(rate: limits.handshakesPerSecond, burst: limits.handshakeBurst, slots: limits.rateLimitSlots, seed: random.next())
+        refusalLog = LogBudget(perSecond: 2, clock: clock)
+    }
+
+    /// Whether the node runs authenticated sessions (the default), not plaintext.
+    var enabled: Bool { responder != nil }
+
+    /// Drops every session and handshake (shutdown); what waited on a handshake fails.
+    func closeAll() {
+        for index in Array(handshakes.keys).sorted() {
+            if let h = handshakes.removeValue(forKey: index) {
+                h.retransmit?.cancel()
+                h.expiry?.cancel()
+                for item in h.queue { item.written?.fail(RPCError.shutDown) }
+            }
+        }
+        handshakeKeys.removeAll()
+        table.removeAll()
+    }
 
     // MARK: sending
 
     /// Seals `item` in the session with `expected`, or queues it behind a handshake.
     func sendSecure(_ item: QueuedMessage, to target: PeerSocketAddress, expected: Number160, over kind: TransportKind,
                     connection: (any PeerConnection)?) {
-        if expected != .zero, let (packet, local) = sessions.seal(item.plain, peer: expected, transport: kind, now: coarseSeconds) {
+        if expected != .zero, let (packet, local) = table.seal(item.plain, peer: expected, transport: kind, now: coarseSeconds) {
             send(item, packet, session: local, to: target, peer: expected, over: kind, connection: connection)
         } else {
             enqueue(item, target: target, expected: expected, over: kind, connection: connection)
@@ -56,8 +91,8 @@ extension Node {
 
     /// Seals one message in the session in `slot` and writes it.
     private func seal(_ item: QueuedMessage, slot: Int, to target: PeerSocketAddress, over kind: TransportKind, connection: (any PeerConnection)?) {
-        let local = sessions[slot].localIndex, peer = sessions[slot].remoteID
-        send(item, sessions.seal(item.plain, slot: slot, transport: kind, now: coarseSeconds), session: local, to: target, peer: peer,
+        let local = table[slot].localIndex, peer = table[slot].remoteID
+        send(item, table.seal(item.plain, slot: slot, transport: kind, now: coarseSeconds), session: local, to: target, peer: peer,
              over: kind, connection: connection)
     }
 
@@ -67,33 +102,33 @@ extension Node {
             return reject(item, .encoding(.limitExceeded(what: "sealed message bytes", value: item.plain.readableBytes, limit: WireLimits.maxMessageBytes)))
         }
         if let id = item.requestID {
-            guard pending[id] != nil else { return }
-            pending[id]?.session = session
+            guard kernel.rpc.pending[id] != nil else { return }
+            kernel.rpc.pending[id]?.session = session
         }
         switch kind {
         case .udp:
             guard transport.mainSocket != nil else { return reject(item, .shutDown) }
-            emitUDP(packet, to: target, peer: peer, promise: item.written)
+            kernel.paths.emitUDP(packet, to: target, peer: peer, promise: item.written)
         case .tcp:
             guard let connection else { return reject(item, .shutDown) }
-            emitTCP(packet, on: connection, peer: peer, promise: item.written)
+            kernel.paths.emitTCP(packet, on: connection, peer: peer, promise: item.written)
         }
     }
 
     /// Sends a reply in the session its request came in (or the peer's newest, if that one was
     /// dropped meanwhile); with neither, the reply is dropped and the requester times out.
     func sendInSession(_ plain: ByteBuffer, replyTo peer: Number160, session: UInt64, origin: Origin) {
-        guard let packet = sessions.sealReply(plain, index: session, peer: peer, transport: origin.kind, now: coarseSeconds) else { return }
+        guard let packet = table.sealReply(plain, index: session, peer: peer, transport: origin.kind, now: coarseSeconds) else { return }
         switch origin {
-        case .udp(let remote): udpSocket(to: remote)?.send(packet, to: remote, promise: nil)
-        case .tcp(let connection): writeReply(packet, on: connection)
-        case .relayed, .link: writeRelayed(packet, framed: origin.kind == .tcp, origin: origin)
+        case .udp(let remote): kernel.paths.udpSocket(to: remote)?.send(packet, to: remote, promise: nil)
+        case .tcp(let connection): kernel.rpc.writeReply(packet, on: connection)
+        case .relayed, .link: kernel.paths.writeRelayed(packet, framed: origin.kind == .tcp, origin: origin)
         }
     }
 
     private func reject(_ item: QueuedMessage, _ error: RPCError, peerFailed: Bool = false) {
         item.written?.fail(error)
-        if let id = item.requestID { failRequest(id, error, peerFailed: peerFailed) }
+        if let id = item.requestID { kernel.rpc.failRequest(id, error, peerFailed: peerFailed) }
     }
 
     // MARK: handshakes we start
@@ -112,12 +147,13 @@ extension Node {
         guard handshakes.count < config.limits.maxHandshakesInProgress else {
             return reject(item, .busy("more than \(config.limits.maxHandshakesInProgress) handshakes in progress"))
         }
-        var index: UInt64
-        repeat { index = UInt64(randomIDs.next()) << 32 | UInt64(randomIDs.next()) } while index == 0 || handshakes[index] != nil || sessions.slot(index: index) != nil
+        var fresh: UInt64
+        repeat { fresh = UInt64(kernel.rpc.randomIDs.next()) << 32 | UInt64(kernel.rpc.randomIDs.next()) } while fresh == 0 || handshakes[fresh] != nil || table.slot(index: fresh) != nil
+        let index = fresh
         let crypto = InitiatorHandshake(network: config.networkID, index: index, expected: expected, random: random)
         handshakes[index] = OutboundHandshake(crypto: crypto, key: key, target: target, transport: kind, connection: connection, queue: [item])
         handshakeKeys[key] = index
-        sendINIT(index, retry: min(rtt.timeout(ceiling: config.udpRetryAfter), TimeAmount(config.requestTimeout / 4)))
+        sendINIT(index, retry: min(kernel.rpc.rtt.timeout(ceiling: config.udpRetryAfter), TimeAmount(config.requestTimeout / 4)))
         // No RESPONSE within a request's time: the peer did not answer, which counts against it.
         handshakes[index]?.expiry = eventLoop.scheduleTask(in: TimeAmount(config.requestTimeout)) { [self] in
             failHandshake(index, .timeout(peer: "\(target)", milliseconds: Int(config.requestTimeout.components.seconds * 1000
@@ -133,14 +169,14 @@ extension Node {
         switch h.transport {
         case .udp:
             packet.writeBytes(h.crypto.initPacket)
-            emitUDP(packet, to: h.target, peer: h.crypto.expected, promise: nil)
+            kernel.paths.emitUDP(packet, to: h.target, peer: h.crypto.expected, promise: nil)
             handshakes[index]?.retransmit = eventLoop.scheduleTask(in: retry) { [self] in
                 sendINIT(index, retry: retry * 2)
             }
         case .tcp:
             packet.writeInteger(UInt32(SessionWire.initBytes))
             packet.writeBytes(h.crypto.initPacket)
-            if let c = h.connection { emitTCP(packet, on: c, peer: h.crypto.expected, promise: nil) }
+            if let c = h.connection { kernel.paths.emitTCP(packet, on: c, peer: h.crypto.expected, promise: nil) }
         }
     }
 
@@ -150,7 +186,7 @@ extension Node {
         h.expiry?.cancel()
         if handshakeKeys[h.key] == index { handshakeKeys[h.key] = nil }
         if handshakes.isEmpty, handshakes.capacity > 4 {
-            // As with `pending`: bootstrap grows these, and an idle node need not keep the room.
+            // As with `kernel.rpc.pending`: bootstrap grows these, and an idle node need not keep the room.
             handshakes = [:]
             handshakeKeys = [:]
         }
@@ -167,7 +203,7 @@ extension Node {
     private func cameBack(_ h: OutboundHandshake, origin: Origin, remote: Endpoint) -> Bool {
         switch origin {
         case .udp:
-            return h.transport == .udp && (udpPaths[h.crypto.expected]?.address == remote
+            return h.transport == .udp && (kernel.paths.udpPaths[h.crypto.expected]?.address == remote
                 || (remote.ip == h.target.ip && remote.port == h.target.udpPort))
         case .tcp(let connection): return h.connection.map { $0 === connection } ?? false
         case .relayed(let peer, .udp): return h.transport == .udp && h.crypto.expected == peer
@@ -185,7 +221,7 @@ extension Node {
         let session: Session
         let finishPrefix: [UInt8]
         do {
-            (session, finishPrefix) = try h.crypto.complete(r, network: config.networkID, identity: keyPair, now: coarseSeconds)
+            (session, finishPrefix) = try h.crypto.complete(r, network: config.networkID, identity: node.keyPair, now: coarseSeconds)
         } catch .identityMismatch(let expected, let got) {
             failHandshake(r.initiatorIndex, .identityMismatch(peer: "\(h.target)", expected: expected, got: got), peerFailed: true)
             return
@@ -197,13 +233,13 @@ extension Node {
         _ = removeHandshake(r.initiatorIndex)
         var fresh = session
         fresh.lastUsed = coarseSeconds
-        let slot = sessions.insert(fresh, finishPrefix: finishPrefix)
-        handshakeCount.withLockedValue { $0 += 1 }
+        let slot = table.insert(fresh, finishPrefix: finishPrefix)
+        node.counters.withLockedValue { $0.handshakes += 1 }
         metrics?.handshakesCompleted.increment()
-        let local = sessions[slot].localIndex
+        let local = table[slot].localIndex
         for item in h.queue {
             // A slot moves when another session is removed; find ours again by its index.
-            guard let s = sessions.slot(index: local) else { return reject(item, .shutDown) }
+            guard let s = table.slot(index: local) else { return reject(item, .shutDown) }
             seal(item, slot: s, to: h.target, over: h.transport, connection: h.connection)
         }
     }
@@ -213,8 +249,8 @@ extension Node {
         let peer = "\(h.target)"
         switch reason {
         case .insecurePeer:
-            logRefusal("\(remote) runs without authenticated sessions (insecure mode); this node requires them")
-            failHandshake(index, .securityMismatch(peer: peer, reason: "the peer runs without authenticated sessions (insecure mode); this node requires them"))
+            logRefusal("\(remote) runs without authenticated table (insecure mode); this node requires them")
+            failHandshake(index, .securityMismatch(peer: peer, reason: "the peer runs without authenticated table (insecure mode); this node requires them"))
         case .notThisPeer:
             failHandshake(index, .identityMismatch(peer: peer, expected: h.crypto.expected, got: nil), peerFailed: true)
         case .unsupportedVersion, .otherNetwork:
@@ -226,13 +262,13 @@ extension Node {
     /// have requests in that session waiting on exactly that address, forget the session and send
     /// them again (a new handshake first), so a restarted peer answers within one request timeout.
     private func sessionLost(_ index: UInt64, origin: Origin, remote: Endpoint) {
-        guard let slot = sessions.sessions.firstIndex(where: { $0.remoteIndex == index }) else { return }
-        let local = sessions[slot].localIndex
-        let affected = pending.filter { _, p in
+        guard let slot = table.sessions.firstIndex(where: { $0.remoteIndex == index }) else { return }
+        let local = table[slot].localIndex
+        let affected = kernel.rpc.pending.filter { _, p in
             guard p.session == local else { return false }
             switch origin {
             case .udp:
-                return p.transport == .udp && ((p.expected != .zero && udpPaths[p.expected]?.address == remote)
+                return p.transport == .udp && ((p.expected != .zero && kernel.paths.udpPaths[p.expected]?.address == remote)
                     || (remote.ip == p.target.ip && remote.port == p.target.udpPort))
             case .tcp(let connection): return p.connection == ObjectIdentifier(connection)
             case .relayed(let peer, let via): return p.expected == peer && p.transport == via.kind
@@ -240,29 +276,30 @@ extension Node {
             }
         }
         guard !affected.isEmpty else { return }
-        sessions.remove(slot: slot)
+        table.remove(slot: slot)
         for (id, p) in affected {
-            pending[id]?.session = 0
-            transmit(p.plaintext, to: p.target, expected: p.expected, over: p.transport, requestID: id)
+            kernel.rpc.pending[id]?.session = 0
+            kernel.rpc.transmit(p.plaintext, to: p.target, expected: p.expected, over: p.transport, requestID: id)
         }
     }
 
     /// Drops every session with `peer` (it quit): the memory is free at once, and a peer that
     /// comes back handshakes anew. On the event loop.
     func forgetSessions(of peer: Number160) {
-        while let slot = sessions.slot(peer: peer) { sessions.remove(slot: slot) }
+        while let slot = table.slot(peer: peer) { table.remove(slot: slot) }
     }
 
     // MARK: receiving
 
-    func receivedSessionPacket(_ buffer: ByteBuffer, ip: IPAddress, remote: Endpoint, origin: Origin) {
+    func received(_ buffer: ByteBuffer, remote: Endpoint, origin: Origin) {
+        let ip = remote.ip
         buffer.withUnsafeReadableBytes { raw in
             let packet: SessionPacket
             do {
                 packet = try SessionCodec.decode(raw)
             } catch {
                 countDrop("undecodable session packet from \(remote): \(error)")
-                closeIfStream(origin)
+                kernel.connections.closeIfStream(origin)
                 return
             }
             let source = SourceKey.of(ip, port: remote.port)
@@ -275,7 +312,7 @@ extension Node {
                     // handshakes again. Nine bytes, for at least 33 received: no amplification.
                     var notice = ByteBufferAllocator().buffer(capacity: SessionWire.sessionUnknownBytes)
                     notice.writeBytes(SessionCodec.encodeSessionUnknown(index: header.receiverIndex))
-                    write(notice, origin: origin)
+                    kernel.rpc.write(notice, origin: origin)
                 }
             case .handshakeFinish(let finish, let bodyOffset):
                 acceptFinish(raw, finish, bodyOffset: bodyOffset, source: source, ip: ip, remote: remote, origin: origin)
@@ -310,14 +347,14 @@ extension Node {
                 return
             }
         }
-        write(packet, origin: origin)
+        kernel.rpc.write(packet, origin: origin)
     }
 
     private func acceptFinish(_ raw: UnsafeRawBufferPointer, _ f: HandshakeFinish, bodyOffset: Int, source: UInt64,
                               ip: IPAddress, remote: Endpoint, origin: Origin) {
         // The initiator repeats FINISH until we answer in the session: those open in it directly.
-        if let slot = sessions.slot(index: f.responderIndex) {
-            guard sessions[slot].remoteIndex == f.initiatorIndex else { return countDrop("FINISH for another session") }
+        if let slot = table.slot(index: f.responderIndex) {
+            guard table[slot].remoteIndex == f.initiatorIndex else { return countDrop("FINISH for another session") }
             _ = open(raw, index: f.responderIndex, headerBytes: bodyOffset, counter: f.counter, ip: ip, remote: remote, origin: origin)
             return
         }
@@ -338,9 +375,9 @@ extension Node {
             if origin.kind == .udp { session.udpWindow.mark(f.counter) }
             // Only a FINISH whose message opens makes a session: a valid signature alone does not.
             session.lastUsed = coarseSeconds
-            let slot = sessions.insert(session)
-            if origin.kind == .tcp { sessions.markTCP(f.counter, slot: slot) }
-            handshakeCount.withLockedValue { $0 += 1 }
+            let slot = table.insert(session)
+            if origin.kind == .tcp { table.markTCP(f.counter, slot: slot) }
+            node.counters.withLockedValue { $0.handshakes += 1 }
             metrics?.handshakesCompleted.increment()
             deliver(UnsafeRawBufferPointer(rebasing: scratch[..<length]), remoteID: session.remoteID, session: session.localIndex,
                     ip: ip, remote: remote, origin: origin)
@@ -352,13 +389,13 @@ extension Node {
     private func open(_ raw: UnsafeRawBufferPointer, index: UInt64, headerBytes: Int, counter: UInt64, ip: IPAddress,
                       remote: Endpoint, origin: Origin) -> Bool {
         withScratch(raw.count) { scratch in
-            switch sessions.open(raw, index: index, headerBytes: headerBytes, counter: counter, transport: origin.kind,
+            switch table.open(raw, index: index, headerBytes: headerBytes, counter: counter, transport: origin.kind,
                                  now: coarseSeconds, into: scratch) {
             case .unknownIndex:
                 return false
             case .rejected(let error):
                 countDrop("sealed packet from \(remote): \(error)")
-                closeIfStream(origin)
+                kernel.connections.closeIfStream(origin)
             case .message(let length, let remoteID, let local):
                 deliver(UnsafeRawBufferPointer(rebasing: scratch[..<length]), remoteID: remoteID, session: local, ip: ip, remote: remote, origin: origin)
             }
@@ -392,24 +429,24 @@ extension Node {
         guard message.sender.id == remoteID else {
             return countDrop("message claims id \(message.sender.id) in the session of \(remoteID)")
         }
-        dispatch(message, bytes: plain.count, origin: origin, remote: remote, session: session)
+        kernel.rpc.dispatch(message, bytes: plain.count, origin: origin, remote: remote, session: session)
     }
 
     // MARK: refusing the other mode
 
-    /// A plaintext request to a node that requires sessions: answered with `sessionRequired`, a
+    /// A plaintext request to a node that requires table: answered with `sessionRequired`, a
     /// bare header no larger than the request, so the insecure peer gets a clear error.
     func refusePlaintext(_ message: Message, remote: Endpoint, origin: Origin) {
         guard message.type == .request,
               handshakeBuckets.allow(SourceKey.of(message.sender.ip, port: remote.port), nowNanoseconds: clock.uptimeNanoseconds) else {
             return countDrop("plaintext message from \(remote)")
         }
-        logRefusal("refused a plaintext request from \(remote): this node requires authenticated sessions (the peer runs insecure)")
+        logRefusal("refused a plaintext request from \(remote): this node requires authenticated table (the peer runs insecure)")
         let reply = Message(networkID: config.networkID, id: message.id, type: .sessionRequired, command: message.command,
                             sender: selfAddress, recipientID: message.sender.id)
         var plain = ByteBufferAllocator().buffer(capacity: WireLimits.headerBytes)
         plain.writeMessage(reply, size: WireLimits.headerBytes, framed: false)
-        write(plain, origin: origin)
+        kernel.rpc.write(plain, origin: origin)
     }
 
     /// A handshake to a node in insecure mode: refused with a 10-byte REFUSED, so the secure peer
@@ -422,15 +459,15 @@ extension Node {
         guard let index, handshakeBuckets.allow(SourceKey.of(remote.ip, port: remote.port), nowNanoseconds: clock.uptimeNanoseconds) else {
             return countDrop("session packet from \(remote) to an insecure node")
         }
-        logRefusal("refused a handshake from \(remote): this node runs insecure and the peer requires authenticated sessions")
+        logRefusal("refused a handshake from \(remote): this node runs insecure and the peer requires authenticated table")
         var packet = ByteBufferAllocator().buffer(capacity: SessionWire.refusedBytes)
         packet.writeBytes(SessionCodec.encodeRefused(.insecurePeer, initiatorIndex: index))
-        write(packet, origin: origin)
+        kernel.rpc.write(packet, origin: origin)
     }
 
     /// Counts a refusal between modes and logs it, at most a few times a second.
     func logRefusal(_ text: String) {
-        securityRefusalCount.withLockedValue { $0 += 1 }
+        node.counters.withLockedValue { $0.securityRefusals += 1 }
         if refusalLog.allow() { logger.warning("\(text)") }
     }
 }

@@ -1,0 +1,273 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+
+/// The parts of one node, wired together. Each part owns its state and is confined to the
+/// node's event loop; they call each other directly (no actor hop per message):
+/// ```
+///  transport ─▶ Kernel.received ─┬─ PacketKind.plaintext ─────────────── RPCEngine.receivedPlaintext
+///  (sockets or simulated)        ├─ session packets ── SessionLayer ──── RPCEngine.dispatch ── handlers
+///                                ├─ relay packets ──── RelayService ───── (inner packet) ─ again
+///                                ├─ probe / observe ── Prober
+///                                └─ punch ──────────── HolePuncher ───── PathTable.install…
+///  RPCEngine.request ─ PathTable.path ─ SessionLayer.seal ─ PathTable.send ─ transport
+/// ```
+/// `PathTable` alone decides how a peer is reached (plain, relayed, direct TCP, punched UDP);
+/// the NAT parts install paths into it. The `Node` is a thin front over this.
+final class Kernel: TransportEvents, @unchecked Sendable {
+    private unowned(unsafe) var owner: Node?
+    /// The node this kernel runs (set once, before anything runs).
+    var node: Node {
+        guard let owner else { preconditionFailure("the kernel is used before its node is set") }
+        return owner
+    }
+    let transport: any PeerTransport
+    let connections: ConnectionTable
+    let paths: PathTable
+    let sessions: SessionLayer
+    let rpc: RPCEngine
+    let relay: RelayService
+    let punch: HolePuncher
+    let prober: Prober
+    let commands = KernelCommandIDs()
+    /// Bytes announced by TCP frames still arriving, over all connections.
+    package let partialFrames: PartialFrameBudget
+
+    // Confined to the event loop:
+    /// This node as its messages announce it (`Node.address` is the same, readable anywhere).
+    var me: PeerAddress
+    var running = true
+    var stopping = false
+    var maintenanceTask: RepeatedTask?
+    var backgroundTasks: [RepeatedTask] = []
+    var metricsTask: RepeatedTask?
+
+    init(config: NodeConfig, loop: any EventLoop, clock: NodeClock, random: RandomSource, keyPair: PeerKeyPair, logger: Logger, me: PeerAddress) {
+        self.me = me
+        self.partialFrames = PartialFrameBudget(limit: config.limits.maxPartialFrameBytes)
+        self.transport = config.makeTransport?(loop, config, logger)
+            ?? SocketTransport(eventLoop: loop, host: config.host, port: config.port, idleTimeout: config.tcpIdleTimeout,
+                               limits: config.limits, logger: logger)
+        connections = ConnectionTable()
+        paths = PathTable()
+        sessions = SessionLayer(config: config, keyPair: keyPair, random: random, clock: clock)
+        rpc = RPCEngine(random: random)
+        relay = RelayService()
+        punch = HolePuncher()
+        prober = Prober(limits: config.limits, random: random)
+    }
+
+    /// Binds the kernel and its parts to their node; they reach each other through the kernel.
+    func attach(_ node: Node) {
+        owner = node
+        for part in [connections, paths, sessions, rpc, relay, punch, prober] as [any KernelPart] { part.attach(self) }
+    }
+
+    var config: NodeConfig { node.config }
+    var logger: Logger { node.logger }
+    var clock: NodeClock { node.clock }
+    var eventLoop: any EventLoop { node.eventLoop }
+
+    /// Uptime seconds: what sessions and rate windows age by.
+    var coarseSeconds: UInt32 { node.clock.seconds }
+
+    /// Counts a dropped packet and says why at trace level.
+    func countDrop(_ why: @autoclosure () -> String) {
+        node.counters.withLockedValue { $0.dropped += 1 }
+        node.metrics?.dropped.increment()
+        node.logger.trace("dropped", metadata: ["why": "\(why())"])
+    }
+
+    /// Makes `me` the announced address (on the loop) and publishes it for readers anywhere.
+    func announce(_ address: PeerAddress) {
+        me = address
+        node.published.withLockedValue { $0 = address }
+    }
+
+    // MARK: life
+
+    /// Starts the transport and takes the port it bound as our announced port.
+    func bind() async throws {
+        do {
+            try await transport.start(events: self).get()
+        } catch let error as NodeStartError {
+            throw error
+        } catch {
+            throw NodeStartError.bindFailed(host: config.host, port: config.port, reason: "\(error)")
+        }
+        try await eventLoop.submit { [self] in
+            var address = me
+            address.socket = PeerSocketAddress(ip: me.socket.ip, port: transport.boundPort)
+            announce(address)
+        }.get()
+    }
+
+    /// Metrics sampling (when the node records metrics), replication timers and maintenance:
+    /// pings to the peers due for a check (by how long they have been up); a peer that fails often
+    /// enough is removed by the RPC engine's failure accounting.
+    func startTimers() {
+        guard running else { return }
+        if let metrics = node.metrics {
+            metricsTask = eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [weak self] _ in
+                guard let node = self?.node else { return }
+                metrics.sample(node)
+            }
+        }
+        for policy in node.registry.replicationPolicies {
+            guard let every = policy.timerInterval else { continue }
+            let t = TimeAmount(every)
+            backgroundTasks.append(eventLoop.scheduleRepeatedTask(initialDelay: t, delay: t) { [self] _ in
+                let context = ReplicationContext(node: node)
+                node.spawn { await policy.handle(.timer, context: context) }
+            })
+        }
+        guard let interval = config.maintenanceInterval else { return }
+        let t = TimeAmount(interval)
+        maintenanceTask = eventLoop.scheduleRepeatedTask(initialDelay: t, delay: t) { [self] _ in
+            for peer in node.peerMap.dueForCheck(limit: config.maintenancePingsPerRound) {
+                paths.learnRoute(peer)
+                _ = rpc.requestOnLoop(target: peer.socket, expectedID: peer.id, command: commands.ping, payload: [], transport: .udp, timeout: nil)
+            }
+        }
+    }
+
+    /// Stops: quit to the peers we hold sessions with (unless `announce` is false: a crash),
+    /// then fails what is pending and closes every part and the transport. On the loop.
+    func stop(announce: Bool) -> EventLoopFuture<Void> {
+        guard running else { return eventLoop.makeSucceededVoidFuture() }
+        maintenanceTask?.cancel()
+        maintenanceTask = nil
+        metricsTask?.cancel()
+        metricsTask = nil
+        for t in backgroundTasks { t.cancel() }
+        backgroundTasks.removeAll()
+        var writes: [EventLoopFuture<Void>] = []
+        // With sessions, quit goes to the peers we hold a session with: a peer we have no
+        // session with has not talked to us lately, and a handshake per peer at exit would
+        // cost more than the quit saves.
+        for peer in node.peerMap.verifiedPeers where announce && (!sessions.enabled || sessions.table.slot(peer: peer.id) != nil) {
+            if let f = rpc.sendFireAndForget(to: peer, command: commands.quit) { writes.append(f) }
+        }
+        let grace = eventLoop.makePromise(of: Void.self)
+        EventLoopFuture.andAllComplete(writes, on: eventLoop).cascade(to: grace)
+        let limit = eventLoop.scheduleTask(in: TimeAmount(min(config.requestTimeout, .seconds(1)))) { grace.succeed(()) }
+        return grace.futureResult.flatMap { [self] in
+            limit.cancel()
+            running = false
+            rpc.closeAll()
+            sessions.closeAll()
+            prober.closeAll()
+            punch.endAllPunches()
+            paths.closeAll()
+            connections.closeAll()
+            return transport.close()
+        }
+    }
+
+    // MARK: what the transport hands us
+
+    package func received(datagram: ByteBuffer, from remote: Endpoint, on socket: any DatagramSocket) {
+        if let main = transport.mainSocket, main === socket {
+            received(datagram, from: remote, origin: .udp(remote))
+        } else {
+            punch.receivedOnPunchSocket(datagram, from: remote, socket: socket)
+        }
+    }
+
+    package func received(frame: ByteBuffer, on connection: any PeerConnection) {
+        received(frame, from: connection.remote, origin: .tcp(connection))
+    }
+
+    package func idle(_ connection: any PeerConnection) {
+        paths.connectionIdle(connection)
+    }
+
+    package func admit(_ connection: any PeerConnection) throws {
+        try connections.admit(connection)
+    }
+
+    package var limits: NodeLimits { config.limits }
+
+    /// Every datagram and TCP frame starts here, on the node's event loop: its first byte says
+    /// which part it is for.
+    func received(_ buffer: ByteBuffer, from remote: Endpoint, origin: Origin) {
+        guard running, let first = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) else { return }
+        guard let kind = PacketKind(rawValue: first) else {
+            return sessions.enabled ? sessions.received(buffer, remote: remote, origin: origin)
+                : sessions.refuseHandshake(buffer, remote: remote, origin: origin)
+        }
+        switch kind.layer {
+        case .plaintext:
+            rpc.receivedPlaintext(buffer, remote: remote, origin: origin)
+        case .nat:
+            prober.received(kind, buffer, remote: remote, origin: origin)
+        case .relay:
+            relay.received(kind, buffer, remote: remote, origin: origin)
+        case .punch:
+            guard case .udp = origin, let udp = transport.mainSocket else {
+                countDrop("punch packet from \(remote) not over UDP")
+                return connections.closeIfStream(origin)
+            }
+            punch.receivedPunch(buffer, from: remote, socket: udp)
+        case .session:
+            if sessions.enabled {
+                sessions.received(buffer, remote: remote, origin: origin)
+            } else {
+                sessions.refuseHandshake(buffer, remote: remote, origin: origin)
+            }
+        }
+    }
+
+    /// A packet that came wrapped by a relay: a plain or session packet, never another wrapper.
+    func receivedInner(_ buffer: ByteBuffer, remote: Endpoint, origin: Origin) {
+        guard let first = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) else { return }
+        switch PacketKind(rawValue: first)?.layer {
+        case .plaintext?:
+            rpc.receivedPlaintext(buffer, remote: remote, origin: origin)
+        case .nat?, .relay?, .punch?:
+            countDrop("packet kind \(first) inside a relayed one")
+        case .session?, nil:
+            if sessions.enabled {
+                sessions.received(buffer, remote: remote, origin: origin)
+            } else {
+                sessions.refuseHandshake(buffer, remote: remote, origin: origin)
+            }
+        }
+    }
+}
+
+/// A part of the kernel: attached once to the kernel it belongs to, and reaching the node's
+/// configuration, clock and the other parts through it.
+protocol KernelPart: AnyObject {
+    func attach(_ kernel: Kernel)
+    var kernel: Kernel { get }
+}
+
+extension KernelPart {
+    var node: Node { kernel.node }
+    var config: NodeConfig { kernel.node.config }
+    var logger: Logger { kernel.node.logger }
+    var clock: NodeClock { kernel.node.clock }
+    var random: RandomSource { kernel.node.random }
+    var eventLoop: any EventLoop { kernel.node.eventLoop }
+    var peerMap: PeerMap { kernel.node.peerMap }
+    var registry: PluginRegistry { kernel.node.registry }
+    var metrics: NodeMetrics? { kernel.node.metrics }
+    var peerID: Number160 { kernel.node.peerID }
+    var transport: any PeerTransport { kernel.transport }
+    var running: Bool { kernel.running }
+    var coarseSeconds: UInt32 { kernel.coarseSeconds }
+    var selfAddress: PeerAddress { kernel.me }
+    var kernelCommands: KernelCommandIDs { kernel.commands }
+    func countDrop(_ why: @autoclosure () -> String) { kernel.countDrop(why()) }
+}
+
+/// Holds the kernel a part belongs to (set once, before the part runs).
+struct KernelLink {
+    private unowned(unsafe) var kernel: Kernel?
+    var value: Kernel {
+        guard let kernel else { preconditionFailure("a kernel part used before it was attached") }
+        return kernel
+    }
+    mutating func set(_ k: Kernel) { kernel = k }
+}
