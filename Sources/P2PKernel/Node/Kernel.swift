@@ -164,6 +164,32 @@ final class Kernel: TransportEvents, @unchecked Sendable {
         }
     }
 
+    /// Forwards peer map changes to event subscribers and replication policies.
+    func connectEvents() {
+        let registry = node.registry, peerMap = node.peerMap
+        let policies = registry.replicationPolicies
+        let log = node.events
+        registry.subscribe { event in
+            switch event {
+            case .peerInserted(let p, let verified) where verified: log.add("peer joined: \(p.id.hexString.prefix(12)) at \(p.socket)")
+            case .peerRemoved(let p, let reason): log.add("peer left: \(p.id.hexString.prefix(12)) at \(p.socket) (\(reason))")
+            case .reachabilityChanged(let report): log.add(report.summary)
+            case .directPath(let path): log.add("direct path: \(path)")
+            default: break
+            }
+        }
+        peerMap.onChange { [weak node] event in
+            switch event {
+            case .inserted(let p, let verified):
+                registry.publish(.peerInserted(p, verified: verified))
+                if verified, let node, !policies.isEmpty { node.replicate(.peerInserted(p)) }
+            case .removed(let p, let reason):
+                registry.publish(.peerRemoved(p, reason: reason))
+                if let node, !policies.isEmpty { node.replicate(.peerRemoved(p)) }
+            }
+        }
+    }
+
     // MARK: what the transport hands us
 
     package func received(datagram: ByteBuffer, from remote: Endpoint, on socket: any DatagramSocket) {

@@ -2,8 +2,8 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 
-/// A peer of the overlay: a thin front over its kernel — transport, paths, sessions, RPC,
-/// routing, NAT traversal — and its plugin registry.
+/// A peer of the overlay: a thin front over its kernel (transport, paths, sessions, RPC, NAT
+/// traversal: see `Kernel`), its peer map and its plugin registry.
 ///
 /// ```swift
 /// let node = try await Node.builder().port(0).start()
@@ -11,17 +11,9 @@ import NIOCore
 /// let result = try await node.closestPeers(to: Number160(hashing: "hello"))
 /// await node.shutdown()
 /// ```
-///
-/// Data flow of one message (see `Kernel` for the parts):
-/// ```
-///  datagram ─┐                               ┌─ reply? ── pending[id] ── promise ── caller
-///            ├─ transport ─ kernel ─ session ┤
-///  frame ────┘   (packet kind)      (open)   └─ request ─ registry[command] ── handler ── reply
-/// ```
-/// Everything on that path runs on the node's event loop; the parts' state is confined to that
-/// loop, and only the peer map is shared behind a lock. Bytes move through the node's
-/// `PeerTransport`: real sockets, or the simulated network (P2PTesting), on which the same code
-/// runs in virtual time.
+/// Every message is handled on the node's event loop; only the peer map is shared behind a lock.
+/// Bytes move through the node's `PeerTransport`: real sockets, or the simulated network
+/// (P2PTesting), on which the same code runs in virtual time.
 public final class Node: @unchecked Sendable {
     public let config: NodeConfig
     /// This peer's id.
@@ -114,7 +106,7 @@ public final class Node: @unchecked Sendable {
             throw NodeStartError.plugin(error)
         }
         try await node.kernel.bind()
-        node.connectEvents()
+        node.kernel.connectEvents()
         for plugin in node.registry.plugins {
             do {
                 try await plugin.start(node: node)
@@ -127,32 +119,6 @@ public final class Node: @unchecked Sendable {
         if config.nat.mode == .auto { node.nat.startAutomatic() }
         node.logger.debug("listening", metadata: ["address": "\(node.address.socket)"])
         return node
-    }
-
-    /// Forwards peer map changes to event subscribers and replication policies.
-    private func connectEvents() {
-        let registry = self.registry
-        let policies = registry.replicationPolicies
-        let log = events
-        registry.subscribe { event in
-            switch event {
-            case .peerInserted(let p, let verified) where verified: log.add("peer joined: \(p.id.hexString.prefix(12)) at \(p.socket)")
-            case .peerRemoved(let p, let reason): log.add("peer left: \(p.id.hexString.prefix(12)) at \(p.socket) (\(reason))")
-            case .reachabilityChanged(let report): log.add(report.summary)
-            case .directPath(let path): log.add("direct path: \(path)")
-            default: break
-            }
-        }
-        peerMap.onChange { [weak self] event in
-            switch event {
-            case .inserted(let p, let verified):
-                registry.publish(.peerInserted(p, verified: verified))
-                if verified, let self, !policies.isEmpty { self.replicate(.peerInserted(p)) }
-            case .removed(let p, let reason):
-                registry.publish(.peerRemoved(p, reason: reason))
-                if let self, !policies.isEmpty { self.replicate(.peerRemoved(p)) }
-            }
-        }
     }
 
     /// Hands an event to every replication policy (off the event loop: policies may do I/O).
@@ -207,6 +173,36 @@ public final class Node: @unchecked Sendable {
 
     /// Whether the node listens on loopback only (no gateway is ever asked for it).
     var boundToLoopback: Bool { IPAddress(config.host)?.isLoopback ?? false }
+
+    /// What the node is doing now (read on its event loop).
+    public func status() async throws -> NodeStatus {
+        try await eventLoop.submit { [self] in NodeStatus(of: self) }.get()
+    }
+
+    /// Records a line in the node's recent events (shown on the status page).
+    public func recordEvent(_ text: String) {
+        events.add(text)
+    }
+
+    // MARK: tasks
+
+    /// Starts `body` as a task of this node. On the simulated network it runs on the simulation's
+    /// loop, in its order (so a run repeats from its seed); on sockets, as any task does. Plugins
+    /// start their background work with this rather than `Task {}`.
+    @discardableResult
+    public func spawn(_ body: @escaping @Sendable () async -> Void) -> Task<Void, Never> {
+        Task(executorPreference: clock.taskExecutor) { await body() }
+    }
+
+    /// A future completed by `body`, run as a task of this node (see `spawn`): how a handler on the
+    /// event loop answers with async work.
+    public func makeFutureWithTask<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) -> EventLoopFuture<T> {
+        let promise = eventLoop.makePromise(of: T.self)
+        Task(executorPreference: clock.taskExecutor) {
+            do { promise.succeed(try await body()) } catch { promise.fail(error) }
+        }
+        return promise.futureResult
+    }
 
     // MARK: requests
 

@@ -167,25 +167,3 @@ extension PeerKeyPair {
         }
     }
 }
-
-extension Node {
-    /// Starts `body` as a task of this node. On the simulated network it runs on the simulation's
-    /// loop, in its order (so a run repeats from its seed); on sockets, as any task does. Plugins
-    /// start their background work with this rather than `Task {}`.
-    @discardableResult
-    public func spawn(_ body: @escaping @Sendable () async -> Void) -> Task<Void, Never> {
-        Task(executorPreference: clock.taskExecutor) { await body() }
-    }
-}
-
-extension Node {
-    /// A future completed by `body`, run as a task of this node (see `spawn`): how a handler on the
-    /// event loop answers with async work.
-    public func makeFutureWithTask<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) -> EventLoopFuture<T> {
-        let promise = eventLoop.makePromise(of: T.self)
-        Task(executorPreference: clock.taskExecutor) {
-            do { promise.succeed(try await body()) } catch { promise.fail(error) }
-        }
-        return promise.futureResult
-    }
-}

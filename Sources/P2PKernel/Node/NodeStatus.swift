@@ -105,18 +105,10 @@ final class EventLog: Sendable {
     var uptime: Double { Double((clock.now - started).nanoseconds) / 1e9 }
 }
 
-extension Node {
-    /// What the node is doing now (read on its event loop).
-    public func status() async throws -> NodeStatus {
-        try await eventLoop.submit { [self] in statusOnLoop() }.get()
-    }
-
-    /// Records a line in the node's recent events (shown on the status page).
-    public func recordEvent(_ text: String) {
-        events.add(text)
-    }
-
-    func statusOnLoop() -> NodeStatus {
+extension NodeStatus {
+    /// What `node` is doing now (on its event loop).
+    init(of node: Node) {
+        let kernel = node.kernel, peerMap = node.peerMap, registry = node.registry, nat = node.nat
         let report = nat.report
         let reach = NodeStatus.Reachability(
             reachable: report?.reachable ?? true,
@@ -136,23 +128,22 @@ extension Node {
         let plugins = registry.plugins.map { p in
             NodeStatus.PluginInfo(name: p.name, version: p.version, commands: registry.commandNames(of: p.name))
         }
-        let me = kernel.me
-        return NodeStatus(
-            id: peerID.hexString,
-            announced: "\(me.socket)",
-            bound: "\(config.host):\(kernel.transport.boundPort)",
-            security: config.security == .authenticated ? "authenticated sessions" : "insecure (plaintext)",
-            uptimeSeconds: events.uptime,
+        self.init(
+            id: node.peerID.hexString,
+            announced: "\(kernel.me.socket)",
+            bound: "\(node.config.host):\(kernel.transport.boundPort)",
+            security: node.config.security == .authenticated ? "authenticated sessions" : "insecure (plaintext)",
+            uptimeSeconds: node.events.uptime,
             reachability: reach,
             verifiedPeers: counts.verified,
             overflowPeers: counts.overflow,
             buckets: buckets,
             sessions: kernel.sessions.table.count,
             requestsInFlight: kernel.rpc.pending.count,
-            droppedMessages: droppedMessages,
-            handshakes: handshakesCompleted,
+            droppedMessages: node.droppedMessages,
+            handshakes: node.handshakesCompleted,
             plugins: plugins,
             sections: registry.statusSections(),
-            events: events.events)
+            events: node.events.events)
     }
 }
