@@ -292,7 +292,7 @@ public final class NATTraversal: @unchecked Sendable {
         state.withLockedValue { $0.observed = external }
 
         // Probe the observed ports and, behind a NAT, ask the gateway at the same time.
-        let mayMap = cfg.portMapping && c.type != .none && !node.boundToLoopback && !c.ip.isLoopback
+        let mayMap = cfg.portMapping && node.kernel.transport.hasGateway && c.type != .none && !node.boundToLoopback && !c.ip.isLoopback
         let tProbe = clock.now
         async let probed = probe(node, observers, udp: c.udpPort, tcp: c.tcpPort, grace: cfg.probeGrace)
         async let mapped = mayMap ? mapPorts(node, internalPort: bound, lease: cfg.leaseSeconds) : nil

@@ -16,6 +16,9 @@ import NIOCore
 /// the NAT parts install paths into it. The `Node` is a thin front over this.
 final class Kernel: TransportEvents, @unchecked Sendable {
     private unowned(unsafe) var owner: Node?
+    /// The node, held while it runs: a running node lives as long as its transport holds this
+    /// kernel (as a socket keeps its handler), whoever else lets go of it. Let go when it stops.
+    private var runner: Node?
     /// The node this kernel runs (set once, before anything runs).
     var node: Node {
         guard let owner else { preconditionFailure("the kernel is used before its node is set") }
@@ -96,6 +99,7 @@ final class Kernel: TransportEvents, @unchecked Sendable {
             throw NodeStartError.bindFailed(host: config.host, port: config.port, reason: "\(error)")
         }
         try await eventLoop.submit { [self] in
+            runner = node
             var address = me
             address.socket = PeerSocketAddress(ip: me.socket.ip, port: transport.boundPort)
             announce(address)
@@ -213,6 +217,10 @@ final class Kernel: TransportEvents, @unchecked Sendable {
     }
 
     package var limits: NodeLimits { config.limits }
+
+    package func transportClosed() {
+        runner = nil
+    }
 
     /// Every datagram and TCP frame starts here, on the node's event loop: its first byte says
     /// which part it is for.

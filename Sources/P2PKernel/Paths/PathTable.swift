@@ -87,11 +87,12 @@ final class PathTable: KernelPart, @unchecked Sendable {
         relayRoutes[peer] = r
     }
 
-    /// Where bytes for `expected` at `target` go: its relay when it is relayed and we hold no
-    /// direct connection to it, else `target`.
+    /// Where bytes for `expected` at `target` go when no direct path carries them: its current
+    /// relay when it is relayed, else `target`. (A direct TCP connection to a relayed peer carries
+    /// frames only: its datagrams still go through a relay, or a punched UDP path.)
     func routedTarget(_ target: PeerSocketAddress, expected: Number160) -> PeerSocketAddress {
         // Most nodes know no relayed peer: the empty table answers before any id is hashed.
-        guard !relayRoutes.isEmpty, expected != .zero, let relay = relayRoutes[expected]?.current, directPaths[expected] == nil else { return target }
+        guard !relayRoutes.isEmpty, expected != .zero, let relay = relayRoutes[expected]?.current else { return target }
         return relay
     }
 

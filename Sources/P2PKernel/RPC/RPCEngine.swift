@@ -245,6 +245,7 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
 
     func requestOnLoop(target: PeerSocketAddress, expectedID: Number160, command: UInt16, payload: [Payload],
                        transport: TransportChoice, timeout: Duration?) -> EventLoopFuture<Message> {
+        eventLoop.assertInEventLoop()
         guard running else { return eventLoop.makeFailedFuture(RPCError.shutDown) }
         guard pending.count < config.maxInFlight else {
             return eventLoop.makeFailedFuture(RPCError.tooManyInFlight(limit: config.maxInFlight))

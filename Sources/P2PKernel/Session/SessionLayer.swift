@@ -118,6 +118,7 @@ final class SessionLayer: KernelPart, @unchecked Sendable {
     /// Sends a reply in the session its request came in (or the peer's newest, if that one was
     /// dropped meanwhile); with neither, the reply is dropped and the requester times out.
     func sendInSession(_ plain: ByteBuffer, replyTo peer: Number160, session: UInt64, origin: Origin) {
+        eventLoop.assertInEventLoop()
         guard let packet = table.sealReply(plain, index: session, peer: peer, transport: origin.kind, now: coarseSeconds) else { return }
         switch origin {
         case .udp(let remote): kernel.paths.udpSocket(to: remote)?.send(packet, to: remote, promise: nil)
@@ -292,6 +293,7 @@ final class SessionLayer: KernelPart, @unchecked Sendable {
     // MARK: receiving
 
     func received(_ buffer: ByteBuffer, remote: Endpoint, origin: Origin) {
+        eventLoop.assertInEventLoop()
         let ip = remote.ip
         buffer.withUnsafeReadableBytes { raw in
             let packet: SessionPacket

@@ -26,6 +26,17 @@ struct SessionTable {
 
     var count: Int { sessions.count }
 
+    /// Every session is found by its index, and its peer's entry points at a session of that peer
+    /// (debug builds check it after every change).
+    func isConsistent() -> Bool {
+        for (i, s) in sessions.enumerated() where slot(index: s.localIndex) != i { return false }
+        for s in sessions {
+            guard let p = byPeer.find(s.remoteID.high, key: { $0 < sessions.count ? sessions[$0].remoteID.high : 0 }), p < sessions.count,
+                  sessions[p].remoteID == s.remoteID else { return false }
+        }
+        return byIndex.count == sessions.count && byIndex.slots.allSatisfy { $0 < sessions.count } && byPeer.slots.allSatisfy { $0 < sessions.count }
+    }
+
     /// The slot of the session with our index `index`.
     func slot(index: UInt64) -> Int? {
         byIndex.find(index) { sessions[$0].localIndex }
@@ -64,6 +75,7 @@ struct SessionTable {
         byIndex.set(session.localIndex, to: s) { sessions[$0].localIndex }
         byPeer.set(session.remoteID.high, to: s) { sessions[$0].remoteID.high }
         if let finishPrefix { finishPrefixes[session.localIndex] = finishPrefix }
+        assert(isConsistent(), "session table inconsistent after insert")
         return s
     }
 
@@ -96,6 +108,7 @@ struct SessionTable {
         if self.slot(peer: gone.remoteID) == nil, let other = sessions.firstIndex(where: { $0.remoteID == gone.remoteID }) {
             byPeer.set(gone.remoteID.high, to: other) { sessions[$0].remoteID.high }
         }
+        assert(isConsistent(), "session table inconsistent after remove")
     }
 
     /// Drops every session idle since before `cutoff` (uptime seconds); returns how many.

@@ -87,6 +87,9 @@ struct SlotIndex {
         }
     }
 
+    /// Every slot stored (for consistency checks).
+    var slots: [Int] { buckets.filter { $0 != SlotIndex.empty }.map(SlotIndex.slot) }
+
     mutating func removeAll() {
         buckets = []
         count = 0

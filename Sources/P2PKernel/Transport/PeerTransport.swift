@@ -47,6 +47,9 @@ package protocol PeerTransport: AnyObject, Sendable {
     var rebinds: Int { get }
     /// The host's own addresses (a peer that sees us at one of them sees us without a NAT).
     var localAddresses: Set<IPAddress> { get }
+    /// Whether the host has a real gateway that may be asked for port mappings (UPnP, PCP,
+    /// NAT-PMP): never on the simulated network, whatever a node's configuration says.
+    var hasGateway: Bool { get }
     /// An extra datagram socket on an ephemeral port (hole punching's birthday sockets, probes);
     /// what arrives on it goes to the events with that socket.
     func openDatagramSocket() -> EventLoopFuture<any DatagramSocket>
@@ -107,6 +110,9 @@ package protocol TransportEvents: AnyObject, Sendable {
     var partialFrames: PartialFrameBudget { get }
     /// How long a connection may stay unable to take writes before it is closed.
     var limits: NodeLimits { get }
+    /// The transport closed: it lets go of these events, and a node that is kept alive by its
+    /// transport (as a running node is) is let go of too.
+    func transportClosed()
 }
 
 /// Bytes announced by TCP frames still arriving, over all connections of a node: a frame may be

@@ -20,7 +20,8 @@ package final class SocketTransport: PeerTransport, @unchecked Sendable {
     let idleTimeout: Duration
     let logger: Logger
     let waterMark: ChannelOptions.Types.WriteBufferWaterMark
-    private weak var events: (any TransportEvents)?
+    /// The node's kernel, held while the transport is open (a running node stays alive).
+    private var events: (any TransportEvents)?
 
     // Confined to `eventLoop`:
     private var udp: ChannelDatagramSocket?
@@ -47,6 +48,8 @@ package final class SocketTransport: PeerTransport, @unchecked Sendable {
     var mainChannel: (any Channel)? { udp?.channel }
 
     package var localAddresses: Set<IPAddress> { NATTraversal.localAddresses() }
+
+    package var hasGateway: Bool { true }
 
     /// Binds UDP, then TCP on the port UDP got. With port 0 a port free for UDP may be taken for
     /// TCP, so that case retries with another port a few times.
@@ -212,7 +215,10 @@ package final class SocketTransport: PeerTransport, @unchecked Sendable {
             if let udp { closes.append(udp.channel.close().recover { _ in }) }
             connections.removeAll()
             extras.removeAll()
-            return EventLoopFuture.andAllComplete(closes, on: eventLoop)
+            return EventLoopFuture.andAllComplete(closes, on: eventLoop).always { [self] _ in
+                events?.transportClosed()
+                events = nil
+            }
         }
     }
 

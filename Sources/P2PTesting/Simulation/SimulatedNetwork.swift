@@ -63,8 +63,20 @@ public final class SimulatedNetwork: @unchecked Sendable {
         try await loop.run(body)
     }
 
-    /// Stops the loop; nothing more runs.
-    public func stop() { loop.stop() }
+    /// Lets go of every node (their transports close under them, no quit sent) and stops the
+    /// loop; nothing more runs.
+    public func stop() {
+        try? loop.submit { [self] in
+            for h in hosts { h.transport?.detach() }
+        }.wait()
+        loop.stop()
+    }
+
+    private var connectionCount: UInt64 = 0
+    func nextConnectionID() -> UInt64 {
+        connectionCount += 1
+        return connectionCount
+    }
 
     /// Virtual time since the network was made.
     public var elapsed: Duration { loop.elapsed }

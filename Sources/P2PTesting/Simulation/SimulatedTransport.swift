@@ -8,10 +8,12 @@ final class SimulatedTransport: PeerTransport, @unchecked Sendable {
     unowned let network: SimulatedNetwork
     let host: SimHost
     let port: UInt16 = 4000
-    private weak var events: (any TransportEvents)?
+    /// The node's kernel, held while the transport is open (a running node stays alive).
+    private var events: (any TransportEvents)?
     private var main: SimDatagramSocket?
     private var extras: [UInt16: SimDatagramSocket] = [:]
-    private var connections: [ObjectIdentifier: SimConnection] = [:]
+    /// Open connections by when they were opened (closed in that order: the run repeats).
+    private var connections: [UInt64: SimConnection] = [:]
     private var nextEphemeral: UInt16 = 49_152
     private(set) var listening = false
     /// Connections idle this long are reported (the node closes or keeps them).
@@ -41,6 +43,7 @@ final class SimulatedTransport: PeerTransport, @unchecked Sendable {
     var isIPv4: Bool { true }
     var rebinds: Int { 0 }
     var localAddresses: Set<IPAddress> { [host.ip] }
+    var hasGateway: Bool { false }
 
     func openDatagramSocket() -> EventLoopFuture<any DatagramSocket> {
         loop.submit { [self] in
@@ -79,11 +82,19 @@ final class SimulatedTransport: PeerTransport, @unchecked Sendable {
             listening = false
             main = nil
             extras.removeAll()
-            let open = Array(connections.values)
+            let open = connections.keys.sorted().compactMap { connections[$0] }
             connections.removeAll()
             for c in open { c.close() }
-            if host.transport === self { host.transport = nil }
+            detach()
         }
+    }
+
+    /// Lets go of the node (its transport is gone): on close, and when the network stops.
+    func detach() {
+        listening = false
+        if host.transport === self { host.transport = nil }
+        events?.transportClosed()
+        events = nil
     }
 
     // MARK: from the network
@@ -109,12 +120,12 @@ final class SimulatedTransport: PeerTransport, @unchecked Sendable {
     }
 
     func opened(_ connection: SimConnection) {
-        connections[ObjectIdentifier(connection)] = connection
+        connections[connection.id] = connection
         connection.armIdle(idleTimeout)
     }
 
     func closed(_ connection: SimConnection) {
-        connections[ObjectIdentifier(connection)] = nil
+        connections[connection.id] = nil
     }
 
     func frame(_ frame: ByteBuffer, on connection: SimConnection) {
@@ -174,6 +185,8 @@ final class SimConnection: PeerConnection, @unchecked Sendable {
     var notBefore: UInt64 = 0
     private var active = true
     private let closed: EventLoopPromise<Void>
+    /// Unique in the network, in the order connections were made.
+    let id: UInt64
     private var lastActivity: UInt64 = 0
 
     init(transport: SimulatedTransport, remote: Endpoint, raw: RawFrames?, peerHost: SimHost) {
@@ -182,6 +195,7 @@ final class SimConnection: PeerConnection, @unchecked Sendable {
         self.raw = raw
         self.peerHost = peerHost
         self.closed = transport.loop.makePromise(of: Void.self)
+        self.id = transport.network.nextConnectionID()
         self.lastActivity = transport.loop.nowNanoseconds
     }
 

@@ -1,0 +1,142 @@
+import Testing
+@testable import P2PKernel
+import P2PTesting
+
+/// NAT traversal on the simulated network: peers behind simulated NATs (mapping and filtering as
+/// RFC 4787 names them) run the real ladder — observe, classify, probe back, relays — and punch
+/// through each other's NATs, in virtual time. The NAT lab (namespaces, nftables, miniupnpd)
+/// keeps the same cases on a real kernel's NAT.
+@Suite("NAT traversal on the simulated network")
+struct SimulatedNATTests {
+    static func natConfig() -> NATConfig {
+        var cfg = NATConfig()
+        cfg.relays = 3
+        cfg.minimumRelays = 2
+        return cfg
+    }
+
+    /// `public` reachable peers, then one peer behind a NAT of each given mapping, each run
+    /// through the ladder.
+    static func setUp(_ net: SimulatedNetwork, public count: Int, behind mappings: [SimNAT.Mapping])
+        async throws -> (publicPeers: [Node], natted: [Node], reports: [ReachabilityReport]) {
+        let t = try await Testnet.start(peers: count, network: net)
+        var natted: [Node] = []
+        var reports: [ReachabilityReport] = []
+        for mapping in mappings {
+            let nat = net.addNAT(mapping: mapping)
+            // Firewalled from the start, as `p2p node` behind a NAT.
+            let n = try await net.node(behind: nat).requestTimeout(.seconds(2)).nat(natConfig())
+                .flags([.firewalledUDP, .firewalledTCP]).start()
+            try await n.bootstrap(to: t.nodes[0].address.socket)
+            reports.append(try await n.nat.makeReachable())
+            natted.append(n)
+        }
+        return (t.nodes, natted, reports)
+    }
+
+    /// Waits up to `seconds` of virtual time for `condition`.
+    static func eventually(_ net: SimulatedNetwork, seconds: Int = 30, _ condition: () async throws -> Bool) async throws -> Bool {
+        let clock = NodeClock(loop: net.loop)
+        for _ in 0..<(seconds * 10) {
+            if try await condition() { return true }
+            try await clock.sleep(for: .milliseconds(100))
+        }
+        return try await condition()
+    }
+
+    static func paths(_ n: Node, to peer: Number160) async throws -> (udp: Bool, tcp: Bool) {
+        try await n.eventLoop.submit { (n.kernel.paths.udpPaths[peer] != nil, n.kernel.paths.directPaths[peer] != nil) }.get()
+    }
+
+    @Test("behind port-preserving NATs: the ladder classifies the NAT, finds no direct way in, takes relays; two such peers punch UDP and TCP paths and then skip their relays")
+    func consistentPunch() async throws {
+        let net = SimulatedNetwork(seed: 41, conditions: LinkConditions(latency: .uniform(.milliseconds(20), .milliseconds(120))))
+        defer { net.stop() }
+        try await net.run {
+            let (publicPeers, natted, reports) = try await SimulatedNATTests.setUp(net, public: 30, behind: [.portPreserving, .portPreserving])
+            for r in reports {
+                #expect(r.natType == .portPreserving, "\(r.summary)")
+                #expect(r.reachable && r.method == .relay && r.relays.count == 3, "\(r.summary)")
+            }
+            let (a, b) = (natted[0], natted[1])
+            #expect(a.address.flags.contains(.relayed) && a.address.flags.contains(.punchable))
+            // b reaches a through a's relays; that exchange starts the punch.
+            let first = try await b.request(to: a.address, command: b.kernel.commands.ping).get()
+            #expect(first.type == .ok && first.sender.id == a.peerID)
+            let punched = try await SimulatedNATTests.eventually(net) {
+                let x = try await SimulatedNATTests.paths(a, to: b.peerID), y = try await SimulatedNATTests.paths(b, to: a.peerID)
+                return x.udp && y.udp && (x.tcp || y.tcp)
+            }
+            #expect(punched, "no direct paths after 30 s")
+            // Now a datagram to a goes straight through both NATs, not through a relay.
+            let relays = try await a.eventLoop.submit { a.nat.relays }.get()
+            let forwarded = { () async throws -> UInt32 in
+                var n: UInt32 = 0
+                for r in relays {
+                    guard let relay = publicPeers.first(where: { $0.peerID == r.id }) else { continue }
+                    n += try await relay.eventLoop.submit { relay.kernel.relay.relayServed[a.peerID]?.nextToken ?? 0 }.get()
+                }
+                return n
+            }
+            let before = try await forwarded()
+            let direct = try await b.request(to: a.address, command: b.kernel.commands.ping, transport: .udp).get()
+            #expect(direct.type == .ok && direct.sender.id == a.peerID)
+            #expect(try await forwarded() == before, "the ping went through a relay despite the punched path")
+        }
+    }
+
+    @Test("one symmetric NAT: a UDP path by birthday probing through both NATs, TCP stays relayed; two symmetric NATs: nobody punches")
+    func symmetricPunch() async throws {
+        let net = SimulatedNetwork(seed: 43, conditions: LinkConditions(latency: .uniform(.milliseconds(20), .milliseconds(120))))
+        defer { net.stop() }
+        try await net.run {
+            let (_, natted, reports) = try await SimulatedNATTests.setUp(net, public: 30, behind: [.symmetric, .portPreserving, .symmetric])
+            #expect(reports.map(\.natType) == [.symmetric, .portPreserving, .symmetric], "\(reports.map(\.summary))")
+            let (s, c, s2) = (natted[0], natted[1], natted[2])
+            _ = try await s.request(to: c.address, command: s.kernel.commands.ping).get()
+            let punched = try await SimulatedNATTests.eventually(net) {
+                let x = try await SimulatedNATTests.paths(s, to: c.peerID), y = try await SimulatedNATTests.paths(c, to: s.peerID)
+                return x.udp && y.udp
+            }
+            #expect(punched, "no UDP path by birthday probing")
+            #expect(try await SimulatedNATTests.paths(s, to: c.peerID).tcp == false)
+            // Two symmetric sides: relayed both ways, and no punch begins.
+            let r = try await s2.request(to: s.address, command: s2.kernel.commands.ping).get()
+            #expect(r.type == .ok && r.sender.id == s.peerID)
+            try await NodeClock(loop: net.loop).sleep(for: .seconds(5))
+            #expect(try await s2.eventLoop.submit { s2.kernel.punch.punchPacketsSent + s2.kernel.punch.punches.count }.get() == 0)
+            let none = try await SimulatedNATTests.paths(s2, to: s.peerID)
+            #expect(!none.udp && !none.tcp)
+        }
+    }
+
+    @Test("a relay that dies while a request to its peer is on the way: the request is sent again through another relay and answered")
+    func relayDiesMidRequest() async throws {
+        let net = SimulatedNetwork(seed: 47, conditions: LinkConditions(latency: .constant(.milliseconds(80))))
+        defer { net.stop() }
+        try await net.run {
+            var cfg = SimulatedNATTests.natConfig()
+            cfg.holePunching = false
+            let t = try await Testnet.start(peers: 20, network: net)
+            let u = try await net.node(behind: net.addNAT(mapping: .symmetric)).requestTimeout(.seconds(3)).nat(cfg)
+                .flags([.firewalledUDP, .firewalledTCP]).start()
+            try await u.bootstrap(to: t.nodes[0].address.socket)
+            let report = try await u.nat.makeReachable()
+            #expect(report.method == .relay && report.relays.count == 3, "\(report.summary)")
+            guard let a = t.nodes.first(where: { n in !report.relays.contains { $0.id == n.peerID } }) else {
+                Issue.record("every peer is a relay")
+                return
+            }
+            for round in 0..<3 {
+                // The request leaves for the relay a uses now; that relay vanishes at once.
+                let sent = a.request(to: u.address, command: a.kernel.commands.ping, transport: .udp)
+                let relay = try await a.eventLoop.submit { a.kernel.paths.relayRoutes[u.peerID]?.current }.get()
+                let dead = try #require(relay.flatMap { net.host(at: $0.ip) })
+                net.disconnect(dead)
+                let reply = try await sent.get()
+                #expect(reply.type == .ok && reply.sender.id == u.peerID, "round \(round)")
+                net.reconnect(dead)
+            }
+        }
+    }
+}
