@@ -142,10 +142,24 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        // Tests, by what they test. The kernel's, routing's and NAT logic's tests run on the
+        // simulated network (no sockets, no sleeps); the end-to-end suite keeps real sockets,
+        // processes, the NAT lab (namespaces, nftables, miniupnpd), SQLite kill -9 and Chromium.
+        .testTarget(name: "P2PKernelTests", dependencies: ["P2PKernel", "P2PTesting"]),
+        .testTarget(name: "P2PNATTests", dependencies: ["P2PKernel", "P2PTesting"]),
+        // Helpers the plugin, DHT and storage tests share.
+        .target(name: "P2PTestSupport", dependencies: ["P2PKernel", "P2PStorage", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote"],
+                path: "Tests/Support"),
+        .testTarget(name: "P2PDHTTests",
+                    dependencies: ["P2PKernel", "P2PStorage", "P2PTesting", "P2PTestSupport", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote",
+                                   "P2PReplication", "P2PTracker", "P2PStatus", .product(name: "Crypto", package: "swift-crypto")]),
+        .testTarget(name: "P2PStorageTests",
+                    dependencies: ["P2PKernel", "P2PStorage", "P2PTesting", "P2PTestSupport", "P2PDHT", "P2PSQLite", "P2PEvaluation",
+                                   .product(name: "Crypto", package: "swift-crypto"), .product(name: "GRDB", package: "GRDB.swift")]),
         .testTarget(
-            name: "P2PKernelTests",
-            // P2PDHT: the hostile-peer suite's Sybils answer storage requests like a real peer.
-            dependencies: ["P2PKernel", "P2PStorage", "P2PTesting", "P2PDHT"]
+            name: "P2PPluginsTests",
+            dependencies: ["P2PKernel", "P2PStorage", "P2PTesting", "P2PTestSupport", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote",
+                           "P2PReplication", "P2PTracker", "P2PSQLite", "P2PStatus", .product(name: "Crypto", package: "swift-crypto")]
         ),
         .testTarget(
             name: "P2PLoaderTests",
@@ -153,10 +167,9 @@ let package = Package(
             exclude: ["Fixtures"]
         ),
         .testTarget(
-            name: "P2PPluginsTests",
-            dependencies: ["P2PKernel", "P2PStorage", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote",
-                           "P2PReplication", "P2PTracker", "P2PSQLite", "P2PStatus", .product(name: "Crypto", package: "swift-crypto"),
-                           .product(name: "GRDB", package: "GRDB.swift")]
+            name: "P2PEndToEndTests",
+            // P2PDHT: the hostile-peer suite's Sybils answer storage requests like a real peer.
+            dependencies: ["P2PKernel", "P2PStorage", "P2PTesting", "P2PDHT"]
         ),
     ]
 )

@@ -3,119 +3,131 @@ import Testing
 @testable import P2PKernel
 import P2PTesting
 
-@Suite("Overlay", .serialized)
+/// The overlay's routing on the simulated network: the real kernel, no sockets, virtual time.
+@Suite("Overlay")
 struct NetworkTests {
+    /// Runs `body` on a fresh simulated network (constant 20 ms round trips unless given).
+    static func simulate<T: Sendable>(seed: UInt64, _ conditions: LinkConditions = LinkConditions(latency: .constant(.milliseconds(20))),
+                                      _ body: @escaping @Sendable (SimulatedNetwork) async throws -> T) async throws -> T {
+        let net = SimulatedNetwork(seed: seed, conditions: conditions)
+        defer { net.stop() }
+        return try await net.run { try await body(net) }
+    }
+
     @Test("200 peers bootstrap through one seed and all know the network")
     func bootstrap200() async throws {
-        let net = try await Testnet.start(peers: 200)
-        for node in net.nodes {
-            #expect(node.peerMap.counts.verified >= 20, "peer \(node.peerID) knows too few peers")
+        try await NetworkTests.simulate(seed: 200) { sim in
+            let net = try await Testnet.start(peers: 200, network: sim)
+            for node in net.nodes {
+                #expect(node.peerMap.counts.verified >= 20, "peer \(node.peerID) knows too few peers")
+            }
+            // The seed heard from every joiner first-hand.
+            #expect(net.nodes[0].peerMap.counts.verified + net.nodes[0].peerMap.counts.overflow >= 60)
         }
-        // The seed heard from every joiner first-hand.
-        #expect(net.nodes[0].peerMap.counts.verified + net.nodes[0].peerMap.counts.overflow >= 60)
-        await net.shutdown()
     }
 
     @Test("in a 500-peer network every lookup finds >= 95% of the true 20 closest, median 100%")
     func recall500() async throws {
-        let net = try await Testnet.start(peers: 500)
-        var rng = SplitMix64(seed: 500)
-        var recalls: [Double] = []
-        for _ in 0..<100 {
-            let asker = net.nodes[Int(rng.next() % 500)]
-            let key = Number160.random(using: &rng)
-            let result = try await asker.closestPeers(to: key)
-            #expect(result.peers.count == 20)
-            recalls.append(net.recall(of: result, key: key, asker: asker.peerID))
+        try await NetworkTests.simulate(seed: 500, LinkConditions(latency: .world)) { sim in
+            let net = try await Testnet.start(peers: 500, network: sim)
+            var rng = SplitMix64(seed: 500)
+            var recalls: [Double] = []
+            for _ in 0..<100 {
+                let asker = net.nodes[Int(rng.next() % 500)]
+                let key = Number160.random(using: &rng)
+                let result = try await asker.closestPeers(to: key)
+                #expect(result.peers.count == 20)
+                recalls.append(net.recall(of: result, key: key, asker: asker.peerID))
+            }
+            recalls.sort()
+            #expect(recalls.first ?? 0 >= 0.95)
+            #expect(recalls[recalls.count / 2] == 1.0)
         }
-        recalls.sort()
-        #expect(recalls.first ?? 0 >= 0.95)
-        #expect(recalls[recalls.count / 2] == 1.0)
-        await net.shutdown()
     }
 
     @Test("a lookup for a peer's own id puts that peer first")
     func lookupFindsExactPeer() async throws {
-        let net = try await Testnet.start(peers: 50, routing: .perfect)
-        let target = net.nodes[17].peerID
-        let result = try await net.nodes[3].closestPeers(to: target)
-        #expect(result.peers.first?.id == target)
-        #expect(result.stop == .converged)
-        await net.shutdown()
+        try await NetworkTests.simulate(seed: 50) { sim in
+            let net = try await Testnet.start(peers: 50, routing: .perfect, network: sim)
+            let target = net.nodes[17].peerID
+            let result = try await net.nodes[3].closestPeers(to: target)
+            #expect(result.peers.first?.id == target)
+            #expect(result.stop == .converged)
+        }
     }
 
     @Test("a peer that quits is removed at once from the maps of the neighbours it talked to")
     func quitRemovesAtOnce() async throws {
-        let net = try await Testnet.start(peers: 10, routing: .perfect)
-        let leaving = net.nodes[5]
-        // Quit goes to the peers the leaving node has a session with: here, everyone it pinged.
-        for n in net.nodes where n !== leaving { _ = try await leaving.ping(n.address.socket) }
-        let removed = NIOLockedValueBox([Number160]())
-        for n in net.nodes where n !== leaving {
-            n.peerMap.onChange { event in
-                if case .removed(let p, .quit) = event { removed.withLockedValue { $0.append(p.id) } }
+        try await NetworkTests.simulate(seed: 10) { sim in
+            let net = try await Testnet.start(peers: 10, routing: .perfect, network: sim)
+            let leaving = net.nodes[5]
+            // Quit goes to the peers the leaving node has a session with: here, everyone it pinged.
+            for n in net.nodes where n !== leaving { _ = try await leaving.ping(n.address.socket) }
+            let removed = NIOLockedValueBox([Number160]())
+            for n in net.nodes where n !== leaving {
+                n.peerMap.onChange { event in
+                    if case .removed(let p, .quit) = event { removed.withLockedValue { $0.append(p.id) } }
+                }
+            }
+            await leaving.shutdown()
+            // One one-way delay later every quit has landed.
+            try await NodeClock(loop: sim.loop).sleep(for: .milliseconds(50))
+            let seen = removed.withLockedValue { $0 }
+            #expect(seen.count == 9)
+            #expect(seen.allSatisfy { $0 == leaving.peerID })
+            for n in net.nodes where n !== leaving {
+                #expect(!n.peerMap.contains(leaving.peerID))
             }
         }
-        await leaving.shutdown()
-        // The quit datagrams were flushed before shutdown returned; give the receivers' loops a moment.
-        for _ in 0..<50 where removed.withLockedValue({ $0.count }) < 9 { try await Task.sleep(for: .milliseconds(10)) }
-        let seen = removed.withLockedValue { $0 }
-        #expect(seen.count == 9)
-        #expect(seen.allSatisfy { $0 == leaving.peerID })
-        for n in net.nodes where n !== leaving {
-            #expect(!n.peerMap.contains(leaving.peerID))
-        }
-        await net.shutdown()
     }
 
     @Test("three failures in a row mark a peer offline")
     func threeFailuresOffline() async throws {
-        let silent = try await SilentPeer()
-        let dead = silent.address
-        let a = try await loopbackNode(timeout: .milliseconds(200))
-        a.peerMap.peerFound(dead, verified: true)
-        let events = NIOLockedValueBox([PeerMapEvent]())
-        a.peerMap.onChange { e in events.withLockedValue { $0.append(e) } }
-        for attempt in 1...3 {
-            await #expect(throws: RPCError.self) { try await a.request(to: dead, command: KernelCommands.ping) }
-            if attempt < 3 {
-                #expect(a.peerMap.failureCount(dead.id) == attempt)
+        try await NetworkTests.simulate(seed: 3) { sim in
+            // A host nothing runs on: requests to it time out (in virtual time).
+            let dead = PeerAddress(id: Number160(hashing: "gone"), socket: PeerSocketAddress(ip: sim.addHost().ip, port: 4000))
+            let a = try await sim.node().requestTimeout(.milliseconds(200)).start()
+            a.peerMap.peerFound(dead, verified: true)
+            let events = NIOLockedValueBox([PeerMapEvent]())
+            a.peerMap.onChange { e in events.withLockedValue { $0.append(e) } }
+            for attempt in 1...3 {
+                await #expect(throws: RPCError.self) { try await a.request(to: dead, command: KernelCommands.ping) }
+                if attempt < 3 {
+                    #expect(a.peerMap.failureCount(dead.id) == attempt)
+                }
             }
+            #expect(!a.peerMap.contains(dead.id))
+            #expect(a.peerMap.isBanned(dead.id))
+            #expect(events.withLockedValue { $0 } == [.removed(dead, reason: .offline)])
+            // While banned, hearsay does not bring it back.
+            #expect(!a.peerMap.peerFound(dead, verified: false))
         }
-        #expect(!a.peerMap.contains(dead.id))
-        #expect(a.peerMap.isBanned(dead.id))
-        #expect(events.withLockedValue { $0 } == [.removed(dead, reason: .offline)])
-        // While banned, hearsay does not bring it back.
-        #expect(!a.peerMap.peerFound(dead, verified: false))
-        await a.shutdown()
-        await silent.close()
     }
 
-    @Test("discover reports a loopback peer as reachable at the address it was seen from")
+    @Test("discover reports a public peer as reachable at the address it was seen from")
     func discoverReachable() async throws {
-        let a = try await loopbackNode(), b = try await loopbackNode()
-        let result = try await a.discover(via: b.address.socket)
-        #expect(result.udpReachable && result.tcpReachable)
-        #expect(result.observed.ip == .loopback)
-        #expect(result.observed.udpPort == a.address.udpPort)
-        #expect(result.reachability == .reachable)
-        await a.shutdown(); await b.shutdown()
+        try await NetworkTests.simulate(seed: 4) { sim in
+            let a = try await sim.node().start(), b = try await sim.node().start()
+            let result = try await a.discover(via: b.address.socket)
+            #expect(result.udpReachable && result.tcpReachable)
+            #expect(result.observed.ip == IPAddress(a.config.host))
+            #expect(result.observed.udpPort == a.address.udpPort)
+            #expect(result.reachability == .reachable)
+        }
     }
 
     @Test("maintenance pings peers that are due and drops the dead ones")
     func maintenanceDropsDeadPeers() async throws {
-        let silent = try await SilentPeer()
-        let dead = silent.address
-        var cfg = PeerMapConfig()
-        cfg.checkIntervals = [.milliseconds(1)]
-        let a = try await loopbackNode(timeout: .milliseconds(100)) {
-            $0.peerMap(cfg).maintenance(.milliseconds(50))
+        try await NetworkTests.simulate(seed: 5) { sim in
+            let dead = PeerAddress(id: Number160(hashing: "gone"), socket: PeerSocketAddress(ip: sim.addHost().ip, port: 4000))
+            var cfg = PeerMapConfig()
+            cfg.checkIntervals = [.milliseconds(1)]
+            let a = try await sim.node().requestTimeout(.milliseconds(100)).peerMap(cfg).maintenance(.milliseconds(50)).start()
+            a.peerMap.peerFound(dead, verified: true)
+            let clock = NodeClock(loop: sim.loop)
+            for _ in 0..<100 where a.peerMap.contains(dead.id) { try await clock.sleep(for: .milliseconds(20)) }
+            #expect(!a.peerMap.contains(dead.id))
         }
-        a.peerMap.peerFound(dead, verified: true)
-        for _ in 0..<100 where a.peerMap.contains(dead.id) { try await Task.sleep(for: .milliseconds(20)) }
-        #expect(!a.peerMap.contains(dead.id))
-        await a.shutdown()
-        await silent.close()
     }
 }
 

@@ -239,3 +239,10 @@ struct KeyFileTests {
         }
     }
 }
+
+/// A path in a fresh temporary directory.
+private func temporaryPath(_ name: String) -> String {
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("p2p-test-\(UInt64.random(in: 0...UInt64.max))")
+    try? FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    return dir.appendingPathComponent(name).path
+}

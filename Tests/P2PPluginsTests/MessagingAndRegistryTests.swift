@@ -6,6 +6,7 @@ import P2PMessaging
 import P2PPeerVote
 import P2PTesting
 import Testing
+import P2PTestSupport
 
 @Suite("Messaging")
 struct MessagingTests {

@@ -5,6 +5,7 @@ import P2PEvaluation
 import P2PKernel
 import P2PTesting
 import Testing
+import P2PTestSupport
 
 struct Counter: StorageInterceptor {
     let scope = InterceptorScope.domain(Number160(hashing: "visits"))

@@ -3,6 +3,7 @@ import P2PKernel
 import P2PMessaging
 import P2PStorage
 import Testing
+import P2PTestSupport
 
 /// A plugin that needs a service nobody provides and has no default.
 private struct NeedsRouting: Plugin {

@@ -6,6 +6,7 @@ import P2PReplication
 import P2PStorage
 import P2PTesting
 import Testing
+import P2PTestSupport
 
 @Suite("Replication", .serialized)
 struct ReplicationTests {

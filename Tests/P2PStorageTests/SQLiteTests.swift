@@ -8,6 +8,7 @@ import P2PKernel
 import P2PStorage
 import P2PTesting
 import Testing
+import P2PTestSupport
 
 /// A fresh folder under the system's temporary one, removed by `remove()`.
 struct TempFolder {

@@ -5,6 +5,7 @@ import P2PDHT
 import P2PKernel
 import P2PTesting
 import Testing
+import P2PTestSupport
 
 /// Watches an event loop: a task every 2 ms notes the longest gap between its runs, which is how
 /// long the loop was blocked by anything else.

@@ -3,6 +3,7 @@ import P2PDHT
 import P2PKernel
 import P2PTesting
 import Testing
+import P2PTestSupport
 
 /// TomP2P's security scenarios (TestSecurity), rewritten against this API, each on a real
 /// network of peers talking over loopback, with the outcome checked on every replica's backend.

@@ -2,6 +2,7 @@ import P2PDHT
 import P2PKernel
 import P2PTesting
 import Testing
+import P2PTestSupport
 
 @Suite("DHT", .serialized)
 struct DHTTests {

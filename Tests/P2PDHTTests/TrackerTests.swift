@@ -3,6 +3,7 @@ import P2PKernel
 import P2PTesting
 import P2PTracker
 import Testing
+import P2PTestSupport
 
 /// Waits for `condition` (polled; 30 s at most).
 private func eventually(_ seconds: Int = 30, _ condition: () async throws -> Bool) async throws -> Bool {
