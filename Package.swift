@@ -6,6 +6,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .library(name: "P2PKernel", targets: ["P2PKernel"]),
+        .library(name: "P2PPortMapping", targets: ["P2PPortMapping"]),
         .library(name: "P2PTesting", targets: ["P2PTesting"]),
         .library(name: "P2PStorage", targets: ["P2PStorage"]),
         .library(name: "P2PDHT", targets: ["P2PDHT"]),
@@ -17,6 +18,7 @@ let package = Package(
         .library(name: "P2PSQLite", targets: ["P2PSQLite"]),
         .library(name: "P2PLoader", targets: ["P2PLoader"]),
         .library(name: "P2PWasm", targets: ["P2PWasm"]),
+        .library(name: "P2PPluginHost", targets: ["P2PPluginHost"]),
         .executable(name: "p2p", targets: ["p2p"]),
     ],
     dependencies: [
@@ -38,18 +40,32 @@ let package = Package(
         .package(url: "https://github.com/swiftwasm/WasmKit.git", from: "0.4.2"),
     ],
     targets: [
+        // IP addresses, which the kernel and the port-mapping clients share (re-exported by the kernel).
+        .target(name: "P2PAddress", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
+        // UPnP IGD, PCP and NAT-PMP clients (HTTP, XML): the kernel's NAT ladder uses them, they
+        // are not part of it.
         .target(
-            name: "P2PKernel",
+            name: "P2PPortMapping",
             dependencies: [
+                "P2PAddress",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
+                // UPnP gateways describe themselves in XML.
+                .product(name: "SWXMLHash", package: "SWXMLHash"),
+            ]
+        ),
+        .target(
+            name: "P2PKernel",
+            dependencies: [
+                "P2PAddress", "P2PPortMapping",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
-                // UPnP gateways describe themselves in XML.
-                .product(name: "SWXMLHash", package: "SWXMLHash"),
             ]
         ),
         // The data model every storage plugin shares (values, TTL, versions, signatures,
@@ -79,6 +95,19 @@ let package = Package(
         ),
         // libffi (Debian's libffi-dev), for manifest-declared C functions.
         .systemLibrary(name: "CFFI", pkgConfig: "libffi", providers: [.apt(["libffi-dev"])]),
+        // What a node needs to call code it does not trust to be quick or small — a loaded .so or
+        // a WebAssembly module: bounded calls, the executor they run on, the result codes both
+        // ABIs share. Not the kernel's.
+        .target(
+            name: "P2PPluginHost",
+            dependencies: [
+                "P2PKernel",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // The C ABI of loadable plugins: header only.
         .target(name: "P2PPluginABI"),
         // What plugin authors link statically into their .so: Swift protocols over the C ABI.
@@ -87,7 +116,7 @@ let package = Package(
         .target(
             name: "P2PLoader",
             dependencies: [
-                "P2PKernel", "P2PStorage", "P2PPluginABI", "CFFI",
+                "P2PKernel", "P2PStorage", "P2PPluginHost", "P2PPluginABI", "CFFI",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -97,7 +126,7 @@ let package = Package(
         .target(
             name: "P2PWasm",
             dependencies: [
-                "P2PKernel", "P2PStorage",
+                "P2PKernel", "P2PStorage", "P2PPluginHost",
                 .product(name: "WasmKit", package: "WasmKit"),
                 .product(name: "WasmParser", package: "WasmKit"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -133,7 +162,7 @@ let package = Package(
             name: "p2p",
             dependencies: [
                 "P2PKernel", "P2PStorage", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote", "P2PLoader", "P2PReplication", "P2PTracker",
-                "P2PSQLite", "P2PStatus", "P2PWasm",
+                "P2PSQLite", "P2PStatus", "P2PWasm", "P2PPluginHost",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
@@ -146,7 +175,9 @@ let package = Package(
         // simulated network (no sockets, no sleeps); the end-to-end suite keeps real sockets,
         // processes, the NAT lab (namespaces, nftables, miniupnpd), SQLite kill -9 and Chromium.
         .testTarget(name: "P2PKernelTests", dependencies: ["P2PKernel", "P2PTesting"]),
-        .testTarget(name: "P2PNATTests", dependencies: ["P2PKernel", "P2PTesting"]),
+        .testTarget(name: "P2PNATTests", dependencies: ["P2PKernel", "P2PTesting", "P2PPortMapping", "P2PAddress",
+                                                        .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+                                                        .product(name: "NIOConcurrencyHelpers", package: "swift-nio")]),
         // Helpers the plugin, DHT and storage tests share.
         .target(name: "P2PTestSupport", dependencies: ["P2PKernel", "P2PStorage", "P2PTesting", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote"],
                 path: "Tests/Support"),
@@ -163,7 +194,7 @@ let package = Package(
         ),
         .testTarget(
             name: "P2PLoaderTests",
-            dependencies: ["P2PKernel", "P2PStorage", "P2PTesting", "P2PLoader", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote", "P2PWasm"],
+            dependencies: ["P2PKernel", "P2PStorage", "P2PTesting", "P2PLoader", "P2PDHT", "P2PMessaging", "P2PEvaluation", "P2PPeerVote", "P2PWasm", "P2PPluginHost"],
             exclude: ["Fixtures"]
         ),
         .testTarget(

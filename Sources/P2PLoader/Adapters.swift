@@ -1,4 +1,5 @@
 import P2PKernel
+import P2PPluginHost
 import P2PStorage
 import P2PPluginABI
 

@@ -4,6 +4,7 @@ import FoundationEssentials
 import Foundation
 #endif
 import P2PKernel
+import P2PPluginHost
 
 /// A manifest-declared C function as a command: typed arguments in, the typed result out.
 /// A request of the single byte 0xFF asks for the signature instead (what `p2p call` uses to

@@ -1,5 +1,6 @@
 import CFFI
 import P2PKernel
+import P2PPluginHost
 #if canImport(Glibc)
 import Glibc
 #endif

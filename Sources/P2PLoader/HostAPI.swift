@@ -1,6 +1,7 @@
 import Logging
 import NIOCore
 import P2PKernel
+import P2PPluginHost
 import P2PStorage
 import P2PPluginABI
 #if canImport(Glibc)

@@ -1,5 +1,6 @@
 import NIOConcurrencyHelpers
 import P2PKernel
+import P2PPluginHost
 import P2PPluginABI
 #if canImport(Glibc)
 import Glibc

@@ -5,6 +5,7 @@ import Foundation
 #endif
 import NIOConcurrencyHelpers
 import P2PKernel
+import P2PPluginHost
 import P2PPluginABI
 #if canImport(Glibc)
 import Glibc

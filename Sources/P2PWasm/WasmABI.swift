@@ -1,4 +1,5 @@
 import P2PKernel
+import P2PPluginHost
 import WasmKit
 
 /// The WebAssembly plugin ABI, version 1 (docs/PLUGINS.md has the whole of it).

@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import P2PKernel
+import P2PPluginHost
 import P2PStorage
 import WasmKit
 

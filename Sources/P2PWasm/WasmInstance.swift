@@ -1,6 +1,7 @@
 import Logging
 import NIOConcurrencyHelpers
 import P2PKernel
+import P2PPluginHost
 import P2PStorage
 import Synchronization
 @_spi(Fuzzing) import WasmKit

@@ -3,6 +3,7 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import P2PKernel
+import P2PPluginHost
 import P2PStorage
 import Synchronization
 import WasmKit

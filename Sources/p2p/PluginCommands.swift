@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import P2PKernel
+import P2PPluginHost
 import P2PLoader
 import P2PWasm
 

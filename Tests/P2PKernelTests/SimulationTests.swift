@@ -1,6 +1,17 @@
+import NIOConcurrencyHelpers
 import Testing
 import P2PKernel
 import P2PTesting
+
+/// Counts the requests it carries out, by message id.
+private struct Counter: CommandHandler {
+    let name = "test.count"
+    let seen: NIOLockedValueBox<[UInt32]>
+    func handle(_ request: Message, context: CommandContext) -> CommandResult {
+        seen.withLockedValue { $0.append(request.id) }
+        return .reply(Reply())
+    }
+}
 
 /// The real kernel on the simulated network: no sockets, no sleeps, virtual time.
 @Suite("Simulated network")
@@ -112,5 +123,27 @@ struct SimulationTests {
         // (0.85 at this seed). Making lookups converge among the living is issue #22's.
         #expect(during >= 0.8, "recall within one side during the partition: \(during)")
         #expect(after >= 0.95, "recall after healing: \(after)")
+    }
+
+    @Test("a request sent again because its reply was lost is carried out once, and answered again")
+    func requestsRunOnce() async throws {
+        // 30 % of datagrams lost: many replies are lost and their requests sent again.
+        let net = SimulatedNetwork(seed: 17, conditions: LinkConditions(latency: .constant(.milliseconds(60)), loss: 0.3))
+        defer { net.stop() }
+        let seen = NIOLockedValueBox([UInt32]())
+        let (answered, resent) = try await net.run {
+            let server = try await net.node().command(Counter(seen: seen)).start()
+            let client = try await net.node().requestTimeout(.seconds(5)).start()
+            var answered = 0
+            for _ in 0..<200 {
+                if let r = try? await client.request(to: server.address.socket, expectedID: server.peerID, command: CommandID.derive(from: "test.count"),
+                                                     transport: .udp).get(), r.type == .ok { answered += 1 }
+            }
+            return (answered, net.stats.datagramsLost)
+        }
+        let ids = seen.withLockedValue { $0 }
+        #expect(resent > 50, "too little was lost to test anything")
+        #expect(Set(ids).count == ids.count, "\(ids.count - Set(ids).count) requests were carried out twice")
+        #expect(answered >= 190, "only \(answered) of 200 answered")
     }
 }

@@ -3,6 +3,7 @@ import NIOCore
 import P2PDHT
 import P2PEvaluation
 import P2PKernel
+import P2PPluginHost
 import P2PLoader
 import P2PMessaging
 import P2PStorage

@@ -2,7 +2,8 @@ import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import Testing
-@testable import P2PKernel
+@testable import P2PPortMapping
+import P2PAddress
 
 /// PCP falling back to NAT-PMP, against a gateway that speaks only NAT-PMP: a scripted responder
 /// on a loopback address (miniupnpd, in the NAT lab, always speaks PCP as well). It answers PCP

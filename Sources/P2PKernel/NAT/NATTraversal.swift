@@ -3,6 +3,7 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+@_exported import P2PPortMapping
 
 /// How a node makes itself reachable. Off by default for nodes built in code (simulations and
 /// tests on loopback need none of it); `p2p node` runs it (`--nat auto`).

@@ -130,3 +130,62 @@ struct RandomPool {
         return UInt32(truncatingIfNeeded: v)
     }
 }
+
+/// The UDP requests a node is running or answered lately, by sender and message id: a requester
+/// sends a request again when its reply is late or lost, and the second copy must not be carried
+/// out again (a put, an add or a vote would count twice). A copy of one still running is dropped
+/// (the reply is on its way); a copy of one answered within `lifetime` gets the same answer again.
+///
+/// Bounded and small, because every peer of a large simulation holds one: `capacity` entries in a
+/// ring allocated on first use, answers kept only up to `maxReplyBytes` of payload (a large answer
+/// — a neighbor list, a value — comes from a read, which may run twice). Confined to the loop.
+struct RecentRequests {
+    struct Key: Equatable {
+        let sender: Number160
+        let id: UInt32
+    }
+    enum Seen {
+        case new
+        case running
+        case answered(Reply)
+    }
+    /// Entries remembered: more than a requester sends one peer at once in a lookup or a put.
+    static let capacity = 16
+    /// An answer is kept if its payload is at most this large (statuses of writes are small).
+    static let maxReplyBytes = 256
+    /// Seconds an entry stays good: longer than a requester goes on re-sending (its timeout).
+    static let lifetime: UInt32 = 10
+
+    private var ring: [(key: Key, at: UInt32, reply: Reply?)] = []
+    private var next = 0
+
+    mutating func seen(_ key: Key, now: UInt32) -> Seen {
+        for e in ring where e.key == key && now &- e.at <= Self.lifetime {
+            return e.reply.map { .answered($0) } ?? .running
+        }
+        return .new
+    }
+
+    mutating func running(_ key: Key, now: UInt32) { put(key, now: now, reply: nil) }
+
+    mutating func answered(_ key: Key, _ reply: Reply, now: UInt32) {
+        let bytes = reply.payload.reduce(0) { $0 + WireCodec.sectionSize($1) }
+        if let i = ring.firstIndex(where: { $0.key == key }) {
+            ring[i].reply = bytes <= Self.maxReplyBytes ? reply : nil
+            ring[i].at = now
+            if bytes > Self.maxReplyBytes { ring[i].at = now &- Self.lifetime &- 1 }
+            return
+        }
+        guard bytes <= Self.maxReplyBytes else { return }
+        put(key, now: now, reply: reply)
+    }
+
+    private mutating func put(_ key: Key, now: UInt32, reply: Reply?) {
+        if ring.count < Self.capacity {
+            ring.append((key, now, reply))
+        } else {
+            ring[next] = (key, now, reply)
+            next = (next + 1) % Self.capacity
+        }
+    }
+}

@@ -21,6 +21,9 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
     /// Handlers answering later (a future): in all, and per peer (by the top of its id).
     var handlersInFlight = 0
     var handlersPerPeer: [UInt64: Int] = [:]
+    /// UDP requests running or answered in the last seconds, so that one sent again is not
+    /// carried out twice.
+    var recent = RecentRequests()
 
     init(random: RandomSource) {
         randomIDs = RandomPool(random)
@@ -161,23 +164,40 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
             }
             return
         }
+        // A request sent again over UDP (its reply was lost or late) is not carried out twice: a
+        // put or an add would count twice. One still running is dropped; one answered lately gets
+        // its answer again.
+        let once = origin.kind == .udp && request.type == .request ? RecentRequests.Key(sender: sender, id: request.id) : nil
+        if let once {
+            switch recent.seen(once, now: coarseSeconds) {
+            case .running: return
+            case .answered(let reply): return sendReply(reply, to: request, origin: origin, session: session)
+            case .new: break
+            }
+        }
         var connection: (any PeerConnection)?
         if case .tcp(let c) = origin { connection = c }
         let context = CommandContext(node: node, sender: request.sender, transport: origin.kind, sourcePort: origin.sourcePort, connection: connection)
         switch handler.handle(request, context: context) {
         case .reply(let reply):
-            if request.type == .request { sendReply(reply, to: request, origin: origin, session: session) }
+            guard request.type == .request else { return }
+            if let once { recent.answered(once, reply, now: coarseSeconds) }
+            sendReply(reply, to: request, origin: origin, session: session)
         case .future(let future):
             handlersInFlight += 1
             handlersPerPeer[sender.high] = perPeer + 1
+            if let once { recent.running(once, now: coarseSeconds) }
             future.hop(to: eventLoop).whenComplete { [self] result in
                 handlersInFlight -= 1
                 if let n = handlersPerPeer[sender.high] { handlersPerPeer[sender.high] = n > 1 ? n - 1 : nil }
                 guard request.type == .request else { return }
+                let reply: Reply
                 switch result {
-                case .success(let reply): sendReply(reply, to: request, origin: origin, session: session)
-                case .failure(let error): sendReply(.error(.exception, "\(error)"), to: request, origin: origin, session: session)
+                case .success(let r): reply = r
+                case .failure(let error): reply = .error(.exception, "\(error)")
                 }
+                if let once { recent.answered(once, reply, now: coarseSeconds) }
+                sendReply(reply, to: request, origin: origin, session: session)
             }
         }
     }

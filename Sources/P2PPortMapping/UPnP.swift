@@ -1,3 +1,4 @@
+import P2PAddress
 import Foundation
 import NIOConcurrencyHelpers
 import NIOCore

@@ -1,3 +1,4 @@
+import P2PAddress
 import NIOCore
 import NIOPosix
 
@@ -33,7 +34,7 @@ public struct PortMappingFailure: Error, Sendable, CustomStringConvertible {
 ///
 /// Everything here talks only to the default gateway and to the UPnP device that answered on the
 /// LAN (whose control URL must be on its own host).
-actor PortMapper {
+package actor PortMapper {
     let loop: any EventLoop
     let gateway: IPAddress
     let client: IPAddress
@@ -47,7 +48,7 @@ actor PortMapper {
     private var renewedAt = ContinuousClock.now
     private var released = false
 
-    init(loop: any EventLoop, gateway: IPAddress, client: IPAddress, internalPort: UInt16, lease: UInt32) {
+    package init(loop: any EventLoop, gateway: IPAddress, client: IPAddress, internalPort: UInt16, lease: UInt32) {
         self.loop = loop
         self.gateway = gateway
         self.client = client
@@ -59,7 +60,7 @@ actor PortMapper {
     }
 
     /// The gateway of the default route and our address toward it; nil without a default route.
-    static func findGateway(loop: any EventLoop) async -> (gateway: IPAddress, client: IPAddress)? {
+    package static func findGateway(loop: any EventLoop) async -> (gateway: IPAddress, client: IPAddress)? {
         guard let gateway = DefaultGateway.ipv4() else { return nil }
         guard let ch = try? await DatagramBootstrap(group: loop).connect(to: gateway.socketAddress(port: NATPMP.port)).get() else { return nil }
         defer { ch.close(promise: nil) }
@@ -70,7 +71,7 @@ actor PortMapper {
     enum Outcome: Sendable { case mapped([PortMappingInfo], UPnPGateway?), failed(String) }
 
     /// Maps UDP and TCP of `internalPort` by whichever rung answers first.
-    func map() async throws -> [PortMappingInfo] {
+    package func map() async throws -> [PortMappingInfo] {
         released = false
         let first: Outcome = await withTaskGroup(of: Outcome.self) { group in
             group.addTask { await self.mapWithGatewayProtocols() }
@@ -160,7 +161,7 @@ actor PortMapper {
     }
 
     /// What `check()` found.
-    enum Health: Sendable, Equatable {
+    package enum Health: Sendable, Equatable {
         /// The mappings are in place (renewed if due).
         case ok
         /// The gateway had lost them (or rebooted); they are mapped again, perhaps on other ports.
@@ -172,7 +173,7 @@ actor PortMapper {
     /// Makes sure the mappings still exist: PCP/NAT-PMP mappings are requested again (the
     /// protocols' own renewal, idempotent, and it re-creates a lost mapping); UPnP mappings are
     /// looked up and added again if gone. Renews when half the lease has passed.
-    func check() async -> Health {
+    package func check() async -> Health {
         guard !released, !mappings.isEmpty else { return .failed("no mappings") }
         let before = mappings
         do {
@@ -209,7 +210,7 @@ actor PortMapper {
     }
 
     /// Deletes every mapping (at shutdown, or when the node found another way).
-    func release() async -> [String] {
+    package func release() async -> [String] {
         released = true
         var problems: [String] = []
         for m in mappings {

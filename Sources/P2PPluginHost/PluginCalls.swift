@@ -1,3 +1,4 @@
+import P2PKernel
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore

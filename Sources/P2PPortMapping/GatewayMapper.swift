@@ -1,3 +1,4 @@
+import P2PAddress
 import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
@@ -21,17 +22,17 @@ public enum DefaultGateway {
 
 /// A promise completed at most once, whichever of several racing events comes first (an answer,
 /// a retransmitted answer, a deadline). NIO treats a second completion as a programming error.
-final class Once<Value: Sendable>: @unchecked Sendable {
-    let promise: EventLoopPromise<Value>
+package final class Once<Value: Sendable>: @unchecked Sendable {
+    package let promise: EventLoopPromise<Value>
     private let done = NIOLockedValueBox(false)
-    init(_ promise: EventLoopPromise<Value>) { self.promise = promise }
+    package init(_ promise: EventLoopPromise<Value>) { self.promise = promise }
     private func first() -> Bool { done.withLockedValue { d in defer { d = true }; return !d } }
-    func succeed(_ v: Value) { if first() { promise.succeed(v) } }
-    func fail(_ e: any Error) { if first() { promise.fail(e) } }
-    var futureResult: EventLoopFuture<Value> { promise.futureResult }
+    package func succeed(_ v: Value) { if first() { promise.succeed(v) } }
+    package func fail(_ e: any Error) { if first() { promise.fail(e) } }
+    package var futureResult: EventLoopFuture<Value> { promise.futureResult }
     /// A promise nobody completed (the connection failed before its deadline fired, say) fails
     /// here: SwiftNIO treats a dropped, unfulfilled promise as a bug.
-    deinit { if first() { promise.fail(NATError.abandoned) } }
+    deinit { if first() { promise.fail(GatewayError.abandoned) } }
 }
 
 /// One request and its answer over UDP, retransmitted on a schedule (RFC 6886: 250 ms,

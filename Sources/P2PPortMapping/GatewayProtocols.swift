@@ -1,3 +1,4 @@
+import P2PAddress
 /// The two port-mapping protocols a gateway speaks on UDP port 5351: NAT-PMP (RFC 6886) and its
 /// successor PCP (RFC 6887). Pure encoders and decoders; `GatewayMapper` does the talking.
 public enum MappingProtocol: String, Sendable, Hashable, CustomStringConvertible {
@@ -15,12 +16,15 @@ public enum GatewayError: Error, Equatable, Sendable, CustomStringConvertible {
     case malformed(String)
     /// No answer after every retransmission.
     case noAnswer(tries: Int)
+    /// An exchange ended without an answer or an error (its socket went away first).
+    case abandoned
 
     public var description: String {
         switch self {
         case .natPMP(let r): "NAT-PMP result \(r) (\(GatewayError.natPMPText[Int(r)] ?? "unknown"))"
         case .pcp(let r): "PCP result \(r) (\(GatewayError.pcpText[Int(r)] ?? "unknown"))"
         case .malformed(let w): "malformed gateway answer: \(w)"
+        case .abandoned: "the exchange ended without an answer"
         case .noAnswer(let n): "no answer from the gateway after \(n) tries"
         }
     }
