@@ -12,7 +12,7 @@ struct Counter: StorageInterceptor {
 
     func intercept(_ request: StorageRequest, context: StorageContext, next: StorageNext) async throws -> StorageResult {
         guard case .put(let entries, let mode) = request,
-              case .values(let old, _) = try context.backend.execute(.get(.keys(Array(entries.keys))), now: StoragePipeline.now())
+              case .values(let old, _) = try context.backend.execute(.get(.keys(Array(entries.keys))), now: context.now)
         else { return try await next(request) }
         var summed = entries
         for (key, new) in entries {
