@@ -64,10 +64,23 @@ struct ChurnSim {
         let keys = (0..<values).map { Number640(location: Number160(hashing: "churn value \($0)")) }
         let data = (0..<values).map { i in Array("value \(i) ".utf8) + runtime.random.bytes(valueSize) }
         note("churn: storing \(values) values with \(policies.factor) replicas…")
-        var stored = 0
-        for (k, v) in zip(keys, data) {
-            let node = live[runtime.index(live.count)]
-            if (try? await node.dht.put(k, v, options: DHTOptions(replicas: policies.factor)).isSuccess) == true { stored += 1 }
+        // 32 puts at once, each from a peer drawn up front (the run repeats whatever the order
+        // the puts finish in).
+        let writers = keys.map { _ in live[runtime.index(live.count)] }
+        let factor = policies.factor
+        let stored = await withTaskGroup(of: Bool.self) { group in
+            var ok = 0, next = 0
+            func add() {
+                let (node, k, v) = (writers[next], keys[next], data[next])
+                next += 1
+                group.addTask { (try? await node.dht.put(k, v, options: DHTOptions(replicas: factor)).isSuccess) == true }
+            }
+            while next < min(32, keys.count) { add() }
+            while let r = await group.next() {
+                if r { ok += 1 }
+                if next < keys.count { add() }
+            }
+            return ok
         }
         guard stored == values else { throw CLIError.failed("only \(stored) of \(values) values were stored before churn") }
         note("churn: stored; replicating…")
@@ -81,7 +94,7 @@ struct ChurnSim {
             live.removeFirst(leaving)
             for n in gone { await n.shutdown(announce: false) }
             let before = policies.sent.bytes
-            // New peers join 16 at a time, each through a random survivor (a join meets the dead
+            // New peers join 16 at a time (64 on the simulated network), each through a random survivor (a join meets the dead
             // in other peers' maps and waits out their timeouts, as a real one would).
             let seeds = (0..<leaving).map { _ in live[runtime.index(live.count)].address.socket }
             let plugins = makePlugins
@@ -103,7 +116,7 @@ struct ChurnSim {
                         }
                     }
                 }
-                while next < min(16, seeds.count) { add() }
+                while next < min(runtime.isSimulated ? 64 : 16, seeds.count) { add() }
                 while let n = await group.next() {
                     if let n { out.append(n) }
                     if next < seeds.count { add() }

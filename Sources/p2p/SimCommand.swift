@@ -26,8 +26,8 @@ struct SimCommand: AsyncParsableCommand {
     @Flag(help: "Fill every peer map with every peer instead of bootstrapping.")
     var perfect = false
 
-    @Option(help: "How many peers bootstrap at once.")
-    var joinConcurrency: Int = 16
+    @Option(help: "How many peers bootstrap at once (16 on sockets, 64 on the simulated network).")
+    var joinConcurrency: Int?
 
     @Option(help: "DHT operations per phase: sequential puts and gets (on sockets), then puts, gets, signed puts and signed gets with --concurrency in flight (0 skips them).")
     var ops: Int = 0
@@ -132,7 +132,7 @@ struct SimCommand: AsyncParsableCommand {
         guard (1...4096).contains(concurrency) else { throw ValidationError("--concurrency must be from 1 to 4096, got \(concurrency)") }
         guard (0...(1 << 20)).contains(valueSize) else { throw ValidationError("--value-size must be from 0 to 1048576") }
         guard (1...64).contains(parallel) else { throw ValidationError("--parallel must be from 1 to 64, got \(parallel)") }
-        guard joinConcurrency >= 1 else { throw ValidationError("--join-concurrency must be at least 1") }
+        guard (joinConcurrency ?? 1) >= 1 else { throw ValidationError("--join-concurrency must be at least 1") }
         guard (0...100_000).contains(values) else { throw ValidationError("--values must be from 0 to 100000, got \(values)") }
         guard churn >= 0, churn < 1 else { throw ValidationError("--churn must be from 0 to below 1, got \(churn)") }
         guard (1...100).contains(churnWaves) else { throw ValidationError("--churn-waves must be from 1 to 100, got \(churnWaves)") }
@@ -231,7 +231,7 @@ struct SimCommand: AsyncParsableCommand {
             sqliteBackends = stores
             let recordMetrics = metrics
             net = try await Testnet.start(peers: peers, routing: perfect ? .perfect : .bootstrap,
-                                          joinConcurrency: joinConcurrency, network: runtime.network,
+                                          joinConcurrency: joinConcurrency ?? (runtime.isSimulated ? 64 : 16), network: runtime.network,
                                           plugins: { i in
                                               ((try? BuiltInPlugins.make(names, peerID: { "" }, backend: sqliteStores.isEmpty ? nil : sqliteStores[i])) ?? [])
                                                   + files.compactMap { try? PluginFile.load($0) }
