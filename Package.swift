@@ -101,6 +101,7 @@ let package = Package(
         .target(
             name: "P2PPluginHost",
             dependencies: [
+                "P2PEvaluation",
                 "P2PKernel",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -116,7 +117,7 @@ let package = Package(
         .target(
             name: "P2PLoader",
             dependencies: [
-                "P2PKernel", "P2PStorage", "P2PPluginHost", "P2PPluginABI", "CFFI",
+                "P2PKernel", "P2PStorage", "P2PEvaluation", "P2PPluginHost", "P2PPluginABI", "CFFI",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
@@ -126,7 +127,7 @@ let package = Package(
         .target(
             name: "P2PWasm",
             dependencies: [
-                "P2PKernel", "P2PStorage", "P2PPluginHost",
+                "P2PKernel", "P2PStorage", "P2PEvaluation", "P2PPluginHost",
                 .product(name: "WasmKit", package: "WasmKit"),
                 .product(name: "WasmParser", package: "WasmKit"),
                 .product(name: "NIOCore", package: "swift-nio"),

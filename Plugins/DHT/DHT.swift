@@ -1,5 +1,6 @@
 import Crypto
 import NIOCore
+import P2PEvaluation
 import P2PKernel
 @_exported import P2PStorage
 

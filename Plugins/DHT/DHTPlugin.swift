@@ -56,6 +56,7 @@ public struct DHTPlugin: Plugin {
     public func start(node: Node) async throws {
         node.storage.startSweeping(node: node, every: sweepInterval)
         node.storage.startReporting(node: node)
+        node.startReplication()
         if let listen = node.registry.listenState {
             node.registry.addStatus("listen") {
                 [("subscriptions held", "\(listen.subscriptionCount)"), ("listening", "\(listen.listenerCount)")]
@@ -65,6 +66,7 @@ public struct DHTPlugin: Plugin {
 
     public func stop(node: Node) async {
         node.storage.stopSweeping()
+        node.stopReplication()
     }
 
     /// The wire id of `dht.storage`, for plugins that speak the storage protocol (replication).

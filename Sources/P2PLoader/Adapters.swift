@@ -1,3 +1,4 @@
+import P2PEvaluation
 import P2PKernel
 import P2PPluginHost
 import P2PStorage

@@ -1,5 +1,6 @@
 import Logging
 import NIOCore
+import P2PEvaluation
 import P2PKernel
 import P2PPluginHost
 import P2PStorage

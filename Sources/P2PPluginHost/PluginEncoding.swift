@@ -1,3 +1,4 @@
+import P2PEvaluation
 import P2PKernel
 /// The result codes both plugin ABIs share (`P2P_OK` … `P2P_ERR_FAILED` in p2p_plugin.h and
 /// p2p_wasm.h), and what they stand for on the wire.

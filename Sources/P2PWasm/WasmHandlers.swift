@@ -1,5 +1,6 @@
 import Foundation
 import NIOCore
+import P2PEvaluation
 import P2PKernel
 import P2PPluginHost
 import P2PStorage

@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
+import P2PEvaluation
 import P2PKernel
 import P2PPluginHost
 import P2PStorage

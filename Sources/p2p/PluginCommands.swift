@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import P2PEvaluation
 import P2PKernel
 import P2PPluginHost
 import P2PLoader

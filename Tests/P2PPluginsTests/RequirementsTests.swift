@@ -1,4 +1,5 @@
 import P2PDHT
+import P2PEvaluation
 import P2PKernel
 import P2PMessaging
 import P2PStorage

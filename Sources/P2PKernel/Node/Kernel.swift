@@ -42,7 +42,6 @@ final class Kernel: TransportEvents, @unchecked Sendable {
     var running = true
     var stopping = false
     var maintenanceTask: RepeatedTask?
-    var backgroundTasks: [RepeatedTask] = []
     var metricsTask: RepeatedTask?
 
     init(config: NodeConfig, loop: any EventLoop, clock: NodeClock, random: RandomSource, keyPair: PeerKeyPair, logger: Logger, me: PeerAddress) {
@@ -106,7 +105,7 @@ final class Kernel: TransportEvents, @unchecked Sendable {
         }.get()
     }
 
-    /// Metrics sampling (when the node records metrics), replication timers and maintenance:
+    /// Metrics sampling (when the node records metrics) and maintenance:
     /// pings to the peers due for a check (by how long they have been up); a peer that fails often
     /// enough is removed by the RPC engine's failure accounting.
     func startTimers() {
@@ -116,14 +115,6 @@ final class Kernel: TransportEvents, @unchecked Sendable {
                 guard let node = self?.node else { return }
                 metrics.sample(node)
             }
-        }
-        for policy in node.registry.replicationPolicies {
-            guard let every = policy.timerInterval else { continue }
-            let t = TimeAmount(every)
-            backgroundTasks.append(eventLoop.scheduleRepeatedTask(initialDelay: t, delay: t) { [self] _ in
-                let context = ReplicationContext(node: node)
-                node.spawn { await policy.handle(.timer, context: context) }
-            })
         }
         guard let interval = config.maintenanceInterval else { return }
         let t = TimeAmount(interval)
@@ -143,8 +134,6 @@ final class Kernel: TransportEvents, @unchecked Sendable {
         maintenanceTask = nil
         metricsTask?.cancel()
         metricsTask = nil
-        for t in backgroundTasks { t.cancel() }
-        backgroundTasks.removeAll()
         var writes: [EventLoopFuture<Void>] = []
         // With sessions, quit goes to the peers we hold a session with: a peer we have no
         // session with has not talked to us lately, and a handshake per peer at exit would
@@ -168,10 +157,9 @@ final class Kernel: TransportEvents, @unchecked Sendable {
         }
     }
 
-    /// Forwards peer map changes to event subscribers and replication policies.
+    /// Forwards peer map changes to event subscribers (replication policies among them).
     func connectEvents() {
         let registry = node.registry, peerMap = node.peerMap
-        let policies = registry.replicationPolicies
         let log = node.events
         registry.subscribe { event in
             switch event {
@@ -182,14 +170,10 @@ final class Kernel: TransportEvents, @unchecked Sendable {
             default: break
             }
         }
-        peerMap.onChange { [weak node] event in
+        peerMap.onChange { event in
             switch event {
-            case .inserted(let p, let verified):
-                registry.publish(.peerInserted(p, verified: verified))
-                if verified, let node, !policies.isEmpty { node.replicate(.peerInserted(p)) }
-            case .removed(let p, let reason):
-                registry.publish(.peerRemoved(p, reason: reason))
-                if let node, !policies.isEmpty { node.replicate(.peerRemoved(p)) }
+            case .inserted(let p, let verified): registry.publish(.peerInserted(p, verified: verified))
+            case .removed(let p, let reason): registry.publish(.peerRemoved(p, reason: reason))
             }
         }
     }

@@ -121,17 +121,6 @@ public final class Node: @unchecked Sendable {
         return node
     }
 
-    /// Hands an event to every replication policy (off the event loop: policies may do I/O).
-    public func replicate(_ event: ReplicationEvent) {
-        let policies = registry.replicationPolicies
-        guard !policies.isEmpty else { return }
-        let context = ReplicationContext(node: self)
-        for p in policies { p.record(event, context: context) }
-        spawn {
-            for p in policies { await p.handle(event, context: context) }
-        }
-    }
-
     /// Announces that this node leaves (a quit to every verified peer it has a session with),
     /// fails what is pending, and closes every socket. Safe to call more than once. With
     /// `announce: false` no quit is sent: the node vanishes as a crashed one would (for tests of

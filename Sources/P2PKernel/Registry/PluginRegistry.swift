@@ -1,8 +1,8 @@
 import NIOConcurrencyHelpers
 
-/// Everything plugins register into a node: commands, reply handlers, evaluation schemes,
-/// replication policies, event subscriptions, and state that plugins share by type (storage keeps
-/// its backend and interceptors there: the kernel knows nothing of storage). Registration happens while
+/// Everything plugins register into a node: commands, reply handlers, event subscriptions, and
+/// state that plugins share by type (storage keeps its backend, interceptors and replication
+/// policies there, evaluation its schemes: the kernel knows nothing of either). Registration happens while
 /// the node is assembled; lookups happen per request under an uncontended lock.
 public final class PluginRegistry: Sendable {
     /// Commands by name and wire id.
@@ -14,8 +14,6 @@ public final class PluginRegistry: Sendable {
         var services: [ObjectIdentifier: any Sendable] = [:]
         var rawReplyHandler: (any RawReplyHandler)?
         var objectHandlers: [String: any AnyObjectReplyHandler] = [:]
-        var schemes: [String: any EvaluationScheme] = [:]
-        var policies: [any ReplicationPolicy] = []
         var subscribers: [@Sendable (NodeEvent) -> Void] = []
         var questions: [UInt16: any RoutingQuestionHandler] = [:]
         var commandsByPlugin: [String: [String]] = [:]
@@ -189,32 +187,7 @@ public final class PluginRegistry: Sendable {
         state.withLockedValue { $0.objectHandlers[typeName] }
     }
 
-    // MARK: evaluation
-
-    /// Registers an evaluation scheme under its name.
-    public func register(scheme: any EvaluationScheme) throws {
-        try state.withLockedValue { s in
-            guard s.schemes[scheme.name] == nil else { throw PluginError.duplicateEvaluationScheme(scheme.name) }
-            s.schemes[scheme.name] = scheme
-        }
-    }
-
-    /// The scheme registered under `name`.
-    public func scheme(named name: String) -> (any EvaluationScheme)? {
-        state.withLockedValue { $0.schemes[name] }
-    }
-
-    /// Names of every registered scheme, sorted.
-    public var schemeNames: [String] { state.withLockedValue { $0.schemes.keys.sorted() } }
-
-    // MARK: replication and events
-
-    /// Adds a replication policy; the node hands it every `ReplicationEvent`.
-    public func add(replicationPolicy: any ReplicationPolicy) {
-        state.withLockedValue { $0.policies.append(replicationPolicy) }
-    }
-
-    public var replicationPolicies: [any ReplicationPolicy] { state.withLockedValue { $0.policies } }
+    // MARK: events
 
     /// Subscribes to node events (peer map changes, reachability).
     public func subscribe(_ subscriber: @escaping @Sendable (NodeEvent) -> Void) {

@@ -23,11 +23,6 @@ public struct PluginRequirement: Sendable, CustomStringConvertible {
         self.isMet = isMet
     }
 
-    /// An evaluation scheme registered under `name`.
-    public static func evaluationScheme(_ name: String, default fallback: (any Plugin)? = nil) -> PluginRequirement {
-        PluginRequirement("an evaluation scheme named '\(name)'", default: fallback) { $0.scheme(named: name) != nil }
-    }
-
     /// A service of type `S` (see `PluginRegistry.provide`).
     public static func service<S>(_ type: S.Type, _ description: String, default fallback: (any Plugin)? = nil) -> PluginRequirement {
         PluginRequirement(description, default: fallback) { $0.service(type) != nil }
