@@ -30,14 +30,46 @@ private func fscanf_statm(_ f: UnsafeMutablePointer<FILE>, _ size: inout Int, _ 
 
 /// Raises the soft open-file limit to the hard limit: a testnet of N peers holds 2N sockets.
 public func raiseOpenFileLimit() {
+    _ = raiseOpenFileLimit(toAtLeast: 0)
+}
+
+/// Raises the open-file limit towards `needed`: the soft limit to the hard one, and the hard one
+/// too where the process may (as root, up to the kernel's `fs.nr_open`). Returns the soft limit
+/// and the hard limit in force afterwards.
+@discardableResult
+public func raiseOpenFileLimit(toAtLeast needed: Int) -> (soft: Int, hard: Int) {
     #if os(Linux)
     var limit = rlimit()
-    if getrlimit(RLIMIT_NOFILE_VALUE, &limit) == 0, limit.rlim_cur < limit.rlim_max {
-        limit.rlim_cur = limit.rlim_max
-        _ = setrlimit(RLIMIT_NOFILE_VALUE, &limit)
+    guard getrlimit(RLIMIT_NOFILE_VALUE, &limit) == 0 else { return (0, 0) }
+    if needed > 0, limit.rlim_max != rlim_t.max, limit.rlim_max < rlim_t(needed) {
+        var wider = limit
+        wider.rlim_max = rlim_t(min(needed, kernelOpenFileCeiling()))
+        wider.rlim_cur = wider.rlim_max
+        if wider.rlim_max > limit.rlim_max, setrlimit(RLIMIT_NOFILE_VALUE, &wider) == 0 { limit = wider }
     }
+    if limit.rlim_cur < limit.rlim_max {
+        var raised = limit
+        raised.rlim_cur = limit.rlim_max
+        if setrlimit(RLIMIT_NOFILE_VALUE, &raised) == 0 { limit = raised }
+    }
+    let cap = { (v: rlim_t) -> Int in v == rlim_t.max || v > rlim_t(Int.max) ? Int.max : Int(v) }
+    return (cap(limit.rlim_cur), cap(limit.rlim_max))
+    #else
+    return (Int.max, Int.max)
     #endif
 }
+
+#if os(Linux)
+/// The most open files a process may be allowed (`/proc/sys/fs/nr_open`; 1,048,576 when
+/// unreadable, the kernel's default).
+private func kernelOpenFileCeiling() -> Int {
+    guard let f = fopen("/proc/sys/fs/nr_open", "r") else { return 1 << 20 }
+    defer { fclose(f) }
+    var buffer = [CChar](repeating: 0, count: 32)
+    guard fgets(&buffer, Int32(buffer.count), f) != nil else { return 1 << 20 }
+    return Int(String(cString: buffer).filter(\.isNumber)) ?? (1 << 20)
+}
+#endif
 
 #if os(Linux)
 private let RLIMIT_NOFILE_VALUE = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)

@@ -161,7 +161,12 @@ struct SimCommand: AsyncParsableCommand {
         let started = wall.now
         let cpuBefore = processCPUSeconds()
         guard resolvedNetwork == .simulated else {
-            raiseOpenFileLimit()
+            // Each peer holds a UDP and a TCP socket; connections and the process take some more.
+            let needed = peers * 2 + 256
+            let limit = raiseOpenFileLimit(toAtLeast: needed)
+            guard limit.soft >= needed else {
+                throw CLIError.failed("\(peers) peers on sockets need about \(needed) open files, this process may open \(limit.soft) (hard limit \(limit.hard)): raise it (ulimit -Hn \(needed) as root, then run again) or use --network simulated")
+            }
             let runtime = SimRuntime(network: nil, random: RandomSource())
             let report = try await execute(runtime)
             return output(report, wallSeconds: (wall.now - started).seconds, cpuSeconds: processCPUSeconds() - cpuBefore)
