@@ -143,6 +143,7 @@ public final class SQLiteStorage: StorageBackend, @unchecked Sendable {
     public var defersDurability: Bool { true }
 
     public var usage: StorageUsage? { memory.usage }
+    public var nextExpiry: UInt64? { memory.nextExpiry }
 
     public func durabilityMark() -> UInt64 { lock.withLock { state.assigned } }
 

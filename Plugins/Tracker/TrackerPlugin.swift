@@ -97,18 +97,37 @@ public final class TrackerService: Sendable {
     func count(_ body: (inout TrackerStats) -> Void) { state.withLockedValue { body(&$0.stats) } }
 
     func start(node: Node) {
-        let sweepEvery = max(Duration.seconds(1), config.ttl / 4)
-        let pexEvery = max(Duration.milliseconds(100), config.pexInterval)
-        let sweep = node.eventLoop.scheduleRepeatedTask(initialDelay: .nanoseconds(sweepEvery.nanoseconds), delay: .nanoseconds(sweepEvery.nanoseconds)) { [store] _ in
-            store.sweep()
-        }
-        let pex = node.eventLoop.scheduleRepeatedTask(initialDelay: .nanoseconds(pexEvery.nanoseconds), delay: .nanoseconds(pexEvery.nanoseconds)) { [self] _ in
-            exchange(node)
-        }
+        state.withLockedValue { s in s.node = node }
+        store.attach(clock: node.clock, random: node.random) { [weak self] in self?.wake() }
+        wake()
+    }
+
+    /// Starts the sweep and exchange timers unless they run: they run while the store holds
+    /// something and stop after a sweep leaves it empty (a node tracking nothing does not wake).
+    func wake() {
         state.withLockedValue { s in
-            s.node = node
+            guard let node = s.node, !s.stopped, s.timers.isEmpty, !store.isEmpty else { return }
+            let sweepEvery = max(Duration.seconds(1), config.ttl / 4)
+            let pexEvery = max(Duration.milliseconds(100), config.pexInterval)
+            let sweep = node.eventLoop.scheduleRepeatedTask(initialDelay: .nanoseconds(sweepEvery.nanoseconds), delay: .nanoseconds(sweepEvery.nanoseconds)) { [self] _ in
+                store.sweep()
+                sleepIfEmpty()
+            }
+            let pex = node.eventLoop.scheduleRepeatedTask(initialDelay: .nanoseconds(pexEvery.nanoseconds), delay: .nanoseconds(pexEvery.nanoseconds)) { [self] _ in
+                exchange(node)
+            }
             s.timers = [sweep, pex]
         }
+    }
+
+    /// Stops the timers when the store holds nothing (the next add wakes them).
+    private func sleepIfEmpty() {
+        let timers = state.withLockedValue { s -> [RepeatedTask] in
+            guard store.isEmpty else { return [] }
+            defer { s.timers = [] }
+            return s.timers
+        }
+        for t in timers { t.cancel() }
     }
 
     func stop() async {
@@ -158,7 +177,7 @@ public final class TrackerService: Sendable {
 
     /// Whether `sender` may deliver another exchange message this minute.
     func allowExchange(from sender: Number160) -> Bool {
-        let minute = NIODeadline.now().uptimeNanoseconds / 60_000_000_000
+        let minute = store.now / 60_000_000_000
         return state.withLockedValue { s in
             if s.pexWindow != minute {
                 s.pexWindow = minute

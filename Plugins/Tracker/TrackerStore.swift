@@ -112,14 +112,37 @@ public final class TrackerStore: Sendable {
         self.config = config
     }
 
+    /// The node whose clock and random numbers the store uses (virtual on the simulated network),
+    /// the machine's until one is attached; and what to call after an add (wakes the timers).
+    private let node = NIOLockedValueBox<(clock: NodeClock, random: RandomSource, added: @Sendable () -> Void)?>(nil)
+
+    /// Makes the store read time and randomness from a node's and call `added` after each add
+    /// (`TrackerPlugin` does when it starts: its sweep and exchange timers sleep while the store is empty).
+    public func attach(clock: NodeClock, random: RandomSource, added: @escaping @Sendable () -> Void = {}) {
+        node.withLockedValue { $0 = (clock, random, added) }
+    }
+
     /// The store's clock: monotonic nanoseconds.
-    public static var now: UInt64 { NIODeadline.now().uptimeNanoseconds }
+    public var now: UInt64 {
+        node.withLockedValue { $0?.clock.uptimeNanoseconds } ?? NIODeadline.now().uptimeNanoseconds
+    }
+
+    private func shuffle<T>(_ items: inout [T]) {
+        if let random = node.withLockedValue({ $0?.random }) {
+            var g = random.generator
+            items.shuffle(using: &g)
+        } else {
+            items.shuffle()
+        }
+    }
     private var ttlNanos: UInt64 { UInt64(max(0, config.ttl.nanoseconds)) }
 
     /// Lists `peer` under `key` until `ttl` from `now` (at most the configured TTL). A first-hand
     /// add replaces the attachment and the address; an entry heard of never replaces a first-hand one.
     public func add(key: Number160, peer: PeerAddress, attachment: [UInt8], firstHand: Bool,
-                    ttl: Duration? = nil, now: UInt64 = TrackerStore.now) -> AddOutcome {
+                    ttl: Duration? = nil, now: UInt64? = nil) -> AddOutcome {
+        let now = now ?? self.now
+        defer { node.withLockedValue { $0?.added }?() }
         guard attachment.count <= config.maxAttachmentBytes else {
             return .denied("an attachment of \(attachment.count) bytes, over \(config.maxAttachmentBytes)")
         }
@@ -173,8 +196,9 @@ public final class TrackerStore: Sendable {
 
     /// Up to `limit` live entries of `key` not in `known`, picked at random, and how many live
     /// entries the key has in all.
-    public func list(key: Number160, known: KnownPeersFilter? = nil, limit: Int, now: UInt64 = TrackerStore.now) -> (peers: [TrackerPeer], total: Int) {
-        state.withLockedValue { s in
+    public func list(key: Number160, known: KnownPeersFilter? = nil, limit: Int, now: UInt64? = nil) -> (peers: [TrackerPeer], total: Int) {
+        let now = now ?? self.now
+        return state.withLockedValue { s in
             guard let entries = s.keys[key] else { return ([], 0) }
             var live: [TrackerPeer] = []
             var total = 0
@@ -184,7 +208,7 @@ public final class TrackerStore: Sendable {
                 live.append(TrackerPeer(peer: e.peer, attachment: e.attachment))
             }
             if live.count > limit {
-                live.shuffle()
+                shuffle(&live)
                 live.removeLast(live.count - limit)
             }
             return (live, total)
@@ -193,10 +217,12 @@ public final class TrackerStore: Sendable {
 
     /// Live entries of `key` for an exchange: up to `limit`, first-hand ones first, with the time
     /// each has left.
-    func sample(key: Number160, limit: Int, now: UInt64 = TrackerStore.now) -> [(TrackerPeer, seconds: UInt16)] {
-        state.withLockedValue { s in
+    func sample(key: Number160, limit: Int, now: UInt64? = nil) -> [(TrackerPeer, seconds: UInt16)] {
+        let now = now ?? self.now
+        return state.withLockedValue { s in
             guard let entries = s.keys[key] else { return [] }
-            var live = entries.values.filter { $0.expires > now }.shuffled()
+            var live = entries.values.filter { $0.expires > now }
+            shuffle(&live)
             live.sort { $0.firstHand && !$1.firstHand }
             return live.prefix(limit).map { e in
                 (TrackerPeer(peer: e.peer, attachment: e.attachment), UInt16(clamping: (e.expires - now) / 1_000_000_000))
@@ -205,19 +231,23 @@ public final class TrackerStore: Sendable {
     }
 
     /// How many live entries `key` has here.
-    public func count(key: Number160, now: UInt64 = TrackerStore.now) -> Int {
-        state.withLockedValue { s in s.keys[key]?.values.reduce(0) { $0 + ($1.expires > now ? 1 : 0) } ?? 0 }
+    public func count(key: Number160, now: UInt64? = nil) -> Int {
+        let now = now ?? self.now
+        return state.withLockedValue { s in s.keys[key]?.values.reduce(0) { $0 + ($1.expires > now ? 1 : 0) } ?? 0 }
     }
 
     /// Keys with entries here.
     public var keys: [Number160] { state.withLockedValue { Array($0.keys.keys) } }
+    /// Whether the store holds nothing to sweep or exchange: no entries and no hold-offs.
+    public var isEmpty: Bool { state.withLockedValue { $0.entries == 0 && $0.heldOff.isEmpty } }
     /// Entries over all keys (expired ones until the next sweep).
     public var entryCount: Int { state.withLockedValue { $0.entries } }
     /// Bytes of attachments held.
     public var attachmentBytes: Int { state.withLockedValue { $0.attachmentBytes } }
 
     /// Drops every entry of `id`; with `holdOff`, it cannot be added here again until it ends.
-    public func remove(peer id: Number160, holdOff: Bool, now: UInt64 = TrackerStore.now) {
+    public func remove(peer id: Number160, holdOff: Bool, now: UInt64? = nil) {
+        let now = now ?? self.now
         state.withLockedValue { s in
             for key in s.keysOfPeer.removeValue(forKey: id) ?? [] {
                 if let gone = s.keys[key]?.removeValue(forKey: id) {
@@ -236,14 +266,16 @@ public final class TrackerStore: Sendable {
     }
 
     /// Whether `id` is held off here now.
-    public func isHeldOff(_ id: Number160, now: UInt64 = TrackerStore.now) -> Bool {
-        state.withLockedValue { ($0.heldOff[id] ?? 0) > now }
+    public func isHeldOff(_ id: Number160, now: UInt64? = nil) -> Bool {
+        let now = now ?? self.now
+        return state.withLockedValue { ($0.heldOff[id] ?? 0) > now }
     }
 
     /// Removes expired entries (and keys left empty) and ended hold-offs; returns how many entries went.
     @discardableResult
-    public func sweep(now: UInt64 = TrackerStore.now) -> Int {
-        state.withLockedValue { s in
+    public func sweep(now: UInt64? = nil) -> Int {
+        let now = now ?? self.now
+        return state.withLockedValue { s in
             var removed = 0
             for key in Array(s.keys.keys) {
                 guard let entries = s.keys[key] else { continue }

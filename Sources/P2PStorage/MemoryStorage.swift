@@ -184,6 +184,7 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
     /// Entries held, including prepared and not yet swept expired ones.
     public var entryCount: Int { lock.withLock { totalEntries } }
     public var usage: StorageUsage? { lock.withLock { StorageUsage(entries: totalEntries, bytes: totalBytes) } }
+    public var nextExpiry: UInt64? { lock.withLock { expiries.min?.at } }
     /// Bytes held for one writer key (its quota's use).
     public func bytes(writtenBy writer: SignerKey) -> Int { lock.withLock { writerBytes[writer] ?? 0 } }
 

@@ -261,6 +261,10 @@ public protocol StorageBackend: Sendable {
     func execute(_ request: StorageRequest, writer: SignerKey?, now: UInt64) throws(StorageError) -> StorageResult
     /// Removes expired values; returns how many. Costs what expired, not what is stored.
     func sweepExpired(now: UInt64) -> Int
+    /// When the earliest value held may expire (uptime nanoseconds; it may have been removed or
+    /// renewed since), nil when nothing held expires: the pipeline sweeps then and sleeps while
+    /// nothing expires. A backend that does not track it keeps the default, 0: swept every interval.
+    var nextExpiry: UInt64? { get }
     /// Every location holding at least one entry (for replication, which walks what is stored).
     func storedLocations() -> [Number160]
     /// Whether writes become durable after `execute` returns (a backend that commits to disk):
@@ -291,6 +295,9 @@ public struct StorageUsage: Sendable, Equatable {
 extension StorageBackend {
     /// A backend that cannot list its locations is not replicated.
     public func storedLocations() -> [Number160] { [] }
+
+    /// Unknown: swept every interval.
+    public var nextExpiry: UInt64? { 0 }
 
     /// Writes are done when `execute` returns.
     public var defersDurability: Bool { false }

@@ -100,7 +100,7 @@ public final class StoragePipeline: Sendable {
     private let gate: AsyncGate
     public let limits: StorageRequestLimits
     private let proofs: NIOLockedValueBox<ProofMemory>
-    private let sweeper = NIOLockedValueBox<RepeatedTask?>(nil)
+    private let sweeper = NIOLockedValueBox<Sweeper?>(nil)
     /// The node's clock (virtual on the simulated network); nil: the machine's.
     private let clock: NodeClock?
 
@@ -187,8 +187,15 @@ public final class StoragePipeline: Sendable {
     private func direct(_ request: StorageRequest, proof: WriterProof?, sender: Number160?, backend: any StorageBackend) -> Result<StorageResult, StorageError> {
         Result { () throws(StorageError) -> StorageResult in
             let writer = try admit(request, proof: proof, sender: sender)
-            return try backend.execute(request, writer: writer, now: now())
+            return try apply(request, writer: writer, backend: backend)
         }
+    }
+
+    /// The backend carries the request out; a write may bring the next sweep forward.
+    private func apply(_ request: StorageRequest, writer: SignerKey?, backend: any StorageBackend) throws(StorageError) -> StorageResult {
+        let result = try backend.execute(request, writer: writer, now: now())
+        if request.isWrite { wrote(backend) }
+        return result
     }
 
     /// Waits until a write the backend carried out is durable (at once for a memory backend):
@@ -209,7 +216,7 @@ public final class StoragePipeline: Sendable {
         let chain = Self.interceptors(registration, for: request)
         let mark = backend.durabilityMark()
         guard !chain.isEmpty else {
-            let result = try backend.execute(request, writer: writer, now: now())
+            let result = try apply(request, writer: writer, backend: backend)
             try await Self.durable(request, backend, since: mark)
             return result
         }
@@ -249,22 +256,41 @@ public final class StoragePipeline: Sendable {
         return promise.futureResult
     }
 
-    /// Sweeps expired values on the node's loop every `interval` until `stopSweeping` (the plugin
-    /// that set the backend starts it). A backend's sweep costs what expired, not what is stored.
-    public func startSweeping(node: Node, every interval: Duration = .seconds(1)) {
-        let registry = self.registry
-        let t = TimeAmount(interval)
-        let clock = node.clock
-        let task = node.eventLoop.scheduleRepeatedTask(initialDelay: t, delay: t) { _ in
-            _ = registry.storageBackend?.sweepExpired(now: clock.uptimeNanoseconds)
-        }
+    /// Sweeps expired values on the node's loop until `stopSweeping` (the plugin that set the
+    /// backend starts it). A backend's sweep costs what expired, not what is stored; one that says
+    /// when its next value expires (`nextExpiry`) is swept then, at most every `interval` and at
+    /// least every `idle`, and a write that expires sooner brings the sweep forward: a node whose
+    /// values do not expire does not wake (100,000 simulated peers each woken every second spent
+    /// most of a run's time in sweeps that found nothing). Other backends are swept every `interval`.
+    /// Expired values are never served, swept or not.
+    public func startSweeping(node: Node, every interval: Duration = .seconds(1), idle: Duration = .seconds(60)) {
+        let least = max(1_000_000, TimeAmount(interval).nanoseconds)
+        let sweep = Sweeper(loop: node.eventLoop, interval: UInt64(least), idle: UInt64(max(least, TimeAmount(idle).nanoseconds)))
         sweeper.withLockedValue { old in
-            old?.cancel()
-            old = task
+            old?.stop()
+            old = sweep
         }
+        sweep.arm(now: now(), pipeline: self)
     }
 
-    /// One sweep of the backend (what the repeated task runs): how many values it removed.
+    /// Runs one scheduled sweep and sets the next.
+    fileprivate func sweepAndArm(_ sweep: Sweeper) {
+        guard let backend = registry.storageBackend else { return }
+        let t = now()
+        _ = backend.sweepExpired(now: t)
+        sweep.arm(now: t, pipeline: self)
+    }
+
+    /// After a write: brings the sweep forward when the backend now holds a value expiring sooner.
+    private func wrote(_ backend: any StorageBackend) {
+        guard let sweep = sweeper.withLockedValue({ $0 }) else { return }
+        sweep.bringForward(to: backend.nextExpiry, now: now(), pipeline: self)
+    }
+
+    /// When the backend's next value expires (see `StorageBackend.nextExpiry`).
+    fileprivate var backendNextExpiry: UInt64? { registry.storageBackend?.nextExpiry }
+
+    /// One sweep of the backend (what the timer runs): how many values it removed.
     public func sweepOnce(now: UInt64? = nil) -> Int {
         registry.storageBackend?.sweepExpired(now: now ?? self.now()) ?? 0
     }
@@ -292,14 +318,14 @@ public final class StoragePipeline: Sendable {
 
     public func stopSweeping() {
         sweeper.withLockedValue { t in
-            t?.cancel()
+            t?.stop()
             t = nil
         }
     }
 
     private func run(_ request: StorageRequest, _ chain: ArraySlice<any StorageInterceptor>, context: StorageContext,
                      backend: any StorageBackend) async throws -> StorageResult {
-        guard let first = chain.first else { return try backend.execute(request, writer: context.writer, now: now()) }
+        guard let first = chain.first else { return try apply(request, writer: context.writer, backend: backend) }
         let rest = chain.dropFirst()
         return try await first.intercept(request, context: context) { next in
             try await self.run(next, rest, context: context, backend: backend)
@@ -395,5 +421,55 @@ final class AsyncGate: Sendable {
             return c
         }
         next?.resume(returning: true)
+    }
+}
+
+/// The one sweep timer of a pipeline: when it fires next, re-armed after each sweep and brought
+/// forward by writes.
+private final class Sweeper: Sendable {
+    let loop: any EventLoop
+    /// Least and most time between sweeps, in nanoseconds.
+    let interval: UInt64
+    let idle: UInt64
+    private let state = NIOLockedValueBox<(task: Scheduled<Void>?, at: UInt64, stopped: Bool)>((nil, .max, false))
+
+    init(loop: any EventLoop, interval: UInt64, idle: UInt64) {
+        self.loop = loop
+        self.interval = interval
+        self.idle = idle
+    }
+
+    /// Sets the next sweep after one at `now`: at the backend's next expiry (already past when the
+    /// sweep stopped at its cap), within [interval, idle] from now.
+    func arm(now: UInt64, pipeline: StoragePipeline) {
+        let next = pipeline.backendNextExpiry ?? .max
+        let at = now &+ min(idle, max(interval, next > now ? next - now : 0))
+        schedule(at: at, now: now, pipeline: pipeline, onlyIfSooner: false)
+    }
+
+    /// Moves the next sweep to `expiry` (no sooner than `interval` from now) when that is sooner.
+    func bringForward(to expiry: UInt64?, now: UInt64, pipeline: StoragePipeline) {
+        guard let expiry else { return }
+        schedule(at: max(expiry, now &+ interval), now: now, pipeline: pipeline, onlyIfSooner: true)
+    }
+
+    private func schedule(at: UInt64, now: UInt64, pipeline: StoragePipeline, onlyIfSooner: Bool) {
+        state.withLockedValue { s in
+            guard !s.stopped, !onlyIfSooner || at < s.at else { return }
+            s.task?.cancel()
+            s.at = at
+            s.task = loop.scheduleTask(in: .nanoseconds(Int64(clamping: at - min(at, now)))) { [weak self, weak pipeline] in
+                guard let self, let pipeline else { return }
+                pipeline.sweepAndArm(self)
+            }
+        }
+    }
+
+    func stop() {
+        state.withLockedValue { s in
+            s.stopped = true
+            s.task?.cancel()
+            s.task = nil
+        }
     }
 }

@@ -102,6 +102,28 @@ struct DHTTests {
         await net.shutdown()
     }
 
+    @Test("an idle node's storage sleeps while nothing expires, and a value put then is swept soon after its TTL (virtual time)")
+    func sweepsWhenDue() async throws {
+        let net = SimulatedNetwork(seed: 5, conditions: LinkConditions(latency: .constant(.milliseconds(20))))
+        defer { net.stop() }
+        try await net.run {
+            let t = try await Testnet.start(peers: 10, routing: .perfect, network: net, plugins: { _ in [DHTPlugin()] })
+            let clock = NodeClock(loop: net.loop)
+            // Ten idle minutes: a sweep every second would be 6,000 jobs on the loop; waking
+            // once a minute at most, 100.
+            let before = net.loop.jobsRun
+            try await clock.sleep(for: .seconds(600))
+            #expect(net.loop.jobsRun - before <= 200)
+            // A write brings the sleeping sweep forward: gone from every backend, not only hidden.
+            let k = key("short-lived")
+            try await t.nodes[1].dht.put(k, Array("v".utf8), options: DHTOptions(ttl: .seconds(20)))
+            #expect(try t.nodes.contains { try holds($0, k) })
+            try await clock.sleep(for: .seconds(22))
+            #expect(try t.nodes.allSatisfy { try !holds($0, k) })
+            await t.shutdown()
+        }
+    }
+
     @Test("putMeta changes the TTL without resending the value")
     func putMetaChangesTTL() async throws {
         let net = try await testnet(8)
