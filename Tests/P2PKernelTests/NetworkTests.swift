@@ -149,6 +149,29 @@ struct PeerMapTests {
         #expect(map.bucketIndex(of: me) == nil)
     }
 
+    @Test("buckets near our own id and far from it: occupancy per bucket, closest in XOR order across them, maintenance reaches every one")
+    func bucketsNearAndFar() {
+        var rng = SplitMix64(seed: 4)
+        let me = Number160.random(using: &rng)
+        let map = PeerMap(selfID: me, config: { var c = PeerMapConfig(); c.checkIntervals = [.zero]; return c }())
+        // One peer in each of buckets 0, 1, 40, 100 and 159 (the distance's highest bit), 30 more at random.
+        let near = [Number160(1), Number160(2), Number160(high: 0, middle: 1 << 8, low: 0), Number160(high: 1 << 4, middle: 0, low: 0), Number160(high: 1 << 63, middle: 0, low: 0)]
+        for (i, d) in near.enumerated() {
+            #expect(map.peerFound(PeerAddress(id: me ^ d, socket: PeerSocketAddress(ip: .loopback, port: UInt16(100 + i))), verified: true))
+        }
+        for i in 0..<30 { map.peerFound(PeerAddress(id: .random(using: &rng), socket: PeerSocketAddress(ip: .loopback, port: UInt16(200 + i))), verified: true) }
+        let occupancy = map.bucketOccupancy
+        #expect(occupancy.count == 160)
+        #expect(occupancy.reduce(0, +) == map.counts.verified)
+        #expect(occupancy[0] == 1 && occupancy[1] == 1 && occupancy[40] == 1 && occupancy[100] == 1)
+        #expect(Set(map.verifiedPeers.map(\.id)).count == map.counts.verified)
+        for key in [me, me ^ Number160(3), Number160.random(using: &rng)] {
+            let expected = map.verifiedPeers.map(\.id).sorted { ($0 ^ key) < ($1 ^ key) }.prefix(8)
+            #expect(map.closest(to: key, count: 8).map(\.id) == Array(expected))
+        }
+        #expect(Set(map.dueForCheck(limit: 1_000).map(\.id)) == Set(map.verifiedPeers.map(\.id)))
+    }
+
     @Test("closest returns peers in XOR order")
     func closestInOrder() {
         var rng = SplitMix64(seed: 9)

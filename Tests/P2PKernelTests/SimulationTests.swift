@@ -125,6 +125,22 @@ struct SimulationTests {
         #expect(after >= 0.95, "recall after healing: \(after)")
     }
 
+    @Test("the status page's recent events name each peer that joined or left by its id's first 12 hex digits and its address")
+    func statusEvents() async throws {
+        let net = SimulatedNetwork(seed: 8, conditions: LinkConditions(latency: .constant(.milliseconds(10))))
+        defer { net.stop() }
+        let (events, peer) = try await net.run {
+            let t = try await Testnet.start(peers: 4, network: net)
+            let (a, b) = (t.nodes[0], t.nodes[3])
+            _ = a.peerMap.peerFailed(b.peerID, reason: .quit)
+            let events = try await a.status().events.map(\.text)
+            await t.shutdown()
+            return (events, "\(b.peerID.hexString.prefix(12)) at \(b.address.socket)")
+        }
+        #expect(events.contains("peer joined: \(peer)"), "\(events)")
+        #expect(events.last == "peer left: \(peer) (quit)", "\(events)")
+    }
+
     @Test("a request sent again because its reply was lost is carried out once, and answered again")
     func requestsRunOnce() async throws {
         // 30 % of datagrams lost: many replies are lost and their requests sent again.

@@ -163,8 +163,8 @@ final class Kernel: TransportEvents, @unchecked Sendable {
         let log = node.events
         registry.subscribe { event in
             switch event {
-            case .peerInserted(let p, let verified) where verified: log.add("peer joined: \(p.id.hexString.prefix(12)) at \(p.socket)")
-            case .peerRemoved(let p, let reason): log.add("peer left: \(p.id.hexString.prefix(12)) at \(p.socket) (\(reason))")
+            case .peerInserted(let p, let verified) where verified: log.peerJoined(p)
+            case .peerRemoved(let p, let reason): log.peerLeft(p, reason)
             case .reachabilityChanged(let report): log.add(report.summary)
             case .directPath(let path): log.add("direct path: \(path)")
             default: break

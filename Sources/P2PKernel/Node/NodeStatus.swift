@@ -76,7 +76,27 @@ public struct NodeStatus: Codable, Sendable, Equatable {
 /// Peers come and go at a rate others control, so this is a ring, never a growing list.
 final class EventLog: Sendable {
     static let capacity = 64
-    private let ring = NIOLockedValueBox((items: [NodeStatus.Event](), next: 0))
+
+    /// What happened, kept as data and put into words when the status page asks: a node records
+    /// a line per peer it meets, and 64 lines of text cost a peer 5 KiB more than 64 records.
+    enum Record: Sendable {
+        /// A peer joined (`left == nil`) or left; its id's first 48 bits.
+        case peer(idPrefix: UInt64, socket: PeerSocketAddress, left: RemovalReason?)
+        case text(String)
+
+        var text: String {
+            switch self {
+            case .text(let t): return t
+            case .peer(let prefix, let socket, let left):
+                let id = String(prefix >> 16, radix: 16)
+                let padded = String(repeating: "0", count: max(0, 12 - id.count)) + id
+                guard let left else { return "peer joined: \(padded) at \(socket)" }
+                return "peer left: \(padded) at \(socket) (\(left))"
+            }
+        }
+    }
+
+    private let ring = NIOLockedValueBox((items: [(at: Double, record: Record)](), next: 0))
     private let clock: NodeClock
     private let started: NIODeadline
 
@@ -85,21 +105,26 @@ final class EventLog: Sendable {
         self.started = clock.now
     }
 
-    func add(_ text: String) {
+    func add(_ text: String) { add(.text(text)) }
+
+    func peerJoined(_ p: PeerAddress) { add(.peer(idPrefix: p.id.high, socket: p.socket, left: nil)) }
+    func peerLeft(_ p: PeerAddress, _ reason: RemovalReason) { add(.peer(idPrefix: p.id.high, socket: p.socket, left: reason)) }
+
+    private func add(_ record: Record) {
         let at = Double((clock.now - started).nanoseconds) / 1e9
         ring.withLockedValue { r in
-            let e = NodeStatus.Event(at: at, text: text)
             if r.items.count < Self.capacity {
-                r.items.append(e)
+                r.items.append((at, record))
             } else {
-                r.items[r.next] = e
+                r.items[r.next] = (at, record)
                 r.next = (r.next + 1) % Self.capacity
             }
         }
     }
 
     var events: [NodeStatus.Event] {
-        ring.withLockedValue { r in Array(r.items[r.next...] + r.items[..<r.next]) }
+        let items = ring.withLockedValue { r in Array(r.items[r.next...] + r.items[..<r.next]) }
+        return items.map { NodeStatus.Event(at: $0.at, text: $0.record.text) }
     }
 
     var uptime: Double { Double((clock.now - started).nanoseconds) / 1e9 }

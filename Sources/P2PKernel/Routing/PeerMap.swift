@@ -54,6 +54,7 @@ public final class PeerMap: @unchecked Sendable {
             let o = overflow.firstIndex(where: { $0.address.id == address.id })
             if isVerified, verified.count < config.bucketSize {
                 if let o { overflow.remove(at: o) }
+                Self.grow(&verified, toAtMost: config.bucketSize)
                 verified.append(Entry(address: address, lastSeen: now, failures: 0, checks: 0))
                 return Found(event: o == nil ? .inserted(address, verified: true) : nil, verifiedDelta: 1, overflowDelta: o == nil ? 0 : -1, stored: true)
             }
@@ -70,8 +71,16 @@ public final class PeerMap: @unchecked Sendable {
                 result.evicted = overflow.removeFirst().address
                 result.overflowDelta = 0
             }
+            Self.grow(&overflow, toAtMost: config.overflowSize)
             overflow.append(Entry(address: address, lastSeen: isVerified ? now : 0, failures: 0, checks: 0))
             return result
+        }
+
+        /// Makes room for one more entry, doubling as an array does but never past the bucket's
+        /// bound (an array left to grow by itself holds 32 places for a full bucket of 20).
+        private static func grow(_ entries: inout [Entry], toAtMost bound: Int) {
+            guard entries.count == entries.capacity, entries.count < bound else { return }
+            entries.reserveCapacity(min(max(2, entries.count * 2), bound))
         }
 
         /// Records a failure; returns the removed peer (if any) and the change in counts.
@@ -100,7 +109,7 @@ public final class PeerMap: @unchecked Sendable {
     public let selfID: Number160
     public let config: PeerMapConfig
     private let lock = NIOLock()
-    private var buckets = [Bucket](repeating: Bucket(), count: 160)
+    private var buckets = Buckets()
     private var verifiedCount = 0
     private var overflowCount = 0
     private var banned: [Number160: UInt64] = [:]
@@ -250,12 +259,12 @@ public final class PeerMap: @unchecked Sendable {
 
     /// Verified peers per bucket, index 0 (closest) to 159 (the far half of the id space).
     public var bucketOccupancy: [Int] {
-        lock.withLock { buckets.map(\.verified.count) }
+        lock.withLock { (0..<160).map { buckets[$0].verified.count } }
     }
 
     /// All verified peers.
     public var verifiedPeers: [PeerAddress] {
-        lock.withLock { buckets.flatMap { $0.verified.map(\.address) } }
+        lock.withLock { (0..<160).flatMap { buckets[$0].verified.map(\.address) } }
     }
 
     /// The `count` peers closest to `key` by XOR, closest first; overflow peers only when asked.
@@ -302,8 +311,8 @@ public final class PeerMap: @unchecked Sendable {
                     band.sort { $0.distance < $1.distance }
                 }
                 for c in band {
-                    let bucket = buckets[Int(c.bucket)]
-                    out.append(c.overflow ? bucket.overflow[Int(c.index)].address : bucket.verified[Int(c.index)].address)
+                    let j = Int(c.bucket), i = Int(c.index)
+                    out.append(c.overflow ? buckets[j].overflow[i].address : buckets[j].verified[i].address)
                     if out.count == count { return out }
                 }
             }
@@ -318,8 +327,8 @@ public final class PeerMap: @unchecked Sendable {
         let now = now()
         return lock.withLock {
             var due: [(UInt64, Int, Int)] = []
-            for (b, bucket) in buckets.enumerated() where !bucket.verified.isEmpty {
-                for (i, e) in bucket.verified.enumerated() {
+            for b in buckets.inUse {
+                for (i, e) in buckets[b].verified.enumerated() {
                     let interval = checkIntervals[min(Int(e.checks), checkIntervals.count - 1)]
                     if now >= e.lastSeen &+ interval { due.append((e.lastSeen, b, i)) }
                 }
@@ -333,6 +342,28 @@ public final class PeerMap: @unchecked Sendable {
             }
             return out
         }
+    }
+
+    /// The 160 buckets, stored from the farthest (159) down to the closest one ever used: a node
+    /// among n peers fills about log2(n) of them, and 140 empty buckets would cost 2.2 KiB a peer.
+    struct Buckets {
+        private var far: [Bucket] = []
+        private static let empty = Bucket()
+
+        subscript(b: Int) -> Bucket {
+            _read {
+                let i = 159 - b
+                if i < far.count { yield far[i] } else { yield Self.empty }
+            }
+            _modify {
+                let i = 159 - b
+                if i >= far.count { far.append(contentsOf: repeatElement(Bucket(), count: i - far.count + 1)) }
+                yield &far[i]
+            }
+        }
+
+        /// The indices of the buckets stored, closest first.
+        var inUse: Range<Int> { (160 - far.count)..<160 }
     }
 
     private func emit(_ event: PeerMapEvent) {
