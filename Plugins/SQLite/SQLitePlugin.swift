@@ -114,7 +114,7 @@ public struct RejoinError: Error, CustomStringConvertible {
 
 extension Node {
     /// Joins the overlay through peers saved by an earlier run: pings up to `concurrency` of
-    /// them at once (newest first) and, as soon as any answers, looks up this node's id and
+    /// them at once (newest first) and, as soon as one answers with its saved id, looks up this node's id and
     /// refreshes its far buckets, as a bootstrap does. Throws when none answers. At most `limit`
     /// are tried, so a table of dead peers costs a few request timeouts (128 at 32 at once: 4),
     /// not minutes, before the caller falls back to its bootstrap addresses.
@@ -135,8 +135,9 @@ extension Node {
             }
             guard let index else { return }
             Task {
-                // A saved address this node now listens on itself answers with its own id: not a way in.
-                let answer = (try? await self.ping(candidates[index].socket)).flatMap { $0.id == self.peerID ? nil : $0 }
+                // Only the saved peer itself is a way back in: an address now held by someone else
+                // (this node itself, or a stranger that took the port) is not the overlay we left.
+                let answer = (try? await self.ping(candidates[index].socket)).flatMap { $0.id == candidates[index].id ? $0 : nil }
                 let finish = cursor.withLockedValue { c -> Bool? in
                     c.inFlight -= 1
                     guard !c.done else { return nil }

@@ -265,30 +265,20 @@ public final class StoragePipeline: Sendable {
     /// Expired values are never served, swept or not.
     public func startSweeping(node: Node, every interval: Duration = .seconds(1), idle: Duration = .seconds(60)) {
         let least = max(1_000_000, TimeAmount(interval).nanoseconds)
-        let sweep = Sweeper(loop: node.eventLoop, interval: UInt64(least), idle: UInt64(max(least, TimeAmount(idle).nanoseconds)))
+        let sweep = Sweeper(loop: node.eventLoop, registry: registry, clock: clock, interval: UInt64(least),
+                            idle: UInt64(max(least, TimeAmount(idle).nanoseconds)))
         sweeper.withLockedValue { old in
             old?.stop()
             old = sweep
         }
-        sweep.arm(now: now(), pipeline: self)
-    }
-
-    /// Runs one scheduled sweep and sets the next.
-    fileprivate func sweepAndArm(_ sweep: Sweeper) {
-        guard let backend = registry.storageBackend else { return }
-        let t = now()
-        _ = backend.sweepExpired(now: t)
-        sweep.arm(now: t, pipeline: self)
+        sweep.arm(now: now())
     }
 
     /// After a write: brings the sweep forward when the backend now holds a value expiring sooner.
     private func wrote(_ backend: any StorageBackend) {
         guard let sweep = sweeper.withLockedValue({ $0 }) else { return }
-        sweep.bringForward(to: backend.nextExpiry, now: now(), pipeline: self)
+        sweep.bringForward(to: backend.nextExpiry, now: now())
     }
-
-    /// When the backend's next value expires (see `StorageBackend.nextExpiry`).
-    fileprivate var backendNextExpiry: UInt64? { registry.storageBackend?.nextExpiry }
 
     /// One sweep of the backend (what the timer runs): how many values it removed.
     public func sweepOnce(now: UInt64? = nil) -> Int {
@@ -425,43 +415,55 @@ final class AsyncGate: Sendable {
 }
 
 /// The one sweep timer of a pipeline: when it fires next, re-armed after each sweep and brought
-/// forward by writes.
+/// forward by writes. It holds the registry, not the pipeline, and no weak reference: a weakly
+/// referenced object pays a slower retain on every use, and the pipeline is used on every request.
+/// Like any timer of the node it runs until stopped (`stopSweeping`, when the DHT plugin stops).
 private final class Sweeper: Sendable {
     let loop: any EventLoop
+    let registry: PluginRegistry
+    let clock: NodeClock?
     /// Least and most time between sweeps, in nanoseconds.
     let interval: UInt64
     let idle: UInt64
     private let state = NIOLockedValueBox<(task: Scheduled<Void>?, at: UInt64, stopped: Bool)>((nil, .max, false))
 
-    init(loop: any EventLoop, interval: UInt64, idle: UInt64) {
+    init(loop: any EventLoop, registry: PluginRegistry, clock: NodeClock?, interval: UInt64, idle: UInt64) {
         self.loop = loop
+        self.registry = registry
+        self.clock = clock
         self.interval = interval
         self.idle = idle
     }
 
+    private var now: UInt64 { clock?.uptimeNanoseconds ?? StoragePipeline.now() }
+
+    /// Sweeps what expired and sets the next sweep.
+    private func sweep() {
+        let t = now
+        _ = registry.storageBackend?.sweepExpired(now: t)
+        arm(now: t)
+    }
+
     /// Sets the next sweep after one at `now`: at the backend's next expiry (already past when the
     /// sweep stopped at its cap), within [interval, idle] from now.
-    func arm(now: UInt64, pipeline: StoragePipeline) {
-        let next = pipeline.backendNextExpiry ?? .max
+    func arm(now: UInt64) {
+        let next = registry.storageBackend?.nextExpiry ?? .max
         let at = now &+ min(idle, max(interval, next > now ? next - now : 0))
-        schedule(at: at, now: now, pipeline: pipeline, onlyIfSooner: false)
+        schedule(at: at, now: now, onlyIfSooner: false)
     }
 
     /// Moves the next sweep to `expiry` (no sooner than `interval` from now) when that is sooner.
-    func bringForward(to expiry: UInt64?, now: UInt64, pipeline: StoragePipeline) {
+    func bringForward(to expiry: UInt64?, now: UInt64) {
         guard let expiry else { return }
-        schedule(at: max(expiry, now &+ interval), now: now, pipeline: pipeline, onlyIfSooner: true)
+        schedule(at: max(expiry, now &+ interval), now: now, onlyIfSooner: true)
     }
 
-    private func schedule(at: UInt64, now: UInt64, pipeline: StoragePipeline, onlyIfSooner: Bool) {
+    private func schedule(at: UInt64, now: UInt64, onlyIfSooner: Bool) {
         state.withLockedValue { s in
             guard !s.stopped, !onlyIfSooner || at < s.at else { return }
             s.task?.cancel()
             s.at = at
-            s.task = loop.scheduleTask(in: .nanoseconds(Int64(clamping: at - min(at, now)))) { [weak self, weak pipeline] in
-                guard let self, let pipeline else { return }
-                pipeline.sweepAndArm(self)
-            }
+            s.task = loop.scheduleTask(in: .nanoseconds(Int64(clamping: at - min(at, now)))) { self.sweep() }
         }
     }
 
