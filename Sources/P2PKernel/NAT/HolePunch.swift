@@ -114,7 +114,7 @@ struct Punch {
 /// into the `PathTable` when something comes through. Confined to the node's event loop.
 final class HolePuncher: KernelPart, @unchecked Sendable {
     private var link = KernelLink()
-    var kernel: Kernel { link.value }
+    @inline(__always) var kernel: Kernel { link.value }
     func attach(_ kernel: Kernel) { link.set(kernel) }
 
     /// Punches in progress by nonce, which peer each is with, and when each peer was last punched to.

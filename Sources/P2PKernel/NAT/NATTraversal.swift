@@ -202,7 +202,11 @@ public final class NATTraversal: @unchecked Sendable {
     /// SO_REUSEPORT: the listener and the sockets that dial out from its port both need it on Linux.
     public static let reusePort = ChannelOptions.Types.SocketOption(level: .socket, name: NIOBSDSocket.Option(rawValue: SO_REUSEPORT))
 
-    private weak var node: Node?
+    /// The node, from its creation until it shuts down (or fails to start). Not a weak
+    /// reference: that would give the node a side table, and every retain of the node — several
+    /// per message — would take the runtime's slow path.
+    private let owner = NIOLockedValueBox<Node?>(nil)
+    private var node: Node? { owner.withLockedValue { $0 } }
     private struct State {
         var report: ReachabilityReport?
         var running: Task<ReachabilityReport, any Error>?
@@ -222,7 +226,10 @@ public final class NATTraversal: @unchecked Sendable {
 
     init() {}
 
-    func attach(_ node: Node) { self.node = node }
+    func attach(_ node: Node) { owner.withLockedValue { $0 = node } }
+
+    /// Lets go of the node (it shut down or did not start): what still runs here finds no node and ends.
+    func detach() { owner.withLockedValue { $0 = nil } }
 
     /// The last report, if the ladder ran.
     public var report: ReachabilityReport? { state.withLockedValue { $0.report } }
@@ -233,10 +240,11 @@ public final class NATTraversal: @unchecked Sendable {
     /// Runs the ladder and returns what it found; concurrent calls share one run.
     @discardableResult
     public func makeReachable() async throws -> ReachabilityReport {
+        let executor = node?.clock.taskExecutor
         let task: Task<ReachabilityReport, any Error> = try state.withLockedValue { s in
             guard !s.stopped else { throw NATError.stopped }
             if let t = s.running { return t }
-            let t = Task(executorPreference: node?.clock.taskExecutor) { try await self.runLadder() }
+            let t = Task(executorPreference: executor) { try await self.runLadder() }
             s.running = t
             return t
         }
@@ -715,9 +723,10 @@ public final class NATTraversal: @unchecked Sendable {
     }
 
     private func ensureMaintenance() {
+        let executor = node?.clock.taskExecutor
         state.withLockedValue { s in
             guard s.maintenance == nil, !s.stopped else { return }
-            s.maintenance = Task(executorPreference: node?.clock.taskExecutor) { [weak self] in await self?.maintain() }
+            s.maintenance = Task(executorPreference: executor) { [weak self] in await self?.maintain() }
         }
     }
 

@@ -164,7 +164,7 @@ extension KernelCommands {
 /// waits for, the probes it sends for others, and their rate limits. Confined to the node's loop.
 final class Prober: KernelPart, @unchecked Sendable {
     private var link = KernelLink()
-    var kernel: Kernel { link.value }
+    @inline(__always) var kernel: Kernel { link.value }
     func attach(_ kernel: Kernel) { link.set(kernel) }
 
     /// Probe-backs waiting for their nonce.

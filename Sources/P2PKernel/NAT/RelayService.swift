@@ -81,7 +81,7 @@ enum ReturnPath {
 /// to peers that write through them. Confined to the node's event loop.
 final class RelayService: KernelPart, @unchecked Sendable {
     private var link = KernelLink()
-    var kernel: Kernel { link.value }
+    @inline(__always) var kernel: Kernel { link.value }
     func attach(_ kernel: Kernel) { link.set(kernel) }
 
     /// Relay side: the peers we relay for, and which link belongs to whom.

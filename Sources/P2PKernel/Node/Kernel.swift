@@ -20,7 +20,7 @@ final class Kernel: TransportEvents, @unchecked Sendable {
     /// kernel (as a socket keeps its handler), whoever else lets go of it. Let go when it stops.
     private var runner: Node?
     /// The node this kernel runs (set once, before anything runs).
-    var node: Node {
+    @inline(__always) var node: Node {
         guard let owner else { preconditionFailure("the kernel is used before its node is set") }
         return owner
     }
@@ -35,6 +35,19 @@ final class Kernel: TransportEvents, @unchecked Sendable {
     let commands = KernelCommandIDs()
     /// Bytes announced by TCP frames still arriving, over all connections.
     package let partialFrames: PartialFrameBudget
+    /// What the per-message path reads of the configuration, copied once: `config` is read
+    /// through the node, and that copies the whole struct — every reference in it retained and
+    /// released — for one field.
+    let networkID: UInt32
+    package let limits: NodeLimits
+    let requestTimeout: Duration
+    let udpRetryAfter: Duration
+    let maxInFlight: Int
+    /// The node's id, clock, routing table and registry, read on every message.
+    let peerID: Number160
+    let clock: NodeClock
+    let peerMap: PeerMap
+    let registry: PluginRegistry
 
     // Confined to the event loop:
     /// This node as its messages announce it (`Node.address` is the same, readable anywhere).
@@ -44,8 +57,18 @@ final class Kernel: TransportEvents, @unchecked Sendable {
     var maintenanceTask: RepeatedTask?
     var metricsTask: RepeatedTask?
 
-    init(config: NodeConfig, loop: any EventLoop, clock: NodeClock, random: RandomSource, keyPair: PeerKeyPair, logger: Logger, me: PeerAddress) {
+    init(config: NodeConfig, loop: any EventLoop, clock: NodeClock, random: RandomSource, keyPair: PeerKeyPair, logger: Logger, me: PeerAddress,
+         peerMap: PeerMap, registry: PluginRegistry) {
         self.me = me
+        peerID = me.id
+        self.clock = clock
+        self.peerMap = peerMap
+        self.registry = registry
+        networkID = config.networkID
+        limits = config.limits
+        requestTimeout = config.requestTimeout
+        udpRetryAfter = config.udpRetryAfter
+        maxInFlight = config.maxInFlight
         self.partialFrames = PartialFrameBudget(limit: config.limits.maxPartialFrameBytes)
         self.transport = config.makeTransport?(loop, config, logger)
             ?? SocketTransport(eventLoop: loop, host: config.host, port: config.port, idleTimeout: config.tcpIdleTimeout,
@@ -65,13 +88,12 @@ final class Kernel: TransportEvents, @unchecked Sendable {
         for part in [connections, paths, sessions, rpc, relay, punch, prober] as [any KernelPart] { part.attach(self) }
     }
 
-    var config: NodeConfig { node.config }
-    var logger: Logger { node.logger }
-    var clock: NodeClock { node.clock }
-    var eventLoop: any EventLoop { node.eventLoop }
+    @inline(__always) var config: NodeConfig { node.config }
+    @inline(__always) var logger: Logger { node.logger }
+    @inline(__always) var eventLoop: any EventLoop { node.eventLoop }
 
     /// Uptime seconds: what sessions and rate windows age by.
-    var coarseSeconds: UInt32 { node.clock.seconds }
+    @inline(__always) var coarseSeconds: UInt32 { clock.seconds }
 
     /// Counts a dropped packet and says why at trace level.
     func countDrop(_ why: @autoclosure () -> String) {
@@ -111,8 +133,10 @@ final class Kernel: TransportEvents, @unchecked Sendable {
     func startTimers() {
         guard running else { return }
         if let metrics = node.metrics {
-            metricsTask = eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [weak self] _ in
-                guard let node = self?.node else { return }
+            // Holds the kernel until `stop` cancels it (a running node lives that long anyway): a
+            // weak reference would give the kernel a side table, and every retain of it — one per
+            // message — would take the slow path.
+            metricsTask = eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [self] _ in
                 metrics.sample(node)
             }
         }
@@ -143,7 +167,7 @@ final class Kernel: TransportEvents, @unchecked Sendable {
         }
         let grace = eventLoop.makePromise(of: Void.self)
         EventLoopFuture.andAllComplete(writes, on: eventLoop).cascade(to: grace)
-        let limit = eventLoop.scheduleTask(in: TimeAmount(min(config.requestTimeout, .seconds(1)))) { grace.succeed(()) }
+        let limit = eventLoop.scheduleTask(in: TimeAmount(min(requestTimeout, .seconds(1)))) { grace.succeed(()) }
         return grace.futureResult.flatMap { [self] in
             limit.cancel()
             running = false
@@ -200,7 +224,6 @@ final class Kernel: TransportEvents, @unchecked Sendable {
         try connections.admit(connection)
     }
 
-    package var limits: NodeLimits { config.limits }
 
     package func transportClosed() {
         runner = nil
@@ -261,29 +284,34 @@ protocol KernelPart: AnyObject {
     var kernel: Kernel { get }
 }
 
+/// The accessors are always inlined: each is read on the per-message path, and a call would
+/// return a copy of the whole `NodeConfig` (every reference in it retained and released) where
+/// the caller wants one field.
 extension KernelPart {
-    var node: Node { kernel.node }
-    var config: NodeConfig { kernel.node.config }
-    var logger: Logger { kernel.node.logger }
-    var clock: NodeClock { kernel.node.clock }
-    var random: RandomSource { kernel.node.random }
-    var eventLoop: any EventLoop { kernel.node.eventLoop }
-    var peerMap: PeerMap { kernel.node.peerMap }
-    var registry: PluginRegistry { kernel.node.registry }
-    var metrics: NodeMetrics? { kernel.node.metrics }
-    var peerID: Number160 { kernel.node.peerID }
-    var transport: any PeerTransport { kernel.transport }
-    var running: Bool { kernel.running }
-    var coarseSeconds: UInt32 { kernel.coarseSeconds }
-    var selfAddress: PeerAddress { kernel.me }
-    var kernelCommands: KernelCommandIDs { kernel.commands }
-    func countDrop(_ why: @autoclosure () -> String) { kernel.countDrop(why()) }
+    @inline(__always) var node: Node { kernel.node }
+    @inline(__always) var config: NodeConfig { kernel.node.config }
+    @inline(__always) var logger: Logger { kernel.node.logger }
+    @inline(__always) var clock: NodeClock { kernel.clock }
+    @inline(__always) var random: RandomSource { kernel.node.random }
+    @inline(__always) var eventLoop: any EventLoop { kernel.node.eventLoop }
+    @inline(__always) var peerMap: PeerMap { kernel.peerMap }
+    @inline(__always) var registry: PluginRegistry { kernel.registry }
+    @inline(__always) var metrics: NodeMetrics? { kernel.node.metrics }
+    @inline(__always) var peerID: Number160 { kernel.peerID }
+    @inline(__always) var transport: any PeerTransport { kernel.transport }
+    @inline(__always) var running: Bool { kernel.running }
+    @inline(__always) var coarseSeconds: UInt32 { kernel.coarseSeconds }
+    @inline(__always) var selfAddress: PeerAddress { kernel.me }
+    @inline(__always) var kernelCommands: KernelCommandIDs { kernel.commands }
+    @inline(__always) var networkID: UInt32 { kernel.networkID }
+    @inline(__always) var limits: NodeLimits { kernel.limits }
+    @inline(__always) func countDrop(_ why: @autoclosure () -> String) { kernel.countDrop(why()) }
 }
 
 /// Holds the kernel a part belongs to (set once, before the part runs).
 struct KernelLink {
     private unowned(unsafe) var kernel: Kernel?
-    var value: Kernel {
+    @inline(__always) var value: Kernel {
         guard let kernel else { preconditionFailure("a kernel part used before it was attached") }
         return kernel
     }

@@ -70,7 +70,8 @@ public final class Node: @unchecked Sendable {
         self.metrics = config.metrics.map(NodeMetrics.init(factory:))
         let me = PeerAddress(id: peerID, socket: PeerSocketAddress(ip: IPAddress(config.host) ?? .v4(0), port: config.port), flags: config.flags)
         self.published = NIOLockedValueBox(me)
-        self.kernel = Kernel(config: config, loop: loop, clock: clock, random: random, keyPair: keys, logger: logger, me: me)
+        self.kernel = Kernel(config: config, loop: loop, clock: clock, random: random, keyPair: keys, logger: logger, me: me,
+                             peerMap: peerMap, registry: registry)
         kernel.attach(self)
         nat.attach(self)
     }
@@ -84,41 +85,52 @@ public final class Node: @unchecked Sendable {
         }
         let node = Node(config: config)
         do {
-            for h in KernelCommands.handlers + handlers { try node.registry.commands.register(h) }
+            try await node.run(handlers: handlers, plugins: plugins)
+        } catch {
+            // The NAT part holds its node until shutdown; a node that never ran is let go here.
+            node.nat.detach()
+            throw error
+        }
+        return node
+    }
+
+    /// Registers the handlers and plugins, binds the transport and starts the plugins and timers.
+    private func run(handlers: [any CommandHandler], plugins: [(plugin: any Plugin, optional: Bool)]) async throws {
+        do {
+            for h in KernelCommands.handlers + handlers { try registry.commands.register(h) }
         } catch {
             throw NodeStartError.registry(error)
         }
         for (plugin, optional) in plugins {
             do {
-                try node.registry.install(plugin)
+                try registry.install(plugin)
             } catch {
                 let failure: PluginError = (error as? PluginError) ?? .installFailed(plugin: plugin.name, reason: "\(error)")
                 guard optional else { throw NodeStartError.plugin(failure) }
-                node.logger.error("plugin refused, running without it", metadata: ["plugin": "\(plugin.name)", "error": "\(failure)"])
-                node.counters.withLockedValue { $0.refusedPlugins.append((plugin.name, "\(failure)")) }
+                logger.error("plugin refused, running without it", metadata: ["plugin": "\(plugin.name)", "error": "\(failure)"])
+                counters.withLockedValue { $0.refusedPlugins.append((plugin.name, "\(failure)")) }
             }
         }
         do {
-            for d in try node.registry.resolveRequirements() {
-                node.logger.info("installed a plugin's default", metadata: ["default": "\(d.installed)", "for": "\(d.for)", "need": "\(d.need)"])
+            for d in try registry.resolveRequirements() {
+                logger.info("installed a plugin's default", metadata: ["default": "\(d.installed)", "for": "\(d.for)", "need": "\(d.need)"])
             }
         } catch {
             throw NodeStartError.plugin(error)
         }
-        try await node.kernel.bind()
-        node.kernel.connectEvents()
-        for plugin in node.registry.plugins {
+        try await kernel.bind()
+        kernel.connectEvents()
+        for plugin in registry.plugins {
             do {
-                try await plugin.start(node: node)
+                try await plugin.start(node: self)
             } catch {
-                await node.shutdown()
+                await shutdown()
                 throw NodeStartError.plugin(.installFailed(plugin: plugin.name, reason: "start failed: \(error)"))
             }
         }
-        node.eventLoop.execute { node.kernel.startTimers() }
-        if config.nat.mode == .auto { node.nat.startAutomatic() }
-        node.logger.debug("listening", metadata: ["address": "\(node.address.socket)"])
-        return node
+        eventLoop.execute { [kernel] in kernel.startTimers() }
+        if config.nat.mode == .auto { nat.startAutomatic() }
+        logger.debug("listening", metadata: ["address": "\(address.socket)"])
     }
 
     /// Announces that this node leaves (a quit to every verified peer it has a session with),
@@ -135,6 +147,7 @@ public final class Node: @unchecked Sendable {
             await nat.stop()
         }
         try? await eventLoop.flatSubmit { [kernel] in kernel.stop(announce: announce) }.get()
+        nat.detach()
     }
 
     /// Whether the node is still running (not shut down).

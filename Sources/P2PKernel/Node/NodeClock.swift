@@ -121,14 +121,13 @@ public final class RandomSource: @unchecked Sendable {
 
     /// `count` random bytes.
     public func bytes(_ count: Int) -> [UInt8] {
-        guard isSeeded else {
-            var system = SystemRandomNumberGenerator()
-            return (0..<count).map { _ in UInt8.random(in: 0...255, using: &system) }
-        }
+        // Eight bytes a draw: the system generator is a system call per draw.
+        var system = SystemRandomNumberGenerator()
+        let seeded = isSeeded
         var out: [UInt8] = []
         out.reserveCapacity(count + 8)
         while out.count < count {
-            let v = next()
+            let v = seeded ? next() : system.next()
             for i in 0..<8 where out.count < count { out.append(UInt8(truncatingIfNeeded: v >> (8 * i))) }
         }
         return out

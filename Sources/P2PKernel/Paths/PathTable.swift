@@ -16,7 +16,7 @@ import NIOCore
 /// ```
 final class PathTable: KernelPart, @unchecked Sendable {
     private var link = KernelLink()
-    var kernel: Kernel { link.value }
+    @inline(__always) var kernel: Kernel { link.value }
     func attach(_ kernel: Kernel) { link.set(kernel) }
 
     /// Relayed peers: where their relays are.
@@ -69,7 +69,7 @@ final class PathTable: KernelPart, @unchecked Sendable {
                 }
             } else {
                 var rng = random.generator
-                if relayRoutes.count >= config.limits.maxRelayRoutes, let victim = relayRoutes.keys.randomElement(using: &rng) {
+                if relayRoutes.count >= limits.maxRelayRoutes, let victim = relayRoutes.keys.randomElement(using: &rng) {
                     relayRoutes[victim] = nil
                 }
                 relayRoutes[peer.id] = RelayRoute(relays: relays, next: Int.random(in: 0..<relays.count, using: &rng))
@@ -162,7 +162,7 @@ final class PathTable: KernelPart, @unchecked Sendable {
     /// Makes `connection` the way to `peer` over TCP while it is open.
     func installDirectPath(_ peer: Number160, connection: any PeerConnection) {
         var rng = random.generator
-        if directPaths[peer] == nil, directPaths.count >= config.limits.maxDirectPaths, let victim = directPaths.keys.randomElement(using: &rng) {
+        if directPaths[peer] == nil, directPaths.count >= limits.maxDirectPaths, let victim = directPaths.keys.randomElement(using: &rng) {
             directPaths[victim] = nil
         }
         directPaths[peer] = connection
@@ -177,7 +177,7 @@ final class PathTable: KernelPart, @unchecked Sendable {
     func installUDPPath(_ peer: Number160, socket: (any DatagramSocket)?, address: Endpoint) {
         if udpPaths[peer] != nil { dropUDPPath(peer) }
         var rng = random.generator
-        if udpPaths.count >= config.limits.maxDirectPaths, let victim = udpPaths.keys.randomElement(using: &rng) { dropUDPPath(victim) }
+        if udpPaths.count >= limits.maxDirectPaths, let victim = udpPaths.keys.randomElement(using: &rng) { dropUDPPath(victim) }
         udpPaths[peer] = UDPPath(socket: socket, address: address, heard: coarseSeconds)
         if let socket { punchSockets[address] = socket }
         if pathKeepAlive == nil {

@@ -11,7 +11,7 @@ import NIOCore
 /// ```
 final class RPCEngine: KernelPart, @unchecked Sendable {
     private var link = KernelLink()
-    var kernel: Kernel { link.value }
+    @inline(__always) var kernel: Kernel { link.value }
     func attach(_ kernel: Kernel) { link.set(kernel) }
 
     var pending: [UInt32: PendingRequest] = [:]
@@ -31,7 +31,7 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
 
     func receivedPlaintext(_ buffer: ByteBuffer, remote: Endpoint, origin: Origin) {
         let ip = remote.ip
-        let networkID = config.networkID
+        let networkID = kernel.networkID
         let decoded = buffer.withUnsafeReadableBytes { raw in
             Result { () throws(WireError) -> Message in try WireCodec.decode(raw, senderIP: ip, networkID: networkID) }
         }
@@ -158,7 +158,7 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
         // A handler that answers later holds a place until it does: bounded per node and per peer.
         let sender = request.sender.id
         let perPeer = handlersPerPeer[sender.high] ?? 0
-        guard handlersInFlight < config.limits.maxHandlersInFlight, perPeer < config.limits.maxHandlersInFlightPerPeer else {
+        guard handlersInFlight < limits.maxHandlersInFlight, perPeer < limits.maxHandlersInFlightPerPeer else {
             if request.type == .request {
                 sendReply(.error(.denied, "busy: too many requests in progress"), to: request, origin: origin, session: session)
             }
@@ -204,7 +204,7 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
 
     func sendReply(_ reply: Reply, to request: Message, origin: Origin, session: UInt64) {
         guard running else { return }
-        var m = Message(networkID: config.networkID, id: request.id, type: reply.type, command: request.command,
+        var m = Message(networkID: networkID, id: request.id, type: reply.type, command: request.command,
                         sender: selfAddress, recipientID: request.sender.id, payload: reply.payload)
         var size: Int
         do {
@@ -247,7 +247,7 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
     /// reply may be megabytes.)
     func writeReply(_ frame: ByteBuffer, on connection: any PeerConnection) {
         let queued = connection.queuedBytes
-        guard queued + frame.readableBytes <= config.limits.maxQueuedReplyBytes else {
+        guard queued + frame.readableBytes <= limits.maxQueuedReplyBytes else {
             countDrop("a reply to a peer that does not read: \(queued) bytes already queued")
             connection.close()
             return
@@ -267,11 +267,11 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
                        transport: TransportChoice, timeout: Duration?) -> EventLoopFuture<Message> {
         eventLoop.assertInEventLoop()
         guard running else { return eventLoop.makeFailedFuture(RPCError.shutDown) }
-        guard pending.count < config.maxInFlight else {
-            return eventLoop.makeFailedFuture(RPCError.tooManyInFlight(limit: config.maxInFlight))
+        guard pending.count < kernel.maxInFlight else {
+            return eventLoop.makeFailedFuture(RPCError.tooManyInFlight(limit: kernel.maxInFlight))
         }
         let id = nextID()
-        let m = Message(networkID: config.networkID, id: id, type: .request, command: command, sender: selfAddress,
+        let m = Message(networkID: networkID, id: id, type: .request, command: command, sender: selfAddress,
                         recipientID: expectedID, payload: payload)
         let size: Int
         do { size = try WireCodec.validate(m) } catch { return eventLoop.makeFailedFuture(RPCError.encoding(error)) }
@@ -285,7 +285,7 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
         var plain = ByteBufferAllocator().buffer(capacity: size)
         plain.writeMessage(m, size: size, framed: false)
         let promise = eventLoop.makePromise(of: Message.self)
-        let total = timeout ?? config.requestTimeout
+        let total = timeout ?? kernel.requestTimeout
         pending[id] = PendingRequest(promise: promise, timer: nil, expected: expectedID, target: target, command: command,
                                      payload: payload, timeout: total, plaintext: plain, transport: routedKind)
         if let metrics { metrics.countOut(metrics.series(command, registry: registry.commands), bytes: size) }
@@ -295,7 +295,7 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
             // Re-sent after about a round trip, then at doubling intervals, until the deadline:
             // datagrams get lost, and so may the FINISH of a fresh session. A re-sent request is
             // sealed anew, so the peer answers it.
-            let first = min(rtt.timeout(ceiling: config.udpRetryAfter), TimeAmount(total / 2))
+            let first = min(rtt.timeout(ceiling: kernel.udpRetryAfter), TimeAmount(total / 2))
             resend(id, after: first, deadline: clock.now + TimeAmount(total), total: total)
         } else {
             pending[id]?.timer = eventLoop.scheduleTask(in: TimeAmount(total)) { [self] in
@@ -324,7 +324,7 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
             }
             pending[id]?.resent = true
             transmit(p.plaintext, to: p.target, expected: p.expected, over: .udp, requestID: id)
-            resend(id, after: min(interval * 2, TimeAmount(config.udpRetryAfter)), deadline: deadline, total: total, attempt: attempt + 1)
+            resend(id, after: min(interval * 2, TimeAmount(kernel.udpRetryAfter)), deadline: deadline, total: total, attempt: attempt + 1)
         }
     }
 
@@ -356,7 +356,7 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
     func sendFireAndForget(to peer: PeerAddress, command: UInt16, payload: [Payload] = []) -> EventLoopFuture<Void>? {
         kernel.paths.learnRoute(peer)
         guard running, kernel.paths.udpPaths[peer.id] != nil || kernel.paths.unsendable(kernel.paths.routedTarget(peer.socket, expected: peer.id), .udp) == nil else { return nil }
-        let m = Message(networkID: config.networkID, id: nextID(), type: .fireAndForget, command: command,
+        let m = Message(networkID: networkID, id: nextID(), type: .fireAndForget, command: command,
                         sender: selfAddress, recipientID: peer.id, payload: payload)
         guard let size = try? WireCodec.validate(m), size <= WireLimits.udpPayloadLimit else { return nil }
         var plain = ByteBufferAllocator().buffer(capacity: size)

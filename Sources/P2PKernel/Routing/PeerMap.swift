@@ -16,7 +16,7 @@ public final class PeerMap: @unchecked Sendable {
         var checks: UInt8
     }
 
-    /// One bucket. Its methods mutate in place (`buckets[b].found(…)`), so the arrays are never
+    /// One bucket. Its methods mutate in place (`buckets.modify(b) { $0.found(…) }`), so the arrays are never
     /// copied on the per-message path.
     struct Bucket {
         var verified: [Entry] = []
@@ -165,18 +165,18 @@ public final class PeerMap: @unchecked Sendable {
             var before: PeerAddress?
             var groupChanges = false
             if group != nil || !groupCounts.isEmpty {
-                before = buckets[b].address(of: address.id)
+                before = buckets.read(b) { $0.address(of: address.id) }
                 let oldGroup = before.flatMap { ipGroup(of: $0.ip) }
                 groupChanges = before == nil || oldGroup != group
                 if groupChanges, let group {
-                    guard buckets[b].count(inGroup: group, ipGroup) < config.maxPeersPerIPGroupPerBucket,
+                    guard buckets.read(b, { $0.count(inGroup: group, ipGroup) }) < config.maxPeersPerIPGroupPerBucket,
                           (groupCounts[group] ?? 0) < config.maxPeersPerIPGroup else {
                         refusedByIPGroup += 1
                         return nil
                     }
                 }
             }
-            let found = buckets[b].found(address, verified: verified, now: now, config: config)
+            let found = buckets.modify(b) { $0.found(address, verified: verified, now: now, config: config) }
             verifiedCount += found.verifiedDelta
             overflowCount += found.overflowDelta
             if found.stored, groupChanges {
@@ -208,7 +208,7 @@ public final class PeerMap: @unchecked Sendable {
     public func peerFailed(_ id: Number160, reason: RemovalReason = .offline) -> Bool {
         guard let b = bucketIndex(of: id) else { return false }
         let removed: PeerAddress? = lock.withLock {
-            let (gone, dv, do_) = buckets[b].failed(id, reason: reason, config: config)
+            let (gone, dv, do_) = buckets.modifyIfStored(b) { $0.failed(id, reason: reason, config: config) } ?? (nil, 0, 0)
             verifiedCount += dv
             overflowCount += do_
             if let gone { countGroup(of: gone.ip, -1) }
@@ -235,21 +235,21 @@ public final class PeerMap: @unchecked Sendable {
     /// The verified peer with this id, if any.
     public func verifiedPeer(_ id: Number160) -> PeerAddress? {
         guard let b = bucketIndex(of: id) else { return nil }
-        return lock.withLock { buckets[b].verified.first(where: { $0.address.id == id })?.address }
+        return lock.withLock { buckets.read(b) { $0.verified.first(where: { $0.address.id == id })?.address } }
     }
 
     /// Whether the id is in the map at all (verified or overflow).
     public func contains(_ id: Number160) -> Bool {
         guard let b = bucketIndex(of: id) else { return false }
         return lock.withLock {
-            buckets[b].verified.contains { $0.address.id == id } || buckets[b].overflow.contains { $0.address.id == id }
+            buckets.read(b) { $0.verified.contains { $0.address.id == id } || $0.overflow.contains { $0.address.id == id } }
         }
     }
 
     /// The number of failures in a row recorded for a verified peer (nil if not verified).
     public func failureCount(_ id: Number160) -> Int? {
         guard let b = bucketIndex(of: id) else { return nil }
-        return lock.withLock { buckets[b].verified.first(where: { $0.address.id == id }).map { Int($0.failures) } }
+        return lock.withLock { buckets.read(b) { $0.verified.first(where: { $0.address.id == id }).map { Int($0.failures) } } }
     }
 
     /// Counts of verified and overflow peers.
@@ -259,12 +259,12 @@ public final class PeerMap: @unchecked Sendable {
 
     /// Verified peers per bucket, index 0 (closest) to 159 (the far half of the id space).
     public var bucketOccupancy: [Int] {
-        lock.withLock { (0..<160).map { buckets[$0].verified.count } }
+        lock.withLock { (0..<160).map { buckets.read($0) { $0.verified.count } } }
     }
 
     /// All verified peers.
     public var verifiedPeers: [PeerAddress] {
-        lock.withLock { (0..<160).flatMap { buckets[$0].verified.map(\.address) } }
+        lock.withLock { buckets.far.reversed().flatMap { $0.verified.map(\.address) } }
     }
 
     /// The `count` peers closest to `key` by XOR, closest first; overflow peers only when asked.
@@ -276,47 +276,56 @@ public final class PeerMap: @unchecked Sendable {
     public func closest(to key: Number160, count: Int, includeOverflow: Bool = false) -> [PeerAddress] {
         guard count > 0 else { return [] }
         let b = bucketIndex(of: key) ?? 0
-        var bands: [ClosedRange<Int>] = [b...b]
-        if b > 0 { bands.append(0...(b - 1)) }
-        if b < 159 { for j in (b + 1)...159 { bands.append(j...j) } }
-        return lock.withLock {
-            var out: [PeerAddress] = []
-            out.reserveCapacity(count)
-            var band: [(distance: Number160, bucket: UInt8, index: UInt8, overflow: Bool)] = []
-            for range in bands {
-                band.removeAll(keepingCapacity: true)
-                for j in range {
-                    for (i, e) in buckets[j].verified.enumerated() {
-                        band.append((e.address.id ^ key, UInt8(j), UInt8(truncatingIfNeeded: i), false))
-                    }
-                    if includeOverflow {
-                        for (i, e) in buckets[j].overflow.enumerated() {
-                            band.append((e.address.id ^ key, UInt8(j), UInt8(truncatingIfNeeded: i), true))
-                        }
-                    }
+        // One read of the stored buckets (bucket j is far[159 - j]); empty ones are never visited.
+        let far = lock.withLock { buckets.far }
+        let lowest = 160 - far.count
+        var out: [PeerAddress] = []
+        out.reserveCapacity(count)
+        var band: [(distance: Number160, bucket: UInt8, index: UInt8, overflow: Bool)] = []
+        // The bands in order: b alone, then every bucket below b, then b+1, b+2, … 159 alone.
+        var phase = 0, next = max(b + 1, lowest)
+        while true {
+            let range: Range<Int>
+            switch phase {
+            case 0: range = b..<(b + 1); phase = 1
+            case 1: range = 0..<b; phase = 2
+            default:
+                guard next < 160 else { return out }
+                range = next..<(next + 1)
+                next += 1
+            }
+            band.removeAll(keepingCapacity: true)
+            for j in range.clamped(to: lowest..<160) {
+                let bucket = far[159 - j]
+                for (i, e) in bucket.verified.enumerated() {
+                    band.append((e.address.id ^ key, UInt8(j), UInt8(truncatingIfNeeded: i), false))
                 }
-                guard !band.isEmpty else { continue }
-                let need = count - out.count
-                if band.count > need * 2 {
-                    // Partial selection: keep only the `need` nearest, in order.
-                    var best = band.prefix(need).sorted { $0.distance < $1.distance }
-                    for c in band.dropFirst(need) where c.distance < best[need - 1].distance {
-                        var at = need - 1
-                        while at > 0, c.distance < best[at - 1].distance { at -= 1 }
-                        best.removeLast()
-                        best.insert(c, at: at)
+                if includeOverflow {
+                    for (i, e) in bucket.overflow.enumerated() {
+                        band.append((e.address.id ^ key, UInt8(j), UInt8(truncatingIfNeeded: i), true))
                     }
-                    band = best
-                } else {
-                    band.sort { $0.distance < $1.distance }
-                }
-                for c in band {
-                    let j = Int(c.bucket), i = Int(c.index)
-                    out.append(c.overflow ? buckets[j].overflow[i].address : buckets[j].verified[i].address)
-                    if out.count == count { return out }
                 }
             }
-            return out
+            guard !band.isEmpty else { continue }
+            let need = count - out.count
+            if band.count > need * 2 {
+                // Partial selection: keep only the `need` nearest, in order.
+                var best = band.prefix(need).sorted { $0.distance < $1.distance }
+                for c in band.dropFirst(need) where c.distance < best[need - 1].distance {
+                    var at = need - 1
+                    while at > 0, c.distance < best[at - 1].distance { at -= 1 }
+                    best.removeLast()
+                    best.insert(c, at: at)
+                }
+                band = best
+            } else {
+                band.sort { $0.distance < $1.distance }
+            }
+            for c in band {
+                let bucket = far[159 - Int(c.bucket)], i = Int(c.index)
+                out.append(c.overflow ? bucket.overflow[i].address : bucket.verified[i].address)
+                if out.count == count { return out }
+            }
         }
     }
 
@@ -327,8 +336,9 @@ public final class PeerMap: @unchecked Sendable {
         let now = now()
         return lock.withLock {
             var due: [(UInt64, Int, Int)] = []
-            for b in buckets.inUse {
-                for (i, e) in buckets[b].verified.enumerated() {
+            for (i, bucket) in buckets.far.enumerated() {
+                let b = 159 - i
+                for (i, e) in bucket.verified.enumerated() {
                     let interval = checkIntervals[min(Int(e.checks), checkIntervals.count - 1)]
                     if now >= e.lastSeen &+ interval { due.append((e.lastSeen, b, i)) }
                 }
@@ -336,9 +346,12 @@ public final class PeerMap: @unchecked Sendable {
             due.sort { $0.0 < $1.0 }
             var out: [PeerAddress] = []
             for (_, b, i) in due.prefix(limit) {
-                buckets[b].verified[i].checks &+= 1
-                buckets[b].verified[i].lastSeen = now
-                out.append(buckets[b].verified[i].address)
+                let address: PeerAddress? = buckets.modifyIfStored(b) { bucket in
+                    bucket.verified[i].checks &+= 1
+                    bucket.verified[i].lastSeen = now
+                    return bucket.verified[i].address
+                }
+                if let address { out.append(address) }
             }
             return out
         }
@@ -347,19 +360,29 @@ public final class PeerMap: @unchecked Sendable {
     /// The 160 buckets, stored from the farthest (159) down to the closest one ever used: a node
     /// among n peers fills about log2(n) of them, and 140 empty buckets would cost 2.2 KiB a peer.
     struct Buckets {
-        private var far: [Bucket] = []
-        private static let empty = Bucket()
+        /// `far[i]` is bucket `159 - i`.
+        private(set) var far: [Bucket] = []
 
-        subscript(b: Int) -> Bucket {
-            _read {
-                let i = 159 - b
-                if i < far.count { yield far[i] } else { yield Self.empty }
-            }
-            _modify {
-                let i = 159 - b
-                if i >= far.count { far.append(contentsOf: repeatElement(Bucket(), count: i - far.count + 1)) }
-                yield &far[i]
-            }
+        /// Runs `body` on bucket `b` (an empty one when it is not stored), without copying it.
+        @inline(__always)
+        func read<R>(_ b: Int, _ body: (Bucket) -> R) -> R {
+            let i = 159 - b
+            return i < far.count ? body(far[i]) : body(Bucket())
+        }
+
+        /// Runs `body` on bucket `b`, storing it (and the empty ones farther out) first if needed.
+        @inline(__always)
+        mutating func modify<R>(_ b: Int, _ body: (inout Bucket) -> R) -> R {
+            let i = 159 - b
+            if i >= far.count { far.append(contentsOf: repeatElement(Bucket(), count: i - far.count + 1)) }
+            return body(&far[i])
+        }
+
+        /// Runs `body` on bucket `b` if it is stored; nil otherwise.
+        @inline(__always)
+        mutating func modifyIfStored<R>(_ b: Int, _ body: (inout Bucket) -> R) -> R? {
+            let i = 159 - b
+            return i < far.count ? body(&far[i]) : nil
         }
 
         /// The indices of the buckets stored, closest first.

@@ -42,7 +42,7 @@ struct OutboundHandshake {
 /// Confined to the node's event loop.
 final class SessionLayer: KernelPart, @unchecked Sendable {
     private var link = KernelLink()
-    var kernel: Kernel { link.value }
+    @inline(__always) var kernel: Kernel { link.value }
     func attach(_ kernel: Kernel) { link.set(kernel) }
 
     /// The handshake responder; nil in insecure mode.
@@ -139,26 +139,26 @@ final class SessionLayer: KernelPart, @unchecked Sendable {
         let key = HandshakeKey(ip: target.ip, port: kind == .udp ? target.udpPort : target.tcpPort, expected: expected, transport: kind)
         if let index = handshakeKeys[key], handshakes[index] != nil {
             if let id = item.requestID, handshakes[index]?.queue.contains(where: { $0.requestID == id }) == true { return }
-            guard (handshakes[index]?.queue.count ?? 0) < config.limits.maxQueuedPerHandshake else {
-                return reject(item, .busy("more than \(config.limits.maxQueuedPerHandshake) messages wait for the handshake with \(target)"))
+            guard (handshakes[index]?.queue.count ?? 0) < limits.maxQueuedPerHandshake else {
+                return reject(item, .busy("more than \(limits.maxQueuedPerHandshake) messages wait for the handshake with \(target)"))
             }
             handshakes[index]?.queue.append(item)
             return
         }
-        guard handshakes.count < config.limits.maxHandshakesInProgress else {
-            return reject(item, .busy("more than \(config.limits.maxHandshakesInProgress) handshakes in progress"))
+        guard handshakes.count < limits.maxHandshakesInProgress else {
+            return reject(item, .busy("more than \(limits.maxHandshakesInProgress) handshakes in progress"))
         }
         var fresh: UInt64
         repeat { fresh = UInt64(kernel.rpc.randomIDs.next()) << 32 | UInt64(kernel.rpc.randomIDs.next()) } while fresh == 0 || handshakes[fresh] != nil || table.slot(index: fresh) != nil
         let index = fresh
-        let crypto = InitiatorHandshake(network: config.networkID, index: index, expected: expected, random: random)
+        let crypto = InitiatorHandshake(network: networkID, index: index, expected: expected, random: random)
         handshakes[index] = OutboundHandshake(crypto: crypto, key: key, target: target, transport: kind, connection: connection, queue: [item])
         handshakeKeys[key] = index
-        sendINIT(index, retry: min(kernel.rpc.rtt.timeout(ceiling: config.udpRetryAfter), TimeAmount(config.requestTimeout / 4)))
+        sendINIT(index, retry: min(kernel.rpc.rtt.timeout(ceiling: kernel.udpRetryAfter), TimeAmount(kernel.requestTimeout / 4)))
         // No RESPONSE within a request's time: the peer did not answer, which counts against it.
-        handshakes[index]?.expiry = eventLoop.scheduleTask(in: TimeAmount(config.requestTimeout)) { [self] in
-            failHandshake(index, .timeout(peer: "\(target)", milliseconds: Int(config.requestTimeout.components.seconds * 1000
-                + config.requestTimeout.components.attoseconds / 1_000_000_000_000_000)), peerFailed: true)
+        handshakes[index]?.expiry = eventLoop.scheduleTask(in: TimeAmount(kernel.requestTimeout)) { [self] in
+            failHandshake(index, .timeout(peer: "\(target)", milliseconds: Int(kernel.requestTimeout.components.seconds * 1000
+                + kernel.requestTimeout.components.attoseconds / 1_000_000_000_000_000)), peerFailed: true)
         }
     }
 
@@ -222,7 +222,7 @@ final class SessionLayer: KernelPart, @unchecked Sendable {
         let session: Session
         let finishPrefix: [UInt8]
         do {
-            (session, finishPrefix) = try h.crypto.complete(r, network: config.networkID, identity: node.keyPair, now: coarseSeconds)
+            (session, finishPrefix) = try h.crypto.complete(r, network: networkID, identity: node.keyPair, now: coarseSeconds)
         } catch .identityMismatch(let expected, let got) {
             failHandshake(r.initiatorIndex, .identityMismatch(peer: "\(h.target)", expected: expected, got: got), peerFailed: true)
             return
@@ -335,7 +335,7 @@ final class SessionLayer: KernelPart, @unchecked Sendable {
             countDrop("INIT over the handshake rate of its source")
             return
         }
-        let refusal: RefusalReason? = i.networkID != config.networkID ? .otherNetwork
+        let refusal: RefusalReason? = i.networkID != networkID ? .otherNetwork
             : (i.responderHint != .zero && i.responderHint != peerID) ? .notThisPeer : nil
         var packet = ByteBufferAllocator().buffer(capacity: SessionWire.initBytes)
         if let refusal {
@@ -424,7 +424,7 @@ final class SessionLayer: KernelPart, @unchecked Sendable {
     private func deliver(_ plain: UnsafeRawBufferPointer, remoteID: Number160, session: UInt64, ip: IPAddress, remote: Endpoint, origin: Origin) {
         let message: Message
         do {
-            message = try WireCodec.decode(plain, senderIP: ip, networkID: config.networkID)
+            message = try WireCodec.decode(plain, senderIP: ip, networkID: networkID)
         } catch {
             return countDrop("sealed message from \(remote) does not decode: \(error)")
         }
@@ -444,7 +444,7 @@ final class SessionLayer: KernelPart, @unchecked Sendable {
             return countDrop("plaintext message from \(remote)")
         }
         logRefusal("refused a plaintext request from \(remote): this node requires authenticated table (the peer runs insecure)")
-        let reply = Message(networkID: config.networkID, id: message.id, type: .sessionRequired, command: message.command,
+        let reply = Message(networkID: networkID, id: message.id, type: .sessionRequired, command: message.command,
                             sender: selfAddress, recipientID: message.sender.id)
         var plain = ByteBufferAllocator().buffer(capacity: WireLimits.headerBytes)
         plain.writeMessage(reply, size: WireLimits.headerBytes, framed: false)

@@ -5,7 +5,7 @@ import NIOCore
 /// source, with a deadline to authenticate. Confined to the node's event loop.
 final class ConnectionTable: KernelPart, @unchecked Sendable {
     private var link = KernelLink()
-    var kernel: Kernel { link.value }
+    @inline(__always) var kernel: Kernel { link.value }
     func attach(_ kernel: Kernel) { link.set(kernel) }
 
     var pool: [PeerSocketAddress: EventLoopFuture<any PeerConnection>] = [:]
@@ -33,7 +33,7 @@ final class ConnectionTable: KernelPart, @unchecked Sendable {
             let oldest = poolOrder.remove(at: at)
             pool.removeValue(forKey: oldest)?.whenSuccess { $0.close() }
         }
-        let future = transport.connect(to: target.tcpEndpoint, timeout: TimeAmount(config.requestTimeout), fromListenPort: false, raw: nil)
+        let future = transport.connect(to: target.tcpEndpoint, timeout: TimeAmount(kernel.requestTimeout), fromListenPort: false, raw: nil)
         pool[key] = future
         poolOrder.append(key)
         future.whenComplete { [self] result in
@@ -61,7 +61,7 @@ final class ConnectionTable: KernelPart, @unchecked Sendable {
     /// source IP (loopback exempt), and gives it `requestTimeout` to send something that
     /// authenticates (a valid sealed packet, or in insecure mode a valid message) before it is closed.
     func admit(_ connection: any PeerConnection) throws {
-        let limits = config.limits
+        let limits = kernel.limits
         guard running, inbound.count < limits.maxInboundTCP else {
             throw RPCError.busy("more than \(limits.maxInboundTCP) inbound TCP connections")
         }
@@ -76,7 +76,7 @@ final class ConnectionTable: KernelPart, @unchecked Sendable {
         }
         let id = ObjectIdentifier(connection)
         inbound[id] = connection
-        let deadline = eventLoop.scheduleTask(in: TimeAmount(config.requestTimeout)) { [self] in
+        let deadline = eventLoop.scheduleTask(in: TimeAmount(kernel.requestTimeout)) { [self] in
             if !authenticatedConnections.contains(id) { connection.close() }
         }
         connection.closeFuture.whenComplete { [self] _ in
