@@ -60,6 +60,7 @@ let package = Package(
             name: "P2PKernel",
             dependencies: [
                 "P2PAddress", "P2PPortMapping",
+                .product(name: "DequeModule", package: "swift-collections"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

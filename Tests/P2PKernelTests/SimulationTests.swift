@@ -13,6 +13,16 @@ private struct Counter: CommandHandler {
     }
 }
 
+/// Records who asked and the message id of every request it carries out.
+private struct SenderCounter: CommandHandler {
+    let name = "test.count"
+    let seen: NIOLockedValueBox<[String]>
+    func handle(_ request: Message, context: CommandContext) -> CommandResult {
+        seen.withLockedValue { $0.append("\(request.sender.id.hexString)/\(request.id)") }
+        return .reply(Reply())
+    }
+}
+
 /// The real kernel on the simulated network: no sockets, no sleeps, virtual time.
 @Suite("Simulated network")
 struct SimulationTests {
@@ -161,5 +171,37 @@ struct SimulationTests {
         #expect(resent > 50, "too little was lost to test anything")
         #expect(Set(ids).count == ids.count, "\(ids.count - Set(ids).count) requests were carried out twice")
         #expect(answered >= 190, "only \(answered) of 200 answered")
+    }
+
+    @Test("sixty peers asking one peer at once, their replies lost and requests sent again: each request is carried out once")
+    func burstRunsOnce() async throws {
+        // 60 requesters at once: more than a small ring of recent requests holds (16 did not).
+        let net = SimulatedNetwork(seed: 23, conditions: LinkConditions(latency: .constant(.milliseconds(80)), loss: 0.3))
+        defer { net.stop() }
+        let seen = NIOLockedValueBox([String]())
+        let (answered, lost) = try await net.run {
+            let server = try await net.node().command(SenderCounter(seen: seen)).start()
+            var clients: [Node] = []
+            for _ in 0..<60 { clients.append(try await net.node().requestTimeout(.seconds(5)).start()) }
+            let answered = await withTaskGroup(of: Int.self) { group in
+                for client in clients {
+                    group.addTask {
+                        var ok = 0
+                        for _ in 0..<4 {
+                            if let r = try? await client.request(to: server.address.socket, expectedID: server.peerID,
+                                                                 command: CommandID.derive(from: "test.count"), transport: .udp).get(),
+                               r.type == .ok { ok += 1 }
+                        }
+                        return ok
+                    }
+                }
+                return await group.reduce(0, +)
+            }
+            return (answered, net.stats.datagramsLost)
+        }
+        let runs = seen.withLockedValue { $0 }
+        #expect(lost > 50, "too little was lost to test anything")
+        #expect(Set(runs).count == runs.count, "\(runs.count - Set(runs).count) requests were carried out twice")
+        #expect(answered >= 228, "only \(answered) of 240 answered")
     }
 }

@@ -76,7 +76,7 @@ final class Kernel: TransportEvents, @unchecked Sendable {
         connections = ConnectionTable()
         paths = PathTable()
         sessions = SessionLayer(config: config, keyPair: keyPair, random: random, clock: clock)
-        rpc = RPCEngine(random: random)
+        rpc = RPCEngine(random: random, limits: config.limits)
         relay = RelayService()
         punch = HolePuncher()
         prober = Prober(limits: config.limits, random: random)

@@ -213,6 +213,10 @@ public struct NodeLimits: Sendable {
     /// Requests whose handler answers later (a future) in progress at once, and from one peer.
     public var maxHandlersInFlight = 1_024
     public var maxHandlersInFlightPerPeer = 64
+    /// UDP requests remembered for `RecentRequests.lifetime` (10 s) so that a copy sent again is not
+    /// carried out twice (~100 bytes each, with answers up to 256 bytes). A node that gets more in
+    /// 10 s forgets the oldest first: a copy of one of those may run again.
+    public var maxRecentRequests = 4_096
     /// Peer joins and leaves logged per second; the rest are counted and summarised.
     public var peerEventLogsPerSecond = 10.0
 

@@ -1,3 +1,4 @@
+import DequeModule
 import NIOCore
 
 /// Where a message came from, and so where its reply goes.
@@ -136,11 +137,14 @@ struct RandomPool {
 /// out again (a put, an add or a vote would count twice). A copy of one still running is dropped
 /// (the reply is on its way); a copy of one answered within `lifetime` gets the same answer again.
 ///
-/// Bounded and small, because every peer of a large simulation holds one: `capacity` entries in a
-/// ring allocated on first use, answers kept only up to `maxReplyBytes` of payload (a large answer
-/// — a neighbor list, a value — comes from a read, which may run twice). Confined to the loop.
+/// Every request of the last `lifetime` seconds is remembered, up to `capacity`
+/// (`NodeLimits.maxRecentRequests`): a burst — fifty peers voting on one key at once — must not
+/// push out a request before its copy arrives (a ring of 16 did, and votes counted twice). Answers
+/// are kept only up to `maxReplyBytes` of payload (a large answer — a neighbor list, a value —
+/// comes from a read, which may run twice). Nothing is held by a node nobody asked lately: the
+/// table gives its storage back when it empties. Confined to the loop.
 struct RecentRequests {
-    struct Key: Equatable {
+    struct Key: Hashable {
         let sender: Number160
         let id: UInt32
     }
@@ -149,43 +153,70 @@ struct RecentRequests {
         case running
         case answered(Reply)
     }
-    /// Entries remembered: more than a requester sends one peer at once in a lookup or a put.
-    static let capacity = 16
     /// An answer is kept if its payload is at most this large (statuses of writes are small).
     static let maxReplyBytes = 256
     /// Seconds an entry stays good: longer than a requester goes on re-sending (its timeout).
     static let lifetime: UInt32 = 10
 
-    private var ring: [(key: Key, at: UInt32, reply: Reply?)] = []
-    private var next = 0
+    let capacity: Int
+    private var entries: [Key: (at: UInt32, reply: Reply?)] = [:]
+    /// Keys in the order they were last recorded, with that time: the oldest are forgotten first.
+    /// A key recorded twice (running, then answered) is here twice; the older copy is skipped.
+    private var order = Deque<(key: Key, at: UInt32)>()
+
+    init(capacity: Int) { self.capacity = max(1, capacity) }
+
+    /// Requests remembered now.
+    var count: Int { entries.count }
 
     mutating func seen(_ key: Key, now: UInt32) -> Seen {
-        for e in ring where e.key == key && now &- e.at <= Self.lifetime {
-            return e.reply.map { .answered($0) } ?? .running
-        }
-        return .new
+        guard let e = entries[key], now &- e.at <= Self.lifetime else { return .new }
+        return e.reply.map { .answered($0) } ?? .running
     }
 
-    mutating func running(_ key: Key, now: UInt32) { put(key, now: now, reply: nil) }
+    mutating func running(_ key: Key, now: UInt32) { record(key, now: now, reply: nil) }
 
     mutating func answered(_ key: Key, _ reply: Reply, now: UInt32) {
         let bytes = reply.payload.reduce(0) { $0 + WireCodec.sectionSize($1) }
-        if let i = ring.firstIndex(where: { $0.key == key }) {
-            ring[i].reply = bytes <= Self.maxReplyBytes ? reply : nil
-            ring[i].at = now
-            if bytes > Self.maxReplyBytes { ring[i].at = now &- Self.lifetime &- 1 }
+        guard bytes <= Self.maxReplyBytes else {
+            // Too large to keep: a copy runs again (a read), so forget that it ran.
+            entries[key] = nil
             return
         }
-        guard bytes <= Self.maxReplyBytes else { return }
-        put(key, now: now, reply: reply)
+        record(key, now: now, reply: reply)
     }
 
-    private mutating func put(_ key: Key, now: UInt32, reply: Reply?) {
-        if ring.count < Self.capacity {
-            ring.append((key, now, reply))
-        } else {
-            ring[next] = (key, now, reply)
-            next = (next + 1) % Self.capacity
+    private mutating func record(_ key: Key, now: UInt32, reply: Reply?) {
+        forgetOld(now: now)
+        if entries[key] == nil, entries.count >= capacity { forgetOldest() }
+        entries[key] = (now, reply)
+        order.append((key, now))
+        // Places of keys recorded again or forgotten leave as they reach the front; a flood of
+        // them (large answers are not kept) is bounded as well.
+        while order.count > 2 * capacity, let first = order.popFirst() {
+            if let e = entries[first.key], e.at == first.at { entries[first.key] = nil }
+        }
+    }
+
+    /// Forgets what is older than `lifetime`.
+    private mutating func forgetOld(now: UInt32) {
+        while let first = order.first, now &- first.at > Self.lifetime {
+            order.removeFirst()
+            if let e = entries[first.key], e.at == first.at, now &- e.at > Self.lifetime { entries[first.key] = nil }
+        }
+        if entries.isEmpty, order.isEmpty, entries.capacity > 16 {
+            entries = [:]
+            order = Deque()
+        }
+    }
+
+    /// Forgets the oldest request still remembered (the table is full).
+    private mutating func forgetOldest() {
+        while let first = order.popFirst() {
+            if let e = entries[first.key], e.at == first.at {
+                entries[first.key] = nil
+                return
+            }
         }
     }
 }

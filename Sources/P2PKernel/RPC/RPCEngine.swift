@@ -23,10 +23,11 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
     var handlersPerPeer: [UInt64: Int] = [:]
     /// UDP requests running or answered in the last seconds, so that one sent again is not
     /// carried out twice.
-    var recent = RecentRequests()
+    var recent: RecentRequests
 
-    init(random: RandomSource) {
+    init(random: RandomSource, limits: NodeLimits) {
         randomIDs = RandomPool(random)
+        recent = RecentRequests(capacity: limits.maxRecentRequests)
     }
 
     func receivedPlaintext(_ buffer: ByteBuffer, remote: Endpoint, origin: Origin) {
