@@ -159,10 +159,11 @@ struct RecentRequests {
     static let lifetime: UInt32 = 10
 
     let capacity: Int
-    private var entries: [Key: (at: UInt32, reply: Reply?)] = [:]
-    /// Keys in the order they were last recorded, with that time: the oldest are forgotten first.
-    /// A key recorded twice (running, then answered) is here twice; the older copy is skipped.
-    private var order = Deque<(key: Key, at: UInt32)>()
+    private var entries: [Key: (at: UInt32, reply: Reply?, place: UInt64)] = [:]
+    /// Keys in the order they were last recorded: the oldest are forgotten first. A key recorded
+    /// again (running, then answered) moves to the back; its older place is skipped.
+    private var order = Deque<(key: Key, place: UInt64)>()
+    private var places: UInt64 = 0
 
     init(capacity: Int) { self.capacity = max(1, capacity) }
 
@@ -189,31 +190,37 @@ struct RecentRequests {
     private mutating func record(_ key: Key, now: UInt32, reply: Reply?) {
         forgetOld(now: now)
         if entries[key] == nil, entries.count >= capacity { forgetOldest() }
-        entries[key] = (now, reply)
-        order.append((key, now))
+        places &+= 1
+        entries[key] = (now, reply, places)
+        order.append((key, places))
         // Places of keys recorded again or forgotten leave as they reach the front; a flood of
         // them (large answers are not kept) is bounded as well.
         while order.count > 2 * capacity, let first = order.popFirst() {
-            if let e = entries[first.key], e.at == first.at { entries[first.key] = nil }
+            if entries[first.key]?.place == first.place { entries[first.key] = nil }
         }
     }
 
     /// Forgets what is older than `lifetime`.
     private mutating func forgetOld(now: UInt32) {
-        while let first = order.first, now &- first.at > Self.lifetime {
+        while let first = order.first {
+            guard let e = entries[first.key], e.place == first.place else {
+                order.removeFirst()
+                continue
+            }
+            guard now &- e.at > Self.lifetime else { break }
             order.removeFirst()
-            if let e = entries[first.key], e.at == first.at, now &- e.at > Self.lifetime { entries[first.key] = nil }
+            entries[first.key] = nil
         }
-        if entries.isEmpty, order.isEmpty, entries.capacity > 16 {
+        if entries.isEmpty, entries.capacity > 16 {
             entries = [:]
             order = Deque()
         }
     }
 
-    /// Forgets the oldest request still remembered (the table is full).
+    /// Forgets the request recorded longest ago (the table is full).
     private mutating func forgetOldest() {
         while let first = order.popFirst() {
-            if let e = entries[first.key], e.at == first.at {
+            if entries[first.key]?.place == first.place {
                 entries[first.key] = nil
                 return
             }
