@@ -384,9 +384,6 @@ public final class PeerMap: @unchecked Sendable {
             let i = 159 - b
             return i < far.count ? body(&far[i]) : nil
         }
-
-        /// The indices of the buckets stored, closest first.
-        var inUse: Range<Int> { (160 - far.count)..<160 }
     }
 
     private func emit(_ event: PeerMapEvent) {
