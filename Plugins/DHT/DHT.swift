@@ -25,6 +25,15 @@ public struct DHTOptions: Sendable {
     /// What a signed put protects: its entry (every version of location, domain, content) and/or
     /// its domain (location, domain). Needs `signer`.
     public var protect: Protect = []
+    /// How many peers a write goes to: the key's replica set. Nil: the replication factor of this
+    /// node's replication policy, else `defaultReplicaSet` (never fewer than `replicas`).
+    public var replicaSet: Int?
+    /// How many of the replica set must acknowledge a write for it to succeed. Nil: a majority
+    /// of the peers the write could reach (of the set, or of fewer when the overlay is smaller).
+    public var quorum: Int?
+
+    /// The replica set of a write when nothing says otherwise (TomP2P's replication factor).
+    public static let defaultReplicaSet = 6
 
     /// What a signed put asks to protect.
     public struct Protect: OptionSet, Sendable, Hashable {
@@ -36,7 +45,9 @@ public struct DHTOptions: Sendable {
 
     public init(replicas: Int = 3, maxFailures: Int = 3, parallelDifference: Int = 0, routing: RoutingConfig? = nil,
                 evaluation: String = "majority", ttl: Duration? = nil, signer: Curve25519.Signing.PrivateKey? = nil,
-                protect: Protect = []) {
+                protect: Protect = [], replicaSet: Int? = nil, quorum: Int? = nil) {
+        self.replicaSet = replicaSet.map { max(1, $0) }
+        self.quorum = quorum.map { max(1, $0) }
         self.replicas = max(1, replicas)
         self.maxFailures = max(0, maxFailures)
         self.parallelDifference = max(0, parallelDifference)
@@ -90,15 +101,30 @@ public struct PeerOutcome: Sendable {
     }
 }
 
-/// The answer of a put, putIfAbsent, add, confirm or putMeta.
+/// The answer of a put, putIfAbsent, add, confirm, putMeta or remove: what each peer of the
+/// key's replica set did, and whether a quorum of them acknowledged.
 public struct PutResult: Sendable {
     public let keys: [Number640]
     public let outcomes: [PeerOutcome]
+    /// Acknowledgements the write needed (`DHTOptions.quorum`).
+    public let quorum: Int
+
+    public init(keys: [Number640], outcomes: [PeerOutcome], quorum: Int = 1) {
+        self.keys = keys
+        self.outcomes = outcomes
+        self.quorum = quorum
+    }
+
+    /// Peers that stored every key of the write (ok or forked; a key they already held in this
+    /// very version counts).
+    public var acknowledged: Int {
+        statuses.values.filter { s in keys.allSatisfy { [.ok, .versionFork].contains(s[$0]) } }.count
+    }
 
     /// Statuses by peer (peers that answered).
     public var statuses: [PeerAddress: [Number640: StorageStatus]] {
         var out: [PeerAddress: [Number640: StorageStatus]] = [:]
-        for o in outcomes { if case .success(.statuses(let s, _)) = o.result { out[o.peer] = s } }
+        for o in outcomes { if case .success(.statuses(let s, _)) = o.result { out[o.peer, default: [:]].merge(s) { _, b in b } } }
         return out
     }
 
@@ -110,18 +136,18 @@ public struct PutResult: Sendable {
     }
 
     /// One status per key over all peers: `ok` when every answering peer stored it; otherwise the
-    /// most telling problem (version fork, not absent, denied, not found, failed).
+    /// most telling problem (version fork, not absent, superseded by a newer version, denied, not
+    /// found, stamp ahead, failed).
     public func status(of key: Number640) -> StorageStatus {
         let all = statuses.values.compactMap { $0[key] }
         guard !all.isEmpty else { return .failed }
-        for s in [StorageStatus.versionFork, .failedNotAbsent, .denied, .notFound, .failed] where all.contains(s) { return s }
+        for s in [StorageStatus.versionFork, .failedNotAbsent, .superseded, .denied, .notFound, .stampAhead, .failed] where all.contains(s) { return s }
         return .ok
     }
 
-    /// Whether every key was stored (ok or forked) on at least one peer and on every peer that
-    /// answered, and no peer refused the request.
+    /// Whether a quorum of the replica set stored every key, and no peer refused the request.
     public var isSuccess: Bool {
-        refusal == nil && !statuses.isEmpty && keys.allSatisfy { [.ok, .versionFork].contains(status(of: $0)) }
+        refusal == nil && acknowledged >= max(1, quorum)
     }
 
     /// The first refusal a peer answered with (a protected entry or domain, a bad signature, a
@@ -225,8 +251,11 @@ public struct DHT: Sendable {
             guard options.signer != nil else { throw DHTError.needsSigner("domain protection") }
             mode.insert(.protectDomain)
         }
+        // An unstamped value is stamped here, by the writer, so every replica holds the same version.
+        var entries = entries
+        for (key, v) in entries where v.stamp == 0 && v.signature == nil { entries[key]?.stamp = node.storage.versions.next() }
         let outcomes = try await routed(location, .put(entries, mode: mode), options: options)
-        return PutResult(keys: entries.keys.sorted(), outcomes: outcomes)
+        return PutResult(keys: entries.keys.sorted(), outcomes: outcomes, quorum: quorum(outcomes, options))
     }
 
     /// A value as a single-value put stores it: signed by `options.signer` when there is one, and
@@ -234,6 +263,7 @@ public struct DHT: Sendable {
     private func value(_ key: Number640, _ v: StoredValue, _ options: DHTOptions) throws -> StoredValue {
         var v = v
         v.protectEntry = options.protect.contains(.entry)
+        if v.stamp == 0 { v.stamp = node.storage.versions.next() }
         guard let signer = options.signer else {
             if v.protectEntry { throw DHTError.needsSigner("entry protection") }
             return v
@@ -268,7 +298,7 @@ public struct DHT: Sendable {
     @discardableResult
     public func confirm(_ keys: [Number640], options: DHTOptions = DHTOptions()) async throws -> PutResult {
         let outcomes = try await routed(try sharedLocation(keys), .confirm(keys), options: options)
-        return PutResult(keys: keys, outcomes: outcomes)
+        return PutResult(keys: keys, outcomes: outcomes, quorum: quorum(outcomes, options))
     }
 
     /// Changes the TTL of stored values without sending them again (nil = keep forever).
@@ -283,20 +313,33 @@ public struct DHT: Sendable {
         var o = options
         o.ttl = ttl
         let ttlSeconds = o.ttlSeconds
-        var signatures: [Number640: ValueSignature] = [:]
-        if let newKey {
-            let current = try await get(.keys(keys), options: options)
-            for key in keys {
-                guard let bytes = current.entries[key],
-                      let stored = current.perPeer.values.lazy.compactMap({ $0[key] }).first(where: { $0.value == bytes }) else { continue }
-                var v = stored
-                v.ttlSeconds = ttlSeconds
-                v.remainingSeconds = nil
-                signatures[key] = try v.signed(at: key, by: newKey).signature
-            }
+        guard let newKey else {
+            let outcomes = try await routed(try sharedLocation(keys), .putMeta(keys, ttlSeconds: ttlSeconds), options: options)
+            return PutResult(keys: keys, outcomes: outcomes, quorum: quorum(outcomes, options))
         }
-        let outcomes = try await routed(try sharedLocation(keys), .putMeta(keys, ttlSeconds: ttlSeconds, signatures: signatures), options: options)
-        return PutResult(keys: keys, outcomes: outcomes)
+        // A stamped value lives its TTL after its stamp, so the TTL signed is counted from
+        // there: values written at different times get different TTLs, one request each.
+        let location = try sharedLocation(keys)
+        let current = try await get(.keys(keys), options: options)
+        var groups: [UInt32: [Number640: ValueSignature]] = [:]
+        for key in keys {
+            guard let bytes = current.entries[key],
+                  let stored = current.perPeer.values.lazy.compactMap({ $0[key] }).first(where: { $0.value == bytes && !$0.isTombstone }) else { continue }
+            var v = stored
+            let written = VersionStamp.millis(v.stamp), wall = node.storage.versions.wallMillis
+            v.ttlSeconds = ttlSeconds == 0 || v.stamp == 0 ? ttlSeconds
+                : UInt32(clamping: UInt64(ttlSeconds) + (wall > written ? (wall - written + 999) / 1_000 : 0))
+            v.remainingSeconds = nil
+            groups[v.ttlSeconds, default: [:]][key] = try v.signed(at: key, by: newKey).signature
+        }
+        var outcomes: [PeerOutcome] = []
+        var least = Int.max
+        for (ttl, signatures) in groups.sorted(by: { $0.key < $1.key }) {
+            let o = try await routed(location, .putMeta(signatures.keys.sorted(), ttlSeconds: ttl, signatures: signatures), options: options)
+            outcomes += o
+            least = min(least, quorum(o, options))
+        }
+        return PutResult(keys: keys, outcomes: outcomes, quorum: least == .max ? 1 : least)
     }
 
     /// Hands a protected domain to another key; `options.signer` must own it (or be its master key).
@@ -306,7 +349,7 @@ public struct DHT: Sendable {
         guard options.signer != nil else { throw DHTError.needsSigner("handing over a domain") }
         let key = Number640(location: location, domain: domain)
         let outcomes = try await routed(location, .transferDomain(location: location, domain: domain, to: newOwner), options: options)
-        return PutResult(keys: [key], outcomes: outcomes)
+        return PutResult(keys: [key], outcomes: outcomes, quorum: quorum(outcomes, options))
     }
 
     // MARK: gets
@@ -323,10 +366,48 @@ public struct DHT: Sendable {
     /// storage, and the lookup stops once `replicas` of them had the data. Only when fewer did
     /// (a missing key, an intercepted domain) are the closest peers asked afterwards, and a peer
     /// that already answered during the lookup is not asked again.
+    ///
+    /// Answers carry removals as well as values; per key the newest version wins (see
+    /// `evaluate`), and a peer that answered with an older version, or without a key it was
+    /// asked for by name, is sent the newest (read repair) while the result is returned.
     public func get(_ query: StorageQuery, options: DHTOptions = DHTOptions()) async throws -> GetResult {
         let outcomes = try await routedGet(try location(of: query), .get(query), options: options)
-        return GetResult(entries: try evaluate(outcomes, options: options), outcomes: outcomes)
+        let result = GetResult(entries: try evaluate(outcomes, options: options), outcomes: outcomes)
+        repair(outcomes, asked: query)
+        return result
     }
+
+    /// Sends the newest version of each key to the answering peers that hold an older one (or,
+    /// for keys asked by name, none), at most `maxRepairsPerGet` keys per get.
+    private func repair(_ outcomes: [PeerOutcome], asked query: StorageQuery) {
+        let newest = Self.newest(outcomes, versions: node.storage.versions)
+        guard !newest.isEmpty else { return }
+        let named: [Number640]
+        if case .keys(let k) = query { named = k } else { named = [] }
+        var budget = Self.maxRepairsPerGet
+        for o in outcomes {
+            guard budget > 0, case .success(.values(let held, _)) = o.result else { continue }
+            var stale: [Number640: StoredValue] = [:]
+            for (key, n) in newest where budget > 0 {
+                let mine = held[key]
+                guard mine.map({ n.supersedes($0) }) ?? named.contains(key) else { continue }
+                var v = n
+                v.remainingSeconds = nil
+                stale[key] = v
+                budget -= 1
+            }
+            guard !stale.isEmpty else { continue }
+            let request = StorageRequest.put(stale, mode: .overwrite)
+            if o.peer.id == node.peerID {
+                _ = DHT.executeLocally(request, proof: nil, sender: nil, node: node)
+            } else {
+                _ = node.request(to: o.peer, command: DHTPlugin.storageCommand, payload: StorageCodec.encode(request))
+            }
+        }
+    }
+
+    /// Keys one get repairs at most, over all the peers it sends them to.
+    public static let maxRepairsPerGet = 64
 
     /// The current heads of a versioned item.
     public func getLatest(location: Number160, domain: Number160 = .zero, content: Number160 = .zero,
@@ -346,14 +427,60 @@ public struct DHT: Sendable {
 
     // MARK: removes
 
-    /// Removes what matches the query from the responsible peers; with `returnValues`, the result
+    /// Removes what matches the query from the key's replica set; with `returnValues`, the result
     /// holds what was removed.
+    ///
+    /// A remove is a write of removals (tombstones) stamped now, to the whole replica set like
+    /// any write: every replica keeps the removal for its tombstone lifetime, replication carries
+    /// it to the replicas that missed it, and no older copy comes back. With `options.signer`
+    /// each removal is signed, which is how the owner of a protected entry removes it on replicas
+    /// that learn of the removal by replication. A range or `latest` query is resolved to keys
+    /// by a get first (page by page, at most `maxRemovePages`).
     public func remove(_ query: StorageQuery, returnValues: Bool = false, options: DHTOptions = DHTOptions()) async throws -> GetResult {
-        let outcomes = try await routed(try location(of: query), .remove(query, returnValues: returnValues), options: options)
+        _ = try location(of: query)
         var o = options
         o.evaluation = "union"
-        return GetResult(entries: returnValues ? try evaluate(outcomes, options: o) : [:], outcomes: outcomes)
+        o.protect = []
+        var keys: [Number640] = []
+        var removed: [Number640: [UInt8]] = [:]
+        var outcomes: [PeerOutcome] = []
+        switch query {
+        case .keys(let k):
+            keys = k
+            if returnValues { removed = try await get(query, options: o).entries }
+        case .range, .latest:
+            var next: StorageQuery? = query
+            var pages = 0
+            while let q = next, pages < Self.maxRemovePages {
+                pages += 1
+                let page = try await get(q, options: o)
+                outcomes += page.outcomes
+                keys += page.entries.keys
+                if returnValues { removed.merge(page.entries) { a, _ in a } }
+                next = page.resumeAfter.flatMap { q.resuming(after: $0) }
+            }
+        }
+        keys = Array(Set(keys)).sorted()
+        guard !keys.isEmpty else { return GetResult(entries: [:], outcomes: outcomes) }
+        // A signed removal costs a signature check on every replica: as many per request as a
+        // peer checks (the request's own proof among them).
+        let chunk = options.signer == nil ? node.storage.limits.maxEntriesPerRequest : max(1, node.storage.limits.maxSignaturesPerRequest - 1)
+        var start = 0
+        while start < keys.count {
+            let part = keys[start..<min(keys.count, start + chunk)]
+            start += part.count
+            var removals: [Number640: StoredValue] = [:]
+            for key in part {
+                let t = StoredValue.tombstone(stamp: node.storage.versions.next())
+                removals[key] = try options.signer.map { try t.signed(at: key, by: $0) } ?? t
+            }
+            outcomes += try await put(removals, options: o).outcomes
+        }
+        return GetResult(entries: returnValues ? removed : [:], outcomes: outcomes)
     }
+
+    /// Pages of a range a remove resolves at most (each a get of up to a peer's answer bound).
+    public static let maxRemovePages = 64
 
     // MARK: routed send
 
@@ -400,7 +527,17 @@ public struct DHT: Sendable {
     static func executeLocally(_ request: StorageRequest, proof: WriterProof?, sender: PeerAddress?, node: Node) -> EventLoopFuture<StorageResult> {
         node.storage.executeFuture(request, proof: proof, sender: sender, node: node).map { result in
             switch (request, result) {
-            case (.put, .statuses(let s, _)), (.confirm, .statuses(let s, _)):
+            case (.get(let query), _):
+                return withRemovals(result, query: query, node: node)
+            case (.put(let entries, _), .statuses(let s, _)):
+                let stored = s.filter { $0.value == .ok || $0.value == .versionFork }.map(\.key)
+                if !stored.isEmpty {
+                    node.replicate(.dataInserted(stored))
+                    let removals = stored.filter { entries[$0]?.isTombstone == true }
+                    let values = removals.isEmpty ? stored : stored.filter { entries[$0]?.isTombstone != true }
+                    if let location = stored.first?.location { notifyListeners(of: location, stored: values, removed: removals, node: node) }
+                }
+            case (.confirm, .statuses(let s, _)):
                 let stored = s.filter { $0.value == .ok || $0.value == .versionFork }.map(\.key)
                 if !stored.isEmpty {
                     node.replicate(.dataInserted(stored))
@@ -423,6 +560,37 @@ public struct DHT: Sendable {
         }
     }
 
+    /// A get's answer with the removals this peer holds under the keys it asked for by name or
+    /// within its range (as far as the answer reaches), so that a reader sees that a key was
+    /// removed, not merely that this peer lacks it. Interceptors and backends see plain gets.
+    static func withRemovals(_ result: StorageResult, query: StorageQuery, node: Node) -> StorageResult {
+        guard case .values(var values, let resume) = result, let backend = node.registry.storageBackend else { return result }
+        let now = node.clock.uptimeNanoseconds
+        switch query {
+        case .keys(let keys):
+            let missing = keys.filter { k in values[k] == nil && (resume.map { k <= $0 } ?? true) }
+            guard !missing.isEmpty else { return result }
+            for (k, v) in backend.replicaEntries(missing, now: now) where v.isTombstone { values[k] = v }
+        case .range(let from, let to, let limit, _):
+            let upTo = resume ?? to
+            var after = from.predecessor
+            var seen = 0
+            while seen < limit {
+                let (page, more) = backend.versions(at: from.location, after: after, limit: 1_000, now: now)
+                let removals = page.filter { $0.key <= upTo && $0.isTombstone }.map(\.key)
+                if !removals.isEmpty {
+                    for (k, v) in backend.replicaEntries(removals, now: now) where v.isTombstone { values[k] = v }
+                }
+                seen += page.count
+                guard more, let last = page.last, last.key < upTo, seen < node.storage.limits.maxEntriesPerRequest else { break }
+                after = last.key
+            }
+        case .latest:
+            break
+        }
+        return .values(values, resumeAfter: resume)
+    }
+
     /// A request naming more entries than peers serve at once fails here, before it is sent:
     /// the caller splits it (a put is all or nothing per request, so the DHT does not).
     private func checkSize(_ request: StorageRequest) throws(StorageError) {
@@ -430,9 +598,27 @@ public struct DHT: Sendable {
         guard request.namedEntries <= limit else { throw .requestTooLarge(entries: request.namedEntries, limit: limit) }
     }
 
+    /// The peers a write goes to: the replica set (`DHTOptions.replicaSet`, else the replication
+    /// policy's factor, else `defaultReplicaSet`), never fewer than `replicas`.
+    func replicaSet(_ options: DHTOptions) -> Int {
+        let set = options.replicaSet ?? node.registry.replicationPolicies.compactMap(\.replicaSetSize).max() ?? DHTOptions.defaultReplicaSet
+        return max(options.replicas, set)
+    }
+
+    /// Acknowledgements a write needs: `options.quorum`, else a majority of the peers it could
+    /// reach (the replica set, or all the candidates there were when fewer).
+    func quorum(_ outcomes: [PeerOutcome], _ options: DHTOptions) -> Int {
+        if let q = options.quorum { return q }
+        let reachable = min(replicaSet(options), Set(outcomes.map(\.peer.id)).count)
+        return reachable / 2 + 1
+    }
+
     private func routed(_ location: Number160, _ request: StorageRequest, options: DHTOptions) async throws -> [PeerOutcome] {
         guard node.registry.plugin(DHTPlugin.self) != nil else { throw DHTError.pluginNotInstalled }
         try checkSize(request)
+        var options = options
+        // A write goes to the whole replica set, so that no replica is left with an older version.
+        if request.isWrite { options.replicas = replicaSet(options) }
         let signedAt = node.clock.unixMilliseconds
         let proof = try request.isWrite ? options.signer.map { try WriterProof(signing: request, with: $0, timestampMillis: signedAt) } : nil
         let payload = StorageCodec.encode(request, proof: proof)
@@ -454,9 +640,9 @@ public struct DHT: Sendable {
         let payload = StorageCodec.encode(request)
         var known: [Number160: Result<StorageResult, any Error>] = [:]
         var hits = 0
-        if plugin.acceptsReplicas, let mine = node.storage.executeImmediately(request) {
-            known[node.peerID] = mine.mapError { $0 as any Error }
-            if case .success(.values(let v, _)) = mine, !v.isEmpty { hits = 1 }
+        if plugin.acceptsReplicas, case .get(let query) = request, let mine = node.storage.executeImmediately(request) {
+            known[node.peerID] = mine.map { DHT.withRemovals($0, query: query, node: node) }.mapError { $0 as any Error }
+            if case .success(.values(let v, _))? = known[node.peerID], !v.isEmpty { hits = 1 }
         }
         var routing = routingConfig(options)
         routing.maxDirectHits = options.replicas
@@ -568,13 +754,47 @@ public struct DHT: Sendable {
         return s
     }
 
+    /// The answers' entries by the scheme, after versions: per key only the newest version any
+    /// peer returned counts (`newest`), a key whose newest version is a removal is left out, and
+    /// a peer holding an older version is counted as holding the newest (it is being repaired).
     private func evaluate(_ outcomes: [PeerOutcome], options: DHTOptions) throws -> [Number640: [UInt8]] {
         let scheme = try scheme(options.evaluation)
+        let newest = Self.newest(outcomes, versions: node.storage.versions)
         let answers = outcomes.compactMap { o -> PeerAnswer? in
             guard case .success(.values(let v, _)) = o.result else { return nil }
-            return PeerAnswer(peer: o.peer, entries: v.mapValues(\.value))
+            var entries: [Number640: [UInt8]] = [:]
+            for (key, x) in v {
+                guard !x.isTombstone, let n = newest[key] else { continue }
+                if n.isTombstone { continue }
+                entries[key] = x.isSameVersion(as: n) || n.supersedes(x) ? n.value : x.value
+            }
+            return PeerAnswer(peer: o.peer, entries: entries)
         }
         return scheme.evaluate(answers)
+    }
+
+    /// Per key, the newest version among the answers (`StoredValue.supersedes`), removals
+    /// included. Not believed: a stamp further ahead than this node's clock accepts, and — where
+    /// any answer holds a value whose verified signer protects its entry — any version not
+    /// signed (verifiably) by that signer: a peer cannot outbid the owner's data with a forged
+    /// "newer" version or removal.
+    static func newest(_ outcomes: [PeerOutcome], versions: VersionClock) -> [Number640: StoredValue] {
+        var candidates: [Number640: [StoredValue]] = [:]
+        for o in outcomes {
+            guard case .success(.values(let v, _)) = o.result else { continue }
+            for (key, x) in v where !versions.isAhead(x.stamp) { candidates[key, default: []].append(x) }
+        }
+        var out: [Number640: StoredValue] = [:]
+        for (key, all) in candidates {
+            var pool = all
+            if let owner = all.first(where: { $0.protectEntry && $0.verify(at: key) })?.signature?.signer {
+                pool = all.filter { $0.signature?.signer == owner && $0.verify(at: key) }
+            }
+            var best: StoredValue?
+            for x in pool where best.map({ x.supersedes($0) }) ?? true { best = x }
+            if let best { out[key] = best }
+        }
+        return out
     }
 
     private func sharedLocation(_ keys: [Number640]) throws -> Number160 {

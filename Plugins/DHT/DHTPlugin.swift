@@ -133,12 +133,12 @@ struct GetQuestion: RoutingQuestionHandler {
     let domains: Set<Number160>?
 
     func answer(_ question: [Payload], key: Number160, context: CommandContext) -> [Payload]? {
-        guard let request = try? StorageCodec.decodeRequest(question), case .get = request else { return nil }
+        guard let request = try? StorageCodec.decodeRequest(question), case .get(let query) = request else { return nil }
         if let allowed = domains {
             guard let touched = request.domains, touched.isSubset(of: allowed) else { return nil }
         }
         guard case .success(let result)? = context.node.storage.executeImmediately(request) else { return nil }
-        return StorageCodec.encode(result)
+        return StorageCodec.encode(DHT.withRemovals(result, query: query, node: context.node))
     }
 
     /// Whether an answer holds at least one value.

@@ -4,19 +4,20 @@ import NIOCore
 import P2PKernel
 import P2PStorage
 
-/// Indirect replication: the peers responsible for a location keep its replica set filled.
+/// Indirect replication: the peers responsible for a location keep its replica set filled and
+/// up to date.
 ///
 /// ```
 ///  event (data stored, peer joined or left, timer) ─ locations to look at ─ one worker
-///     for each location: targets (Responsibility) ─ replication.offer: the keys held here
-///                                                 ─ the target answers which it lacks
-///                                                 ─ dht.storage put of just those values
+///     for each location: targets (Responsibility) ─ replication.offer: (key, stamp, digest) held here
+///                                                 ─ the target answers which it lacks or holds older,
+///                                                   and pushes back what it holds newer
+///                                                 ─ replication.push (a put) of just those entries
 /// ```
-/// Only missing keys are sent (an offer is the key list, so unchanged data is never re-sent) and
-/// a replica never overwrites what a peer holds. A key removed here by a remove request is not
-/// taken back from an offer for `tombstoneLifetime` (TomP2P #129: removed data came back).
-/// Traffic to each peer is bounded by `maxBytesPerPeerPerSecond`; what does not fit is sent on a
-/// later round.
+/// Anti-entropy compares versions, not key lists: an entry whose stamp is newer than the copy a
+/// peer holds is sent, an older one is never sent, and removals (tombstones) travel like values,
+/// so an update or a remove reaches every replica and nothing removed comes back. Traffic to each
+/// peer is bounded by `maxBytesPerPeerPerSecond`; what does not fit is sent on a later round.
 ///
 /// ```swift
 /// let node = try await Node.builder().plugin(DHTPlugin()).plugin(ReplicationPlugin(.indirect())).start()
@@ -24,18 +25,16 @@ import P2PStorage
 public final class IndirectReplication: ReplicationPolicy, Sendable {
     public let name = "replication.indirect"
     public let mode: ReplicationMode
-    /// Copies of a location, this peer's included (TomP2P's default is 6).
+    /// Copies of a location, this peer's included (TomP2P's default is 6): also how many peers
+    /// a DHT write goes to.
     public let factor: Int
     /// How often every location this peer is responsible for is checked (60 s).
     public let interval: Duration
     /// Bytes of values sent to one peer per second, at most (1 MiB).
     public let maxBytesPerPeerPerSecond: Int
-    /// How long a removed key is refused from offers (10 minutes).
-    public let tombstoneLifetime: Duration
-    /// Removed keys remembered, at most (65,536; the oldest are forgotten first).
-    public let maxTombstones: Int
 
     public var timerInterval: Duration? { interval }
+    public var replicaSetSize: Int? { factor }
 
     private struct State {
         var dirty: Set<Number160> = []
@@ -50,47 +49,26 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
         var round = 0
         var newPeers: [PeerAddress] = []
         var working = false
-        var tombstones: [Number640: UInt64] = [:]
-        var tombstoneOrder = Deque<(key: Number640, at: UInt64)>()
         var budget: [Number160: (second: UInt64, bytes: Int)] = [:]
         var stats = ReplicationStats()
     }
     private let state = NIOLockedValueBox(State())
 
     public init(mode: ReplicationMode = .nRoot, factor: Int = 6, interval: Duration = .seconds(60),
-                maxBytesPerPeerPerSecond: Int = 1 << 20, tombstoneLifetime: Duration = .seconds(600), maxTombstones: Int = 65_536) {
+                maxBytesPerPeerPerSecond: Int = 1 << 20) {
         self.mode = mode
         self.factor = max(1, factor)
         self.interval = interval
         self.maxBytesPerPeerPerSecond = maxBytesPerPeerPerSecond
-        self.tombstoneLifetime = tombstoneLifetime
-        self.maxTombstones = maxTombstones
     }
 
     /// What this peer has sent so far.
     public var stats: ReplicationStats { state.withLockedValue { $0.stats } }
 
-    /// A removal is remembered at once, before any replica in flight can land.
-    public func record(_ event: ReplicationEvent, context: ReplicationContext) {
-        guard case .dataRemoved(let keys) = event else { return }
-        let until = context.node.clock.uptimeNanoseconds + UInt64(tombstoneLifetime.components.seconds) * 1_000_000_000
-        state.withLockedValue { s in
-            for k in keys {
-                s.tombstones[k] = until
-                s.tombstoneOrder.append((k, until))
-            }
-            while s.tombstones.count > maxTombstones, !s.tombstoneOrder.isEmpty {
-                let oldest = s.tombstoneOrder.removeFirst()
-                if s.tombstones[oldest.key] == oldest.at { s.tombstones[oldest.key] = nil }
-            }
-            if s.tombstoneOrder.count > 2 * maxTombstones { s.tombstoneOrder = Deque(s.tombstoneOrder.filter { s.tombstones[$0.key] == $0.at }) }
-        }
-    }
-
     public func handle(_ event: ReplicationEvent, context: ReplicationContext) async {
         let start: Bool = state.withLockedValue { s in
             switch event {
-            case .dataInserted(let keys):
+            case .dataInserted(let keys), .dataRemoved(let keys):
                 // Change counts only tell "changed since the last sync"; forgetting them all
                 // (past a bound) just means one more offer per pair.
                 if s.generations.count > Self.maxRemembered { s.generations.removeAll(keepingCapacity: true) }
@@ -98,8 +76,6 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
                     s.dirty.insert(l)
                     s.generations[l, default: 0] += 1
                 }
-            case .dataRemoved:
-                return false
             case .peerInserted(let p):
                 if s.newPeers.count < 1_024 { s.newPeers.append(p) } else { s.everything = true }
             case .timer:
@@ -116,16 +92,6 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
         }
         guard start else { return }
         await work(context.node)
-    }
-
-    /// Whether a key was removed here lately (an offer of it is not taken).
-    func isTombstoned(_ key: Number640, now: UInt64) -> Bool {
-        state.withLockedValue { s in
-            guard let until = s.tombstones[key] else { return false }
-            if until > now { return true }
-            s.tombstones[key] = nil
-            return false
-        }
     }
 
     /// Drains what events asked for, one location at a time, until nothing is left.
@@ -159,9 +125,14 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
             }
             for location in locations {
                 // A copy stored here that this peer is not responsible for is handed in when it
-                // arrives and when a peer leaves; the timer serves the responsible peers only.
+                // arrives and when a peer leaves; the timer serves the responsible peers only. A
+                // write reaches the whole set by itself: of a set's members, only the closest
+                // checks the others at once (a write that missed one is repaired then, not at the
+                // next timer), so a write costs a set one round of offers, not one per member.
                 let (responsible, targets, spares) = plan(node, location)
-                guard handIn || inserted.contains(location) || responsible else { continue }
+                let fresh = inserted.contains(location)
+                guard handIn || fresh || responsible else { continue }
+                if fresh, !everything, !handIn, responsible, !isRoot(node, location) { continue }
                 await syncAll(location, to: targets, spares: spares, node: node)
             }
         }
@@ -201,6 +172,12 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
         return (responsible, chosen, responsible || mode == .nRoot ? Array(spares) : Array(spares.prefix(1)))
     }
 
+    /// Whether this peer is the closest it knows to a location (the set's root).
+    private func isRoot(_ node: Node, _ location: Number160) -> Bool {
+        guard let closest = node.peerMap.closest(to: location, count: 1).first else { return true }
+        return location.isCloser(node.peerID, than: closest.id)
+    }
+
     /// Locations and (peer, location) pairs remembered at most (200,000 each).
     static let maxRemembered = 200_000
 
@@ -208,9 +185,10 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
     /// have lost data without changing its id).
     static let reofferRounds = 2
 
-    /// Offers one location's keys to a peer, then sends the values it lacks — unless the peer
-    /// was brought up to date with this location as it is now, fewer than `reofferRounds` ago.
-    /// Returns whether the peer answered (false only when an offer went unanswered).
+    /// Offers one location's versions to a peer, then sends the entries it lacks or holds older
+    /// (the peer pushes back what it holds newer) — unless the peer was brought up to date with
+    /// this location as it is now, fewer than `reofferRounds` ago. Returns whether the peer
+    /// answered (false only when an offer went unanswered).
     @discardableResult
     private func sync(_ location: Number160, to peer: PeerAddress, node: Node) async -> Bool {
         guard let backend = node.registry.storageBackend else { return true }
@@ -223,48 +201,65 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
         // A peer that has missed a request lately (a maintenance ping, say) is offered again
         // at once: if it is dead, the offer fails and a spare takes its place.
         guard !upToDate || (node.peerMap.failureCount(peer.id) ?? 0) > 0 else { return true }
-        var query: StorageQuery? = .range(from: Number640(location: location),
-                                          to: Number640(location: location, domain: .max, content: .max, version: .max),
-                                          limit: .max, descending: false)
+        var after: Number640?
         var pages = 0
-        while let q = query, pages < 64 {
+        var complete = false
+        while pages < Self.maxPagesPerSync {
             pages += 1
-            guard case .values(let values, let resume)? = try? backend.execute(.get(q), now: node.clock.uptimeNanoseconds), !values.isEmpty else { return true }
-            query = resume.flatMap { q.resuming(after: $0) }
-            let keys = values.keys.sorted()
-            guard let reply = try? await node.request(to: peer, command: ReplicationOfferCommand.commandName, payload: [.keys640(keys)]),
+            let (versions, more) = backend.versions(at: location, after: after, limit: ReplicationOfferCommand.maxKeys, now: node.clock.uptimeNanoseconds)
+            guard let last = versions.last else {
+                complete = true
+                break
+            }
+            after = last.key
+            guard let reply = try? await node.request(to: peer, command: ReplicationOfferCommand.commandName,
+                                                      payload: ReplicationOfferCommand.encode(versions)),
                   case .keys640(let wanted)? = reply.payload.first else {
                 state.withLockedValue { $0.stats.failedOffers += 1 }
                 return false
             }
             state.withLockedValue {
                 $0.stats.offers += 1
-                $0.stats.keysOffered += keys.count
+                $0.stats.keysOffered += versions.count
             }
-            var batch: [Number640: StoredValue] = [:]
-            var batchBytes = 0
-            for key in wanted.prefix(keys.count) {
-                guard var v = values[key] else { continue }
-                // An unsigned value goes with the time it has left; a signed one with the TTL
-                // its signature covers.
-                if v.signature == nil, let left = v.remainingSeconds { v.ttlSeconds = left }
-                v.remainingSeconds = nil
-                let size = v.value.count + 200
-                if batchBytes + size > 2 << 20, !batch.isEmpty {
-                    guard await send(batch, bytes: batchBytes, to: peer, node: node) else { return true }
-                    batch = [:]
-                    batchBytes = 0
-                }
-                batch[key] = v
-                batchBytes += size
+            let offered = Set(versions.map(\.key))
+            let entries = backend.replicaEntries(wanted.filter { offered.contains($0) }, now: node.clock.uptimeNanoseconds)
+            guard await push(entries, to: peer, node: node) else { return true }
+            if !more {
+                complete = true
+                break
             }
-            if !batch.isEmpty { guard await send(batch, bytes: batchBytes, to: peer, node: node) else { return true } }
         }
-        guard query == nil else { return true }
+        guard complete else { return true }
         state.withLockedValue { s in
             if s.synced.count >= Self.maxRemembered { s.synced.removeAll(keepingCapacity: true) }
             s.synced[memo] = (generation, s.round)
         }
+        return true
+    }
+
+    /// Pages of `ReplicationOfferCommand.maxKeys` entries one sync of a location offers (64: a
+    /// location holds at most `MemoryStorage.Limits.maxEntriesPerLocation` entries by default).
+    static let maxPagesPerSync = 64
+
+    /// Sends entries in puts of at most 2 MiB each, within the peer's byte budget; false when
+    /// the budget is spent (the rest waits for a later round).
+    func push(_ entries: [Number640: StoredValue], to peer: PeerAddress, node: Node) async -> Bool {
+        var batch: [Number640: StoredValue] = [:]
+        var batchBytes = 0
+        for (key, v) in entries.sorted(by: { $0.key < $1.key }) {
+            var v = v
+            v.remainingSeconds = nil
+            let size = v.value.count + 200
+            if batchBytes + size > 2 << 20, !batch.isEmpty {
+                guard await send(batch, bytes: batchBytes, to: peer, node: node) else { return false }
+                batch = [:]
+                batchBytes = 0
+            }
+            batch[key] = v
+            batchBytes += size
+        }
+        if !batch.isEmpty { return await send(batch, bytes: batchBytes, to: peer, node: node) }
         return true
     }
 
@@ -284,9 +279,21 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
             return true
         }
         guard allowed else { return false }
-        let payload = StorageCodec.encode(.put(values, mode: .overwrite))
-        let reply = try? await node.request(to: peer, command: ReplicationPushCommand.commandName, payload: payload)
-        let ok = reply.map { !StorageCodec.isRefusal($0.payload) } ?? false
+        // A put is all or nothing: a key the peer refuses (a protected entry whose version here
+        // is not signed by its owner) is left out and the rest sent again, a few times at most.
+        var values = values
+        var ok = false
+        for _ in 0..<4 where !values.isEmpty {
+            let reply = try? await node.request(to: peer, command: ReplicationPushCommand.commandName,
+                                                payload: StorageCodec.encode(.put(values, mode: .overwrite)))
+            guard let reply else { break }
+            guard StorageCodec.isRefusal(reply.payload) else {
+                ok = true
+                break
+            }
+            guard case .failure(.protected(let key, _, _)) = Result(catching: { () throws(StorageError) in try StorageCodec.decodeResult(reply.payload) }),
+                  values.removeValue(forKey: key) != nil else { break }
+        }
         state.withLockedValue { s in
             if ok {
                 s.stats.valuesSent += values.count

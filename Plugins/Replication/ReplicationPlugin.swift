@@ -75,40 +75,93 @@ public struct ReplicationPlugin: Plugin {
     }
 }
 
-/// Answers an offer of keys with those this peer lacks and has not removed lately.
+/// Answers an offer of versions with the keys this peer lacks or holds older, and pushes back to
+/// the offering peer what it holds newer.
 ///
-/// Request: `keys640` (at most `maxKeys`, all of one location). Reply: `keys640` of the keys
-/// wanted. An offer costs one lookup per key; a larger one is refused as a bad request.
+/// Request: `keys640` (at most `maxKeys`, all of one location) and `bytes`: per key a 17-byte
+/// version — u64 stamp, u8 flags (1: a removal), u64 digest of the bytes. Reply: `keys640` of the
+/// keys wanted. An offer costs one lookup per key; a larger or malformed one is refused as a bad
+/// request. What is pushed back goes within this peer's byte budget for the offering peer, so an
+/// offer cannot make it send more than a sync would.
 struct ReplicationOfferCommand: CommandHandler {
     static let commandName = "replication.offer"
     let name = ReplicationOfferCommand.commandName
     let policy: IndirectReplication
     /// Keys one offer may carry (as many as one storage request names).
     static let maxKeys = 1_000
+    /// Bytes per offered version.
+    static let versionBytes = 17
+
+    static func encode(_ versions: [EntryVersion]) -> [Payload] {
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(versions.count * versionBytes)
+        for v in versions {
+            for shift in stride(from: 56, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v.stamp >> UInt64(shift))) }
+            bytes.append(v.isTombstone ? 1 : 0)
+            for shift in stride(from: 56, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v.digest >> UInt64(shift))) }
+        }
+        return [.keys640(versions.map(\.key)), .bytes(bytes)]
+    }
+
+    /// The offered versions; nil when the sections do not fit together.
+    static func decode(_ payload: [Payload]) -> [EntryVersion]? {
+        guard payload.count == 2, case .keys640(let keys) = payload[0], case .bytes(let b) = payload[1],
+              b.count == keys.count * versionBytes else { return nil }
+        var out: [EntryVersion] = []
+        out.reserveCapacity(keys.count)
+        for (i, key) in keys.enumerated() {
+            let at = i * versionBytes
+            guard b[at + 8] <= 1 else { return nil }
+            let stamp = b[at..<at + 8].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+            let digest = b[at + 9..<at + 17].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+            out.append(EntryVersion(key: key, stamp: stamp, isTombstone: b[at + 8] == 1, digest: digest))
+        }
+        return out
+    }
 
     func handle(_ request: Message, context: CommandContext) -> CommandResult {
-        guard case .keys640(let keys)? = request.payload.first else { return .reply(.error(.badRequest, "an offer is one keys640 section")) }
+        guard case .keys640(let keys)? = request.payload.first else { return .reply(.error(.badRequest, "an offer is a keys640 and a bytes section")) }
         guard keys.count <= Self.maxKeys else { return .reply(.error(.badRequest, "an offer of \(keys.count) keys, over \(Self.maxKeys)")) }
+        guard let offered = Self.decode(request.payload) else {
+            return .reply(.error(.badRequest, "an offer needs \(Self.versionBytes) version bytes per key"))
+        }
         guard let location = keys.first?.location, keys.allSatisfy({ $0.location == location }) else {
             return .reply(Reply(payload: [.keys640([])]))
         }
-        guard let backend = context.node.registry.storageBackend else { return .reply(.error(.denied, "no storage here")) }
-        let held: Set<Number640>
-        let now = context.node.clock.uptimeNanoseconds
-        if case .digest(let d)? = try? backend.execute(.digest(.keys(keys)), now: now) {
-            held = Set(d.keys)
-        } else {
-            held = []
+        let node = context.node
+        guard let backend = node.registry.storageBackend else { return .reply(.error(.denied, "no storage here")) }
+        let held = backend.replicaEntries(keys, now: node.clock.uptimeNanoseconds)
+        var wanted: [Number640] = []
+        var newer: [Number640: StoredValue] = [:]
+        for v in offered {
+            guard let mine = held[v.key] else {
+                wanted.append(v.key)
+                continue
+            }
+            let here = EntryVersion(key: v.key, mine)
+            if v.supersedes(here) {
+                wanted.append(v.key)
+            } else if here.supersedes(v) {
+                newer[v.key] = mine
+            }
         }
-        let wanted = keys.filter { !held.contains($0) && !policy.isTombstoned($0, now: now) }
+        // Pushed back only to a peer that may well be a replica of the location (among the
+        // closest this peer knows): a stranger's offer cannot draw data out of it.
+        if !newer.isEmpty, node.peerMap.closest(to: location, count: 2 * policy.factor + 1).contains(where: { $0.id == context.sender.id }) {
+            let sender = context.sender
+            let policy = self.policy
+            let newer = newer
+            node.spawn { _ = await policy.push(newer, to: sender, node: node) }
+        }
         return .reply(Reply(payload: [.keys640(wanted)]))
     }
 }
 
-/// Stores the values a responsible peer pushes after an offer: a put in the `dht.storage`
-/// encoding, less any key removed here lately (so a replica already on its way cannot undo a
-/// remove), handed to this node's own `dht.storage` command — the same admission, domain and
-/// replica rules, interceptors, protection and events as any put.
+/// Stores the entries a responsible peer pushes after an offer: a put in the `dht.storage`
+/// encoding, handed to this node's own `dht.storage` command — the same admission, domain and
+/// replica rules, interceptors, protection, version order and events as any put (an entry older
+/// than the one held here changes nothing, so a copy on its way cannot undo a newer write or a
+/// remove).
 struct ReplicationPushCommand: CommandHandler {
     static let commandName = "replication.push"
     static let storageCommand = DHTPlugin.storageCommand
@@ -123,11 +176,9 @@ struct ReplicationPushCommand: CommandHandler {
         guard case .put(let entries, let mode)? = try? StorageCodec.decodeSignedRequest(request.payload, maxEntries: node.storage.limits.maxEntriesPerRequest).request else {
             return .reply(.error(.badRequest, "a push is one put of at most \(node.storage.limits.maxEntriesPerRequest) values"))
         }
-        let now = node.clock.uptimeNanoseconds
-        let kept = entries.filter { !policy.isTombstoned($0.key, now: now) }
-        guard !kept.isEmpty else { return .reply(Reply(payload: StorageCodec.encode(.statuses([:])))) }
+        guard !entries.isEmpty else { return .reply(Reply(payload: StorageCodec.encode(.statuses([:])))) }
         var forwarded = request
-        forwarded.payload = StorageCodec.encode(.put(kept, mode: mode.subtracting(.protectDomain)))
+        forwarded.payload = StorageCodec.encode(.put(entries, mode: mode.subtracting(.protectDomain)))
         return storage.handle(forwarded, context: context)
     }
 }

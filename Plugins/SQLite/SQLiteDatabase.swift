@@ -47,7 +47,9 @@ public enum SQLiteStorageError: Error, Equatable, Sendable, CustomStringConverti
 /// error (`SQLiteStorageError`) and left as it was.
 public final class SQLiteDatabase: Sendable {
     /// The layout this build writes (`PRAGMA user_version`).
-    public static let layoutVersion = 1
+    /// 2: entries carry a version stamp and may be removals (a file of layout 1 is brought up
+    /// to 2 when opened: its entries unstamped, none a removal).
+    public static let layoutVersion = 2
     /// Marks the file as SwiftP2P's (`PRAGMA application_id`, "P2PS").
     public static let applicationID: Int32 = 0x5032_5053
 
@@ -132,6 +134,13 @@ public final class SQLiteDatabase: Sendable {
                         for table in ["entries", "entry_owners", "domain_owners", "peers"] where !tables.contains(table) {
                             throw SQLiteStorageError.corrupt(path: path, detail: "table \(table) is missing")
                         }
+                        if version < 2 {
+                            try db.execute(sql: """
+                                ALTER TABLE entries ADD COLUMN stamp INTEGER NOT NULL DEFAULT 0;
+                                ALTER TABLE entries ADD COLUMN tombstone INTEGER NOT NULL DEFAULT 0;
+                                PRAGMA user_version = \(Self.layoutVersion);
+                                """)
+                        }
                     }
                     try db.execute(sql: "COMMIT")
                 } catch {
@@ -162,7 +171,9 @@ public final class SQLiteDatabase: Sendable {
                 signer BLOB,                        -- 32-byte Ed25519 key, with signature
                 signature BLOB,                     -- 64 bytes
                 expires_at INTEGER NOT NULL,        -- Unix milliseconds; 0 never
-                writer BLOB                         -- the request's proven writer (quota)
+                writer BLOB,                        -- the request's proven writer (quota)
+                stamp INTEGER NOT NULL DEFAULT 0,   -- version stamp (hybrid logical clock)
+                tombstone INTEGER NOT NULL DEFAULT 0 -- 1: a removal, kept to refuse older copies
             ) WITHOUT ROWID;
             CREATE INDEX entries_expiry ON entries (expires_at) WHERE expires_at > 0;
             CREATE TABLE entry_owners (item BLOB PRIMARY KEY NOT NULL, owner BLOB NOT NULL) WITHOUT ROWID;

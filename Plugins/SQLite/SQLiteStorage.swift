@@ -139,6 +139,11 @@ public final class SQLiteStorage: StorageBackend, @unchecked Sendable {
     }
 
     public func storedLocations() -> [Number160] { memory.storedLocations() }
+    public func use(versions: VersionClock) { memory.use(versions: versions) }
+    public func versions(at location: Number160, after: Number640?, limit: Int, now: UInt64) -> (versions: [EntryVersion], more: Bool) {
+        memory.versions(at: location, after: after, limit: limit, now: now)
+    }
+    public func replicaEntries(_ keys: [Number640], now: UInt64) -> [Number640: StoredValue] { memory.replicaEntries(keys, now: now) }
 
     public var defersDurability: Bool { true }
 
@@ -255,11 +260,13 @@ public final class SQLiteStorage: StorageBackend, @unchecked Sendable {
                 expires = max(1, wallNow + left)
             }
             try db.cachedStatement(sql: """
-                INSERT OR REPLACE INTO entries (key, value, ttl, based_on, prepared, protect_entry, signer, signature, expires_at, writer)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                INSERT OR REPLACE INTO entries (key, value, ttl, based_on, prepared, protect_entry, signer, signature, expires_at, writer,
+                                                stamp, tombstone)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 """).execute(arguments: [
                     k, v.value.data, Int64(v.ttlSeconds), v.basedOn.flatMap(\.bytes).data, v.prepared ? 1 : 0, v.protectEntry ? 1 : 0,
                     v.signature?.signer.bytes.data, v.signature?.signature.data, expires, e.writer?.bytes.data,
+                    Int64(bitPattern: v.stamp), v.isTombstone ? 1 : 0,
                 ])
         }
         for (item, owner) in changes.entryOwners {
@@ -294,7 +301,7 @@ public final class SQLiteStorage: StorageBackend, @unchecked Sendable {
         let state = try database.read { db -> StorageChanges in
             var out = StorageChanges()
             let rows = try Row.fetchCursor(db, sql: """
-                SELECT key, value, ttl, based_on, prepared, protect_entry, signer, signature, expires_at, writer FROM entries
+                SELECT key, value, ttl, based_on, prepared, protect_entry, signer, signature, expires_at, writer, stamp, tombstone FROM entries
                 """)
             var n = 0
             while let row = try rows.next() {
@@ -302,7 +309,8 @@ public final class SQLiteStorage: StorageBackend, @unchecked Sendable {
                 guard let kb = row.blob(0), let key = Self.key(kb) else { throw SQLiteStorageError.corrupt(path: path, detail: "entry \(n): a key of the wrong size") }
                 guard let value = row.blob(1) ?? (row.isNull(1) ? [] : nil), let ttl = row.int(2), let ttlSeconds = UInt32(exactly: ttl),
                       let basedBytes = row.blob(3) ?? (row.isNull(3) ? [] : nil), basedBytes.count % 20 == 0,
-                      let prepared = row.int(4), let protect = row.int(5), let expires = row.int(8) else {
+                      let prepared = row.int(4), let protect = row.int(5), let expires = row.int(8),
+                      let stamp = row.int(10), let tombstone = row.int(11), tombstone == 0 || value.isEmpty else {
                     throw SQLiteStorageError.corrupt(path: path, detail: "entry \(n) at \(key): a column of the wrong type")
                 }
                 var signature: ValueSignature?
@@ -331,6 +339,8 @@ public final class SQLiteStorage: StorageBackend, @unchecked Sendable {
                 var stored = StoredValue(value, ttlSeconds: ttlSeconds, basedOn: basedOn, prepared: prepared != 0, protectEntry: protect != 0,
                                          signature: signature)
                 stored.remainingSeconds = nil
+                stored.stamp = UInt64(bitPattern: stamp)
+                stored.isTombstone = tombstone != 0
                 out.entries[key] = StorageChanges.Entry(stored: stored, expiresAt: expiresAt, writer: writer)
             }
             for row in try Row.fetchAll(db, sql: "SELECT item, owner FROM entry_owners") {

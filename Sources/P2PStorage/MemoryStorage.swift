@@ -34,6 +34,10 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         /// Most expired entries one sweep removes (2,000, ~3 ms): a mass expiry is spread over
         /// several sweeps (expired values are invisible at once either way).
         public var maxSweptPerRound = 2_000
+        /// How long a removal is kept after its stamp (24 hours): the longest a replica may be
+        /// away (partitioned, or down with durable storage) and still have its older copies
+        /// refused when it comes back. A removal counts against the bounds like a value.
+        public var tombstoneLifetimeSeconds: UInt32 = 86_400
         public init() {}
     }
 
@@ -57,8 +61,11 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         /// Who wrote it (the request's proven writer), for the per-writer quota.
         var writer: SignerKey?
 
-        func visible(at now: UInt64) -> Bool { !stored.prepared && (expiresAt == 0 || expiresAt > now) }
+        func visible(at now: UInt64) -> Bool { !stored.prepared && !stored.isTombstone && (expiresAt == 0 || expiresAt > now) }
+        /// Not expired (a removal included: it still decides the key's order).
         func live(at now: UInt64) -> Bool { expiresAt == 0 || expiresAt > now }
+        /// Holds a value, confirmed or not (not a removal), not expired.
+        func present(at now: UInt64) -> Bool { !stored.isTombstone && live(at: now) }
     }
 
     /// An item: the versions under one location, domain and content.
@@ -129,7 +136,7 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
     /// Takes an entry's version out of its item's index, making the versions it freed heads.
     private static func unindex(_ key: Number640, _ stored: StoredValue, in loc: inout Location) {
         let item = Item(key)
-        guard let freed = loc.items[item]?.remove(key.version, basedOn: stored.basedOn, prepared: stored.prepared) else { return }
+        guard let freed = loc.items[item]?.remove(key.version, basedOn: stored.basedOn, prepared: !stored.counts) else { return }
         for b in freed {
             let k = Number640(location: key.location, domain: key.domain, content: key.content, version: b)
             if let e = loc.entries[k], !e.stored.prepared { loc.items[item]?.promote(b) }
@@ -166,6 +173,9 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
     public let limits: Limits
     public let protection: ProtectionPolicy
     private let lock = NIOLock()
+    /// Stamps unstamped writes, observes stored stamps, reads wall time (the node's, once the
+    /// pipeline hands it over: `use(versions:)`).
+    private var versions = VersionClock()
     private var locations: [Number160: Location] = [:]
     private var totalBytes = 0
     private var totalEntries = 0
@@ -185,6 +195,8 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
     public var entryCount: Int { lock.withLock { totalEntries } }
     public var usage: StorageUsage? { lock.withLock { StorageUsage(entries: totalEntries, bytes: totalBytes) } }
     public var nextExpiry: UInt64? { lock.withLock { expiries.min?.at } }
+    public func use(versions: VersionClock) { lock.withLock { self.versions = versions } }
+
     /// Bytes held for one writer key (its quota's use).
     public func bytes(writtenBy writer: SignerKey) -> Int { lock.withLock { writerBytes[writer] ?? 0 } }
 
@@ -274,9 +286,10 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
                 let entry = Entry(stored: e.stored, expiresAt: e.expiresAt, writer: e.writer)
                 loc.entries[key] = entry
                 loc.domainCounts[key.domain, default: 0] += 1
-                loc.items[Item(key), default: VersionIndex()].insert(key.version, basedOn: e.stored.basedOn, prepared: e.stored.prepared)
+                loc.items[Item(key), default: VersionIndex()].insert(key.version, basedOn: e.stored.basedOn, prepared: !e.stored.counts)
                 locations[key.location] = loc
                 remember(entry)
+                versions.observe(e.stored.stamp)
                 totalEntries += 1
                 if entry.expiresAt != 0 { expiries.insert(Expiry(at: entry.expiresAt, key: key)) }
             }
@@ -346,7 +359,7 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             var statuses: [Number640: StorageStatus] = [:]
             if case .keys(let asked) = query { for k in asked where resume.map({ k <= $0 }) ?? true { statuses[k] = .notFound } }
             for key in keys {
-                guard let e = removeEntry(key) else { continue }
+                guard let e = tombstone(key, writer: writer, now: now) else { continue }
                 statuses[key] = .ok
                 if returnValues { values[key] = answer(e, now: now) }
             }
@@ -361,7 +374,7 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             }
             var statuses: [Number640: StorageStatus] = [:]
             for key in keys {
-                if let e = locations[key.location]?.entries[key], e.live(at: now) {
+                if let e = locations[key.location]?.entries[key], e.present(at: now) {
                     locations[key.location]?.entries[key]?.stored.prepared = false
                     touched?.keys.insert(key)
                     if e.stored.prepared { locations[key.location]?.items[Item(key)]?.confirm(key.version, basedOn: e.stored.basedOn) }
@@ -399,11 +412,41 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         ttl == 0 ? 0 : now &+ UInt64(ttl) * 1_000_000_000
     }
 
-    private func put(_ entries: [Number640: StoredValue], mode: PutMode, writer: SignerKey?, now: UInt64) throws(StorageError) -> [Number640: StorageStatus] {
+    /// When an entry stored now expires: a stamped value `ttlSeconds` after its stamp, a removal
+    /// `tombstoneLifetimeSeconds` after its stamp — the same instant on every replica, however
+    /// late a copy arrives (never later than its whole lifetime from now); an unstamped value
+    /// `ttlSeconds` from now. Already past: `now` (invisible at once, swept soon).
+    private func expiry(of v: StoredValue, now: UInt64) -> UInt64 {
+        let life = UInt64(v.isTombstone ? max(1, limits.tombstoneLifetimeSeconds) : v.ttlSeconds)
+        guard life > 0 else { return 0 }
+        guard v.stamp != 0 else { return now &+ life * 1_000_000_000 }
+        let end = VersionStamp.millis(v.stamp) &+ life * 1_000
+        let wall = versions.wallMillis
+        guard end > wall else { return max(now, 1) }
+        return now &+ min(life * 1_000_000_000, (end - wall) * 1_000_000)
+    }
+
+    /// Why a key of a put is not stored, when it is not: an older version than the one held
+    /// (`superseded`; the same version again is `ok` and changes nothing), or a stamp from
+    /// further ahead than this peer's clock accepts. Nil: it is stored.
+    private func order(_ v: StoredValue, over old: Entry?, now: UInt64) -> StorageStatus? {
+        if versions.isAhead(v.stamp) { return .stampAhead }
+        guard let old, old.live(at: now) else { return nil }
+        if v.supersedes(old.stored) { return nil }
+        return v.isSameVersion(as: old.stored) ? .ok : .superseded
+    }
+
+    private func put(_ request: [Number640: StoredValue], mode: PutMode, writer: SignerKey?, now: UInt64) throws(StorageError) -> [Number640: StorageStatus] {
+        // An unstamped value is stamped here: newer than anything this peer holds or has seen.
+        var entries = request
+        for (key, v) in request where v.stamp == 0 && v.signature == nil {
+            entries[key]?.stamp = versions.next()
+        }
         // Check every bound and every owner before changing anything: a refused request stores nothing.
         var added = 0
         var newEntries = 0
         var newPerLocation: [Number160: Int] = [:]
+        var settled: [Number640: StorageStatus] = [:]
         // What the writer would hold: what it adds, less what it replaces of its own.
         var writerTotal = writer.map { writerBytes[$0] ?? 0 } ?? 0
         for (key, v) in entries {
@@ -413,10 +456,13 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             guard v.basedOn.count <= limits.maxBasedOn else { throw .tooManyBasedOn(count: v.basedOn.count, limit: limits.maxBasedOn) }
             let loc = locations[key.location]
             let old = loc?.entries[key]
-            if mode.contains(.ifAbsent), let old, old.live(at: now) { continue }
-            if let denial = protection.checkDomain(owner: loc?.domainOwners[key.domain], writer: writer, key: key)
-                ?? protection.checkEntry(owner: loc?.entryOwners[Item(key)], writer: writer, valueSigner: v.signature?.signer,
-                                         versionExists: old != nil, key: key) {
+            if mode.contains(.ifAbsent), let old, old.present(at: now) { continue }
+            if let status = order(v, over: old, now: now) {
+                settled[key] = status
+                continue
+            }
+            if let denial = protection.checkDomain(owner: loc?.domainOwners[key.domain], writer: writer, valueSigner: v.signature?.signer, key: key)
+                ?? protection.checkEntry(owner: loc?.entryOwners[Item(key)], writer: writer, valueSigner: v.signature?.signer, key: key) {
                 throw denial
             }
             added += Self.footprint(v) - (old.map { Self.footprint($0.stored) } ?? 0)
@@ -436,29 +482,31 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         if let quota = limits.maxBytesPerWriter, let writer, writerTotal > quota {
             throw .quotaExceeded(writer: writer, bytes: writerTotal, limit: quota)
         }
-        var statuses = [Number640: StorageStatus](minimumCapacity: entries.count)
+        var statuses = settled
+        statuses.reserveCapacity(entries.count)
         // In key order, so one location's entries come together: it is taken out of the map
         // once, changed in place and put back once.
         var heldLocation: Number160?
         var loc = Location()
-        for (key, v) in entries.sorted(by: { $0.key < $1.key }) {
+        for (key, v) in entries.sorted(by: { $0.key < $1.key }) where settled[key] == nil {
             if heldLocation != key.location {
                 if let h = heldLocation { locations[h] = loc }
                 loc = locations.removeValue(forKey: key.location) ?? Location()
                 heldLocation = key.location
             }
             let existing = loc.entries[key]
-            if mode.contains(.ifAbsent), let existing, existing.live(at: now) {
+            if mode.contains(.ifAbsent), let existing, existing.present(at: now) {
                 statuses[key] = .failedNotAbsent
                 continue
             }
+            versions.observe(v.stamp)
             let item = Item(key)
-            let fork = Self.forks(key, basedOn: v.basedOn, loc: loc, now: now)
+            let fork = v.counts && Self.forks(key, basedOn: v.basedOn, loc: loc, now: now)
             if let existing { forget(existing) } else { totalEntries += 1 }
             touched?.keys.insert(key)
             touched?.items.insert(Number640(location: key.location, domain: key.domain, content: key.content))
             if mode.contains(.protectDomain) { touched?.domains.insert(Number640(location: key.location, domain: key.domain)) }
-            let entry = Entry(stored: v, expiresAt: Self.expiry(v.ttlSeconds, now: now), writer: writer)
+            let entry = Entry(stored: v, expiresAt: expiry(of: v, now: now), writer: writer)
             remember(entry)
             if existing == nil {
                 loc.sortedCache = nil
@@ -466,7 +514,7 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             }
             loc.entries[key] = entry
             if let existing { Self.unindex(key, existing.stored, in: &loc) }
-            loc.items[item, default: VersionIndex()].insert(key.version, basedOn: v.basedOn, prepared: v.prepared)
+            loc.items[item, default: VersionIndex()].insert(key.version, basedOn: v.basedOn, prepared: !v.counts)
             let owner = loc.entryOwners[item]
             let newOwner = protection.entryOwner(after: owner, value: v, key: key)
             if newOwner != owner { loc.entryOwners[item] = newOwner }
@@ -486,7 +534,7 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         var updates: [Number640: StoredValue] = [:]
         var statuses: [Number640: StorageStatus] = [:]
         for key in keys {
-            guard let loc = locations[key.location], let e = loc.entries[key], e.live(at: now) else {
+            guard let loc = locations[key.location], let e = loc.entries[key], e.present(at: now) else {
                 statuses[key] = .notFound
                 continue
             }
@@ -496,6 +544,12 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             }
             var v = e.stored
             v.ttlSeconds = ttl
+            // A stamped value lives its TTL after its stamp: an unsigned one's new TTL, counted
+            // from now, becomes one counted from its stamp (a signed one's is signed as such).
+            if signatures[key] == nil, v.signature == nil, ttl != 0, v.stamp != 0 {
+                let wall = versions.wallMillis, written = VersionStamp.millis(v.stamp)
+                v.ttlSeconds = UInt32(clamping: UInt64(ttl) + (wall > written ? (wall - written + 999) / 1_000 : 0))
+            }
             if let s = signatures[key] {
                 v.signature = s
                 guard v.verify(at: key) else { throw .badSignature(key) }
@@ -508,7 +562,7 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             guard var loc = locations.removeValue(forKey: key.location), var e = loc.entries[key] else { continue }
             forget(e)
             e.stored = v
-            e.expiresAt = Self.expiry(ttl, now: now)
+            e.expiresAt = expiry(of: v, now: now)
             remember(e)
             loc.entries[key] = e
             let item = Item(key)
@@ -586,7 +640,7 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
     /// within one location (the pipeline refuses others), so it walks at most that location's
     /// sorted keys.
     private func resolve(_ query: StorageQuery, now: UInt64, visibleOnly: Bool, cap: Int) -> [Number640] {
-        func ok(_ e: Entry) -> Bool { visibleOnly ? e.visible(at: now) : e.live(at: now) }
+        func ok(_ e: Entry) -> Bool { visibleOnly ? e.visible(at: now) : e.present(at: now) }
         switch query {
         case .keys(let keys):
             return Array(keys.filter { k in locations[k.location]?.entries[k].map(ok) ?? false }.sorted().prefix(cap))
@@ -620,6 +674,24 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         return lo
     }
 
+    /// Replaces what a key holds by a removal stamped now (newer than it), kept for the tombstone
+    /// lifetime and owned as the entry was; returns what it held.
+    private func tombstone(_ key: Number640, writer: SignerKey?, now: UInt64) -> Entry? {
+        guard var loc = locations.removeValue(forKey: key.location) else { return nil }
+        defer { locations[key.location] = loc }
+        guard let old = loc.entries[key] else { return nil }
+        let removal = StoredValue.tombstone(stamp: max(versions.next(), old.stored.stamp &+ 1))
+        forget(old)
+        Self.unindex(key, old.stored, in: &loc)
+        let entry = Entry(stored: removal, expiresAt: expiry(of: removal, now: now), writer: writer)
+        remember(entry)
+        loc.entries[key] = entry
+        loc.items[Item(key), default: VersionIndex()].insert(key.version, basedOn: [], prepared: true)
+        touched?.keys.insert(key)
+        if entry.expiresAt != 0 { expiries.insert(Expiry(at: entry.expiresAt, key: key)) }
+        return old
+    }
+
     private func removeEntry(_ key: Number640) -> Entry? {
         guard var loc = locations.removeValue(forKey: key.location) else { return nil }
         defer { if !loc.entries.isEmpty { locations[key.location] = loc } }
@@ -648,6 +720,38 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         lock.withLock { Array(locations.keys) }
     }
 
+    /// Confirmed values and removals of one location, not expired, in key order.
+    public func versions(at location: Number160, after: Number640?, limit: Int, now: UInt64) -> (versions: [EntryVersion], more: Bool) {
+        lock.withLock {
+            guard var loc = locations.removeValue(forKey: location) else { return ([], false) }
+            defer { locations[location] = loc }
+            let keys = loc.sortedKeys()
+            var i = after.map { Self.firstIndex(in: keys, notBelow: $0) } ?? 0
+            if let after, i < keys.count, keys[i] == after { i += 1 }
+            var out: [EntryVersion] = []
+            out.reserveCapacity(min(limit, keys.count - i))
+            while i < keys.count, out.count < limit {
+                if let e = loc.entries[keys[i]], e.live(at: now), !e.stored.prepared {
+                    out.append(EntryVersion(key: keys[i], e.stored))
+                }
+                i += 1
+            }
+            return (out, i < keys.count)
+        }
+    }
+
+    /// Confirmed values and removals under `keys`, as stored (no remaining time).
+    public func replicaEntries(_ keys: [Number640], now: UInt64) -> [Number640: StoredValue] {
+        lock.withLock {
+            var out: [Number640: StoredValue] = [:]
+            for k in keys {
+                guard let e = locations[k.location]?.entries[k], e.live(at: now), !e.stored.prepared else { continue }
+                out[k] = e.stored
+            }
+            return out
+        }
+    }
+
     public func sweepExpired(now: UInt64) -> Int {
         lock.withLock {
             var removed = 0
@@ -667,4 +771,9 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             return removed
         }
     }
+}
+
+extension StoredValue {
+    /// Whether the version counts in its item's heads: confirmed, and not a removal.
+    var counts: Bool { !prepared && !isTombstone }
 }

@@ -42,19 +42,23 @@ public struct ProtectionPolicy: Sendable, Hashable {
         return key.id == number
     }
 
-    /// Nil when `writer` may write or remove in the domain of `key`; else the refusal naming its owner.
-    public func checkDomain(owner: SignerKey?, writer: SignerKey?, key: Number640) -> StorageError? {
+    /// Nil when `writer` may write or remove in the domain of `key`; else the refusal naming its
+    /// owner. A value the owner signed may be stored by anyone (the owner's data moving between
+    /// replicas): which version a key keeps is decided by the signed stamps, so a replayed older
+    /// one changes nothing.
+    public func checkDomain(owner: SignerKey?, writer: SignerKey?, valueSigner: SignerKey? = nil, key: Number640) -> StorageError? {
         guard let owner, owner != writer, !isMaster(writer, of: key.domain) else { return nil }
+        if let valueSigner, valueSigner == owner { return nil }
         return .protected(key: key, owner: owner, domain: true)
     }
 
     /// Nil when the entry of `key` may be written; else the refusal naming its owner. Besides its
-    /// owner (and master key), a value the owner signed may be stored where that version is
-    /// absent: the owner's data moving between peers (replication), never replacing a version.
-    public func checkEntry(owner: SignerKey?, writer: SignerKey?, valueSigner: SignerKey? = nil, versionExists: Bool = true,
-                           key: Number640) -> StorageError? {
+    /// owner (and master key), anyone may store a value or a removal the owner signed: replication
+    /// carries the owner's versions, and the stamp the owner signed decides whether one replaces
+    /// what is held (an older one never does).
+    public func checkEntry(owner: SignerKey?, writer: SignerKey?, valueSigner: SignerKey? = nil, key: Number640) -> StorageError? {
         guard let owner, owner != writer, !isMaster(writer, of: key.content) else { return nil }
-        if let valueSigner, valueSigner == owner, !versionExists { return nil }
+        if let valueSigner, valueSigner == owner { return nil }
         return .protected(key: key, owner: owner, domain: false)
     }
 

@@ -10,6 +10,9 @@ public protocol ReplicationPolicy: Sendable {
     var name: String { get }
     /// How often the policy is handed `.timer`; nil for never.
     var timerInterval: Duration? { get }
+    /// How many peers hold a key's copies under this policy (its replication factor), which is
+    /// how many a write goes to; nil when the policy keeps no fixed set.
+    var replicaSetSize: Int? { get }
     func handle(_ event: ReplicationEvent, context: ReplicationContext) async
     /// Called synchronously, before `handle`, where the event happens (for what must be known at
     /// once, such as a removal that a replica in flight must not undo).
@@ -18,6 +21,7 @@ public protocol ReplicationPolicy: Sendable {
 
 extension ReplicationPolicy {
     public var timerInterval: Duration? { nil }
+    public var replicaSetSize: Int? { nil }
     public func record(_ event: ReplicationEvent, context: ReplicationContext) {}
 }
 

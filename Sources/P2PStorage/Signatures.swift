@@ -42,13 +42,18 @@ public struct ValueSignature: Hashable, Sendable {
 
 extension StoredValue {
     /// What a value's signature covers: the key it is stored under (location, domain, content,
-    /// version), its TTL, whether it asks for entry protection, the versions it is based on, and
-    /// SHA-256 of its bytes (so a large value is hashed once, not by Ed25519's two passes).
+    /// version), its version stamp and whether it is a removal (so a replayed older version or a
+    /// re-sent removed value loses to the newer one by the order itself), its TTL (counted from
+    /// the stamp: it cannot be extended without the signer), whether it asks for entry
+    /// protection, the versions it is based on, and SHA-256 of its bytes (so a large value is
+    /// hashed once, not by Ed25519's two passes).
     /// Not covered: `prepared` (a phase of the put, not content) and `remainingSeconds`.
     public func signedBytes(at key: Number640) -> [UInt8] {
-        var out: [UInt8] = Array("swiftp2p/value/1".utf8)
-        out.reserveCapacity(out.count + 80 + 7 + basedOn.count * 20 + 32)
+        var out: [UInt8] = Array("swiftp2p/value/2".utf8)
+        out.reserveCapacity(out.count + 80 + 16 + basedOn.count * 20 + 32)
         for part in [key.location, key.domain, key.content, key.version] { out.append(contentsOf: part.bytes) }
+        withUnsafeBytes(of: stamp.bigEndian) { out.append(contentsOf: $0) }
+        out.append(isTombstone ? 1 : 0)
         withUnsafeBytes(of: ttlSeconds.bigEndian) { out.append(contentsOf: $0) }
         out.append(protectEntry ? 1 : 0)
         withUnsafeBytes(of: UInt16(truncatingIfNeeded: basedOn.count).bigEndian) { out.append(contentsOf: $0) }
@@ -57,12 +62,17 @@ extension StoredValue {
         return out
     }
 
-    /// This value signed by `key` for storage under `storageKey`.
+    /// This value signed by `key` for storage under `storageKey`. An unstamped value is stamped
+    /// first, with the machine's clock (a stamp of 0 would be older than any other version).
     public func signed(at storageKey: Number640, by key: Curve25519.Signing.PrivateKey) throws -> StoredValue {
         var v = self
+        if v.stamp == 0 { v.stamp = Self.signingClock.next() }
         v.signature = ValueSignature(signer: SignerKey(key.publicKey), signature: Array(try key.signature(for: signedBytes(at: storageKey))))
         return v
     }
+
+    /// Stamps values signed without one (`signed(at:by:)`).
+    static let signingClock = VersionClock()
 
     /// Whether the value carries a signature that verifies for storage under `key`.
     public func verify(at key: Number640) -> Bool {

@@ -1,3 +1,5 @@
+import Crypto
+import NIOConcurrencyHelpers
 import P2PKernel
 
 /// A value as stored, with its metadata.
@@ -21,9 +23,19 @@ public struct StoredValue: Sendable, Hashable {
     /// Set in answers only, by the peer that answered: whole seconds the value has left there,
     /// rounded up (a value with 0.3 s left says 1, never 0), nil when it never expires.
     public var remainingSeconds: UInt32?
+    /// When this version of the key was written: a hybrid logical clock reading
+    /// (`VersionStamp`: Unix milliseconds and a counter), set by the writer and signed with the
+    /// value. Every replica keeps, for one key, the entry with the greatest stamp (`supersedes`):
+    /// a newer one replaces an older one, an older one is refused, whichever path it comes by.
+    /// 0: not stamped yet — the storage that takes it stamps it with its own clock (newest).
+    /// A stamped value lives `ttlSeconds` after its stamp, on every replica alike.
+    public var stamp: UInt64
+    /// A removal: the key holds nothing since `stamp`. Kept (and replicated) for the storage's
+    /// tombstone lifetime so that no older copy comes back; never served to gets.
+    public var isTombstone: Bool
 
     public init(_ value: [UInt8], ttlSeconds: UInt32 = 0, basedOn: [Number160] = [], prepared: Bool = false,
-                protectEntry: Bool = false, signature: ValueSignature? = nil) {
+                protectEntry: Bool = false, signature: ValueSignature? = nil, stamp: UInt64 = 0) {
         self.value = value
         self.ttlSeconds = ttlSeconds
         self.basedOn = basedOn
@@ -31,6 +43,98 @@ public struct StoredValue: Sendable, Hashable {
         self.protectEntry = protectEntry
         self.signature = signature
         self.remainingSeconds = nil
+        self.stamp = stamp
+        self.isTombstone = false
+    }
+
+    /// A removal marker written at `stamp`. Sign it (`signed(at:by:)`) to remove a protected entry
+    /// on replicas that learn of it by replication.
+    public static func tombstone(stamp: UInt64) -> StoredValue {
+        var v = StoredValue([], stamp: stamp)
+        v.isTombstone = true
+        return v
+    }
+
+    /// Whether this entry replaces `other` under the same key: a greater stamp wins; at equal
+    /// stamps a removal wins over a value, and between two values the greater `versionDigest`
+    /// (then the greater bytes) does, so that every replica — and anti-entropy, which compares
+    /// digests, not bytes — picks the same one without asking anyone.
+    public func supersedes(_ other: StoredValue) -> Bool {
+        if stamp != other.stamp { return stamp > other.stamp }
+        if isTombstone != other.isTombstone { return isTombstone }
+        guard value != other.value else { return false }
+        let (mine, theirs) = (versionDigest, other.versionDigest)
+        if mine != theirs { return mine > theirs }
+        return other.value.lexicographicallyPrecedes(value)
+    }
+
+    /// The first 8 bytes of SHA-256 of the bytes (0 for a removal): what tells two values of one
+    /// stamp apart where only versions are compared.
+    public var versionDigest: UInt64 {
+        guard !isTombstone else { return 0 }
+        return SHA256.hash(data: value).prefix(8).reduce(0) { $0 << 8 | UInt64($1) }
+    }
+
+    /// Whether this is the same version of the key as `other` (same stamp, kind and bytes): storing
+    /// it again changes nothing.
+    public func isSameVersion(as other: StoredValue) -> Bool {
+        stamp == other.stamp && isTombstone == other.isTombstone && value == other.value
+    }
+}
+
+/// Version stamps: a hybrid logical clock's readings, Unix milliseconds in the high 48 bits and a
+/// counter in the low 16, so stamps follow wall time and still grow when many writes share a
+/// millisecond or a writer's clock is behind a stamp it has seen.
+public enum VersionStamp {
+    /// The stamp of `millis` with counter 0.
+    public static func at(millis: UInt64) -> UInt64 { millis << 16 }
+    /// The Unix milliseconds of a stamp.
+    public static func millis(_ stamp: UInt64) -> UInt64 { stamp >> 16 }
+}
+
+/// A node's version clock (a hybrid logical clock): `next()` is greater than every stamp it
+/// issued or observed, and follows wall time. Storage observes every stamp it stores, so a write
+/// stamped here after a read is newer than what was read.
+public final class VersionClock: Sendable {
+    private let wall: @Sendable () -> UInt64
+    private let last = NIOLockedValueBox<UInt64>(0)
+    /// How far ahead of this clock a stamp may be and still be taken (60 s): a writer whose clock
+    /// runs further ahead, or a peer that claims a stamp from the future to pin a key, is refused.
+    public let maxAheadMillis: UInt64
+
+    /// A clock reading `wallMillis` (Unix milliseconds; the machine's clock by default).
+    public init(maxAheadMillis: UInt64 = 60_000, wallMillis: @escaping @Sendable () -> UInt64 = { WriterProof.nowMillis() }) {
+        self.wall = wallMillis
+        self.maxAheadMillis = maxAheadMillis
+    }
+
+    /// A clock reading a node's clock (virtual on the simulated network).
+    public convenience init(clock: NodeClock) {
+        self.init(wallMillis: { clock.unixMilliseconds })
+    }
+
+    /// Unix milliseconds now.
+    public var wallMillis: UInt64 { wall() }
+
+    /// A new stamp, greater than any issued or observed.
+    public func next() -> UInt64 {
+        let physical = VersionStamp.at(millis: wall())
+        return last.withLockedValue { l in
+            l = max(physical, l &+ 1)
+            return l
+        }
+    }
+
+    /// Notes a stamp seen (stored or read), so later stamps exceed it; stamps from too far ahead
+    /// are not taken (they are refused where they are stored).
+    public func observe(_ stamp: UInt64) {
+        guard !isAhead(stamp) else { return }
+        last.withLockedValue { $0 = max($0, stamp) }
+    }
+
+    /// Whether a stamp lies more than `maxAheadMillis` ahead of this clock.
+    public func isAhead(_ stamp: UInt64) -> Bool {
+        VersionStamp.millis(stamp) > wall() &+ maxAheadMillis
     }
 }
 
@@ -171,6 +275,11 @@ public enum StorageStatus: UInt8, Sendable, Hashable, CustomStringConvertible {
     case notFound = 3
     case denied = 4
     case failed = 5
+    /// The key holds a newer version (a greater stamp, or a removal of it): the write changed
+    /// nothing there.
+    case superseded = 6
+    /// The write's stamp lies further ahead of this peer's clock than it accepts.
+    case stampAhead = 7
 
     public var description: String {
         switch self {
@@ -180,6 +289,8 @@ public enum StorageStatus: UInt8, Sendable, Hashable, CustomStringConvertible {
         case .notFound: "not-found"
         case .denied: "denied"
         case .failed: "failed"
+        case .superseded: "superseded"
+        case .stampAhead: "stamp-ahead"
         }
     }
 }
@@ -278,6 +389,41 @@ public protocol StorageBackend: Sendable {
     func whenDurable(since mark: UInt64, _ done: @escaping @Sendable (StorageError?) -> Void)
     /// What the backend holds now, for metrics and the status page; nil when it cannot tell.
     var usage: StorageUsage? { get }
+    /// Hands the backend its node's version clock (called when the node's storage pipeline is
+    /// made): it stamps unstamped writes, observes stored stamps and reads wall time from it.
+    func use(versions: VersionClock)
+    /// The entries under one location, removals included, in key order after `after`, at most
+    /// `limit`: what anti-entropy compares. `more` when the location holds more.
+    func versions(at location: Number160, after: Number640?, limit: Int, now: UInt64) -> (versions: [EntryVersion], more: Bool)
+    /// The entries under `keys` as replication sends them, removals included (no remaining time).
+    func replicaEntries(_ keys: [Number640], now: UInt64) -> [Number640: StoredValue]
+}
+
+/// One entry as anti-entropy compares it: its key, its version stamp, whether it is a removal,
+/// and its bytes' `versionDigest`.
+public struct EntryVersion: Sendable, Hashable {
+    public var key: Number640
+    public var stamp: UInt64
+    public var isTombstone: Bool
+    public var digest: UInt64
+    public init(key: Number640, stamp: UInt64, isTombstone: Bool, digest: UInt64) {
+        self.key = key
+        self.stamp = stamp
+        self.isTombstone = isTombstone
+        self.digest = digest
+    }
+
+    public init(key: Number640, _ v: StoredValue) {
+        self.init(key: key, stamp: v.stamp, isTombstone: v.isTombstone, digest: v.versionDigest)
+    }
+
+    /// Whether the version this describes replaces `other` (`StoredValue.supersedes`, up to the
+    /// bytes: equal digests count as the same version).
+    public func supersedes(_ other: EntryVersion) -> Bool {
+        if stamp != other.stamp { return stamp > other.stamp }
+        if isTombstone != other.isTombstone { return isTombstone }
+        return digest > other.digest
+    }
 }
 
 /// What a storage backend holds.
@@ -304,6 +450,24 @@ extension StorageBackend {
     public func durabilityMark() -> UInt64 { 0 }
     public func whenDurable(since mark: UInt64, _ done: @escaping @Sendable (StorageError?) -> Void) { done(nil) }
     public var usage: StorageUsage? { nil }
+    public func use(versions: VersionClock) {}
+
+    /// From the visible values (a backend that keeps no removals).
+    public func versions(at location: Number160, after: Number640?, limit: Int, now: UInt64) -> (versions: [EntryVersion], more: Bool) {
+        let from = after?.successor ?? Number640(location: location)
+        let to = Number640(location: location, domain: .max, content: .max, version: .max)
+        guard from.location == location,
+              case .values(let v, let resume)? = try? execute(.get(.range(from: from, to: to, limit: limit, descending: false)), now: now) else {
+            return ([], false)
+        }
+        return (v.sorted { $0.key < $1.key }.map { EntryVersion(key: $0.key, $0.value) }, resume != nil)
+    }
+
+    /// From a get (a backend that keeps no removals).
+    public func replicaEntries(_ keys: [Number640], now: UInt64) -> [Number640: StoredValue] {
+        guard case .values(let v, _)? = try? execute(.get(.keys(keys)), now: now) else { return [:] }
+        return v.mapValues { var x = $0; x.remainingSeconds = nil; return x }
+    }
 
     /// An unsigned request (no writer).
     public func execute(_ request: StorageRequest, now: UInt64) throws(StorageError) -> StorageResult {

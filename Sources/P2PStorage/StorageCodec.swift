@@ -6,8 +6,9 @@ import P2PKernel
 /// says so. The header packs the operation (bits 0–7), flags (bits 8–15: 1 ifAbsent,
 /// 2 returnValues, 4 descending, 8 protectDomain, 16 signed by a writer) and the query kind
 /// (bits 16–23: 0 keys, 1 range, 2 latest). Values travel in a data map, each value prefixed with
-/// its metadata: `u32 ttl, u8 flags (1 prepared, 2 protectEntry, 4 signed, 8 remaining),
-/// [u32 remaining seconds], u16 n, n × 20-byte basedOn, [32-byte signer, 64-byte signature], bytes`.
+/// its metadata: `u32 ttl, u8 flags (1 prepared, 2 protectEntry, 4 signed, 8 remaining,
+/// 16 stamped, 32 removal), [u32 remaining seconds], [u64 version stamp], u16 n, n × 20-byte
+/// basedOn, [32-byte signer, 64-byte signature], bytes` (a removal has no bytes).
 public enum StorageCodec {
     enum Op: UInt8 { case put = 1, get, remove, digest, confirm, putMeta, transferDomain }
     enum QueryKind: UInt8 { case keys = 0, range, latest }
@@ -18,19 +19,24 @@ public enum StorageCodec {
     /// Metadata bytes before a value at least: ttl, flags, basedOn count.
     static let valueHeader = 7
     static let prepared: UInt8 = 1, protectEntry: UInt8 = 2, hasSignature: UInt8 = 4, hasRemaining: UInt8 = 8
+    static let hasStamp: UInt8 = 16, tombstone: UInt8 = 32
+    static let knownValueFlags = prepared | protectEntry | hasSignature | hasRemaining | hasStamp | tombstone
 
     // MARK: values
 
     public static func encode(_ v: StoredValue) -> [UInt8] {
         var out = [UInt8]()
-        out.reserveCapacity(valueHeader + 4 + v.basedOn.count * 20 + 96 + v.value.count)
+        out.reserveCapacity(valueHeader + 12 + v.basedOn.count * 20 + 96 + v.value.count)
         append(v.ttlSeconds, to: &out)
         var flags: UInt8 = v.prepared ? prepared : 0
         if v.protectEntry { flags |= protectEntry }
         if v.signature != nil { flags |= hasSignature }
         if v.remainingSeconds != nil { flags |= hasRemaining }
+        if v.stamp != 0 { flags |= hasStamp }
+        if v.isTombstone { flags |= tombstone }
         out.append(flags)
         if let r = v.remainingSeconds { append(r, to: &out) }
+        if v.stamp != 0 { append(v.stamp, to: &out) }
         let n = UInt16(min(v.basedOn.count, Int(UInt16.max)))
         out.append(UInt8(n >> 8))
         out.append(UInt8(n & 0xFF))
@@ -47,7 +53,7 @@ public enum StorageCodec {
         guard bytes.count >= valueHeader else { throw .malformed("value of \(bytes.count) bytes is shorter than its \(valueHeader)-byte header") }
         let ttl = u32(bytes, 0)
         let flags = bytes[4]
-        guard flags & ~(prepared | protectEntry | hasSignature | hasRemaining) == 0 else {
+        guard flags & ~knownValueFlags == 0 else {
             throw .malformed("unknown value flags 0x\(String(flags, radix: 16))")
         }
         var at = 5
@@ -56,6 +62,13 @@ public enum StorageCodec {
             guard bytes.count >= at + 4 + 2 else { throw .malformed("value too short for its remaining time") }
             remaining = u32(bytes, at)
             at += 4
+        }
+        var stamp: UInt64 = 0
+        if flags & hasStamp != 0 {
+            guard bytes.count >= at + 8 + 2 else { throw .malformed("value too short for its version stamp") }
+            stamp = bytes[at..<at + 8].reduce(0) { $0 << 8 | UInt64($1) }
+            guard stamp != 0 else { throw .malformed("a version stamp of 0 is sent as none") }
+            at += 8
         }
         let n = Int(bytes[at]) << 8 | Int(bytes[at + 1])
         at += 2
@@ -80,6 +93,11 @@ public enum StorageCodec {
         var v = StoredValue(Array(bytes[at...]), ttlSeconds: ttl, basedOn: based, prepared: flags & prepared != 0,
                             protectEntry: flags & protectEntry != 0, signature: signature)
         v.remainingSeconds = remaining
+        v.stamp = stamp
+        if flags & tombstone != 0 {
+            guard v.value.isEmpty, !v.prepared else { throw .malformed("a removal carries no bytes and is not prepared") }
+            v.isTombstone = true
+        }
         return v
     }
 

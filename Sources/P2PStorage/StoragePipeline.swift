@@ -103,6 +103,9 @@ public final class StoragePipeline: Sendable {
     private let sweeper = NIOLockedValueBox<Sweeper?>(nil)
     /// The node's clock (virtual on the simulated network); nil: the machine's.
     private let clock: NodeClock?
+    /// The node's version clock: stamps this node's writes (`DHT` puts and removes) and, handed
+    /// to the backend, unstamped writes; observes every stamp stored.
+    public let versions: VersionClock
 
     /// A pipeline over a registry's backend and interceptors (a node makes its own: `node.storage`).
     public init(registry: PluginRegistry, limits: StorageRequestLimits = StorageRequestLimits(), clock: NodeClock? = nil) {
@@ -111,6 +114,8 @@ public final class StoragePipeline: Sendable {
         self.clock = clock
         self.gate = AsyncGate(maxWaiting: limits.maxInterceptorQueue)
         self.proofs = NIOLockedValueBox(ProofMemory(capacity: limits.rememberedProofs))
+        self.versions = clock.map { VersionClock(clock: $0) } ?? VersionClock()
+        registry.storageBackend?.use(versions: versions)
     }
 
     /// The machine's uptime clock, in nanoseconds (a node's own storage reads its node's clock:
