@@ -322,20 +322,27 @@ public struct DHT: Sendable {
         let location = try sharedLocation(keys)
         let current = try await get(.keys(keys), options: options)
         var groups: [UInt32: [Number640: ValueSignature]] = [:]
+        var missing: [Number640] = []
         for key in keys {
             guard let bytes = current.entries[key],
-                  let stored = current.perPeer.values.lazy.compactMap({ $0[key] }).first(where: { $0.value == bytes && !$0.isTombstone }) else { continue }
+                  let stored = current.perPeer.values.lazy.compactMap({ $0[key] }).first(where: { $0.value == bytes && !$0.isTombstone }) else {
+                missing.append(key)
+                continue
+            }
             var v = stored
             let written = VersionStamp.millis(v.stamp), wall = node.storage.versions.wallMillis
             v.ttlSeconds = ttlSeconds == 0 || v.stamp == 0 ? ttlSeconds
-                : UInt32(clamping: UInt64(ttlSeconds) + (wall > written ? (wall - written + 999) / 1_000 : 0))
+                : UInt32(clamping: UInt64(ttlSeconds) + (wall > written ? (wall - written) / 1_000 : 0))
             v.remainingSeconds = nil
             groups[v.ttlSeconds, default: [:]][key] = try v.signed(at: key, by: newKey).signature
         }
         var outcomes: [PeerOutcome] = []
         var least = Int.max
-        for (ttl, signatures) in groups.sorted(by: { $0.key < $1.key }) {
-            let o = try await routed(location, .putMeta(signatures.keys.sorted(), ttlSeconds: ttl, signatures: signatures), options: options)
+        // Keys nobody returned are asked about too: the replicas answer what they hold.
+        var requests = groups.sorted(by: { $0.key < $1.key }).map { (keys: $0.value.keys.sorted(), ttl: $0.key, signatures: $0.value) }
+        if !missing.isEmpty { requests.append((missing, ttlSeconds, [:])) }
+        for (keys, ttl, signatures) in requests {
+            let o = try await routed(location, .putMeta(keys, ttlSeconds: ttl, signatures: signatures), options: options)
             outcomes += o
             least = min(least, quorum(o, options))
         }
@@ -389,8 +396,10 @@ public struct DHT: Sendable {
             guard budget > 0, case .success(.values(let held, _)) = o.result else { continue }
             var stale: [Number640: StoredValue] = [:]
             for (key, n) in newest where budget > 0 {
+                // Peers that hold other bytes under the newest stamp disagree on a version: the
+                // vote decides what is read, and no side is pushed on the other.
                 let mine = held[key]
-                guard mine.map({ n.supersedes($0) }) ?? named.contains(key) else { continue }
+                guard mine.map({ n.supersedes($0) && (n.stamp != $0.stamp || n.isTombstone != $0.isTombstone) }) ?? named.contains(key) else { continue }
                 var v = n
                 v.remainingSeconds = nil
                 stale[key] = v
@@ -454,7 +463,6 @@ public struct DHT: Sendable {
             while let q = next, pages < Self.maxRemovePages {
                 pages += 1
                 let page = try await get(q, options: o)
-                outcomes += page.outcomes
                 keys += page.entries.keys
                 if returnValues { removed.merge(page.entries) { a, _ in a } }
                 next = page.resumeAfter.flatMap { q.resuming(after: $0) }
@@ -474,7 +482,10 @@ public struct DHT: Sendable {
                 let t = StoredValue.tombstone(stamp: node.storage.versions.next())
                 removals[key] = try options.signer.map { try t.signed(at: key, by: $0) } ?? t
             }
-            outcomes += try await put(removals, options: o).outcomes
+            let written = try await put(removals, options: o)
+            outcomes += written.outcomes
+            // What was removed: the keys a quorum of the replica set took the removal of.
+            if !written.isSuccess { for key in part { removed[key] = nil } }
         }
         return GetResult(entries: returnValues ? removed : [:], outcomes: outcomes)
     }
@@ -754,19 +765,32 @@ public struct DHT: Sendable {
         return s
     }
 
-    /// The answers' entries by the scheme, after versions: per key only the newest version any
-    /// peer returned counts (`newest`), a key whose newest version is a removal is left out, and
-    /// a peer holding an older version is counted as holding the newest (it is being repaired).
+    /// The answers' entries by the scheme, after versions: per key only the newest stamp any
+    /// peer returned counts (`newest`), and a key whose newest version is a removal is left
+    /// out. A peer holding an older version counts as holding the newest (read repair brings it
+    /// there) when the answers of the newest stamp agree on its bytes; when they disagree it
+    /// does not vote, and the scheme decides among them — so a minority of peers answering
+    /// other bytes for the same version is outvoted.
     private func evaluate(_ outcomes: [PeerOutcome], options: DHTOptions) throws -> [Number640: [UInt8]] {
         let scheme = try scheme(options.evaluation)
         let newest = Self.newest(outcomes, versions: node.storage.versions)
+        var bytesAtNewest: [Number640: Set<[UInt8]>] = [:]
+        for o in outcomes {
+            guard case .success(.values(let v, _)) = o.result else { continue }
+            for (key, x) in v where !x.isTombstone && x.stamp == newest[key]?.stamp && newest[key]?.isTombstone == false {
+                bytesAtNewest[key, default: []].insert(x.value)
+            }
+        }
         let answers = outcomes.compactMap { o -> PeerAnswer? in
             guard case .success(.values(let v, _)) = o.result else { return nil }
             var entries: [Number640: [UInt8]] = [:]
-            for (key, x) in v {
-                guard !x.isTombstone, let n = newest[key] else { continue }
-                if n.isTombstone { continue }
-                entries[key] = x.isSameVersion(as: n) || n.supersedes(x) ? n.value : x.value
+            for (key, x) in v where !x.isTombstone {
+                guard let n = newest[key], !n.isTombstone, let agreed = bytesAtNewest[key] else { continue }
+                if x.stamp == n.stamp {
+                    entries[key] = x.value
+                } else if agreed.count == 1, let only = agreed.first {
+                    entries[key] = only
+                }
             }
             return PeerAnswer(peer: o.peer, entries: entries)
         }

@@ -15,7 +15,8 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         /// calibrated against resident memory),
         /// so that a million empty values or megabytes of basedOn keys count as what they cost.
         public var maxTotalBytes = 256 << 20
-        /// Most entries under one location (10,000): bounds range queries and one location's cost.
+        /// Most values under one location (10,000; removals are bounded by `maxEntries` and
+        /// `maxTotalBytes` instead): bounds range queries and one location's cost.
         public var maxEntriesPerLocation = 10_000
         /// Most entries over all locations (500,000).
         public var maxEntries = 500_000
@@ -86,20 +87,26 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
     /// and how many counted versions are based on each version (absent: none).
     struct VersionIndex {
         private(set) var count = 0
+        /// Of `count`, the removals (tombstones).
+        private(set) var removals = 0
         private(set) var heads: Set<Number160> = []
         private var refs: [Number160: Int] = [:]
 
         var isEmpty: Bool { count == 0 }
+        /// Whether any version is a value (not a removal).
+        var hasValues: Bool { count > removals }
 
-        mutating func insert(_ version: Number160, basedOn: [Number160], prepared: Bool) {
+        mutating func insert(_ version: Number160, basedOn: [Number160], prepared: Bool, removal: Bool = false) {
             count += 1
+            if removal { removals += 1 }
             if !prepared { counted(version, basedOn: basedOn) }
         }
 
         /// Takes a version out; returns the versions no counted version is based on any more:
         /// the caller makes those that are stored and confirmed heads (`promote`).
-        mutating func remove(_ version: Number160, basedOn: [Number160], prepared: Bool) -> [Number160] {
+        mutating func remove(_ version: Number160, basedOn: [Number160], prepared: Bool, removal: Bool = false) -> [Number160] {
             count -= 1
+            if removal { removals -= 1 }
             guard !prepared else { return [] }
             heads.remove(version)
             var freed: [Number160] = []
@@ -136,7 +143,7 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
     /// Takes an entry's version out of its item's index, making the versions it freed heads.
     private static func unindex(_ key: Number640, _ stored: StoredValue, in loc: inout Location) {
         let item = Item(key)
-        guard let freed = loc.items[item]?.remove(key.version, basedOn: stored.basedOn, prepared: !stored.counts) else { return }
+        guard let freed = loc.items[item]?.remove(key.version, basedOn: stored.basedOn, prepared: !stored.counts, removal: stored.isTombstone) else { return }
         for b in freed {
             let k = Number640(location: key.location, domain: key.domain, content: key.content, version: b)
             if let e = loc.entries[k], !e.stored.prepared { loc.items[item]?.promote(b) }
@@ -153,6 +160,9 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         var entryOwners: [Item: SignerKey] = [:]
         var domainOwners: [Number160: SignerKey] = [:]
         var domainCounts: [Number160: Int] = [:]
+
+        /// Values held (removals not counted).
+        var valueCount: Int { domainCounts.values.reduce(0, +) }
 
         mutating func sortedKeys() -> [Number640] {
             if let s = sortedCache { return s }
@@ -285,8 +295,9 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
                 var loc = locations.removeValue(forKey: key.location) ?? Location()
                 let entry = Entry(stored: e.stored, expiresAt: e.expiresAt, writer: e.writer)
                 loc.entries[key] = entry
-                loc.domainCounts[key.domain, default: 0] += 1
-                loc.items[Item(key), default: VersionIndex()].insert(key.version, basedOn: e.stored.basedOn, prepared: !e.stored.counts)
+                if !e.stored.isTombstone { loc.domainCounts[key.domain, default: 0] += 1 }
+                loc.items[Item(key), default: VersionIndex()].insert(key.version, basedOn: e.stored.basedOn, prepared: !e.stored.counts,
+                                                                     removal: e.stored.isTombstone)
                 locations[key.location] = loc
                 remember(entry)
                 versions.observe(e.stored.stamp)
@@ -294,7 +305,7 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
                 if entry.expiresAt != 0 { expiries.insert(Expiry(at: entry.expiresAt, key: key)) }
             }
             for (item, owner) in state.entryOwners {
-                guard let owner, locations[item.location]?.items[Item(item)] != nil else { continue }
+                guard let owner, locations[item.location]?.items[Item(item)]?.hasValues == true else { continue }
                 locations[item.location]?.entryOwners[Item(item)] = owner
             }
             for (domain, owner) in state.domainOwners {
@@ -467,16 +478,16 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             }
             added += Self.footprint(v) - (old.map { Self.footprint($0.stored) } ?? 0)
             writerTotal += Self.footprint(v) - (old.flatMap { $0.writer == writer ? Self.footprint($0.stored) : nil } ?? 0)
-            if old == nil {
-                newPerLocation[key.location, default: 0] += 1
-                newEntries += 1
-            }
+            if old == nil { newEntries += 1 }
+            // A location's bound counts its values: removals cost bytes and entries overall, but
+            // a location emptied by removes takes new values at once.
+            if !v.isTombstone, old.map({ $0.stored.isTombstone }) ?? true { newPerLocation[key.location, default: 0] += 1 }
         }
         guard totalBytes + added <= limits.maxTotalBytes else {
             throw .storageFull(bytes: totalBytes + added, limit: limits.maxTotalBytes)
         }
         guard totalEntries + newEntries <= limits.maxEntries else { throw .entryLimit(limit: limits.maxEntries) }
-        for (loc, n) in newPerLocation where (locations[loc]?.entries.count ?? 0) + n > limits.maxEntriesPerLocation {
+        for (loc, n) in newPerLocation where (locations[loc]?.valueCount ?? 0) + n > limits.maxEntriesPerLocation {
             throw .tooManyEntries(location: loc, limit: limits.maxEntriesPerLocation)
         }
         if let quota = limits.maxBytesPerWriter, let writer, writerTotal > quota {
@@ -508,16 +519,22 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             if mode.contains(.protectDomain) { touched?.domains.insert(Number640(location: key.location, domain: key.domain)) }
             let entry = Entry(stored: v, expiresAt: expiry(of: v, now: now), writer: writer)
             remember(entry)
-            if existing == nil {
-                loc.sortedCache = nil
-                loc.domainCounts[key.domain, default: 0] += 1
-            }
+            if existing == nil { loc.sortedCache = nil }
+            // A domain counts its values, not its removals: one whose last value is removed
+            // becomes unprotected (below), as an entry whose last version is removed does.
+            let domainValues = (loc.domainCounts[key.domain] ?? 0) + (v.isTombstone ? 0 : 1) - (existing.map { $0.stored.isTombstone ? 0 : 1 } ?? 0)
+            loc.domainCounts[key.domain] = domainValues > 0 ? domainValues : nil
             loc.entries[key] = entry
             if let existing { Self.unindex(key, existing.stored, in: &loc) }
-            loc.items[item, default: VersionIndex()].insert(key.version, basedOn: v.basedOn, prepared: !v.counts)
+            loc.items[item, default: VersionIndex()].insert(key.version, basedOn: v.basedOn, prepared: !v.counts, removal: v.isTombstone)
             let owner = loc.entryOwners[item]
-            let newOwner = protection.entryOwner(after: owner, value: v, key: key)
+            var newOwner = protection.entryOwner(after: owner, value: v, key: key)
+            if loc.items[item]?.hasValues == false { newOwner = nil }
             if newOwner != owner { loc.entryOwners[item] = newOwner }
+            if domainValues <= 0, loc.domainOwners[key.domain] != nil, !mode.contains(.protectDomain) {
+                loc.domainOwners[key.domain] = nil
+                touched?.domains.insert(Number640(location: key.location, domain: key.domain))
+            }
             if mode.contains(.protectDomain) {
                 loc.domainOwners[key.domain] = protection.domainOwner(after: loc.domainOwners[key.domain], writer: writer, key: key)
             }
@@ -548,7 +565,7 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             // from now, becomes one counted from its stamp (a signed one's is signed as such).
             if signatures[key] == nil, v.signature == nil, ttl != 0, v.stamp != 0 {
                 let wall = versions.wallMillis, written = VersionStamp.millis(v.stamp)
-                v.ttlSeconds = UInt32(clamping: UInt64(ttl) + (wall > written ? (wall - written + 999) / 1_000 : 0))
+                v.ttlSeconds = UInt32(clamping: UInt64(ttl) + (wall > written ? (wall - written) / 1_000 : 0))
             }
             if let s = signatures[key] {
                 v.signature = s
@@ -686,8 +703,19 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         let entry = Entry(stored: removal, expiresAt: expiry(of: removal, now: now), writer: writer)
         remember(entry)
         loc.entries[key] = entry
-        loc.items[Item(key), default: VersionIndex()].insert(key.version, basedOn: [], prepared: true)
+        let item = Item(key)
+        loc.items[item, default: VersionIndex()].insert(key.version, basedOn: [], prepared: true, removal: true)
         touched?.keys.insert(key)
+        touched?.items.insert(Number640(location: key.location, domain: key.domain, content: key.content))
+        touched?.domains.insert(Number640(location: key.location, domain: key.domain))
+        // Removing an entry's last value clears its protection, and a domain's last value its
+        // domain's; the removal stays to order later writes.
+        if loc.items[item]?.hasValues == false { loc.entryOwners[item] = nil }
+        if !old.stored.isTombstone {
+            let left = (loc.domainCounts[key.domain] ?? 1) - 1
+            loc.domainCounts[key.domain] = left > 0 ? left : nil
+            if left <= 0 { loc.domainOwners[key.domain] = nil }
+        }
         if entry.expiresAt != 0 { expiries.insert(Expiry(at: entry.expiresAt, key: key)) }
         return old
     }
@@ -708,7 +736,10 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             // Removing an entry's last version clears its protection.
             loc.items[item] = nil
             loc.entryOwners[item] = nil
+        } else if loc.items[item]?.hasValues == false {
+            loc.entryOwners[item] = nil
         }
+        guard !e.stored.isTombstone else { return e }
         let left = (loc.domainCounts[key.domain] ?? 1) - 1
         loc.domainCounts[key.domain] = left > 0 ? left : nil
         // A protected domain that becomes empty becomes unprotected.

@@ -67,7 +67,7 @@ extension StoredValue {
     public func signed(at storageKey: Number640, by key: Curve25519.Signing.PrivateKey) throws -> StoredValue {
         var v = self
         if v.stamp == 0 { v.stamp = Self.signingClock.next() }
-        v.signature = ValueSignature(signer: SignerKey(key.publicKey), signature: Array(try key.signature(for: signedBytes(at: storageKey))))
+        v.signature = ValueSignature(signer: SignerKey(key.publicKey), signature: Array(try key.signature(for: v.signedBytes(at: storageKey))))
         return v
     }
 

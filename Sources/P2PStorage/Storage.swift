@@ -516,6 +516,16 @@ public struct StorageContext: Sendable {
     public let node: Node
     /// The backend, for reads an interceptor needs (e.g. the current value to add to).
     public let backend: any StorageBackend
+    /// The values of the put as the writer sent them (nil for other requests): a value an
+    /// interceptor changes is stamped by this peer when stored.
+    var originalPuts: [Number640: StoredValue]?
+
+    public init(sender: PeerAddress?, writer: SignerKey?, node: Node, backend: any StorageBackend) {
+        self.sender = sender
+        self.writer = writer
+        self.node = node
+        self.backend = backend
+    }
 
     /// The node's uptime clock in nanoseconds, what the backend's TTLs use (virtual on the
     /// simulated network): pass it to `backend.execute(_:now:)`.

@@ -37,6 +37,7 @@ extension PluginRegistry {
         try withShared(StorageRegistration.self, default: { StorageRegistration() }) { r in
             if let existing = r.backend { throw StorageSetupError.backendAlreadySet(existing: existing.name, new: backend.name) }
             r.backend = backend
+            if let p = r.pipeline { backend.use(versions: p.versions) }
         }
     }
 
@@ -65,6 +66,7 @@ extension Node {
             if let p = r.pipeline { return p }
             let p = StoragePipeline(registry: registry, clock: clock)
             r.pipeline = p
+            r.backend?.use(versions: p.versions)
             return p
         }
     }
@@ -115,7 +117,6 @@ public final class StoragePipeline: Sendable {
         self.gate = AsyncGate(maxWaiting: limits.maxInterceptorQueue)
         self.proofs = NIOLockedValueBox(ProofMemory(capacity: limits.rememberedProofs))
         self.versions = clock.map { VersionClock(clock: $0) } ?? VersionClock()
-        registry.storageBackend?.use(versions: versions)
     }
 
     /// The machine's uptime clock, in nanoseconds (a node's own storage reads its node's clock:
@@ -225,7 +226,8 @@ public final class StoragePipeline: Sendable {
             try await Self.durable(request, backend, since: mark)
             return result
         }
-        let context = StorageContext(sender: sender, writer: writer, node: node, backend: backend)
+        var context = StorageContext(sender: sender, writer: writer, node: node, backend: backend)
+        if case .put(let entries, _) = request { context.originalPuts = entries }
         guard await gate.enter() else {
             throw StorageError.busy("more than \(gate.maxWaiting) storage requests wait for the interceptor chain")
         }
@@ -320,11 +322,20 @@ public final class StoragePipeline: Sendable {
 
     private func run(_ request: StorageRequest, _ chain: ArraySlice<any StorageInterceptor>, context: StorageContext,
                      backend: any StorageBackend) async throws -> StorageResult {
-        guard let first = chain.first else { return try apply(request, writer: context.writer, backend: backend) }
+        guard let first = chain.first else { return try apply(Self.restamped(request, from: context), writer: context.writer, backend: backend) }
         let rest = chain.dropFirst()
         return try await first.intercept(request, context: context) { next in
             try await self.run(next, rest, context: context, backend: backend)
         }
+    }
+
+    /// A put whose unsigned values an interceptor computed (bytes other than the writer sent)
+    /// is stamped by this peer when stored: a read-modify-write (a counter, a vote) is this
+    /// peer's newest write, not the writer's older one.
+    private static func restamped(_ request: StorageRequest, from context: StorageContext) -> StorageRequest {
+        guard case .put(var entries, let mode) = request, let original = context.originalPuts else { return request }
+        for (key, v) in entries where v.signature == nil && original[key]?.value != v.value { entries[key]?.stamp = 0 }
+        return .put(entries, mode: mode)
     }
 
     /// The interceptors covering the request, from one read of the registration (one lock, not three).

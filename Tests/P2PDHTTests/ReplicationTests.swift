@@ -108,7 +108,9 @@ struct ReplicationTests {
         let wait = clock.now
         while policy.stats.offers < offered + 3, clock.now - wait < .seconds(30) { try await Task.sleep(for: .milliseconds(100)) }
         #expect(policy.stats.offers >= offered + 3)
-        #expect(Self.holders(net.nodes, key).count == 1)
+        // The removals are newer than the copy the remaining holder kept: anti-entropy carries
+        // them to it (the offers push them back), and no peer holds the value any more.
+        #expect(Self.holders(net.nodes, key).isEmpty)
         await net.shutdown()
     }
 
@@ -180,26 +182,52 @@ struct ReplicationHostileTests {
         let (attacker, target) = (net.nodes[0], net.nodes[1])
         let location = Number160(hashing: "contested")
         let keys = (0..<1_001).map { Number640(location: location, content: Number160(UInt32($0))) }
+        /// An offer of `keys`, each claimed at `stamp` (a value with digest 0, or a removal).
+        func offer(_ keys: [Number640], stamp: UInt64 = 1, removal: Bool = false) -> [Payload] {
+            var bytes: [UInt8] = []
+            for _ in keys { bytes += (0..<8).reversed().map { UInt8(truncatingIfNeeded: stamp >> UInt64($0 * 8)) } + [removal ? 1 : 0] + [UInt8](repeating: 0, count: 8) }
+            return [.keys640(keys), .bytes(bytes)]
+        }
         await #expect(throws: RPCError.self) {
-            try await attacker.request(to: target.address, command: "replication.offer", payload: [.keys640(keys)])
+            try await attacker.request(to: target.address, command: "replication.offer", payload: offer(keys))
+        }
+        // Versions that do not match the keys, or a flag that means nothing: refused.
+        await #expect(throws: RPCError.self) {
+            try await attacker.request(to: target.address, command: "replication.offer", payload: [.keys640(Array(keys.prefix(2))), .bytes([1, 2, 3])])
+        }
+        await #expect(throws: RPCError.self) {
+            var bad = offer([keys[0]])
+            bad[1] = .bytes([UInt8](repeating: 0, count: 8) + [7] + [UInt8](repeating: 0, count: 8))
+            return try await attacker.request(to: target.address, command: "replication.offer", payload: bad)
         }
         let mixed = try await attacker.request(to: target.address, command: "replication.offer",
-                                               payload: [.keys640([keys[0], Number640(location: Number160(hashing: "elsewhere"))])])
+                                               payload: offer([keys[0], Number640(location: Number160(hashing: "elsewhere"))]))
         #expect(mixed.payload.first == .keys640([]))
-        let wanted = try await attacker.request(to: target.address, command: "replication.offer", payload: [.keys640(Array(keys.prefix(3)))])
+        let wanted = try await attacker.request(to: target.address, command: "replication.offer", payload: offer(Array(keys.prefix(3))))
         #expect(wanted.payload.first == .keys640(Array(keys.prefix(3))))
         var many: [Number640: StoredValue] = [:]
         for k in keys { many[k] = StoredValue([1]) }
         await #expect(throws: RPCError.self) {
             try await attacker.request(to: target.address, command: "replication.push", payload: StorageCodec.encode(.put(many, mode: .overwrite)))
         }
-        // A key removed on the target is not taken back, by offer or by push.
+        // A key removed on the target is not taken back, by offer or by push, in any version
+        // older than the removal.
         let removed = keys[5]
-        target.replicate(.dataRemoved([removed]))
-        let afterRemove = try await attacker.request(to: target.address, command: "replication.offer", payload: [.keys640([removed])])
+        let old = target.storage.versions.next()
+        _ = try await target.storage.execute(.put([removed: StoredValue([8], stamp: old)], mode: .overwrite), sender: nil, node: target)
+        _ = try await target.storage.execute(.remove(.keys([removed]), returnValues: false), sender: nil, node: target)
+        let afterRemove = try await attacker.request(to: target.address, command: "replication.offer", payload: offer([removed], stamp: old))
         #expect(afterRemove.payload.first == .keys640([]))
-        _ = try await attacker.request(to: target.address, command: "replication.push", payload: StorageCodec.encode(.put([removed: StoredValue([9])], mode: .overwrite)))
+        let push = try await attacker.request(to: target.address, command: "replication.push",
+                                              payload: StorageCodec.encode(.put([removed: StoredValue([9], stamp: old)], mode: .overwrite)))
+        #expect(try StorageCodec.decodeResult(push.payload) == .statuses([removed: .superseded]))
         #expect(ReplicationTests.holders([target], removed).isEmpty)
+        // A stamp from the future (to pin a key against every later write) is refused.
+        let ahead = VersionStamp.at(millis: target.storage.versions.wallMillis + 3_600_000)
+        let pinned = try await attacker.request(to: target.address, command: "replication.push",
+                                                payload: StorageCodec.encode(.put([keys[6]: StoredValue([6], stamp: ahead)], mode: .overwrite)))
+        #expect(try StorageCodec.decodeResult(pinned.payload) == .statuses([keys[6]: .stampAhead]))
+        #expect(ReplicationTests.holders([target], keys[6]).isEmpty)
         // A protected entry is not overwritten by a push from someone else.
         let owner = Curve25519.Signing.PrivateKey()
         let entry = keys[7]

@@ -64,7 +64,7 @@ struct TemplateTests {
             guard case .values(let v, _)? = try n.registry.storageBackend?.execute(.get(.keys([ballot])), now: StoragePipeline.now()) else { return false }
             return v[ballot]?.value == Array("5".utf8)
         }
-        #expect(holders.count == 3)
+        #expect(holders.count == DHTOptions.defaultReplicaSet)
         #expect(try await net.nodes[9].dht.get(ballot).value == Array("5".utf8))
         // A sum past Int.max (network input) is refused with a reason, not trapped on; the count stays.
         let big = Number640(location: Number160(hashing: "big ballot"), domain: ballot.domain)

@@ -89,9 +89,11 @@ struct WasmTests {
         let key = Number640(location: Number160(hashing: "tally"))
         let replicas = net.trueClosest(to: key.location, count: 3)
         let closest = net.nodes.first { $0.peerID == replicas.first }
+        // (All under one version stamp, as replicas that disagree on a version's bytes.)
+        let stamp = VersionStamp.at(millis: WriterProof.nowMillis())
         for node in net.nodes where replicas.contains(node.peerID) {
             let value = node.peerID == closest?.peerID ? "9" : "3"
-            _ = try node.registry.storageBackend?.execute(.put([key: StoredValue(Array(value.utf8))], mode: .overwrite), now: StoragePipeline.now())
+            _ = try node.registry.storageBackend?.execute(.put([key: StoredValue(Array(value.utf8), stamp: stamp)], mode: .overwrite), now: StoragePipeline.now())
         }
         let asker = net.nodes.first { !replicas.contains($0.peerID) }
         #expect(try await asker?.dht.get(key).value.map { String(decoding: $0, as: UTF8.self) } == "3")

@@ -102,6 +102,10 @@ struct SQLiteStorageTests {
         let a = Curve25519.Signing.PrivateKey(), b = Curve25519.Signing.PrivateKey()
         let memory = MemoryStorage(limits: Self.limits)
         var sqlite: SQLiteStorage? = try SQLiteStorage(path: folder.file("node.db"), limits: Self.limits)
+        // Two clocks that read the same: both backends stamp unstamped writes alike.
+        let wall = WriterProof.nowMillis()
+        memory.use(versions: VersionClock(wallMillis: { wall }))
+        sqlite?.use(versions: VersionClock(wallMillis: { wall }))
         var compared = 0, refused = 0
         for (request, writer) in try Self.script(a: a, b: b) {
             let now = StoragePipeline.now()
