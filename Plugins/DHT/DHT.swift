@@ -767,10 +767,10 @@ public struct DHT: Sendable {
 
     /// The answers' entries by the scheme, after versions: per key only the newest stamp any
     /// peer returned counts (`newest`), and a key whose newest version is a removal is left
-    /// out. A peer holding an older version counts as holding the newest (read repair brings it
-    /// there) when the answers of the newest stamp agree on its bytes; when they disagree it
-    /// does not vote, and the scheme decides among them — so a minority of peers answering
-    /// other bytes for the same version is outvoted.
+    /// out. A peer holding an older version or none counts as holding the newest (read repair
+    /// brings it there) when the answers of the newest stamp agree on its bytes; when they
+    /// disagree it does not vote, and the scheme decides among them — so a minority of peers
+    /// answering other bytes for the same version is outvoted.
     private func evaluate(_ outcomes: [PeerOutcome], options: DHTOptions) throws -> [Number640: [UInt8]] {
         let scheme = try scheme(options.evaluation)
         let newest = Self.newest(outcomes, versions: node.storage.versions)
@@ -781,16 +781,15 @@ public struct DHT: Sendable {
                 bytesAtNewest[key, default: []].insert(x.value)
             }
         }
+        // Where the newest version's bytes are not in dispute, a peer that answered without the
+        // key, or with an older version of it, counts as holding the newest: it is a replica
+        // that missed the write (read repair brings it there), not a vote against it.
+        let agreed = bytesAtNewest.compactMapValues { $0.count == 1 ? $0.first : nil }
         let answers = outcomes.compactMap { o -> PeerAnswer? in
             guard case .success(.values(let v, _)) = o.result else { return nil }
-            var entries: [Number640: [UInt8]] = [:]
-            for (key, x) in v where !x.isTombstone {
-                guard let n = newest[key], !n.isTombstone, let agreed = bytesAtNewest[key] else { continue }
-                if x.stamp == n.stamp {
-                    entries[key] = x.value
-                } else if agreed.count == 1, let only = agreed.first {
-                    entries[key] = only
-                }
+            var entries = agreed
+            for (key, x) in v where !x.isTombstone && bytesAtNewest[key] != nil && x.stamp == newest[key]?.stamp {
+                entries[key] = x.value
             }
             return PeerAnswer(peer: o.peer, entries: entries)
         }
@@ -851,6 +850,9 @@ final class FanOut<T: Sendable>: @unchecked Sendable {
     private var next = 0, inFlight = 0, successes = 0, failures = 0
     private var outcomes: [(PeerAddress, Result<T, any Error>)] = []
     private var done = false
+    /// Candidates (by index) whose request went past the suspicion time unanswered, and those answered.
+    private var slow: Set<Int> = []
+    private var settled: Set<Int> = []
     private var pumping = false
     private var again = false
 
@@ -892,18 +894,30 @@ final class FanOut<T: Sendable>: @unchecked Sendable {
             again = false
             while !done, next < candidates.count, inFlight < width, successes + inFlight < width {
                 let peer = candidates[next]
+                let index = next
                 next += 1
                 inFlight += 1
                 let future = peer.id == node.peerID ? local() : remote(peer)
-                future.hop(to: node.eventLoop).whenComplete { [self] result in
+                // A peer that stays silent past the node's suspicion time frees its slot: the next
+                // candidate is asked at once (its answer still counts should it come), so a dead
+                // peer costs a round trip's worth of waiting, not a request timeout.
+                let suspect = peer.id == node.peerID ? nil : node.eventLoop.scheduleTask(in: node.suspectAfter()) { [self] in
+                    guard !done, !settled.contains(index) else { return }
+                    slow.insert(index)
                     inFlight -= 1
+                    pump()
+                }
+                future.hop(to: node.eventLoop).whenComplete { [self] result in
+                    suspect?.cancel()
+                    settled.insert(index)
+                    if slow.remove(index) == nil { inFlight -= 1 }
                     guard !done else { return }
                     outcomes.append((peer, result))
                     if answered(result) { successes += 1 } else { failures += 1 }
                     pump()
                 }
             }
-            if !done, successes >= options.replicas || failures > options.maxFailures || (inFlight == 0 && next >= candidates.count) {
+            if !done, successes >= options.replicas || failures > options.maxFailures || (inFlight == 0 && slow.isEmpty && next >= candidates.count) {
                 done = true
                 promise.succeed(outcomes)
             }

@@ -468,7 +468,10 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
             let loc = locations[key.location]
             let old = loc?.entries[key]
             if mode.contains(.ifAbsent), let old, old.present(at: now) { continue }
-            if let status = order(v, over: old, now: now) {
+            // An interceptor's result replaces what is held at a stamp not older than it (the
+            // pipeline stamps it so); anything else in the request keeps the order.
+            let replacing = mode.contains(.replaceHeld) && !versions.isAhead(v.stamp) && v.stamp >= (old?.stored.stamp ?? 0)
+            if !replacing, let status = order(v, over: old, now: now) {
                 settled[key] = status
                 continue
             }

@@ -207,6 +207,10 @@ public struct PutMode: OptionSet, Sendable, Hashable {
     /// Claim the domain (location, domain) for the request's writer: afterwards only the writer
     /// may write or remove anything in it. Needs a signed request (`WriterProof`).
     public static let protectDomain = PutMode(rawValue: 2)
+    /// The values replace what the keys hold whatever their stamps: what an interceptor computed
+    /// from the value held (a count, a merge) is this peer's state of the key. Set by the
+    /// pipeline for a put whose values an interceptor changed; never sent over the wire.
+    public static let replaceHeld = PutMode(rawValue: 4)
 }
 
 /// A request to storage: what the DHT sends to the responsible peers, and what interceptors see.

@@ -330,11 +330,21 @@ public final class StoragePipeline: Sendable {
     }
 
     /// A put whose unsigned values an interceptor computed (bytes other than the writer sent)
-    /// is stamped by this peer when stored: a read-modify-write (a counter, a vote) is this
-    /// peer's newest write, not the writer's older one.
+    /// replaces what the keys hold (`PutMode.replaceHeld`), stamped with the newest of the
+    /// writer's stamp and the one held: a read-modify-write (a count, a vote) is this peer's state
+    /// of the key, and replicas that applied the same writes hold the same stamp — one that
+    /// missed the newest write holds an older one, one that missed another write the same stamp
+    /// with other bytes, which a get's vote outweighs.
     private static func restamped(_ request: StorageRequest, from context: StorageContext) -> StorageRequest {
-        guard case .put(var entries, let mode) = request, let original = context.originalPuts else { return request }
-        for (key, v) in entries where v.signature == nil && original[key]?.value != v.value { entries[key]?.stamp = 0 }
+        guard case .put(var entries, var mode) = request, let original = context.originalPuts else { return request }
+        let changed = entries.filter { $0.value.signature == nil && original[$0.key]?.value != $0.value.value }.map(\.key)
+        guard !changed.isEmpty else { return request }
+        let held = context.backend.replicaEntries(changed, now: context.now)
+        for key in changed {
+            let incoming = entries[key]?.stamp ?? 0
+            entries[key]?.stamp = max(incoming == 0 ? context.node.storage.versions.next() : incoming, held[key]?.stamp ?? 0)
+        }
+        mode.insert(.replaceHeld)
         return .put(entries, mode: mode)
     }
 

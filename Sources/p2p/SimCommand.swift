@@ -122,6 +122,15 @@ struct SimCommand: AsyncParsableCommand {
     @Option(name: .customLong("partition-seconds"), help: "Virtual seconds the partition lasts.")
     var partitionSeconds: Double = 60
 
+    @Flag(help: "Run the consistency check: --check-ops puts, removes and gets from many clients on --check-keys keys while --churn-waves waves of --churn run, a partition (--partition, 0.3 by default) splits the network and heals, and datagrams are lost (--loss); then every key is read and the history checked. Exits 1 when an acknowledged write was lost or a stale or removed value was read after settling.")
+    var check = false
+
+    @Option(name: .customLong("check-ops"), help: "Operations of the consistency check.")
+    var checkOps: Int = 2_000
+
+    @Option(name: .customLong("check-keys"), help: "Keys the consistency check's operations share (default: one per ten operations).")
+    var checkKeys: Int?
+
     /// The network this run uses: simulated above 1,000 peers unless told.
     var resolvedNetwork: NetworkArgument { network ?? (peers > 1_000 ? .simulated : .sockets) }
 
@@ -144,6 +153,10 @@ struct SimCommand: AsyncParsableCommand {
         guard (0...10_000).contains(jitter) else { throw ValidationError("--jitter must be from 0 to 10000 ms, got \(jitter)") }
         if let partition { guard partition > 0, partition < 1 else { throw ValidationError("--partition must be between 0 and 1, got \(partition)") } }
         guard (1...86_400).contains(partitionSeconds) else { throw ValidationError("--partition-seconds must be from 1 to 86400") }
+        guard (1...1_000_000).contains(checkOps) else { throw ValidationError("--check-ops must be from 1 to 1000000, got \(checkOps)") }
+        if let checkKeys { guard (1...1_000_000).contains(checkKeys) else { throw ValidationError("--check-keys must be from 1 to 1000000, got \(checkKeys)") } }
+        guard !check || values == 0 else { throw ValidationError("--check and --values are separate runs: give one") }
+        guard !check || peers >= 8 else { throw ValidationError("--check needs at least 8 peers") }
         if resolvedNetwork == .sockets {
             let simulatedOnly = [(seed != nil, "--seed"), (loss > 0, "--loss"), (duplicate > 0, "--duplicate"), (jitter > 0, "--jitter"),
                                  (partition != nil, "--partition")].filter(\.0).map(\.1)
@@ -169,7 +182,7 @@ struct SimCommand: AsyncParsableCommand {
             }
             let runtime = SimRuntime(network: nil, random: RandomSource())
             let report = try await execute(runtime)
-            return output(report, wallSeconds: (wall.now - started).seconds, cpuSeconds: processCPUSeconds() - cpuBefore)
+            return try output(report, wallSeconds: (wall.now - started).seconds, cpuSeconds: processCPUSeconds() - cpuBefore)
         }
         ensureDeterministicHashing()
         let seed = self.seed ?? UInt64.random(in: 1...999_999)
@@ -191,14 +204,17 @@ struct SimCommand: AsyncParsableCommand {
                                             virtualSeconds: net.elapsed.seconds, stats: net.stats,
                                             foreignJobs: net.loop.foreignSubmissions)
         net.stop()
-        output(report, wallSeconds: (wall.now - started).seconds, cpuSeconds: processCPUSeconds() - cpuBefore)
+        try output(report, wallSeconds: (wall.now - started).seconds, cpuSeconds: processCPUSeconds() - cpuBefore)
     }
 
-    private func output(_ report: SimReport, wallSeconds: Double, cpuSeconds: Double) {
+    private func output(_ report: SimReport, wallSeconds: Double, cpuSeconds: Double) throws {
         var r = report
         r.wallSeconds = wallSeconds
         r.cpuSeconds = cpuSeconds
         print(json ? r.json() : r.summary())
+        if let c = r.check?.consistency, !c.isValid {
+            throw CLIError.failed("the consistency check failed: \(c.findings.count) findings")
+        }
     }
 
     /// Every phase of the run, on sockets or on the simulated network.
@@ -208,7 +224,7 @@ struct SimCommand: AsyncParsableCommand {
         note("starting \(peers) peers…")
         let net: Testnet
         let policies = PolicyRegistry(factor: replicationFactor, interval: .milliseconds(Int(replicationInterval * 1000)))
-        let replicating = values > 0
+        let replicating = values > 0 || check
         do {
             var chosen = ops > 0 ? plugins.split(separator: ",").map(String.init).filter { !$0.isEmpty } : []
             if replicating { for p in ["dht", "evaluation"] where !chosen.contains(p) { chosen.append(p) } }
@@ -289,8 +305,17 @@ struct SimCommand: AsyncParsableCommand {
             }
         }
         var churnReport: [ChurnWave]?
+        var checkReport: CheckSim.Report?
         var live = net.nodes
-        if replicating {
+        if check {
+            let names = ["dht", "evaluation"]
+            let sim = CheckSim(ops: checkOps, keys: checkKeys ?? max(1, checkOps / 10), concurrency: concurrency, churn: churn, waves: churnWaves,
+                               partition: runtime.isSimulated ? (partition ?? 0.3) : 0, partitionSeconds: partitionSeconds,
+                               policies: policies, runtime: runtime, makePlugins: {
+                                   ((try? BuiltInPlugins.make(names, peerID: { "" })) ?? []) + [ReplicationPlugin(policies.make())]
+                               })
+            checkReport = try await sim.run(net)
+        } else if replicating {
             let names = ["dht", "evaluation"]
             let sim = ChurnSim(values: values, churn: churn, waves: churnWaves, valueSize: valueSize, policies: policies, runtime: runtime, makePlugins: {
                 ((try? BuiltInPlugins.make(names, peerID: { "" })) ?? []) + [ReplicationPlugin(policies.make())]
@@ -300,7 +325,7 @@ struct SimCommand: AsyncParsableCommand {
             live = survivors
         }
         var partitionReport: PartitionReport?
-        if let fraction = partition, let network = runtime.network {
+        if !check, let fraction = partition, let network = runtime.network {
             partitionReport = try await PartitionPhase(fraction: fraction, seconds: partitionSeconds, lookups: min(max(lookups, 100), 1_000))
                 .run(live, network: network, runtime: runtime, routing: routing)
         }
@@ -329,7 +354,8 @@ struct SimCommand: AsyncParsableCommand {
             phases: phases,
             footprint: footprint,
             churn: churnReport.map { ChurnReport(churn: churn, factor: replicationFactor, values: values, waves: $0) },
-            partition: partitionReport
+            partition: partitionReport,
+            check: checkReport
         )
     }
 
@@ -389,6 +415,7 @@ struct SimReport {
     var footprint: StorageFootprint?
     var churn: ChurnReport?
     var partition: PartitionReport?
+    var check: CheckSim.Report?
     var simulation: SimulationFacts?
     var wallSeconds = 0.0
     var cpuSeconds = 0.0
@@ -434,6 +461,17 @@ struct SimReport {
             ] as [String: Any]
         }
         if let partition { object["partition"] = partition.json(r) }
+        if let check {
+            let c = check.consistency
+            object["check"] = [
+                "operations": c.operations, "acknowledged_writes": c.acknowledgedWrites, "settled_reads": c.settledReads,
+                "lost_writes": c.count(.lostWrite), "stale_reads": c.count(.staleRead), "resurrected": c.count(.resurrected),
+                "phantoms": c.count(.phantom), "stale_during_faults": c.staleDuringFaults, "clients": check.clients,
+                "left": check.left, "joined": check.joined, "workload_s": r(check.workloadSeconds, 2), "settle_s": r(check.settleSeconds, 2),
+                "ops_per_second": r(check.opsPerSecond, 1), "acknowledged_share": r(check.acknowledgedShare, 4),
+                "answered_share": r(check.answeredShare, 4), "valid": c.isValid,
+            ] as [String: Any]
+        }
         if let simulation { object["simulation"] = simulation.json(r) }
         let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
         return String(decoding: data, as: UTF8.self)
@@ -468,6 +506,11 @@ struct SimReport {
             + (partition.map { p in
                 "\n  partition     \(f(p.fraction * 100, 0)) % / \(f(100 - p.fraction * 100, 0)) % for \(f(p.seconds, 0)) s: recall \(f(p.during.recall, 4)) during "
                     + "(of the reachable side), \(f(p.after.recall, 4)) after healing; lookup p50 \(f(p.during.p50)) ms during, \(f(p.after.p50)) ms after"
+            } ?? "")
+            + (check.map { c in
+                "\n  check         \(c.consistency.isValid ? "VALID" : "INVALID"): \(c.consistency)"
+                    + "\n                \(c.left) left, \(c.joined) joined; \(f(c.acknowledgedShare * 100, 2)) % of writes acknowledged, \(f(c.answeredShare * 100, 2)) % of gets answered; "
+                    + "\(f(c.opsPerSecond, 1)) ops/s over \(f(c.workloadSeconds, 1)) s, quiet \(f(c.settleSeconds, 1)) s later"
             } ?? "")
     }
 }

@@ -170,6 +170,12 @@ public final class Node: @unchecked Sendable {
     /// Handshakes completed, as initiator and as responder.
     public var handshakesCompleted: Int { counters.withLockedValue { $0.handshakes } }
 
+    /// How long a request may go unanswered before a caller suspects the peer and goes on
+    /// without it (the request itself stays pending until its timeout): the retransmission time
+    /// of the round trips this node measured, between 200 ms and `udpRetryAfter`. Read it on the
+    /// node's event loop.
+    public func suspectAfter() -> TimeAmount { kernel.rpc.suspectAfter() }
+
     /// Exchanges refused because one side runs insecure mode and the other does not.
     public var securityRefusals: Int { counters.withLockedValue { $0.securityRefusals } }
 

@@ -306,6 +306,14 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
         return promise.futureResult
     }
 
+    /// How long a request may go unanswered before its asker suspects the peer and goes on
+    /// without it (a lookup asks the next peer, a fan-out the next candidate; the request stays
+    /// pending until its own timeout): the measured round trip's retransmission time, smoothed
+    /// with its variance as TCP does, between 200 ms and `udpRetryAfter`. On the event loop.
+    func suspectAfter() -> TimeAmount {
+        rtt.timeout(ceiling: kernel.udpRetryAfter)
+    }
+
     private func resend(_ id: UInt32, after interval: TimeAmount, deadline: NIODeadline, total: Duration, attempt: Int = 1) {
         let next = clock.now + interval
         guard next < deadline else {

@@ -5,7 +5,10 @@ import NIOCore
 ///
 /// Confined to the node's event loop: every reply callback runs there, so the state needs no lock.
 final class IterativeLookup: @unchecked Sendable {
-    private enum State: UInt8 { case new, inFlight, answered, failed }
+    /// `slow`: asked, no answer within the node's suspicion time (`RPCEngine.suspectAfter`): the
+    /// lookup goes on without it (its slot is free, it no longer counts among the closest), and
+    /// takes its answer should it still come.
+    private enum State: UInt8 { case new, inFlight, slow, answered, failed }
     private struct Candidate {
         let distance: Number160
         let peer: PeerAddress
@@ -25,6 +28,8 @@ final class IterativeLookup: @unchecked Sendable {
     private var candidates: [Candidate] = []
     private var seen: Set<Number160> = []
     private var inFlight = 0
+    /// Requests suspected (`slow`) and still within their grace (one more suspicion time).
+    private var waitingForSlow = 0
     private var messages = 0
     private var answered = 0
     private var failures = 0
@@ -95,7 +100,7 @@ final class IterativeLookup: @unchecked Sendable {
         // `ask` may complete inline (a request refused at once) and re-enter `step`; stop here if
         // that finished the lookup.
         while !finished, i < candidates.count, live < config.resultSize, inFlight < config.parallel {
-            if candidates[i].state == .failed {
+            if candidates[i].state == .failed || candidates[i].state == .slow {
                 i += 1
                 continue
             }
@@ -112,7 +117,8 @@ final class IterativeLookup: @unchecked Sendable {
             }
             i += 1
         }
-        if inFlight == 0, !finished { finish(.converged) }
+        // Converged once nothing is in flight and no suspected peer is within its grace.
+        if inFlight == 0, waitingForSlow == 0, !finished { finish(.converged) }
     }
 
     private func ask(_ index: Int) {
@@ -122,10 +128,30 @@ final class IterativeLookup: @unchecked Sendable {
         let peer = candidates[index].peer
         let depth = candidates[index].depth
         node.kernel.paths.learnRoute(peer)
+        let suspectAfter = node.kernel.rpc.suspectAfter()
+        let suspect = node.eventLoop.scheduleTask(in: suspectAfter) { [self] in
+            guard !finished, state(of: peer.id) == .inFlight else { return }
+            mark(peer.id, .slow)
+            inFlight -= 1
+            waitingForSlow += 1
+            // It may still answer within one more suspicion time; the lookup ends without it after.
+            node.eventLoop.scheduleTask(in: suspectAfter) { [self] in
+                guard !finished, state(of: peer.id) == .slow else { return }
+                waitingForSlow -= 1
+                mark(peer.id, .failed)
+                step()
+            }
+            step()
+        }
         node.kernel.rpc.requestOnLoop(target: peer.socket, expectedID: peer.id, command: node.kernel.commands.neighbors,
                            payload: request, transport: .auto, timeout: nil)
             .whenComplete { [self] result in
-                inFlight -= 1
+                suspect.cancel()
+                switch state(of: peer.id) {
+                case .slow: waitingForSlow -= 1
+                case .failed: break  // given up on after its grace: already counted out
+                default: inFlight -= 1
+                }
                 guard !finished else { return }
                 switch result {
                 case .success(let reply) where reply.type == .ok:
@@ -142,7 +168,8 @@ final class IterativeLookup: @unchecked Sendable {
                         directHits += 1
                     }
                     var improved = false
-                    for p in reply.firstPeers ?? [] where p.socket.isValidPeerRecord && p.isContactable {
+                    // A peer this node found dead (and banned) is not asked again on another's word.
+                    for p in reply.firstPeers ?? [] where p.socket.isValidPeerRecord && p.isContactable && !node.peerMap.isBanned(p.id) {
                         if let at = insert(p, depth: depth + 1, referred: true), at < config.resultSize { improved = true }
                     }
                     noNewInfo = improved ? 0 : noNewInfo + 1
@@ -152,6 +179,16 @@ final class IterativeLookup: @unchecked Sendable {
                 }
                 step()
             }
+    }
+
+    private func state(of id: Number160) -> State? {
+        let d = id ^ key
+        var lo = 0, hi = candidates.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if candidates[mid].distance < d { lo = mid + 1 } else { hi = mid }
+        }
+        return lo < candidates.count && candidates[lo].distance == d ? candidates[lo].state : nil
     }
 
     private func mark(_ id: Number160, _ state: State) {

@@ -112,6 +112,7 @@ public final class SimulatedEventLoop: VirtualTimeEventLoop, @unchecked Sendable
         entry.task = {
             do { promise.succeed(try task()) } catch { promise.fail(error) }
         }
+        entry.abandon = { promise.fail(EventLoopError.shutdown) }
         let onLoop = inEventLoop
         lock.withLock {
             sequence &+= 1
@@ -120,7 +121,10 @@ public final class SimulatedEventLoop: VirtualTimeEventLoop, @unchecked Sendable
         }
         if !onLoop { signal() }
         return Scheduled(promise: promise) { [self] in
-            lock.withLock { entry.task = nil }
+            lock.withLock {
+                entry.task = nil
+                entry.abandon = nil
+            }
         }
     }
 
@@ -151,11 +155,19 @@ public final class SimulatedEventLoop: VirtualTimeEventLoop, @unchecked Sendable
     }
 
     public func shutdownGracefully(queue: DispatchQueue, _ callback: @escaping @Sendable ((any Error)?) -> Void) {
-        lock.withLock {
+        // What is still scheduled never runs: its promises fail (as NIO's own loops do), so no
+        // future is left unfulfilled.
+        let abandoned: [() -> Void] = lock.withLock {
             stopped = true
             ready.removeAll()
+            let pending = timers.unordered.compactMap { ref -> (() -> Void)? in
+                defer { ref.entry.abandon = nil }
+                return ref.entry.task == nil ? nil : ref.entry.abandon
+            }
             timers = Heap()
+            return pending
         }
+        for fail in abandoned { fail() }
         signal()
         queue.async { callback(nil) }
     }
@@ -219,6 +231,8 @@ public final class SimulatedEventLoop: VirtualTimeEventLoop, @unchecked Sendable
 /// A timer's closure, cleared when it runs or is cancelled (the heap entry then is skipped).
 private final class TimerEntry: @unchecked Sendable {
     var task: (() -> Void)?
+    /// Fails the task's promise when the loop stops before it runs.
+    var abandon: (() -> Void)?
 }
 
 /// A heap entry: due time, then scheduling order, so that equal deadlines run in the order they
