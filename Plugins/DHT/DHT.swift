@@ -616,12 +616,15 @@ public struct DHT: Sendable {
         return max(options.replicas, set)
     }
 
-    /// Acknowledgements a write needs: `options.quorum`, else a majority of the peers it could
-    /// reach (the replica set, or all the candidates there were when fewer).
+    /// Acknowledgements a write needs: `options.quorum`, else a majority of the replica set as
+    /// the writer found it — the peers that answered (stored it, or refused it), at most the set's
+    /// size. A peer that did not answer (or answered garbage) was replaced by the next closest
+    /// while there were any; when there were not, the overlay is smaller than the set (or cut
+    /// off: during a partition the side a writer sees is its set).
     func quorum(_ outcomes: [PeerOutcome], _ options: DHTOptions) -> Int {
         if let q = options.quorum { return q }
-        let reachable = min(replicaSet(options), Set(outcomes.map(\.peer.id)).count)
-        return reachable / 2 + 1
+        let answered = Set(outcomes.filter { DHT.answered($0.result) }.map(\.peer.id)).count
+        return min(replicaSet(options), max(1, answered)) / 2 + 1
     }
 
     private func routed(_ location: Number160, _ request: StorageRequest, options: DHTOptions) async throws -> [PeerOutcome] {

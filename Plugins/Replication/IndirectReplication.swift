@@ -133,7 +133,19 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
                 let fresh = inserted.contains(location)
                 guard handIn || fresh || responsible else { continue }
                 if fresh, !everything, !handIn, responsible, !isRoot(node, location) { continue }
-                await syncAll(location, to: targets, spares: spares, node: node)
+                guard !responsible, mode == .nRoot, let backend = node.registry.storageBackend else {
+                    _ = await syncAll(location, to: targets, spares: spares, node: node)
+                    continue
+                }
+                // A copy outside the set: handed in, then forgotten once every member of the set
+                // holds it — unless this peer is among the `factor + handOverMargin` closest it
+                // knows, so that views that differ by a peer or two do not hand a copy back and forth.
+                let held = Self.allVersions(backend, location, now: node.clock.uptimeNanoseconds)
+                let complete = await syncAll(location, to: targets, spares: spares, node: node)
+                if complete >= factor, rank(of: node.peerID, in: location, node: node) >= factor + Self.handOverMargin {
+                    let n = backend.evict(held, now: node.clock.uptimeNanoseconds)
+                    state.withLockedValue { $0.stats.handedOver += n }
+                }
             }
         }
     }
@@ -142,19 +154,51 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
     /// A target that does not answer the offer is replaced by the next closest spare, so a
     /// replica set whose members died keeps its copies before the peer map has noticed (which
     /// takes `offlineAfterFailures` failed requests).
-    private func syncAll(_ location: Number160, to targets: [PeerAddress], spares: [PeerAddress], node: Node) async {
+    /// Returns how many peers were brought fully up to date.
+    @discardableResult
+    private func syncAll(_ location: Number160, to targets: [PeerAddress], spares: [PeerAddress], node: Node) async -> Int {
         var wave = targets
         var spares = spares[...]
+        var complete = 0
         while !wave.isEmpty {
-            let missed = await withTaskGroup(of: Bool.self) { group in
+            let (missed, done) = await withTaskGroup(of: SyncOutcome.self) { group in
                 for t in wave { group.addTask { await self.sync(location, to: t, node: node) } }
-                var missed = 0
-                for await reached in group where !reached { missed += 1 }
-                return missed
+                var missed = 0, done = 0
+                for await outcome in group {
+                    switch outcome {
+                    case .unreachable: missed += 1
+                    case .complete: done += 1
+                    case .partial: break
+                    }
+                }
+                return (missed, done)
             }
+            complete += done
             wave = Array(spares.prefix(missed))
             spares = spares.dropFirst(wave.count)
         }
+        return complete
+    }
+
+    /// Known peers closer to a location than this one (0: it is the closest it knows).
+    private func rank(of me: Number160, in location: Number160, node: Node) -> Int {
+        node.peerMap.closest(to: location, count: factor + Self.handOverMargin).filter { location.isCloser($0.id, than: me) }.count
+    }
+
+    /// Ranks beyond the set within which a copy is kept after it was handed in (2).
+    static let handOverMargin = 2
+
+    /// Every version a location holds here (at most `maxPagesPerSync` pages).
+    static func allVersions(_ backend: any StorageBackend, _ location: Number160, now: UInt64) -> [EntryVersion] {
+        var out: [EntryVersion] = []
+        var after: Number640?
+        for _ in 0..<maxPagesPerSync {
+            let (page, more) = backend.versions(at: location, after: after, limit: ReplicationOfferCommand.maxKeys, now: now)
+            out += page
+            guard more, let last = page.last else { break }
+            after = last.key
+        }
+        return out
     }
 
     /// Whether this peer is responsible for a location, whom it copies it to, and the next
@@ -189,9 +233,8 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
     /// (the peer pushes back what it holds newer) — unless the peer was brought up to date with
     /// this location as it is now, fewer than `reofferRounds` ago. Returns whether the peer
     /// answered (false only when an offer went unanswered).
-    @discardableResult
-    private func sync(_ location: Number160, to peer: PeerAddress, node: Node) async -> Bool {
-        guard let backend = node.registry.storageBackend else { return true }
+    private func sync(_ location: Number160, to peer: PeerAddress, node: Node) async -> SyncOutcome {
+        guard let backend = node.registry.storageBackend else { return .complete }
         let memo = SyncKey(peer: peer.id, location: location)
         let (generation, upToDate): (UInt64, Bool) = state.withLockedValue { s in
             let g = s.generations[location] ?? 0
@@ -200,7 +243,7 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
         }
         // A peer that has missed a request lately (a maintenance ping, say) is offered again
         // at once: if it is dead, the offer fails and a spare takes its place.
-        guard !upToDate || (node.peerMap.failureCount(peer.id) ?? 0) > 0 else { return true }
+        guard !upToDate || (node.peerMap.failureCount(peer.id) ?? 0) > 0 else { return .complete }
         var after: Number640?
         var pages = 0
         var complete = false
@@ -216,7 +259,7 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
                                                       payload: ReplicationOfferCommand.encode(versions)),
                   case .keys640(let wanted)? = reply.payload.first else {
                 state.withLockedValue { $0.stats.failedOffers += 1 }
-                return false
+                return .unreachable
             }
             state.withLockedValue {
                 $0.stats.offers += 1
@@ -224,18 +267,28 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
             }
             let offered = Set(versions.map(\.key))
             let entries = backend.replicaEntries(wanted.filter { offered.contains($0) }, now: node.clock.uptimeNanoseconds)
-            guard await push(entries, to: peer, node: node) else { return true }
+            guard await push(entries, to: peer, node: node) else { return .partial }
             if !more {
                 complete = true
                 break
             }
         }
-        guard complete else { return true }
+        guard complete else { return .partial }
         state.withLockedValue { s in
             if s.synced.count >= Self.maxRemembered { s.synced.removeAll(keepingCapacity: true) }
             s.synced[memo] = (generation, s.round)
         }
-        return true
+        return .complete
+    }
+
+    /// What a sync of one location to one peer came to.
+    enum SyncOutcome {
+        /// The offer went unanswered.
+        case unreachable
+        /// The peer holds every version offered (or newer).
+        case complete
+        /// Answered, but not everything reached it (over the byte budget, a push failed, too many pages).
+        case partial
     }
 
     /// Pages of `ReplicationOfferCommand.maxKeys` entries one sync of a location offers (64: a
@@ -325,4 +378,6 @@ public struct ReplicationStats: Sendable, Hashable {
     public var failedPuts = 0
     /// Sends put off because a peer's byte budget for the second was spent.
     public var deferred = 0
+    /// Entries forgotten here after they were handed in to a replica set this peer is not part of.
+    public var handedOver = 0
 }

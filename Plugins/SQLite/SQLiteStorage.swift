@@ -145,6 +145,20 @@ public final class SQLiteStorage: StorageBackend, @unchecked Sendable {
     }
     public func replicaEntries(_ keys: [Number640], now: UInt64) -> [Number640: StoredValue] { memory.replicaEntries(keys, now: now) }
 
+    public func evict(_ versions: [EntryVersion], now: UInt64) -> Int {
+        lock.withLock { () -> Int in
+            guard state.broken == nil, !state.closed else { return 0 }
+            let (n, changes) = memory.evictRecording(versions, now: now)
+            if !changes.isEmpty {
+                state.assigned += 1
+                state.pending.append((state.assigned, changes))
+                state.pendingBytes += Self.size(changes)
+                scheduleLocked()
+            }
+            return n
+        }
+    }
+
     public var defersDurability: Bool { true }
 
     public var usage: StorageUsage? { memory.usage }

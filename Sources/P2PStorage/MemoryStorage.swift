@@ -774,6 +774,31 @@ public final class MemoryStorage: StorageBackend, @unchecked Sendable {
         }
     }
 
+    public func evict(_ versions: [EntryVersion], now: UInt64) -> Int {
+        lock.withLock { evictLocked(versions) }
+    }
+
+    /// As `evict`, and what it changed (for a durable backend).
+    public func evictRecording(_ versions: [EntryVersion], now: UInt64) -> (Int, StorageChanges) {
+        lock.withLock {
+            touched = Touched()
+            defer { touched = nil }
+            let n = evictLocked(versions)
+            return (n, changesLocked())
+        }
+    }
+
+    private func evictLocked(_ versions: [EntryVersion]) -> Int {
+        var n = 0
+        for v in versions {
+            guard let e = locations[v.key.location]?.entries[v.key], e.stored.stamp == v.stamp, e.stored.isTombstone == v.isTombstone,
+                  !e.stored.prepared else { continue }
+            _ = removeEntry(v.key)
+            n += 1
+        }
+        return n
+    }
+
     /// Confirmed values and removals under `keys`, as stored (no remaining time).
     public func replicaEntries(_ keys: [Number640], now: UInt64) -> [Number640: StoredValue] {
         lock.withLock {

@@ -401,6 +401,10 @@ public protocol StorageBackend: Sendable {
     func versions(at location: Number160, after: Number640?, limit: Int, now: UInt64) -> (versions: [EntryVersion], more: Bool)
     /// The entries under `keys` as replication sends them, removals included (no remaining time).
     func replicaEntries(_ keys: [Number640], now: UInt64) -> [Number640: StoredValue]
+    /// Forgets the entries that still hold exactly these versions — a copy this peer handed to
+    /// the replica set it is not part of — without a removal and without events: the data lives
+    /// on in the set. Returns how many were forgotten.
+    func evict(_ versions: [EntryVersion], now: UInt64) -> Int
 }
 
 /// One entry as anti-entropy compares it: its key, its version stamp, whether it is a removal,
@@ -455,6 +459,8 @@ extension StorageBackend {
     public func whenDurable(since mark: UInt64, _ done: @escaping @Sendable (StorageError?) -> Void) { done(nil) }
     public var usage: StorageUsage? { nil }
     public func use(versions: VersionClock) {}
+    /// A backend that cannot forget keeps its copies.
+    public func evict(_ versions: [EntryVersion], now: UInt64) -> Int { 0 }
 
     /// From the visible values (a backend that keeps no removals).
     public func versions(at location: Number160, after: Number640?, limit: Int, now: UInt64) -> (versions: [EntryVersion], more: Bool) {

@@ -67,6 +67,62 @@ struct VersionTests {
         await net.shutdown()
     }
 
+    @Test("hostile versions: an unsigned \"newer\" version served by a corrupted replica of a protected entry is not believed by readers; a stranger's removal of a protected entry is refused by push; an offer claiming old versions of everything draws nothing to a stranger")
+    func hostileVersions() async throws {
+        let policies = (0..<8).map { _ in IndirectReplication(interval: .seconds(3_600)) }
+        let net = try await Testnet.start(peers: 8, routing: .perfect, plugins: { i in builtIns() + [ReplicationPlugin(policies[i])] })
+        let owner = Key()
+        let k = key("guarded")
+        #expect(try await net.nodes[0].dht.put(k, Array("genuine".utf8), options: DHTOptions(signer: owner, protect: .entry)).isSuccess)
+        let replicas = try SecurityTests.replicas(net, k)
+        // One replica is made to hold (and serve) an unsigned version with a far newer stamp.
+        let liar = replicas[0]
+        let store = try SecurityTests.memory(liar)
+        var state = store.snapshot()
+        var forged = try #require(state.entries[k] ?? nil)
+        forged.stored = StoredValue(Array("forged".utf8), stamp: liar.storage.versions.next() + (1 << 30))
+        state.entries[k] = forged
+        store.restore(state, now: StoragePipeline.now())
+        let reader = try #require(net.nodes.first { n in !replicas.contains { $0 === n } })
+        for _ in 0..<3 { #expect(text(try await reader.dht.get(k).value) == "genuine") }
+        // The honest replicas were not "repaired" with the forgery.
+        for r in replicas.dropFirst() { #expect(Self.held(r, k)?.value == Array("genuine".utf8)) }
+
+        // A stranger pushes an unsigned removal of the protected entry: refused, naming the owner.
+        let stranger = reader
+        let removal = StorageCodec.encode(.put([k: .tombstone(stamp: stranger.storage.versions.next())], mode: .overwrite))
+        let pushed = try await stranger.request(to: replicas[1].address, command: "replication.push", payload: removal)
+        #expect(throws: StorageError.self) { try StorageCodec.decodeResult(pushed.payload) }
+        #expect(Self.held(replicas[1], k)?.value == Array("genuine".utf8))
+
+        await net.shutdown()
+    }
+
+    @Test("an offer claiming old versions of everything draws nothing to a stranger; the same offer from a peer near the location is answered with the newer entries")
+    func offersDrawNothingToStrangers() async throws {
+        let policies = (0..<24).map { _ in IndirectReplication(interval: .seconds(3_600)) }
+        let net = try await Testnet.start(peers: 24, routing: .perfect, plugins: { i in builtIns() + [ReplicationPlugin(policies[i])] })
+        let location = Number160(hashing: "hoard")
+        let keys = (0..<50).map { Number640(location: location, content: Number160(UInt32($0))) }
+        #expect(try await net.nodes[1].dht.put(Dictionary(uniqueKeysWithValues: keys.map { ($0, StoredValue(Array("x".utf8))) })).isSuccess)
+        let holder = try #require(net.nodes.first { (try? holds($0, keys[0])) == true })
+        let holderPolicy = try #require(net.nodes.firstIndex { $0 === holder }.map { policies[$0] })
+        let near = Set(holder.peerMap.closest(to: location, count: 2 * 6 + 1).map(\.id))
+        let outsider = try #require(net.nodes.first { n in !near.contains(n.peerID) && n !== holder })
+        let insider = try #require(net.nodes.first { n in near.contains(n.peerID) && n !== holder })
+        var bytes: [UInt8] = []
+        for _ in keys { bytes += [0, 0, 0, 0, 0, 0, 0, 1, 0] + [UInt8](repeating: 0, count: 8) }
+        let before = holderPolicy.stats.valuesSent
+        let fromOutsider = try await outsider.request(to: holder.address, command: "replication.offer", payload: [.keys640(keys), .bytes(bytes)])
+        #expect(fromOutsider.payload.first == .keys640([]), "it holds newer versions of all: it wants none")
+        _ = try await insider.request(to: holder.address, command: "replication.offer", payload: [.keys640(keys), .bytes(bytes)])
+        let clock = ContinuousClock()
+        let start = clock.now
+        while holderPolicy.stats.valuesSent < before + keys.count, clock.now - start < .seconds(30) { try await Task.sleep(for: .milliseconds(50)) }
+        #expect(holderPolicy.stats.valuesSent == before + keys.count, "the near peer got the newer entries, the stranger nothing")
+        await net.shutdown()
+    }
+
     @Test("a signed value cannot outlive the expiry its owner signed: re-sent by a stranger before it expires, it still expires on time everywhere")
     func signedExpiryHolds() async throws {
         let net = try await testnet(8)

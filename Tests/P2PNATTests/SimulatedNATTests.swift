@@ -85,6 +85,25 @@ struct SimulatedNATTests {
         }
     }
 
+    @Test("a relayed peer (port-preserving NAT, no mapping service) is found by its id from a public peer as soon as it is relayed, and answers itself — 20 seeds", arguments: 1...20)
+    func relayedPeerIsFound(seed: UInt64) async throws {
+        let net = SimulatedNetwork(seed: 700 + seed, conditions: LinkConditions(latency: .uniform(.milliseconds(20), .milliseconds(120))))
+        defer { net.stop() }
+        try await net.run {
+            let (publicPeers, natted, reports) = try await SimulatedNATTests.setUp(net, public: 30, behind: [.portPreserving])
+            let u = natted[0]
+            #expect(reports[0].method == .relay, "\(reports[0].summary)")
+            // A public peer that never spoke with it looks its id up.
+            let asker = try #require(publicPeers.last { p in !reports[0].relays.contains { $0.id == p.peerID } })
+            let found = try await asker.closestPeers(to: u.peerID)
+            #expect(found.peers.first?.id == u.peerID, "the lookup of its id ended at \(found.peers.first.map { "\($0.id)" } ?? "nobody")")
+            if let record = found.peers.first, record.id == u.peerID {
+                let reply = try await asker.request(to: record, command: asker.kernel.commands.ping).get()
+                #expect(reply.sender.id == u.peerID)
+            }
+        }
+    }
+
     @Test("one symmetric NAT: a UDP path by birthday probing through both NATs, TCP stays relayed; two symmetric NATs: nobody punches")
     func symmetricPunch() async throws {
         let net = SimulatedNetwork(seed: 43, conditions: LinkConditions(latency: .uniform(.milliseconds(20), .milliseconds(120))))

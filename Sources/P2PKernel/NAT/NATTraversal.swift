@@ -589,6 +589,10 @@ public final class NATTraversal: @unchecked Sendable {
             let bound = (try? await node.eventLoop.submit { node.kernel.transport.boundPort }.get()) ?? 0
             let flags = (try? await node.eventLoop.submit { node.kernel.me.flags }.get()) ?? []
             await announce(node, udpPort: bound, tcpPort: bound, ip: nil, flags: flags.subtracting([.relayed]), relays: got.map(\.socket))
+            // The peers closest to our id are those a lookup of it ends at: a lookup of our own id
+            // carries our record, with its relays, to each of them (every request's header does),
+            // so anyone looking us up finds us at once — not a neighbour in our place.
+            if !got.isEmpty { _ = try? await node.closestPeers(to: me) }
         }
         return (got, all.count)
     }
