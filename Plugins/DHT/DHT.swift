@@ -369,10 +369,11 @@ public struct DHT: Sendable {
     /// Values matching a query: several keys, a range, everything under a location and domain
     /// (`.all(location:domain:)`), or the latest versions (`.latest`).
     ///
-    /// The get rides along the lookup (Kademlia's FIND_VALUE): peers on the way answer from their
-    /// storage, and the lookup stops once `replicas` of them had the data. Only when fewer did
-    /// (a missing key, an intercepted domain) are the closest peers asked afterwards, and a peer
-    /// that already answered during the lookup is not asked again.
+    /// The get rides along the lookup (Kademlia's FIND_VALUE): every peer asked answers from its
+    /// storage, and the answers of the `replicas` peers closest to the key are read — a peer that
+    /// answered during the lookup is not asked again; one that could not (an intercepted domain)
+    /// is asked afterwards. The lookup does not stop at the first holders: an old copy held off
+    /// the replica set must not stand in for it.
     ///
     /// Answers carry removals as well as values; per key the newest version wins (see
     /// `evaluate`), and a peer that answered with an older version, or without a key it was
@@ -653,23 +654,19 @@ public struct DHT: Sendable {
         let node = self.node
         let payload = StorageCodec.encode(request)
         var known: [Number160: Result<StorageResult, any Error>] = [:]
-        var hits = 0
         if plugin.acceptsReplicas, case .get(let query) = request, let mine = node.storage.executeImmediately(request) {
             known[node.peerID] = mine.map { DHT.withRemovals($0, query: query, node: node) }.mapError { $0 as any Error }
-            if case .success(.values(let v, _))? = known[node.peerID], !v.isEmpty { hits = 1 }
         }
-        var routing = routingConfig(options)
-        routing.maxDirectHits = options.replicas
+        // The lookup runs to the key's closest peers, each answering the get as it is asked, and
+        // the answers of the `replicas` closest are read: a peer on the way holding an old copy
+        // (a former replica, one a write reached by a stale view) must not stand in for the set.
+        let routing = routingConfig(options)
         let question = RoutingQuestion(handlerName: GetQuestion.handlerName, payload: payload, isHit: GetQuestion.isHit)
-        let result = try await node.lookup(location, config: routing, question: question, initialHits: hits).get()
-        var hitOutcomes: [PeerOutcome] = []
-        if hits > 0, let mine = known[node.peerID] { hitOutcomes.append(PeerOutcome(peer: node.address, result: mine)) }
+        let result = try await node.lookup(location, config: routing, question: question).get()
         for answer in result.answers {
             guard let decoded = try? StorageCodec.decodeResult(answer.payload) else { continue }
             known[answer.peer.id] = .success(decoded)
-            if answer.isHit { hitOutcomes.append(PeerOutcome(peer: answer.peer, result: .success(decoded))) }
         }
-        if hitOutcomes.count >= options.replicas { return hitOutcomes }
         let answers = try await fanOut(location, candidates: candidates(result.peers, location: location), known: known, options: options,
                                        remote: { peer in
                                            node.request(to: peer, command: DHTPlugin.storageCommand, payload: payload).flatMapThrowing { reply in

@@ -50,6 +50,8 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
         var newPeers: [PeerAddress] = []
         var working = false
         var budget: [Number160: (second: UInt64, bytes: Int)] = [:]
+        /// Lookups of locations held outside this peer's neighbourhood: when, and the peers found.
+        var lookups: [Number160: (at: UInt64, peers: [PeerAddress])] = [:]
         var stats = ReplicationStats()
     }
     private let state = NIOLockedValueBox(State())
@@ -129,8 +131,12 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
                 // write reaches the whole set by itself: of a set's members, only the closest
                 // checks the others at once (a write that missed one is repaired then, not at the
                 // next timer), so a write costs a set one round of offers, not one per member.
-                let (responsible, targets, spares) = plan(node, location)
                 let fresh = inserted.contains(location)
+                // The map alone decides only for a location within this peer's neighbourhood;
+                // a copy held further away is placed by a lookup (`trustedPlan`).
+                let mapped = knowsNeighbourhood(node, location)
+                if mapped, !handIn, !fresh, !plan(node, location).responsible { continue }
+                let (responsible, targets, spares, rank) = await trustedPlan(node, location, mapped: mapped)
                 guard handIn || fresh || responsible else { continue }
                 if fresh, !everything, !handIn, responsible, !isRoot(node, location) { continue }
                 guard !responsible, mode == .nRoot, let backend = node.registry.storageBackend else {
@@ -138,11 +144,12 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
                     continue
                 }
                 // A copy outside the set: handed in, then forgotten once every member of the set
-                // holds it — unless this peer is among the `factor + handOverMargin` closest it
-                // knows, so that views that differ by a peer or two do not hand a copy back and forth.
+                // holds it — unless this peer is among the `factor + handOverMargin` closest,
+                // so that views that differ by a peer or two do not hand a copy back and forth
+                // (a peer that far refuses offers of the location: `wantsCopies`).
                 let held = Self.allVersions(backend, location, now: node.clock.uptimeNanoseconds)
                 let complete = await syncAll(location, to: targets, spares: spares, node: node)
-                if complete >= factor, rank(of: node.peerID, in: location, node: node) >= factor + Self.handOverMargin {
+                if complete >= factor, rank >= factor + Self.handOverMargin {
                     let n = backend.evict(held, now: node.clock.uptimeNanoseconds)
                     state.withLockedValue { $0.stats.handedOver += n }
                 }
@@ -180,10 +187,75 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
         return complete
     }
 
-    /// Known peers closer to a location than this one (0: it is the closest it knows).
-    private func rank(of me: Number160, in location: Number160, node: Node) -> Int {
-        node.peerMap.closest(to: location, count: factor + Self.handOverMargin).filter { location.isCloser($0.id, than: me) }.count
+    /// Whether this peer's map can tell a location's replica set: the location lies closer to
+    /// this peer than its (2·factor+1)-th closest known peer does — the neighbourhood a Kademlia
+    /// map knows (nearly) whole. Further away, the map holds a few peers of the region only, and
+    /// "the closest I know" would be far from the closest there are.
+    func knowsNeighbourhood(_ node: Node, _ location: Number160) -> Bool {
+        let mine = node.peerMap.closest(to: node.peerID, count: 2 * factor + 1)
+        guard mine.count == 2 * factor + 1, let edge = mine.last else { return true }
+        return (node.peerID ^ location) < (node.peerID ^ edge.id)
     }
+
+    /// Whether this peer should take copies of a location offered to it: unless it knows the
+    /// location's neighbourhood and is not among the `factor + handOverMargin` closest there.
+    /// A peer that knows fewer than 2·factor+1 peers (a small overlay) takes every copy; one
+    /// that does not know the location's neighbourhood too. The threshold is the hand-over rank
+    /// plus 2: a peer forgets its copy from `factor + handOverMargin` on, and declines one only
+    /// from 2 ranks further — so two views must differ by 3 ranks or more before a copy goes
+    /// back and forth — and a peer whose map still holds a few of the freshly dead closer to
+    /// the location (not yet known to be dead) does not decline what the set needs.
+    func wantsCopies(of location: Number160, node: Node) -> Bool {
+        guard knowsNeighbourhood(node, location), node.peerMap.counts.verified >= 2 * factor + 1 else { return true }
+        return liveRank(of: node.peerID, in: location, among: node.peerMap.closest(to: location, count: 2 * factor + 1), node: node)
+            < factor + Self.handOverMargin + 2
+    }
+
+    /// Peers of `known` closer to the location than `me`, not counting those that missed a
+    /// request lately (likely dead: a rank inflated by the dead would refuse copies the set needs).
+    private func liveRank(of me: Number160, in location: Number160, among known: [PeerAddress], node: Node) -> Int {
+        known.filter { $0.id != me && location.isCloser($0.id, than: me) && (node.peerMap.failureCount($0.id) ?? 0) == 0 }.count
+    }
+
+    /// `plan` from the map where it knows the location's neighbourhood, else from a lookup of
+    /// the location (its live closest peers; kept for `lookupLifetime`); and this peer's rank
+    /// among them (0: closest).
+    private func trustedPlan(_ node: Node, _ location: Number160, mapped: Bool) async
+        -> (responsible: Bool, targets: [PeerAddress], spares: [PeerAddress], rank: Int) {
+        let me = node.peerID
+        let known: [PeerAddress]
+        if mapped {
+            known = node.peerMap.closest(to: location, count: 2 * factor + 1)
+        } else {
+            let now = node.clock.uptimeNanoseconds
+            let cached: [PeerAddress]? = state.withLockedValue { s in
+                guard let c = s.lookups[location], now &- c.at < Self.lookupLifetime else { return nil }
+                return c.peers
+            }
+            if let cached {
+                known = cached
+            } else {
+                let found = (try? await node.closestPeers(to: location))?.peers ?? []
+                state.withLockedValue { s in
+                    if s.lookups.count >= Self.maxRemembered { s.lookups.removeAll(keepingCapacity: true) }
+                    s.lookups[location] = (now, found)
+                    s.stats.lookups += 1
+                }
+                known = found
+            }
+        }
+        let others = known.filter { $0.id != me }
+        let ids = Array(others.prefix(factor + 1).map(\.id))
+        let responsible = Responsibility.isResponsible(mode, for: location, me: me, peers: ids, factor: factor)
+        let targets = Responsibility.targets(mode, for: location, me: me, peers: ids, factor: factor)
+        let chosen = others.filter { targets.contains($0.id) }
+        let spares = others.filter { !targets.contains($0.id) }
+        let rank = liveRank(of: me, in: location, among: others, node: node)
+        return (responsible, chosen, responsible || mode == .nRoot ? spares : Array(spares.prefix(1)), rank)
+    }
+
+    /// How long a lookup of a location held outside this peer's neighbourhood is used (30 s).
+    static let lookupLifetime: UInt64 = 30_000_000_000
 
     /// Ranks beyond the set within which a copy is kept after it was handed in (2).
     static let handOverMargin = 2
@@ -247,6 +319,7 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
         var after: Number640?
         var pages = 0
         var complete = false
+        var declined = false
         while pages < Self.maxPagesPerSync {
             pages += 1
             let (versions, more) = backend.versions(at: location, after: after, limit: ReplicationOfferCommand.maxKeys, now: node.clock.uptimeNanoseconds)
@@ -268,12 +341,14 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
             let offered = Set(versions.map(\.key))
             let entries = backend.replicaEntries(wanted.filter { offered.contains($0) }, now: node.clock.uptimeNanoseconds)
             guard await push(entries, to: peer, node: node) else { return .partial }
+            // It declined copies (it is no replica by its view): not brought up to date.
+            if reply.payload.count > 1, case .integer(1) = reply.payload[1] { declined = true }
             if !more {
                 complete = true
                 break
             }
         }
-        guard complete else { return .partial }
+        guard complete, !declined else { return .partial }
         state.withLockedValue { s in
             if s.synced.count >= Self.maxRemembered { s.synced.removeAll(keepingCapacity: true) }
             s.synced[memo] = (generation, s.round)
@@ -380,4 +455,8 @@ public struct ReplicationStats: Sendable, Hashable {
     public var deferred = 0
     /// Entries forgotten here after they were handed in to a replica set this peer is not part of.
     public var handedOver = 0
+    /// Lookups of locations held outside this peer's neighbourhood (to find their replica sets).
+    public var lookups = 0
+
+    public init() {}
 }

@@ -80,7 +80,8 @@ public struct ReplicationPlugin: Plugin {
 ///
 /// Request: `keys640` (at most `maxKeys`, all of one location) and `bytes`: per key a 17-byte
 /// version — u64 stamp, u8 flags (1: a removal), u64 digest of the bytes. Reply: `keys640` of the
-/// keys wanted. An offer costs one lookup per key; a larger or malformed one is refused as a bad
+/// keys wanted, then `integer(1)` when it declined copies of keys it does not hold (it knows it is
+/// no replica of the location). An offer costs one lookup per key; a larger or malformed one is refused as a bad
 /// request. What is pushed back goes within this peer's byte budget for the offering peer, so an
 /// offer cannot make it send more than a sync would.
 struct ReplicationOfferCommand: CommandHandler {
@@ -130,16 +131,21 @@ struct ReplicationOfferCommand: CommandHandler {
         }
         let node = context.node
         guard let backend = node.registry.storageBackend else { return .reply(.error(.denied, "no storage here")) }
+        // A peer that knows it is no replica of the location (beyond the set and its margin)
+        // takes no new copy: it would hand it back and forget it.
+        let wanting = policy.wantsCopies(of: location, node: node)
         let held = backend.replicaEntries(keys, now: node.clock.uptimeNanoseconds)
         var wanted: [Number640] = []
         var newer: [Number640: StoredValue] = [:]
+        var declined = false
         for v in offered {
             guard let mine = held[v.key] else {
-                wanted.append(v.key)
+                if wanting { wanted.append(v.key) } else { declined = true }
                 continue
             }
             let here = EntryVersion(key: v.key, mine)
             if v.supersedes(here) {
+                // A newer version of what is held is always taken: it adds no copy.
                 wanted.append(v.key)
             } else if here.supersedes(v) {
                 newer[v.key] = mine
@@ -153,7 +159,9 @@ struct ReplicationOfferCommand: CommandHandler {
             let newer = newer
             node.spawn { _ = await policy.push(newer, to: sender, node: node) }
         }
-        return .reply(Reply(payload: [.keys640(wanted)]))
+        // Copies declined are said so (a second section, 1): the offering peer does not count
+        // this peer as holding them.
+        return .reply(Reply(payload: declined ? [.keys640(wanted), .integer(1)] : [.keys640(wanted)]))
     }
 }
 

@@ -156,7 +156,16 @@ struct CheckSim {
         report.acknowledgedShare = Double(writes.filter { $0.outcome == .acknowledged }.count) / Double(max(1, writes.count))
         report.answeredShare = Double(gets.filter { $0.outcome != .noAnswer }.count) / Double(max(1, gets.count))
         note("check: \(consistency)")
-        for f in consistency.findings.prefix(10) { note("  \(f)") }
+        // Where each wrong key's versions live now: by rank among the live peers (0: closest).
+        let live = peers.all
+        for f in consistency.findings.prefix(10) {
+            note("  \(f)")
+            let ranked = live.sorted { f.read.key.location.isCloser($0.peerID, than: $1.peerID) }
+            for (rank, n) in ranked.enumerated() {
+                guard let v = n.registry.storageBackend?.replicaEntries([f.read.key], now: n.clock.uptimeNanoseconds)[f.read.key] else { continue }
+                note("    rank \(rank): \(v.isTombstone ? "removal" : String(decoding: v.value, as: UTF8.self)) stamp \(VersionStamp.millis(v.stamp))")
+            }
+        }
         return report
     }
 
@@ -238,12 +247,18 @@ struct CheckSim {
 
     /// Waits until replication has been quiet for five intervals (at most 300 s).
     private func settle() async throws {
+        defer { note("check: replication so far: \(policies.total)") }
         let start = runtime.now()
         var last = policies.sent.activity
         var quietSince = runtime.now()
         let quiet = Double(policies.interval.components.seconds) * 1000 + Double(policies.interval.components.attoseconds) / 1e15
+        var lastNote = runtime.now()
         while runtime.milliseconds(since: start) < 300_000 {
             try await runtime.sleep(for: .milliseconds(200))
+            if runtime.milliseconds(since: lastNote) >= 30_000 {
+                lastNote = runtime.now()
+                note("check: settling: \(policies.total)")
+            }
             let now = policies.sent.activity
             if now != last {
                 last = now

@@ -25,6 +25,24 @@ final class PolicyRegistry: Sendable {
 
     /// Bytes of values and of offered keys sent so far, and how many values moved (offers go on
     /// every round; values move only while replica sets are being refilled).
+    /// Every policy's statistics, summed.
+    var total: ReplicationStats {
+        all.withLockedValue { ps in
+            ps.reduce(into: ReplicationStats()) { t, p in
+                let s = p.stats
+                t.offers += s.offers
+                t.keysOffered += s.keysOffered
+                t.failedOffers += s.failedOffers
+                t.valuesSent += s.valuesSent
+                t.bytesSent += s.bytesSent
+                t.failedPuts += s.failedPuts
+                t.deferred += s.deferred
+                t.handedOver += s.handedOver
+                t.lookups += s.lookups
+            }
+        }
+    }
+
     var sent: (bytes: Int, activity: Int) {
         all.withLockedValue { ps in
             ps.reduce((0, 0)) { acc, p in
