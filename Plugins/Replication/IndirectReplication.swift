@@ -135,8 +135,12 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
                 // The map alone decides only for a location within this peer's neighbourhood;
                 // a copy held further away is placed by a lookup (`trustedPlan`).
                 let mapped = knowsNeighbourhood(node, location)
-                if mapped, !handIn, !fresh, !plan(node, location).responsible { continue }
-                let (responsible, targets, spares, rank) = await trustedPlan(node, location, mapped: mapped)
+                let byMap = plan(node, location).responsible
+                if mapped, !handIn, !fresh, !byMap { continue }
+                // A copy this peer would hand in (and then forget) is placed by a lookup of its
+                // location whatever the map says: the map may still hold the freshly dead, and
+                // forgetting a copy on their account would lose one the set needs.
+                let (responsible, targets, spares, rank) = await trustedPlan(node, location, mapped: mapped && byMap)
                 guard handIn || fresh || responsible else { continue }
                 if fresh, !everything, !handIn, responsible, !isRoot(node, location) { continue }
                 guard !responsible, mode == .nRoot, let backend = node.registry.storageBackend else {

@@ -158,20 +158,29 @@ struct ChurnSim {
             let bytes = policies.sent.bytes - before
             // Every value read from a random live peer (32 at a time), and its exact copies counted.
             let askers = keys.map { _ in live[runtime.index(live.count)] }
-            let found = await withTaskGroup(of: Bool.self) { group in
+            let (found, missed) = await withTaskGroup(of: (Int, Bool).self) { group in
                 var hits = 0
+                var missed: [Int] = []
                 var next = 0
                 func add() {
-                    let (asker, k, v) = (askers[next], keys[next], data[next])
+                    let (asker, k, v, i) = (askers[next], keys[next], data[next], next)
                     next += 1
-                    group.addTask { (try? await asker.dht.get(k).value) == v }
+                    group.addTask { (i, (try? await asker.dht.get(k).value) == v) }
                 }
                 while next < min(32, keys.count) { add() }
-                while let hit = await group.next() {
-                    if hit { hits += 1 }
+                while let (i, hit) = await group.next() {
+                    if hit { hits += 1 } else { missed.append(i) }
                     if next < keys.count { add() }
                 }
-                return hits
+                return (hits, missed)
+            }
+            // Where a missed value's copies are: ranks among the live peers (0: closest).
+            for i in missed.sorted().prefix(3) {
+                let k = keys[i]
+                let ranks = live.sorted { k.location.isCloser($0.peerID, than: $1.peerID) }.enumerated().compactMap { rank, n -> Int? in
+                    n.registry.storageBackend?.replicaEntries([k], now: n.clock.uptimeNanoseconds)[k] == nil ? nil : rank
+                }
+                note("churn wave \(wave): value \(i) missed; held at ranks \(ranks)")
             }
             var replicas = 0
             for (k, v) in zip(keys, data) {
