@@ -23,13 +23,14 @@ final class PolicyRegistry: Sendable {
         return p
     }
 
+    /// Bytes of values and of offered keys sent so far, and how many values moved (offers go on
+    /// every round; values move only while replica sets are being refilled).
     /// Every policy's statistics, summed.
     var total: ReplicationStats {
         all.withLockedValue { ps in
             ps.reduce(into: ReplicationStats()) { t, p in
                 let s = p.stats
                 t.offers += s.offers
-                t.summaries += s.summaries
                 t.keysOffered += s.keysOffered
                 t.failedOffers += s.failedOffers
                 t.valuesSent += s.valuesSent
@@ -42,16 +43,11 @@ final class PolicyRegistry: Sendable {
         }
     }
 
-    /// Bytes an offered key costs on the wire: the key (80) and its version (17).
-    static let offeredKeyBytes = 97
-
-    /// Bytes of values and of offered keys sent so far, and how many values moved (offers go on
-    /// every round; values move only while replica sets are being refilled).
     var sent: (bytes: Int, activity: Int) {
         all.withLockedValue { ps in
             ps.reduce((0, 0)) { acc, p in
                 let s = p.stats
-                return (acc.0 + s.bytesSent + s.keysOffered * Self.offeredKeyBytes + s.summaries * 32, acc.1 + s.valuesSent + s.failedPuts)
+                return (acc.0 + s.bytesSent + s.keysOffered * 80, acc.1 + s.valuesSent + s.failedPuts)
             }
         }
     }
@@ -158,12 +154,7 @@ struct ChurnSim {
             live.append(contentsOf: newcomers)
             let joined = newcomers.count
             note("churn wave \(wave): \(leaving) left, \(joined) joined; replicating…")
-            let totalBefore = policies.total
             let settleSeconds = try await settle()
-            do {
-                let t = policies.total
-                note("churn wave \(wave): settled in \(String(format: "%.1f", settleSeconds)) s; offers \(t.offers - totalBefore.offers) keys \(t.keysOffered - totalBefore.keysOffered) failed \(t.failedOffers - totalBefore.failedOffers) values \(t.valuesSent - totalBefore.valuesSent) bytes \(t.bytesSent - totalBefore.bytesSent) lookups \(t.lookups - totalBefore.lookups) handedOver \(t.handedOver - totalBefore.handedOver)")
-            }
             let bytes = policies.sent.bytes - before
             // Every value read from a random live peer (32 at a time), and its exact copies counted.
             let askers = keys.map { _ in live[runtime.index(live.count)] }
@@ -190,18 +181,6 @@ struct ChurnSim {
                     n.registry.storageBackend?.replicaEntries([k], now: n.clock.uptimeNanoseconds)[k] == nil ? nil : rank
                 }
                 note("churn wave \(wave): value \(i) missed; held at ranks \(ranks)")
-            }
-            do {
-                // Where the copies are: how many at each rank among the live peers (0: the key's
-                // closest; the set is ranks 0 to factor-1, copies are handed back from factor + 2).
-                var hist: [Int: Int] = [:]
-                for k in keys {
-                    let ranked = live.sorted { k.location.isCloser($0.peerID, than: $1.peerID) }
-                    for (r, n) in ranked.enumerated() where n.registry.storageBackend?.replicaEntries([k], now: n.clock.uptimeNanoseconds)[k] != nil {
-                        hist[min(r, 30), default: 0] += 1
-                    }
-                }
-                note("churn wave \(wave): copies by rank \(hist.sorted { $0.key < $1.key }.map { "\($0.key):\($0.value)" }.joined(separator: " "))")
             }
             var replicas = 0
             for (k, v) in zip(keys, data) {

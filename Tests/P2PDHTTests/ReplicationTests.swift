@@ -114,39 +114,6 @@ struct ReplicationTests {
         await net.shutdown()
     }
 
-    @Test("a location of many keys is compared by its summary: unchanged, no key list travels; a newer version on one replica reaches the others; a malformed summary is refused")
-    func summaries() async throws {
-        let policies = (0..<4).map { _ in IndirectReplication(mode: .nRoot, factor: 3, interval: .seconds(1)) }
-        let net = try await Testnet.start(peers: 4, routing: .perfect, plugins: { i in builtIns() + [ReplicationPlugin(policies[i])] })
-        let location = Number160(hashing: "many keys")
-        let keys = (0..<10).map { Number640(location: location, content: Number160(UInt32($0))) }
-        for k in keys { #expect(try await net.nodes[0].dht.put(k, [1], options: DHTOptions(replicas: 3)).isSuccess) }
-        #expect(try await Self.eventually { keys.allSatisfy { Self.holders(net.nodes, $0).count >= 3 } })
-        // Rounds go on; once every pair has been brought up to date, only summaries travel.
-        #expect(try await Self.eventually { policies.reduce(0) { $0 + $1.stats.summaries } >= 12 })
-        let offered = policies.reduce(0) { $0 + $1.stats.keysOffered }
-        let summaries = policies.reduce(0) { $0 + $1.stats.summaries }
-        #expect(try await Self.eventually { policies.reduce(0) { $0 + $1.stats.summaries } >= summaries + 12 })
-        #expect(policies.reduce(0) { $0 + $1.stats.keysOffered } == offered)
-        // One replica takes a newer version of one key (stamped by it, now): the summaries
-        // differ, the versions are offered, and every holder comes to hold the newer one.
-        let holder = try #require(Self.holders(net.nodes, keys[3]).first)
-        _ = try await holder.storage.execute(.put([keys[3]: StoredValue([2])], mode: .overwrite), sender: nil, node: holder)
-        #expect(try await Self.eventually {
-            net.nodes.allSatisfy { n in
-                guard case .values(let v, _)? = try? n.registry.storageBackend?.execute(.get(.keys([keys[3]])), now: StoragePipeline.now()),
-                      let got = v[keys[3]] else { return true }
-                return got.value == [2]
-            }
-        })
-        #expect(policies.reduce(0) { $0 + $1.stats.keysOffered } > offered)
-        // A summary of the wrong size is a bad request.
-        await #expect(throws: RPCError.self) {
-            try await net.nodes[1].request(to: net.nodes[2].address, command: "replication.summary", payload: [.bytes([1, 2, 3])])
-        }
-        await net.shutdown()
-    }
-
     static func node(_ policy: IndirectReplication) async throws -> Node {
         try await Node.builder().host("127.0.0.1").port(0).maintenance(nil).requestTimeout(.seconds(2))
             .plugins(builtIns() + [ReplicationPlugin(policy)]).start()
