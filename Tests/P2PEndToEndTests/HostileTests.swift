@@ -200,8 +200,14 @@ struct HostileTests {
                 if let c = RawTCP(port: port) { connections.append(c) }
             }
             #expect(connections.count >= 1_000)
-            // While they are held, the node works.
+            // While they are held, the node works, over TCP too: a newcomer takes the place of
+            // the oldest connection that has not authenticated (without it, every slot stays
+            // taken and a probe-back of the node's own TCP port fails: it would call itself
+            // firewalled and drop out of lookups).
+            let tcpPing = try P2PTool.run(["ping", "--tcp", "\(victim.address)"], timeout: 30)
+            #expect(tcpPing.code == 0, "ping --tcp: \(tcpPing.err)")
             try victim.legitimateClientsWork()
+            #expect(!victim.node.output.contains("not reachable"), "\(victim.node.output.suffix(1500))")
             #expect((ProcessUsage.openFiles(victim.pid) ?? 0) < NodeLimits().maxInboundTCP + 100)
             let open = await RawTCP.waitUntilClosed(connections, within: .seconds(30))
             #expect(open == 0, "\(open) idle connections still open")

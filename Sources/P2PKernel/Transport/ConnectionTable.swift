@@ -15,6 +15,12 @@ final class ConnectionTable: KernelPart, @unchecked Sendable {
     var inbound: [ObjectIdentifier: any PeerConnection] = [:]
     var inboundPerIP: [UInt64: Int] = [:]
     var authenticatedConnections: Set<ObjectIdentifier> = []
+    /// Inbound connections not yet authenticated, oldest first: when every slot is taken, the
+    /// oldest of them gives its place to a newcomer, so strangers holding idle connections
+    /// cannot lock peers (or a probe-back sent to test our reachability) out of TCP.
+    var unauthenticatedOrder: [ObjectIdentifier] = []
+    /// Unauthenticated connections closed to make room for a newer one.
+    private(set) var evictedUnauthenticated = 0
 
     /// The connection to use for `peer`: one it opened to us (a reverse connection), the pooled
     /// one to its relay when it is relayed, else the pooled one to `target`.
@@ -62,30 +68,48 @@ final class ConnectionTable: KernelPart, @unchecked Sendable {
     /// authenticates (a valid sealed packet, or in insecure mode a valid message) before it is closed.
     func admit(_ connection: any PeerConnection) throws {
         let limits = kernel.limits
-        guard running, inbound.count < limits.maxInboundTCP else {
-            throw RPCError.busy("more than \(limits.maxInboundTCP) inbound TCP connections")
-        }
+        guard running else { throw RPCError.shutDown }
         let ip = connection.remote.ip
         let key = ip.isLoopback ? nil : SourceKey.of(ip, port: 0)
-        if let key {
-            let n = inboundPerIP[key] ?? 0
-            guard n < limits.maxInboundTCPPerIP else {
-                throw RPCError.busy("more than \(limits.maxInboundTCPPerIP) inbound TCP connections from \(ip)")
+        if let key, (inboundPerIP[key] ?? 0) >= limits.maxInboundTCPPerIP {
+            throw RPCError.busy("more than \(limits.maxInboundTCPPerIP) inbound TCP connections from \(ip)")
+        }
+        if inbound.count >= limits.maxInboundTCP {
+            // Full: the oldest connection that has not authenticated yet makes room; when every
+            // slot holds an authenticated peer, the newcomer is refused.
+            unauthenticatedOrder.removeAll { inbound[$0] == nil || authenticatedConnections.contains($0) }
+            guard !unauthenticatedOrder.isEmpty, let oldest = inbound[unauthenticatedOrder.removeFirst()] else {
+                throw RPCError.busy("more than \(limits.maxInboundTCP) inbound TCP connections")
             }
-            inboundPerIP[key] = n + 1
+            evictedUnauthenticated += 1
+            release(ObjectIdentifier(oldest), ip: oldest.remote.ip)
+            oldest.close()
+        }
+        if let key { inboundPerIP[key, default: 0] += 1 }
+        if unauthenticatedOrder.count >= 2 * limits.maxInboundTCP {
+            unauthenticatedOrder.removeAll { inbound[$0] == nil || authenticatedConnections.contains($0) }
         }
         let id = ObjectIdentifier(connection)
         inbound[id] = connection
+        unauthenticatedOrder.append(id)
         let deadline = eventLoop.scheduleTask(in: TimeAmount(kernel.requestTimeout)) { [self] in
             if !authenticatedConnections.contains(id) { connection.close() }
         }
         connection.closeFuture.whenComplete { [self] _ in
             eventLoop.execute { [self] in
                 deadline.cancel()
-                inbound[id] = nil
-                authenticatedConnections.remove(id)
-                if let key, let n = inboundPerIP[key] { inboundPerIP[key] = n > 1 ? n - 1 : nil }
+                release(id, ip: ip)
             }
+        }
+    }
+
+    /// Gives back an inbound connection's slot (once: an evicted connection's slot is released
+    /// when it is evicted, not again when its close completes).
+    private func release(_ id: ObjectIdentifier, ip: IPAddress) {
+        guard inbound.removeValue(forKey: id) != nil else { return }
+        authenticatedConnections.remove(id)
+        if let key = ip.isLoopback ? nil : SourceKey.of(ip, port: 0), let n = inboundPerIP[key] {
+            inboundPerIP[key] = n > 1 ? n - 1 : nil
         }
     }
 
