@@ -72,6 +72,28 @@ struct SimulationTests {
         #expect(ContinuousClock.now - wall < .seconds(60))
     }
 
+    @Test("a lookup whose closest known peers all died since still finds the living closest (only referred peers that fail count against maxFailures)")
+    func closestKnownDead() async throws {
+        let net = SimulatedNetwork(seed: 7, conditions: LinkConditions(latency: .constant(.milliseconds(20))))
+        defer { net.stop() }
+        try await net.run {
+            let t = try await Testnet.start(peers: 150, network: net)
+            let asker = t.nodes[0]
+            let key = Number160(hashing: "a neighbourhood that died")
+            // Every peer a lookup from the asker starts with (the 40 closest it knows) vanishes
+            // without a word: more than `maxFailures` (20) of them.
+            let dead = asker.peerMap.closest(to: key, count: 40, includeOverflow: true)
+            try #require(dead.count == 40 && asker.peerMap.counts.verified > 50, "the asker knows too few peers")
+            for p in dead { net.disconnect(try #require(net.host(at: p.socket.ip))) }
+            let r = try await asker.closestPeers(to: key)
+            let deadIDs = Set(dead.map(\.id))
+            let living = t.nodes.map(\.peerID).filter { !deadIDs.contains($0) && $0 != asker.peerID }
+            let trueClosest = Set(living.sorted { key.isCloser($0, than: $1) }.prefix(6))
+            #expect(r.peers.count == 20, "\(r.peers.count) peers, stopped by \(r.stop), \(r.failures) failures")
+            #expect(Set(r.peers.prefix(6).map(\.id)) == trueClosest)
+        }
+    }
+
     @Test("with 20 % of datagrams lost, lookups in 300 peers still find the true closest")
     func lossyLookups() async throws {
         let net = SimulatedNetwork(seed: 21, conditions: LinkConditions(latency: .uniform(.milliseconds(20), .milliseconds(200)), loss: 0.2))

@@ -33,12 +33,15 @@ final class IterativeLookup: @unchecked Sendable {
     private var messages = 0
     private var answered = 0
     private var failures = 0
+    private var referredFailures = 0
     private var noNewInfo = 0
     private var directHits = 0
     private var referredContacts = 0
     /// Candidates per IP group (non-loopback groups only).
     private var groups: [UInt64: Int] = [:]
     private var finished = false
+    /// Whether the whole map was drawn on after the closest known peers all failed.
+    private var widened = false
 
     init(node: Node, key: Number160, config: RoutingConfig, question: RoutingQuestion? = nil, initialHits: Int = 0) {
         self.node = node
@@ -93,7 +96,11 @@ final class IterativeLookup: @unchecked Sendable {
         guard !finished else { return }
         if directHits >= config.maxDirectHits { return finish(.maxDirectHits) }
         if noNewInfo >= config.maxNoNewInfo { return finish(.maxNoNewInfo) }
-        if failures >= config.maxFailures { return finish(.maxFailures) }
+        // (Only referred peers that fail count here: they are what a hostile referrer can
+        // multiply. Peers from our own map are at most `maxCandidates`, and giving up on them
+        // would return nobody — a reader whose map still holds the freshly dead would find no
+        // replica at all.)
+        if referredFailures >= config.maxFailures { return finish(.maxFailures) }
         if answered >= config.maxSuccess { return finish(.maxSuccess) }
         var live = 0
         var i = 0
@@ -117,8 +124,20 @@ final class IterativeLookup: @unchecked Sendable {
             }
             i += 1
         }
-        // Converged once nothing is in flight and no suspected peer is within its grace.
-        if inFlight == 0, waitingForSlow == 0, !finished { finish(.converged) }
+        // Converged once nothing is in flight and no suspected peer is within its grace — unless
+        // nobody answered: then the rest of our map is tried once (the closest known may all
+        // have died since we last heard from them).
+        if inFlight == 0, waitingForSlow == 0, !finished {
+            if answered == 0, !widened {
+                widened = true
+                var added = false
+                for p in node.peerMap.closest(to: key, count: config.maxCandidates, includeOverflow: true) {
+                    if insert(p, depth: 1, referred: false) != nil { added = true }
+                }
+                if added { return step() }
+            }
+            finish(.converged)
+        }
     }
 
     private func ask(_ index: Int) {
@@ -127,6 +146,7 @@ final class IterativeLookup: @unchecked Sendable {
         messages += 1
         let peer = candidates[index].peer
         let depth = candidates[index].depth
+        let referred = candidates[index].referred
         node.kernel.paths.learnRoute(peer)
         let suspectAfter = node.kernel.rpc.suspectAfter()
         let suspect = node.eventLoop.scheduleTask(in: suspectAfter) { [self] in
@@ -176,6 +196,7 @@ final class IterativeLookup: @unchecked Sendable {
                 default:
                     mark(peer.id, .failed)
                     failures += 1
+                    if referred { referredFailures += 1 }
                 }
                 step()
             }

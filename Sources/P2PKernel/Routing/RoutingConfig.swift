@@ -14,7 +14,7 @@ public struct RoutingConfig: Sendable, Equatable {
     public var maxDirectHits = Int.max
     /// Stop after this many replies in a row brought no peer into the k closest known.
     public var maxNoNewInfo = 30
-    /// Stop after this many peers failed to answer.
+    /// Stop after this many peers named by others (not from our own map) failed to answer.
     public var maxFailures = 20
     /// Stop after this many peers answered.
     public var maxSuccess = 100
