@@ -143,7 +143,8 @@ let package = Package(
         .target(name: "P2PPeerVote", dependencies: ["P2PKernel", "P2PStorage"], path: "Plugins/PeerVote"),
         .target(name: "P2PReplication", dependencies: ["P2PKernel", "P2PStorage", "P2PDHT", .product(name: "NIOCore", package: "swift-nio"),
                                                        .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-                                                       .product(name: "DequeModule", package: "swift-collections")], path: "Plugins/Replication"),
+                                                       .product(name: "DequeModule", package: "swift-collections"),
+                                                       .product(name: "Crypto", package: "swift-crypto")], path: "Plugins/Replication"),
         .target(name: "P2PTracker", dependencies: ["P2PKernel", .product(name: "NIOCore", package: "swift-nio"),
                                                    .product(name: "NIOConcurrencyHelpers", package: "swift-nio")], path: "Plugins/Tracker"),
         // Durable storage and the saved routing table in one SQLite file: its own target, so a

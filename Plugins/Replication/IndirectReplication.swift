@@ -36,23 +36,56 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
     public var timerInterval: Duration? { interval }
     public var replicaSetSize: Int? { factor }
 
-    private struct State {
-        var dirty: Set<Number160> = []
+    /// Why a location is to be looked at (merged while it waits).
+    struct Job {
+        /// Data was stored or removed here.
+        var fresh = false
+        /// The timer, or a peer left: every location, responsible ones synced.
         var everything = false
         /// A peer left: copies held outside a replica set are handed in too (its root may have
         /// been the one that left).
         var handIn = false
+    }
+
+    private struct State {
+        /// Locations waiting (not being looked at now), in order, with why.
+        var queue: Deque<Number160> = []
+        var jobs: [Number160: Job] = [:]
+        /// Locations being looked at now (a job for one of them waits until it is done).
+        var inFlight: Set<Number160> = []
+        var workers = 0
         /// Changes per location (stores and removes here), and what each peer was last brought
         /// up to: (location's generation, round) by peer and location.
         var generations: [Number160: UInt64] = [:]
         var synced: [SyncKey: (generation: UInt64, round: Int)] = [:]
         var round = 0
         var newPeers: [PeerAddress] = []
-        var working = false
         var budget: [Number160: (second: UInt64, bytes: Int)] = [:]
         /// Lookups of locations held outside this peer's neighbourhood: when, and the peers found.
         var lookups: [Number160: (at: UInt64, peers: [PeerAddress])] = [:]
+        /// Peers whose offer went unanswered, and when: passed over for `silentFor` (a spare
+        /// stands in) instead of costing every location one more timeout.
+        var silent: [Number160: UInt64] = [:]
+        /// When each peer last answered an offer.
+        var heard: [Number160: UInt64] = [:]
+        /// When every location was last queued again because a peer fell silent.
+        var requeuedAt: UInt64 = 0
+        /// Peers that left the map (quit, or found dead), and when: a lookup kept from before
+        /// is not trusted, nor a pair brought up to date before.
+        var left: [Number160: UInt64] = [:]
         var stats = ReplicationStats()
+
+        mutating func enqueue(_ location: Number160, _ change: (inout Job) -> Void) {
+            if var job = jobs[location] {
+                change(&job)
+                jobs[location] = job
+                return
+            }
+            var job = Job()
+            change(&job)
+            jobs[location] = job
+            if !inFlight.contains(location) { queue.append(location) }
+        }
     }
     private let state = NIOLockedValueBox(State())
 
@@ -68,96 +101,146 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
     public var stats: ReplicationStats { state.withLockedValue { $0.stats } }
 
     public func handle(_ event: ReplicationEvent, context: ReplicationContext) async {
-        let start: Bool = state.withLockedValue { s in
+        let node = context.node
+        let now = node.clock.uptimeNanoseconds
+        var stored: [Number160] = []
+        switch event {
+        case .timer, .peerRemoved: stored = node.registry.storageBackend?.storedLocations() ?? []
+        default: break
+        }
+        let start: Int = state.withLockedValue { s in
             switch event {
             case .dataInserted(let keys), .dataRemoved(let keys):
                 // Change counts only tell "changed since the last sync"; forgetting them all
                 // (past a bound) just means one more offer per pair.
                 if s.generations.count > Self.maxRemembered { s.generations.removeAll(keepingCapacity: true) }
                 for l in Set(keys.map(\.location)) {
-                    s.dirty.insert(l)
+                    s.enqueue(l) { $0.fresh = true }
                     s.generations[l, default: 0] += 1
                 }
             case .peerInserted(let p):
-                if s.newPeers.count < 1_024 { s.newPeers.append(p) } else { s.everything = true }
+                // (Past the bound, the next timer round serves the rest.)
+                if s.newPeers.count < 1_024 { s.newPeers.append(p) }
             case .timer:
                 s.round += 1
                 s.stats.rounds += 1
-                s.everything = true
-            case .peerRemoved:
-                s.everything = true
-                s.handIn = true
+                for l in stored { s.enqueue(l) { $0.everything = true } }
+            case .peerRemoved(let p):
+                if s.left.count >= 4_096 { s.left.removeAll(keepingCapacity: true) }
+                s.left[p.id] = now
+                for l in stored {
+                    s.enqueue(l) {
+                        $0.everything = true
+                        $0.handIn = true
+                    }
+                }
             }
-            guard !s.working else { return false }
-            s.working = true
-            return true
+            let waiting = s.queue.count + (s.newPeers.isEmpty ? 0 : 1)
+            let more = max(0, min(Self.maxLocationsAtOnce - s.workers, waiting))
+            s.workers += more
+            return more
         }
-        guard start else { return }
-        await work(context.node)
+        guard start > 0 else { return }
+        await withTaskGroup(of: Void.self) { group in
+            for _ in 0..<start { group.addTask { await self.work(node) } }
+        }
     }
 
-    /// Drains what events asked for, one location at a time, until nothing is left.
+    /// One worker: looks at waiting locations one at a time until none is left. Up to
+    /// `maxLocationsAtOnce` run at once, and a location waits for no other: one whose targets
+    /// died waits out a timeout while the rest go on (a pass over all locations at once, each
+    /// timer round waiting for the slowest, let a peer take longer to repair a location than a
+    /// wave of churn lasts).
     private func work(_ node: Node) async {
+        enum Next {
+            case location(Number160, Job)
+            case peers([PeerAddress])
+        }
         while true {
-            let (inserted, everything, handIn, newPeers): (Set<Number160>, Bool, Bool, [PeerAddress]) = state.withLockedValue { s in
-                defer {
-                    s.dirty = []
-                    s.everything = false
-                    s.handIn = false
-                    s.newPeers = []
+            let running = await node.isRunning
+            let next: Next? = state.withLockedValue { s in
+                guard running else {
+                    s.workers -= 1
+                    s.queue.removeAll()
+                    s.jobs.removeAll()
+                    return nil
                 }
-                if s.dirty.isEmpty, !s.everything, s.newPeers.isEmpty { s.working = false }
-                return (s.dirty, s.everything, s.handIn, s.newPeers)
+                if !s.newPeers.isEmpty {
+                    defer { s.newPeers = [] }
+                    return .peers(s.newPeers)
+                }
+                guard let l = s.queue.popFirst(), let job = s.jobs.removeValue(forKey: l) else {
+                    s.workers -= 1
+                    return nil
+                }
+                s.inFlight.insert(l)
+                return .location(l, job)
             }
-            if inserted.isEmpty, !everything, newPeers.isEmpty { return }
-            var locations = Array(inserted)
-            if everything { locations = Array(Set(node.registry.storageBackend?.storedLocations() ?? []).union(inserted)) }
-            // (A pass over an empty store still ends here: the next turn of the loop finds
-            // nothing pending and clears `working`; returning here left it set for good and
-            // stopped replication on a node whose first timer came before its first value.)
-            guard await node.isRunning else {
-                state.withLockedValue { $0.working = false }
+            switch next {
+            case nil:
                 return
-            }
-            let fresh = Set(newPeers.map(\.id))
-            let stored = newPeers.isEmpty ? [] : (node.registry.storageBackend?.storedLocations() ?? [])
-            // A peer that joined gets at once what it is now a replica (or the root) of.
-            for location in stored {
-                await syncAll(location, to: plan(node, location).targets.filter { fresh.contains($0.id) }, spares: [], node: node)
-            }
-            for location in locations {
-                // A copy stored here that this peer is not responsible for is handed in when it
-                // arrives and when a peer leaves; the timer serves the responsible peers only. A
-                // write reaches the whole set by itself: of a set's members, only the closest
-                // checks the others at once (a write that missed one is repaired then, not at the
-                // next timer), so a write costs a set one round of offers, not one per member.
-                let fresh = inserted.contains(location)
-                // The map alone decides only for a location within this peer's neighbourhood;
-                // a copy held further away is placed by a lookup (`trustedPlan`).
-                let mapped = knowsNeighbourhood(node, location)
-                let byMap = plan(node, location).responsible
-                if mapped, !handIn, !fresh, !byMap { continue }
-                // A copy this peer would hand in (and then forget) is placed by a lookup of its
-                // location whatever the map says: the map may still hold the freshly dead, and
-                // forgetting a copy on their account would lose one the set needs.
-                let (responsible, targets, spares, rank) = await trustedPlan(node, location, mapped: mapped && byMap)
-                guard handIn || fresh || responsible else { continue }
-                if fresh, !everything, !handIn, responsible, !isRoot(node, location) { continue }
-                guard !responsible, mode == .nRoot, let backend = node.registry.storageBackend else {
-                    _ = await syncAll(location, to: targets, spares: spares, node: node)
-                    continue
+            case .peers(let newPeers):
+                // A peer that joined gets at once what it is now a replica (or the root) of.
+                let fresh = Set(newPeers.map(\.id))
+                for location in node.registry.storageBackend?.storedLocations() ?? [] {
+                    let targets = plan(node, location).targets.filter { fresh.contains($0.id) }
+                    if !targets.isEmpty { await syncAll(location, to: targets, spares: [], node: node) }
                 }
-                // A copy outside the set: handed in, then forgotten once every member of the set
-                // holds it — unless this peer is among the `factor + handOverMargin` closest,
-                // so that views that differ by a peer or two do not hand a copy back and forth
-                // (a peer that far refuses offers of the location: `wantsCopies`).
-                let held = Self.allVersions(backend, location, now: node.clock.uptimeNanoseconds)
-                let complete = await syncAll(location, to: targets, spares: spares, node: node)
-                if complete >= factor, rank >= factor + Self.handOverMargin {
-                    let n = backend.evict(held, now: node.clock.uptimeNanoseconds)
-                    state.withLockedValue { $0.stats.handedOver += n }
+            case .location(let location, let job):
+                await visit(location, job: job, node: node)
+                state.withLockedValue { s in
+                    s.inFlight.remove(location)
+                    if s.jobs[location] != nil { s.queue.append(location) }
                 }
             }
+        }
+    }
+
+    /// Locations synced at once (16).
+    static let maxLocationsAtOnce = 16
+
+    /// How long a peer whose offer went unanswered is passed over (10 s): it is likely dead,
+    /// and a spare is offered the location at once; it is offered again after.
+    static let silentFor: UInt64 = 10_000_000_000
+
+    /// One location of a pass: synced to its set when this peer is responsible, handed in when
+    /// it is not.
+    private func visit(_ location: Number160, job: Job, node: Node) async {
+        let (fresh, everything, handIn) = (job.fresh, job.everything, job.handIn)
+        // A copy stored here that this peer is not responsible for is handed in when it
+        // arrives and when a peer leaves; the timer serves the responsible peers only. A
+        // write reaches the whole set by itself: of a set's members, only the closest
+        // checks the others at once (a write that missed one is repaired then, not at the
+        // next timer), so a write costs a set one round of offers, not one per member.
+        // The map alone decides only for a location within this peer's neighbourhood;
+        // a copy held further away is placed by a lookup (`trustedPlan`).
+        let mapped = knowsNeighbourhood(node, location)
+        let byMap = plan(node, location).responsible
+        // On the timer, a copy outside the set is looked at only when the map puts it beyond
+        // the hand-over rank (copies made while peers died land on spares, and nothing else
+        // would ever hand them back once the dying stops).
+        if mapped, !handIn, !fresh, !byMap,
+           liveRank(of: node.peerID, in: location, among: node.peerMap.closest(to: location, count: 2 * factor + 1), node: node)
+            < factor + Self.handOverMargin { return }
+        // A copy this peer would hand in (and then forget) is placed by a lookup of its
+        // location whatever the map says: the map may still hold the freshly dead, and
+        // forgetting a copy on their account would lose one the set needs.
+        let (responsible, targets, spares, rank) = await trustedPlan(node, location, mapped: mapped && byMap)
+        // (On the timer, a copy outside the set is handed in too: see above.)
+        if fresh, !everything, !handIn, responsible, !isRoot(node, location) { return }
+        guard !responsible, mode == .nRoot, let backend = node.registry.storageBackend else {
+            await syncAll(location, to: targets, spares: spares, node: node)
+            return
+        }
+        // A copy outside the set: handed in, then forgotten once every member of the set
+        // holds it — unless this peer is among the `factor + handOverMargin` closest,
+        // so that views that differ by a peer or two do not hand a copy back and forth
+        // (a peer that far refuses offers of the location: `wantsCopies`).
+        let held = Self.allVersions(backend, location, now: node.clock.uptimeNanoseconds)
+        let complete = await syncAll(location, to: targets, spares: spares, node: node)
+        if complete >= factor, rank >= factor + Self.handOverMargin {
+            let n = backend.evict(held, now: node.clock.uptimeNanoseconds)
+            state.withLockedValue { $0.stats.handedOver += n }
         }
     }
 
@@ -233,7 +316,8 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
         } else {
             let now = node.clock.uptimeNanoseconds
             let cached: [PeerAddress]? = state.withLockedValue { s in
-                guard let c = s.lookups[location], now &- c.at < Self.lookupLifetime else { return nil }
+                guard let c = s.lookups[location], now &- c.at < Self.lookupLifetime,
+                      !c.peers.contains(where: { s.left[$0.id].map { $0 >= c.at } ?? false }) else { return nil }
                 return c.peers
             }
             if let cached {
@@ -241,11 +325,15 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
             } else {
                 let found = (try? await node.closestPeers(to: location))?.peers ?? []
                 state.withLockedValue { s in
+                    s.stats.lookups += 1
+                    // A lookup nobody answered (a busy moment, a dead neighbourhood) is not kept:
+                    // for its lifetime it would make this peer the location's only holder, and
+                    // the copy would go nowhere. The map stands in for this pass.
+                    guard !found.isEmpty else { return }
                     if s.lookups.count >= Self.maxRemembered { s.lookups.removeAll(keepingCapacity: true) }
                     s.lookups[location] = (now, found)
-                    s.stats.lookups += 1
                 }
-                known = found
+                known = found.isEmpty ? node.peerMap.closest(to: location, count: 2 * factor + 1) : found
             }
         }
         let others = known.filter { $0.id != me }
@@ -312,14 +400,43 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
     private func sync(_ location: Number160, to peer: PeerAddress, node: Node) async -> SyncOutcome {
         guard let backend = node.registry.storageBackend else { return .complete }
         let memo = SyncKey(peer: peer.id, location: location)
-        let (generation, upToDate): (UInt64, Bool) = state.withLockedValue { s in
+        let now = node.clock.uptimeNanoseconds
+        // (One and a half intervals: the previous round's answer counts, so one offer a round
+        // to each peer — of whichever location comes first — keeps every pair with it known alive.)
+        let heardWithin = UInt64(Double(max(interval, .seconds(1)).components.seconds) * 1.5e9)
+        let (generation, upToDate, silent): (UInt64, Bool, Bool) = state.withLockedValue { s in
             let g = s.generations[location] ?? 0
-            guard let last = s.synced[memo] else { return (g, false) }
-            return (g, last.generation == g && s.round - last.round < Self.reofferRounds)
+            let silent = s.silent[peer.id].map { now &- $0 < Self.silentFor } ?? false
+            guard let last = s.synced[memo] else { return (g, false, silent) }
+            // Up to date, and answered an offer (of any location) within the last interval: a
+            // peer that died since is found by the first offer of a round, not after
+            // `reofferRounds`, and replaced by a spare for every location at once.
+            // (A peer that left the map since it last answered is not: it quit, or was found dead.)
+            let alive = s.heard[peer.id].map { heard in now &- heard < heardWithin && (s.left[peer.id].map { $0 < heard } ?? true) } ?? false
+            return (g, last.generation == g && s.round - last.round < Self.reofferRounds && alive, silent)
         }
+        guard !silent else { return .unreachable }
         // A peer that has missed a request lately (a maintenance ping, say) is offered again
         // at once: if it is dead, the offer fails and a spare takes its place.
         guard !upToDate || (node.peerMap.failureCount(peer.id) ?? 0) > 0 else { return .complete }
+        // A location of `summaryFrom` keys or more is first compared by its summary: an
+        // unchanged one costs 32 bytes instead of 97 a key. (A smaller one is offered as its list
+        // at once: about as small, and no second round trip when it differs.)
+        let all = Self.allVersions(backend, location, now: now)
+        if all.count >= Self.summaryFrom {
+            guard let reply = try? await node.request(to: peer, command: Self.summaryCommand,
+                                                      payload: [.bytes(LocationSummary(all).encode(location: location))],
+                                                      timeout: nil).get(),
+                  RPCError.from(reply: reply) == nil, case .integer(let differs)? = reply.payload.first else {
+                noteSilent(peer, node: node)
+                return .unreachable
+            }
+            answered(peer, node: node, summary: true)
+            if differs == 0 {
+                remember(memo, generation)
+                return .complete
+            }
+        }
         var after: Number640?
         var pages = 0
         var complete = false
@@ -332,16 +449,15 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
                 break
             }
             after = last.key
-            guard let reply = try? await node.request(to: peer, command: ReplicationOfferCommand.commandName,
-                                                      payload: ReplicationOfferCommand.encode(versions)),
+            guard let reply = try? await node.request(to: peer, command: Self.offerCommand,
+                                                      payload: ReplicationOfferCommand.encode(versions),
+                                                      timeout: nil).get(),
+                  RPCError.from(reply: reply) == nil,
                   case .keys640(let wanted)? = reply.payload.first else {
-                state.withLockedValue { $0.stats.failedOffers += 1 }
+                noteSilent(peer, node: node)
                 return .unreachable
             }
-            state.withLockedValue {
-                $0.stats.offers += 1
-                $0.stats.keysOffered += versions.count
-            }
+            answered(peer, node: node, keys: versions.count)
             let offered = Set(versions.map(\.key))
             let entries = backend.replicaEntries(wanted.filter { offered.contains($0) }, now: node.clock.uptimeNanoseconds)
             guard await push(entries, to: peer, node: node) else { return .partial }
@@ -353,11 +469,61 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
             }
         }
         guard complete, !declined else { return .partial }
+        remember(memo, generation)
+        return .complete
+    }
+
+    /// A peer answered an offer (of `keys` keys) or a summary: it is alive.
+    private func answered(_ peer: PeerAddress, node: Node, keys: Int = 0, summary: Bool = false) {
+        let now = node.clock.uptimeNanoseconds
+        state.withLockedValue { s in
+            if summary { s.stats.summaries += 1 } else { s.stats.offers += 1 }
+            s.stats.keysOffered += keys
+            s.silent[peer.id] = nil
+            if s.heard.count >= 4_096 { s.heard.removeAll(keepingCapacity: true) }
+            s.heard[peer.id] = now
+        }
+    }
+
+    /// A peer was brought up to date with a location at its current generation.
+    private func remember(_ memo: SyncKey, _ generation: UInt64) {
         state.withLockedValue { s in
             if s.synced.count >= Self.maxRemembered { s.synced.removeAll(keepingCapacity: true) }
             s.synced[memo] = (generation, s.round)
         }
-        return .complete
+    }
+
+    /// Keys from which a location is compared by its summary first (4).
+    static let summaryFrom = 4
+    static let summaryCommand = CommandID.derive(from: ReplicationSummaryCommand.commandName)
+
+    static let offerCommand = CommandID.derive(from: ReplicationOfferCommand.commandName)
+
+    /// An offer to `peer` went unanswered: it is passed over for `silentFor`, and — the first
+    /// time — every location held here is looked at again, so that those it was a target of
+    /// get a spare now rather than at the next round.
+    private func noteSilent(_ peer: PeerAddress, node: Node) {
+        let now = node.clock.uptimeNanoseconds
+        let requeue = state.withLockedValue { s in
+            s.stats.failedOffers += 1
+            if s.silent.count >= 4_096 { s.silent = s.silent.filter { now &- $0.value < Self.silentFor } }
+            let was = s.silent[peer.id].map { now &- $0 < Self.silentFor } ?? false
+            s.silent[peer.id] = now
+            // However many peers fall silent at once, every location is looked at again once per
+            // half interval at most (a busy overlay must not turn misses into a storm of offers).
+            guard !was, now &- s.requeuedAt >= Self.nanoseconds(interval) / 2 else { return false }
+            s.requeuedAt = now
+            return true
+        }
+        guard requeue else { return }
+        let stored = node.registry.storageBackend?.storedLocations() ?? []
+        state.withLockedValue { s in
+            for l in stored { s.enqueue(l) { $0.everything = true } }
+        }
+    }
+
+    private static func nanoseconds(_ d: Duration) -> UInt64 {
+        UInt64(max(0, d.components.seconds)) * 1_000_000_000 + UInt64(max(0, d.components.attoseconds) / 1_000_000_000)
     }
 
     /// What a sync of one location to one peer came to.
@@ -449,7 +615,9 @@ public struct ReplicationStats: Sendable, Hashable {
     /// Timer rounds seen.
     public var rounds = 0
     public var offers = 0
-    /// Keys named in offers (80 bytes each on the wire).
+    /// Locations compared by their summary (32 bytes each on the wire).
+    public var summaries = 0
+    /// Keys named in offers (97 bytes each on the wire: the key and its version).
     public var keysOffered = 0
     public var failedOffers = 0
     public var valuesSent = 0

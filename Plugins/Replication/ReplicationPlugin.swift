@@ -1,3 +1,4 @@
+import Crypto
 import NIOConcurrencyHelpers
 import NIOCore
 import P2PDHT
@@ -31,6 +32,7 @@ public struct ReplicationPlugin: Plugin {
         if let indirect {
             try registry.register(command: ReplicationOfferCommand(policy: indirect))
             try registry.register(command: ReplicationPushCommand(policy: indirect))
+            try registry.register(command: ReplicationSummaryCommand(policy: indirect))
             registry.add(replicationPolicy: indirect)
         }
         if let direct { registry.add(replicationPolicy: direct) }
@@ -188,5 +190,78 @@ struct ReplicationPushCommand: CommandHandler {
         var forwarded = request
         forwarded.payload = StorageCodec.encode(.put(entries, mode: mode.subtracting(.protectDomain)))
         return storage.handle(forwarded, context: context)
+    }
+}
+
+/// A location's versions in 12 bytes: how many, and a hash of them all (key, stamp, removal
+/// flag and digest of each, in key order). Two peers that hold the same versions of a location
+/// have the same summary; an unchanged location costs one summary a sync instead of its list.
+struct LocationSummary: Equatable {
+    var count: UInt32
+    var hash: UInt64
+
+    init(_ versions: [EntryVersion]) {
+        var sha = SHA256()
+        for v in versions {
+            for n in [v.key.location, v.key.domain, v.key.content, v.key.version] { sha.update(data: n.bytes) }
+            var tail = [UInt8](repeating: 0, count: 17)
+            for i in 0..<8 {
+                tail[i] = UInt8(truncatingIfNeeded: v.stamp >> UInt64(56 - 8 * i))
+                tail[9 + i] = UInt8(truncatingIfNeeded: v.digest >> UInt64(56 - 8 * i))
+            }
+            tail[8] = v.isTombstone ? 1 : 0
+            sha.update(data: tail)
+        }
+        count = UInt32(clamping: versions.count)
+        hash = sha.finalize().prefix(8).reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+    }
+
+    init(count: UInt32, hash: UInt64) {
+        self.count = count
+        self.hash = hash
+    }
+
+    /// Location (20 bytes), count (u32), hash (u64).
+    static let encodedBytes = 32
+
+    func encode(location: Number160) -> [UInt8] {
+        var out = location.bytes
+        for i in 0..<4 { out.append(UInt8(truncatingIfNeeded: count >> UInt32(24 - 8 * i))) }
+        for i in 0..<8 { out.append(UInt8(truncatingIfNeeded: hash >> UInt64(56 - 8 * i))) }
+        return out
+    }
+
+    static func decode(_ b: [UInt8]) -> (Number160, LocationSummary)? {
+        guard b.count == encodedBytes, let location = Number160(bytes: Array(b[0..<20])) else { return nil }
+        let count = b[20..<24].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
+        let hash = b[24..<32].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+        return (location, LocationSummary(count: count, hash: hash))
+    }
+}
+
+/// Answers a location's summary: 0 when this peer holds the same versions, 1 when they differ
+/// (the offering peer then offers the versions page by page).
+///
+/// Request: `bytes` — location, count, hash (`LocationSummary`). Reply: `integer(0)` or
+/// `integer(1)`. Computing a summary reads every version of the location here (up to
+/// `maxPagesPerSync` pages), so it is done only for a peer among the closest this peer knows to
+/// the location — a replica; anyone else is told "different" at once and pays for its own
+/// offers, page by page, as before.
+struct ReplicationSummaryCommand: CommandHandler {
+    static let commandName = "replication.summary"
+    let name = ReplicationSummaryCommand.commandName
+    let policy: IndirectReplication
+
+    func handle(_ request: Message, context: CommandContext) -> CommandResult {
+        guard request.payload.count == 1, case .bytes(let b) = request.payload[0], let (location, theirs) = LocationSummary.decode(b) else {
+            return .reply(.error(.badRequest, "a summary is \(LocationSummary.encodedBytes) bytes: location, count, hash"))
+        }
+        let node = context.node
+        guard let backend = node.registry.storageBackend,
+              node.peerMap.closest(to: location, count: 2 * policy.factor + 1).contains(where: { $0.id == context.sender.id }) else {
+            return .reply(Reply(payload: [.integer(1)]))
+        }
+        let mine = LocationSummary(IndirectReplication.allVersions(backend, location, now: node.clock.uptimeNanoseconds))
+        return .reply(Reply(payload: [.integer(mine == theirs ? 0 : 1)]))
     }
 }

@@ -23,14 +23,13 @@ final class PolicyRegistry: Sendable {
         return p
     }
 
-    /// Bytes of values and of offered keys sent so far, and how many values moved (offers go on
-    /// every round; values move only while replica sets are being refilled).
     /// Every policy's statistics, summed.
     var total: ReplicationStats {
         all.withLockedValue { ps in
             ps.reduce(into: ReplicationStats()) { t, p in
                 let s = p.stats
                 t.offers += s.offers
+                t.summaries += s.summaries
                 t.keysOffered += s.keysOffered
                 t.failedOffers += s.failedOffers
                 t.valuesSent += s.valuesSent
@@ -43,11 +42,16 @@ final class PolicyRegistry: Sendable {
         }
     }
 
+    /// Bytes an offered key costs on the wire: the key (80) and its version (17).
+    static let offeredKeyBytes = 97
+
+    /// Bytes of values and of offered keys sent so far, and how many values moved (offers go on
+    /// every round; values move only while replica sets are being refilled).
     var sent: (bytes: Int, activity: Int) {
         all.withLockedValue { ps in
             ps.reduce((0, 0)) { acc, p in
                 let s = p.stats
-                return (acc.0 + s.bytesSent + s.keysOffered * 80, acc.1 + s.valuesSent + s.failedPuts)
+                return (acc.0 + s.bytesSent + s.keysOffered * Self.offeredKeyBytes + s.summaries * 32, acc.1 + s.valuesSent + s.failedPuts)
             }
         }
     }
@@ -154,33 +158,66 @@ struct ChurnSim {
             live.append(contentsOf: newcomers)
             let joined = newcomers.count
             note("churn wave \(wave): \(leaving) left, \(joined) joined; replicating…")
+            let totalBefore = policies.total
             let settleSeconds = try await settle()
+            do {
+                let t = policies.total
+                note("churn wave \(wave): settled in \(String(format: "%.1f", settleSeconds)) s; offers \(t.offers - totalBefore.offers) keys \(t.keysOffered - totalBefore.keysOffered) failed \(t.failedOffers - totalBefore.failedOffers) values \(t.valuesSent - totalBefore.valuesSent) bytes \(t.bytesSent - totalBefore.bytesSent) lookups \(t.lookups - totalBefore.lookups) handedOver \(t.handedOver - totalBefore.handedOver)")
+            }
             let bytes = policies.sent.bytes - before
             // Every value read from a random live peer (32 at a time), and its exact copies counted.
             let askers = keys.map { _ in live[runtime.index(live.count)] }
-            let (found, missed) = await withTaskGroup(of: (Int, Bool).self) { group in
+            // (Each miss keeps what its get saw: the peers asked, as ranks among the live.)
+            let liveNow = live
+            let ranked: @Sendable (Number640) -> [Number160: Int] = { k in
+                Dictionary(liveNow.sorted { k.location.isCloser($0.peerID, than: $1.peerID) }.enumerated().map { ($1.peerID, $0) }) { a, _ in a }
+            }
+            let (found, missed) = await withTaskGroup(of: (Int, Bool, String).self) { group in
                 var hits = 0
-                var missed: [Int] = []
+                var missed: [Int: String] = [:]
                 var next = 0
                 func add() {
                     let (asker, k, v, i) = (askers[next], keys[next], data[next], next)
                     next += 1
-                    group.addTask { (i, (try? await asker.dht.get(k).value) == v) }
+                    group.addTask {
+                        do {
+                            let r = try await asker.dht.get(k)
+                            guard r.value != v else { return (i, true, "") }
+                            let rank = ranked(k)
+                            let seen = r.outcomes.map { o in "\(rank[o.peer.id].map(String.init) ?? "dead"):\(o.failure ?? (r.perPeer[o.peer]?[k] == nil ? "none" : "held"))" }
+                            return (i, false, "reader rank \(rank[asker.peerID] ?? -1) asked \(seen.joined(separator: " "))")
+                        } catch {
+                            return (i, false, "get failed: \(error)")
+                        }
+                    }
                 }
                 while next < min(32, keys.count) { add() }
-                while let (i, hit) = await group.next() {
-                    if hit { hits += 1 } else { missed.append(i) }
+                while let (i, hit, why) = await group.next() {
+                    if hit { hits += 1 } else { missed[i] = why }
                     if next < keys.count { add() }
                 }
                 return (hits, missed)
             }
             // Where a missed value's copies are: ranks among the live peers (0: closest).
-            for i in missed.sorted().prefix(3) {
+            for i in missed.keys.sorted().prefix(3) {
                 let k = keys[i]
                 let ranks = live.sorted { k.location.isCloser($0.peerID, than: $1.peerID) }.enumerated().compactMap { rank, n -> Int? in
                     n.registry.storageBackend?.replicaEntries([k], now: n.clock.uptimeNanoseconds)[k] == nil ? nil : rank
                 }
                 note("churn wave \(wave): value \(i) missed; held at ranks \(ranks)")
+                if !ranks.isEmpty { note("  held, yet not read: \(missed[i] ?? "")") }
+            }
+            do {
+                // Where the copies are: how many at each rank among the live peers (0: the key's
+                // closest; the set is ranks 0 to factor-1, copies are handed back from factor + 2).
+                var hist: [Int: Int] = [:]
+                for k in keys {
+                    let ranked = live.sorted { k.location.isCloser($0.peerID, than: $1.peerID) }
+                    for (r, n) in ranked.enumerated() where n.registry.storageBackend?.replicaEntries([k], now: n.clock.uptimeNanoseconds)[k] != nil {
+                        hist[min(r, 30), default: 0] += 1
+                    }
+                }
+                note("churn wave \(wave): copies by rank \(hist.sorted { $0.key < $1.key }.map { "\($0.key):\($0.value)" }.joined(separator: " "))")
             }
             var replicas = 0
             for (k, v) in zip(keys, data) {

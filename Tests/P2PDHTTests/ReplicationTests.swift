@@ -114,6 +114,43 @@ struct ReplicationTests {
         await net.shutdown()
     }
 
+    @Test("a location of many keys is compared by its summary: unchanged, no key list travels; a newer version on one replica reaches the others; a malformed summary is refused")
+    func summaries() async throws {
+        let policies = (0..<4).map { _ in IndirectReplication(mode: .nRoot, factor: 3, interval: .seconds(1)) }
+        let net = try await Testnet.start(peers: 4, routing: .perfect, plugins: { i in builtIns() + [ReplicationPlugin(policies[i])] })
+        let location = Number160(hashing: "many keys")
+        let keys = (0..<10).map { Number640(location: location, content: Number160(UInt32($0))) }
+        for k in keys { #expect(try await net.nodes[0].dht.put(k, [1], options: DHTOptions(replicas: 3)).isSuccess) }
+        #expect(try await Self.eventually { keys.allSatisfy { Self.holders(net.nodes, $0).count >= 3 } })
+        // Rounds go on; once every pair has been brought up to date, only summaries travel.
+        #expect(try await Self.eventually { policies.reduce(0) { $0 + $1.stats.summaries } >= 12 })
+        let offered = policies.reduce(0) { $0 + $1.stats.keysOffered }
+        let summaries = policies.reduce(0) { $0 + $1.stats.summaries }
+        #expect(try await Self.eventually { policies.reduce(0) { $0 + $1.stats.summaries } >= summaries + 12 })
+        // (Unless a request went unanswered — on a busy machine — and the fourth peer stood in
+        // as a spare: it lacked the location, so its summary differed and the list was offered.)
+        let keysSince = policies.reduce(0) { $0 + $1.stats.keysOffered } - offered
+        let failed = policies.reduce(0) { $0 + $1.stats.failedOffers }
+        #expect(keysSince == 0 || failed > 0, "\(keysSince) keys offered, \(failed) offers failed")
+        // One replica takes a newer version of one key (stamped by it, now): the summaries
+        // differ, the versions are offered, and every holder comes to hold the newer one.
+        let holder = try #require(Self.holders(net.nodes, keys[3]).first)
+        _ = try await holder.storage.execute(.put([keys[3]: StoredValue([2])], mode: .overwrite), sender: nil, node: holder)
+        #expect(try await Self.eventually {
+            net.nodes.allSatisfy { n in
+                guard case .values(let v, _)? = try? n.registry.storageBackend?.execute(.get(.keys([keys[3]])), now: StoragePipeline.now()),
+                      let got = v[keys[3]] else { return true }
+                return got.value == [2]
+            }
+        })
+        #expect(policies.reduce(0) { $0 + $1.stats.keysOffered } > offered)
+        // A summary of the wrong size is a bad request.
+        await #expect(throws: RPCError.self) {
+            try await net.nodes[1].request(to: net.nodes[2].address, command: "replication.summary", payload: [.bytes([1, 2, 3])])
+        }
+        await net.shutdown()
+    }
+
     static func node(_ policy: IndirectReplication) async throws -> Node {
         try await Node.builder().host("127.0.0.1").port(0).maintenance(nil).requestTimeout(.seconds(2))
             .plugins(builtIns() + [ReplicationPlugin(policy)]).start()
@@ -148,11 +185,20 @@ struct ReplicationTests {
 
     @Test("TomP2P's responsibility walk (a stores, b, c, d join one by one, then leave one by one), factors 1-3, 0-root and n-root: after every step the f closest live peers hold the data", arguments: [ReplicationMode.zeroRoot, .nRoot], [1, 2, 3])
     func responsibilityWalk(mode: ReplicationMode, factor: Int) async throws {
-        let peers = try await (0..<4).asyncMap { _ in try await Self.node(IndirectReplication(mode: mode, factor: factor, interval: .seconds(1))) }
+        let policies = (0..<4).map { _ in IndirectReplication(mode: mode, factor: factor, interval: .seconds(1)) }
+        let peers = try await policies.asyncMap { try await Self.node($0) }
         let a = peers[0]
         let key = Number640(location: Number160(hashing: "walk \(mode) \(factor)"))
         #expect(try await a.dht.put(key, [1], options: DHTOptions(replicas: 1)).isSuccess)
         var live = [a]
+        func state() -> String {
+            let ids = Set(Responsibility.replicaSet(of: key.location, me: a.peerID, peers: live.map(\.peerID), factor: factor))
+            let held = Set(Self.holders(live, key).map(\.peerID))
+            return peers.indices.map { i in
+                let p = peers[i], s = policies[i].stats
+                return "\(i)\(live.contains { $0 === p } ? "" : " (gone)")\(ids.contains(p.peerID) ? " in set" : "")\(held.contains(p.peerID) ? " holds" : ""): offers \(s.offers) failed \(s.failedOffers) sent \(s.valuesSent)"
+            }.joined(separator: "; ")
+        }
         func closestHold() -> Bool {
             let ids = Set(Responsibility.replicaSet(of: key.location, me: a.peerID, peers: live.map(\.peerID), factor: factor))
             return Set(Self.holders(live, key).map(\.peerID)).isSuperset(of: ids)
@@ -162,12 +208,12 @@ struct ReplicationTests {
             // must know the peers it copies to; TomP2P's test counts a's notifications instead).
             for p in live { _ = try await joiner.ping(p.address.socket) }
             live.append(joiner)
-            #expect(try await Self.eventually(closestHold), "after +\(live.count - 1): \(mode) f=\(factor)")
+            #expect(try await Self.eventually(closestHold), "after +\(live.count - 1): \(mode) f=\(factor): \(state())")
         }
         for leaver in peers.dropFirst() {
             await leaver.shutdown()
             live.removeAll { $0 === leaver }
-            #expect(try await Self.eventually(closestHold), "after a leave, \(live.count) live: \(mode) f=\(factor)")
+            #expect(try await Self.eventually(closestHold), "after a leave, \(live.count) live: \(mode) f=\(factor): \(state())")
         }
         for p in peers { await p.shutdown() }
     }
