@@ -19,8 +19,6 @@ final class ConnectionTable: KernelPart, @unchecked Sendable {
     /// oldest of them gives its place to a newcomer, so strangers holding idle connections
     /// cannot lock peers (or a probe-back sent to test our reachability) out of TCP.
     var unauthenticatedOrder: [ObjectIdentifier] = []
-    /// Unauthenticated connections closed to make room for a newer one.
-    private(set) var evictedUnauthenticated = 0
 
     /// The connection to use for `peer`: one it opened to us (a reverse connection), the pooled
     /// one to its relay when it is relayed, else the pooled one to `target`.
@@ -81,7 +79,6 @@ final class ConnectionTable: KernelPart, @unchecked Sendable {
             guard !unauthenticatedOrder.isEmpty, let oldest = inbound[unauthenticatedOrder.removeFirst()] else {
                 throw RPCError.busy("more than \(limits.maxInboundTCP) inbound TCP connections")
             }
-            evictedUnauthenticated += 1
             release(ObjectIdentifier(oldest), ip: oldest.remote.ip)
             oldest.close()
         }
