@@ -54,10 +54,12 @@ struct HolePunchTests {
     func consistentPair() async throws {
         let nodes = try await RelayTests.network(4)
         let a = try await HolePunchTests.natted(.portPreserving, nodes)
-        let b = try await HolePunchTests.natted(.consistent, nodes)
-        defer { Task { for n in nodes + [a, b] { try? await n.shutdown() } } }
+        // Subscribed before b exists: b's own start-up (its bootstrap, a's maintenance) may talk
+        // to a through the relays and so begin the punch before the test's first ping.
         let events = NIOLockedValueBox<[DirectPath]>([])
         a.registry.subscribe { if case .directPath(let p) = $0 { events.withLockedValue { $0.append(p) } } }
+        let b = try await HolePunchTests.natted(.consistent, nodes)
+        defer { Task { for n in nodes + [a, b] { try? await n.shutdown() } } }
         #expect(b.address.flags.isSuperset(of: [.relayed, .punchable]), "\(b.address)")
         // One exchange through b's relays starts it.
         let first = try await a.request(to: b.address, command: a.kernel.commands.ping).get()
