@@ -66,6 +66,9 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
         /// Peers whose offer went unanswered, and when: passed over for `silentFor` (a spare
         /// stands in) instead of costing every location one more timeout.
         var silent: [Number160: UInt64] = [:]
+        /// Peers that answered an offer with "no such command here" or "no storage here" (a
+        /// light client, a routing-only node), and when: passed over for `refusingFor`.
+        var refusing: [Number160: UInt64] = [:]
         /// When each peer last answered an offer.
         var heard: [Number160: UInt64] = [:]
         /// When every location was last queued again because a peer fell silent.
@@ -407,6 +410,7 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
         let (generation, upToDate, silent): (UInt64, Bool, Bool) = state.withLockedValue { s in
             let g = s.generations[location] ?? 0
             let silent = s.silent[peer.id].map { now &- $0 < Self.silentFor } ?? false
+                || s.refusing[peer.id].map { now &- $0 < Self.refusingFor } ?? false
             guard let last = s.synced[memo] else { return (g, false, silent) }
             // Up to date, and answered an offer (of any location) within the last interval: a
             // peer that died since is found by the first offer of a round, not after
@@ -424,11 +428,11 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
         // at once: about as small, and no second round trip when it differs.)
         let all = Self.allVersions(backend, location, now: now)
         if all.count >= Self.summaryFrom {
-            guard let reply = try? await node.request(to: peer, command: Self.summaryCommand,
-                                                      payload: [.bytes(LocationSummary(all).encode(location: location))],
-                                                      timeout: nil).get(),
-                  RPCError.from(reply: reply) == nil, case .integer(let differs)? = reply.payload.first else {
-                noteSilent(peer, node: node)
+            let reply = try? await node.request(to: peer, command: Self.summaryCommand,
+                                                payload: [.bytes(LocationSummary(all).encode(location: location))],
+                                                timeout: nil).get()
+            guard let reply, RPCError.from(reply: reply) == nil, case .integer(let differs)? = reply.payload.first else {
+                await noteUnanswered(peer, reply: reply, node: node)
                 return .unreachable
             }
             answered(peer, node: node, summary: true)
@@ -449,12 +453,11 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
                 break
             }
             after = last.key
-            guard let reply = try? await node.request(to: peer, command: Self.offerCommand,
-                                                      payload: ReplicationOfferCommand.encode(versions),
-                                                      timeout: nil).get(),
-                  RPCError.from(reply: reply) == nil,
-                  case .keys640(let wanted)? = reply.payload.first else {
-                noteSilent(peer, node: node)
+            let reply = try? await node.request(to: peer, command: Self.offerCommand,
+                                                payload: ReplicationOfferCommand.encode(versions),
+                                                timeout: nil).get()
+            guard let reply, RPCError.from(reply: reply) == nil, case .keys640(let wanted)? = reply.payload.first else {
+                await noteUnanswered(peer, reply: reply, node: node)
                 return .unreachable
             }
             answered(peer, node: node, keys: versions.count)
@@ -498,6 +501,28 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
     static let summaryCommand = CommandID.derive(from: ReplicationSummaryCommand.commandName)
 
     static let offerCommand = CommandID.derive(from: ReplicationOfferCommand.commandName)
+
+    /// How long a peer that takes no replicas is passed over (10 minutes): it may load the
+    /// plugin or storage later (a restart with other parts), and then counts again.
+    static let refusingFor: UInt64 = 600_000_000_000
+
+    /// An offer or summary got no usable answer. A peer that says it has no replication command
+    /// or no storage is no replica: passed over (a spare takes its place) without suspecting it
+    /// dead. Anything else — no reply, another error — is silence (`noteSilent`). An offer that
+    /// failed because this node is stopping says nothing about the peer.
+    private func noteUnanswered(_ peer: PeerAddress, reply: Message?, node: Node) async {
+        guard await node.isRunning else { return }
+        if let reply, reply.type == .unknownCommand || reply.type == .denied {
+            let now = node.clock.uptimeNanoseconds
+            state.withLockedValue { s in
+                s.stats.refusedOffers += 1
+                if s.refusing.count >= 4_096 { s.refusing = s.refusing.filter { now &- $0.value < Self.refusingFor } }
+                s.refusing[peer.id] = now
+            }
+            return
+        }
+        noteSilent(peer, node: node)
+    }
 
     /// An offer to `peer` went unanswered: it is passed over for `silentFor`, and — the first
     /// time — every location held here is looked at again, so that those it was a target of
@@ -619,7 +644,11 @@ public struct ReplicationStats: Sendable, Hashable {
     public var summaries = 0
     /// Keys named in offers (97 bytes each on the wire: the key and its version).
     public var keysOffered = 0
+    /// Offers and summaries that got no answer (the peer is passed over for a while).
     public var failedOffers = 0
+    /// Offers answered "no replication here" (unknown command, no storage): a peer that takes
+    /// no replicas, passed over for 10 minutes.
+    public var refusedOffers = 0
     public var valuesSent = 0
     public var bytesSent = 0
     public var failedPuts = 0

@@ -65,7 +65,8 @@ public struct ReplicationPlugin: Plugin {
             node.registry.addStatus("replication") {
                 let s = indirect.stats
                 return [("policy", "indirect"), ("rounds", "\(s.rounds)"), ("offers", "\(s.offers)"), ("values sent", "\(s.valuesSent)"),
-                        ("bytes sent", "\(s.bytesSent)"), ("failed", "\(s.failedOffers + s.failedPuts)")]
+                        ("bytes sent", "\(s.bytesSent)"), ("failed", "\(s.failedOffers + s.failedPuts)"),
+                        ("refused (peers that take no replicas)", "\(s.refusedOffers)")]
             }
         }
         if let direct {

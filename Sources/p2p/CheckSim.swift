@@ -59,12 +59,15 @@ struct CheckSim {
         let runtime = self.runtime
         let peers = Peers(net.nodes)
         // Clients: light nodes that store nothing, so what survives is what the peers keep.
+        // Like the CLI's client commands they say they cannot be reached unsolicited, so no peer
+        // maps them, routes lookups to them or counts them in a replica set.
         let clientCount = max(2, min(32, concurrency))
         note("check: \(clientCount) clients join…")
         var clients: [Node] = []
         for _ in 0..<clientCount {
             let seed = net.nodes[runtime.index(net.nodes.count)].address.socket
             let node = try await runtime.builder().maintenance(.seconds(1)).requestTimeout(.seconds(2))
+                .flags([.firewalledUDP, .firewalledTCP])
                 .plugins([DHTPlugin(acceptsReplicas: false), EvaluationPlugin()])
                 .start()
             try await node.bootstrap(to: seed)

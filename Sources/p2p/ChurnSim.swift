@@ -32,6 +32,7 @@ final class PolicyRegistry: Sendable {
                 t.summaries += s.summaries
                 t.keysOffered += s.keysOffered
                 t.failedOffers += s.failedOffers
+                t.refusedOffers += s.refusedOffers
                 t.valuesSent += s.valuesSent
                 t.bytesSent += s.bytesSent
                 t.failedPuts += s.failedPuts

@@ -1,6 +1,7 @@
 import Crypto
 import NIOCore
 import P2PDHT
+import P2PEvaluation
 import P2PKernel
 import P2PReplication
 import P2PStorage
@@ -79,6 +80,34 @@ struct ReplicationTests {
         #expect(try await net.nodes[0].dht.put(key, [3], options: DHTOptions(replicas: 1)).isSuccess)
         let closest = Set(net.trueClosest(to: key.location, count: 4))
         #expect(try await Self.eventually { Set(Self.holders(net.nodes, key).map(\.peerID)).isSuperset(of: closest) })
+        await net.shutdown()
+    }
+
+    @Test("peers that take no replicas (one without the replication plugin, one without storage) are passed over, not suspected dead: the closest peers that store hold the data, and no offer counts as failed")
+    func peersThatTakeNoReplicas() async throws {
+        let policies = (0..<9).map { _ in IndirectReplication(mode: .nRoot, factor: 3, interval: .milliseconds(300)) }
+        let net = try await Testnet.start(peers: 9, routing: .perfect, plugins: { i in
+            switch i {
+            // A routing-only node: its storage command refuses writes; no replication command.
+            case 0: [DHTPlugin(acceptsReplicas: false), EvaluationPlugin()]
+            // Replication without any storage: it answers offers "no storage here".
+            case 1: [ReplicationPlugin(policies[i]), EvaluationPlugin()]
+            default: builtIns() + [ReplicationPlugin(policies[i])]
+            }
+        }, configure: { _, c in c.requestTimeout = .seconds(5) })
+        let storing = Array(net.nodes[2...])
+        // Each key sits on a peer that stores nothing: it is the closest there, yet no replica.
+        for (i, n) in net.nodes.prefix(2).enumerated() {
+            let key = Number640(location: n.peerID)
+            _ = try await storing[i].dht.put(key, [UInt8(i)], options: DHTOptions(replicas: 1))
+            let closest = Set(storing.map(\.peerID).sorted { key.location.isCloser($0, than: $1) }.prefix(3))
+            #expect(try await Self.eventually { Set(Self.holders(storing, key).map(\.peerID)).isSuperset(of: closest) }, "key \(i)")
+        }
+        let running = policies[2...]  // (node 0 runs no policy; node 1 has nothing to replicate)
+        let rounds = running.map(\.stats.rounds)
+        #expect(try await Self.eventually { zip(running, rounds).allSatisfy { $0.stats.rounds >= $1 + 3 } })
+        let refused = running.reduce(0) { $0 + $1.stats.refusedOffers }, failed = running.reduce(0) { $0 + $1.stats.failedOffers }
+        #expect(refused > 0 && failed == 0, "refused \(refused), failed \(failed)")
         await net.shutdown()
     }
 
