@@ -68,9 +68,10 @@ struct LookupCommand: AsyncParsableCommand {
 
     func run() async throws {
         let target = try parseKey(key)
-        let node = try await startNode(try identity.apply(to: Node.builder().host("0.0.0.0").port(0)))
+        // A client, as those of put and get: never routed to, it meets the seed and asks.
+        let node = try await startNode(try identity.apply(to: Node.builder().host("0.0.0.0").port(0).flags([.firewalledUDP, .firewalledTCP])))
         do {
-            try await node.bootstrap(to: seeds)
+            try await node.bootstrap(to: seeds, fill: false)
             let result = try await node.closestPeers(to: target)
             print("key \(target)")
             for (i, p) in result.peers.enumerated() {

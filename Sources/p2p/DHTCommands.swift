@@ -47,7 +47,9 @@ struct DHTClientOptions: ParsableArguments {
         // A client is never routed to: it says so, and stays out of peer maps.
         let node = try await startNode(try identity.apply(to: Node.builder().host("0.0.0.0").port(0).flags([.firewalledUDP, .firewalledTCP]).plugins(BuiltInPlugins.client)))
         do {
-            try await node.bootstrap(to: seeds)
+            // One question and gone: meeting the seed is enough (the command's own lookup
+            // starts there); filling a peer map would cost lookups of its own.
+            try await node.bootstrap(to: seeds, fill: false)
             let value = try await body(node)
             await node.shutdown()
             return value

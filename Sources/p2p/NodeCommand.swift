@@ -189,7 +189,7 @@ struct NodeCommand: AsyncParsableCommand {
                 let r = try await node.rejoin(from: saved)
                 let took = clock.now - started
                 let ms = Double(took.components.seconds) * 1000 + Double(took.components.attoseconds) / 1e15
-                say("rejoined via \(r.seed.socket) from \(saved.count) saved peers in \(String(format: "%.0f", ms)) ms: \(r.verifiedPeers) verified peers, \(r.lookup.hops) hops")
+                say("rejoined via \(r.seed.socket) from \(saved.count) saved peers in \(String(format: "%.0f", ms)) ms: \(r.verifiedPeers) verified peers, \(r.lookup?.hops ?? 0) hops")
             } catch {
                 note("rejoin from \(saved.count) saved peers failed: \(error)\(seeds.isEmpty ? "" : "; bootstrapping")")
                 if seeds.isEmpty { note("no --bootstrap given: waiting for peers to contact this node") }
@@ -201,7 +201,7 @@ struct NodeCommand: AsyncParsableCommand {
                 while await node.isRunning {
                     do {
                         let r = try await node.bootstrap(to: seeds)
-                        say("bootstrapped via \(r.seed.socket): \(r.verifiedPeers) verified peers, \(r.lookup.hops) hops")
+                        say("bootstrapped via \(r.seed.socket): \(r.verifiedPeers) verified peers, \(r.lookup?.hops ?? 0) hops")
                         return
                     } catch {
                         note("bootstrap failed, retrying in 2 s: \(error)")

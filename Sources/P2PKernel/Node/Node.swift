@@ -301,12 +301,20 @@ public final class Node: @unchecked Sendable {
 
     /// Joins the overlay: pings the seeds until one answers, then looks up our own id, which fills
     /// our peer map and announces us to the peers closest to us.
+    ///
+    /// - Parameter fill: whether to fill the peer map (look up our own id, then one random id in
+    ///   each empty far bucket). A peer that stays does; a one-shot client that asks one thing and
+    ///   leaves need not: its command's lookup starts from the seed, and every lookup of the join
+    ///   would only meet more of whatever dead peers the seed still names.
     @discardableResult
-    public func bootstrap(to seeds: [PeerSocketAddress]) async throws -> BootstrapResult {
+    public func bootstrap(to seeds: [PeerSocketAddress], fill: Bool = true) async throws -> BootstrapResult {
         var reasons: [String] = []
         for seed in seeds {
             do {
                 let peer = try await ping(seed)
+                guard fill else {
+                    return BootstrapResult(seed: peer, lookup: nil, refreshLookups: 0, verifiedPeers: peerMap.counts.verified)
+                }
                 let lookup = try await closestPeers(to: peerID)
                 let refreshed = try await refreshBuckets()
                 let verified = peerMap.counts.verified

@@ -4,14 +4,15 @@ import NIOCore
 public struct BootstrapResult: Sendable {
     /// The seed that answered.
     public var seed: PeerAddress
-    /// The lookup of our own id that filled the peer map.
-    public var lookup: RoutingResult
+    /// The lookup of our own id that filled the peer map (nil when the join only met the seed:
+    /// `bootstrap(to:fill: false)`).
+    public var lookup: RoutingResult?
     /// Lookups run to fill empty far buckets afterwards.
     public var refreshLookups: Int
     /// Verified peers in the map afterwards.
     public var verifiedPeers: Int
 
-    public init(seed: PeerAddress, lookup: RoutingResult, refreshLookups: Int, verifiedPeers: Int) {
+    public init(seed: PeerAddress, lookup: RoutingResult?, refreshLookups: Int, verifiedPeers: Int) {
         self.seed = seed
         self.lookup = lookup
         self.refreshLookups = refreshLookups
