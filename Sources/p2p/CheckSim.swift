@@ -38,6 +38,8 @@ struct CheckSim {
         var clients: Int
         var left = 0, joined = 0
         var workloadSeconds = 0.0, settleSeconds = 0.0
+        /// Whether replication went quiet (no value moved for five intervals) within `settleLimit`.
+        var settled = false
         var opsPerSecond = 0.0
         /// Writes acknowledged by a quorum, of those issued.
         var acknowledgedShare = 0.0
@@ -125,10 +127,11 @@ struct CheckSim {
         let workloadSeconds = runtime.milliseconds(since: started) / 1000
         note("check: workload done in \(String(format: "%.1f", workloadSeconds)) s; waiting for replication to be quiet…")
         let settleStart = runtime.now()
-        try await settle()
+        let settled = try await settle()
         let settledAt = runtime.now()
         let settleSeconds = runtime.milliseconds(since: settleStart) / 1000
-        note("check: quiet after \(String(format: "%.1f", settleSeconds)) s; reading every key…")
+        note(settled ? "check: quiet after \(String(format: "%.1f", settleSeconds)) s; reading every key…"
+                     : "check: replication still moving values \(Int(Self.settleLimit)) s after the workload; reading every key…")
         await withTaskGroup(of: Void.self) { group in
             var next = 0
             func add() {
@@ -155,6 +158,7 @@ struct CheckSim {
         var report = Report(consistency: consistency, clients: clients.count, left: left, joined: joined)
         report.workloadSeconds = workloadSeconds
         report.settleSeconds = settleSeconds
+        report.settled = settled
         report.opsPerSecond = Double(ops) / max(workloadSeconds, 1e-9)
         report.acknowledgedShare = Double(writes.filter { $0.outcome == .acknowledged }.count) / Double(max(1, writes.count))
         report.answeredShare = Double(gets.filter { $0.outcome != .noAnswer }.count) / Double(max(1, gets.count))
@@ -248,15 +252,20 @@ struct CheckSim {
         return (leaving, newcomers.count)
     }
 
-    /// Waits until replication has been quiet for five intervals (at most 300 s).
-    private func settle() async throws {
+    /// Virtual seconds replication may take to go quiet after the workload (300).
+    static let settleLimit = 300.0
+
+    /// Waits until replication has been quiet — no value sent, no push failed — for five
+    /// intervals; false if it was not within `settleLimit`. (An overlay whose faults are over
+    /// must stop moving copies: views that disagree for good would send them back and forth.)
+    private func settle() async throws -> Bool {
         defer { note("check: replication so far: \(policies.total)") }
         let start = runtime.now()
         var last = policies.sent.activity
         var quietSince = runtime.now()
         let quiet = Double(policies.interval.components.seconds) * 1000 + Double(policies.interval.components.attoseconds) / 1e15
         var lastNote = runtime.now()
-        while runtime.milliseconds(since: start) < 300_000 {
+        while runtime.milliseconds(since: start) < Self.settleLimit * 1000 {
             try await runtime.sleep(for: .milliseconds(200))
             if runtime.milliseconds(since: lastNote) >= 30_000 {
                 lastNote = runtime.now()
@@ -267,8 +276,9 @@ struct CheckSim {
                 last = now
                 quietSince = runtime.now()
             } else if runtime.milliseconds(since: quietSince) >= quiet * 5 {
-                break
+                return true
             }
         }
+        return false
     }
 }

@@ -122,7 +122,7 @@ struct SimCommand: AsyncParsableCommand {
     @Option(name: .customLong("partition-seconds"), help: "Virtual seconds the partition lasts.")
     var partitionSeconds: Double = 60
 
-    @Flag(help: "Run the consistency check: --check-ops puts, removes and gets from many clients on --check-keys keys while --churn-waves waves of --churn run, a partition (--partition, 0.3 by default) splits the network and heals, and datagrams are lost (--loss); then every key is read and the history checked. Exits 1 when an acknowledged write was lost or a stale or removed value was read after settling.")
+    @Flag(help: "Run the consistency check: --check-ops puts, removes and gets from many clients on --check-keys keys while --churn-waves waves of --churn run, a partition (--partition, 0.3 by default) splits the network and heals, and datagrams are lost (--loss); then every key is read and the history checked. Exits 1 when an acknowledged write was lost or a stale or removed value was read after settling, or when replication still moved values \(Int(CheckSim.settleLimit)) virtual seconds after the workload.")
     var check = false
 
     @Option(name: .customLong("check-ops"), help: "Operations of the consistency check.")
@@ -214,6 +214,9 @@ struct SimCommand: AsyncParsableCommand {
         print(json ? r.json() : r.summary())
         if let c = r.check?.consistency, !c.isValid {
             throw CLIError.failed("the consistency check failed: \(c.findings.count) findings")
+        }
+        if let c = r.check, !c.settled {
+            throw CLIError.failed("the consistency check failed: replication still moved values \(Int(CheckSim.settleLimit)) s after the workload")
         }
     }
 
@@ -469,7 +472,7 @@ struct SimReport {
                 "phantoms": c.count(.phantom), "stale_during_faults": c.staleDuringFaults, "clients": check.clients,
                 "left": check.left, "joined": check.joined, "workload_s": r(check.workloadSeconds, 2), "settle_s": r(check.settleSeconds, 2),
                 "ops_per_second": r(check.opsPerSecond, 1), "acknowledged_share": r(check.acknowledgedShare, 4),
-                "answered_share": r(check.answeredShare, 4), "valid": c.isValid,
+                "answered_share": r(check.answeredShare, 4), "valid": c.isValid, "settled": check.settled,
             ] as [String: Any]
         }
         if let simulation { object["simulation"] = simulation.json(r) }
@@ -510,7 +513,8 @@ struct SimReport {
             + (check.map { c in
                 "\n  check         \(c.consistency.isValid ? "VALID" : "INVALID"): \(c.consistency)"
                     + "\n                \(c.left) left, \(c.joined) joined; \(f(c.acknowledgedShare * 100, 2)) % of writes acknowledged, \(f(c.answeredShare * 100, 2)) % of gets answered; "
-                    + "\(f(c.opsPerSecond, 1)) ops/s over \(f(c.workloadSeconds, 1)) s, quiet \(f(c.settleSeconds, 1)) s later"
+                    + "\(f(c.opsPerSecond, 1)) ops/s over \(f(c.workloadSeconds, 1)) s, "
+                    + (c.settled ? "quiet \(f(c.settleSeconds, 1)) s later" : "NOT QUIET: values still moving \(f(c.settleSeconds, 0)) s later")
             } ?? "")
     }
 }

@@ -77,6 +77,10 @@ struct NATLabTests {
             #expect(get2.out.contains("from-outside"), "get from \(ns): \(get2.out) \(get2.err)")
             let send = try P2PTool.run(launcher: outside, ["send", "--bootstrap", seed, "--replicas", "1", id, "hello"])
             #expect(send.out.contains("\(id) got: hello"), "send to \(id): \(send.out) \(send.err)")
+            if !send.out.contains("\(id) got: hello") {
+                let l = try P2PTool.run(launcher: outside, ["lookup", "--bootstrap", seed, id])
+                print("send to \(id) missed it; a lookup of its id from outside found: \(l.out) \(l.err)")
+            }
         }
     }
 

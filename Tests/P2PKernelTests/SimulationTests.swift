@@ -94,6 +94,32 @@ struct SimulationTests {
         }
     }
 
+    @Test("a subnet's places in a lookup go to its closest peers, not its first: a client that knows only its seed finds the seed's neighbour on the same /24")
+    func groupPlacesGoToClosest() async throws {
+        let net = SimulatedNetwork(seed: 11, conditions: LinkConditions(latency: .constant(.milliseconds(20))))
+        defer { net.stop() }
+        try await net.run {
+            let t = try await Testnet.start(peers: 20, network: net)
+            let seed = t.nodes[0]
+            let ip = try #require(IPAddress(seed.config.host))
+            let host = try #require(net.host(at: ip))
+            // A second peer on the seed's subnet (as in a lab, or two servers of one operator).
+            let twin = try await net.node(on: net.addHost(onSubnetOf: host)).start()
+            try await twin.bootstrap(to: seed.address.socket)
+            #expect(seed.peerMap.contains(twin.peerID))
+            // A one-shot client: it knows the seed only, and looks up the twin's id with one
+            // place per subnet (what the DHT's puts, gets and sends use).
+            let client = try await net.node().flags([.firewalledUDP, .firewalledTCP]).start()
+            try await client.bootstrap(to: [seed.address.socket], fill: false)
+            var routing = client.config.routing
+            routing.maxPerIPGroup = 1
+            let r = try await client.closestPeers(to: twin.peerID, config: routing)
+            #expect(r.peers.first?.id == twin.peerID, "\(r.peers.map(\.socket))")
+            #expect(r.peers.filter { $0.ip.sybilGroup == seed.address.ip.sybilGroup }.count == 1, "one place for the subnet: \(r.peers.map(\.socket))")
+            for n in [twin, client] { await n.shutdown() }
+        }
+    }
+
     @Test("with 20 % of datagrams lost, lookups in 300 peers still find the true closest")
     func lossyLookups() async throws {
         let net = SimulatedNetwork(seed: 21, conditions: LinkConditions(latency: .uniform(.milliseconds(20), .milliseconds(200)), loss: 0.2))

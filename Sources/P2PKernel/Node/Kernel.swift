@@ -55,6 +55,7 @@ final class Kernel: TransportEvents, @unchecked Sendable {
     var running = true
     var stopping = false
     var maintenanceTask: RepeatedTask?
+    var refreshTask: RepeatedTask?
     var metricsTask: RepeatedTask?
 
     init(config: NodeConfig, loop: any EventLoop, clock: NodeClock, random: RandomSource, keyPair: PeerKeyPair, logger: Logger, me: PeerAddress,
@@ -148,6 +149,20 @@ final class Kernel: TransportEvents, @unchecked Sendable {
                 _ = rpc.requestOnLoop(target: peer.socket, expectedID: peer.id, command: commands.ping, payload: [], transport: .udp, timeout: nil)
             }
         }
+        // The neighbourhood heals by itself: a lookup of our own id now and then meets again
+        // the peers near us that a partition or a lossy minute made us (and them) drop —
+        // nothing else would bring them back, since neither side contacts the other — and
+        // peers that joined near us without asking us. Replication decides replica sets from
+        // this neighbourhood, so a hole in it makes copies travel back and forth.
+        // (The first one at a random moment of the interval: peers started together spread out.)
+        guard let every = config.neighbourhoodRefresh, every > .zero else { return }
+        let period = TimeAmount(every)
+        var rng = node.random.generator
+        let first = TimeAmount.nanoseconds(Int64.random(in: 0...max(0, period.nanoseconds), using: &rng))
+        refreshTask = eventLoop.scheduleRepeatedTask(initialDelay: first, delay: period) { [self] _ in
+            guard running, node.peerMap.counts.verified > 0 else { return }
+            _ = node.lookup(node.peerID)
+        }
     }
 
     /// Stops: quit to the peers we hold sessions with (unless `announce` is false: a crash),
@@ -156,6 +171,8 @@ final class Kernel: TransportEvents, @unchecked Sendable {
         guard running else { return eventLoop.makeSucceededVoidFuture() }
         maintenanceTask?.cancel()
         maintenanceTask = nil
+        refreshTask?.cancel()
+        refreshTask = nil
         metricsTask?.cancel()
         metricsTask = nil
         var writes: [EventLoopFuture<Void>] = []

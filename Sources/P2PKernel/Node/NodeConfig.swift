@@ -42,6 +42,11 @@ public struct NodeConfig: Sendable {
     public var maintenanceInterval: Duration? = .seconds(1)
     /// Most peers one maintenance round pings.
     public var maintenancePingsPerRound = 2
+    /// How often (with maintenance on) the node looks up its own id, so that its neighbourhood
+    /// heals after a partition or a lossy spell dropped peers near it: Kademlia's bucket refresh,
+    /// for the bucket that matters most (replica sets are decided there). About 20 messages a
+    /// time; nil: never.
+    public var neighbourhoodRefresh: Duration? = .seconds(60)
     /// The event loops the node runs on; every node in a process shares the singleton by default.
     public var eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
     public var logger = Logger(label: "swiftp2p.node")

@@ -74,7 +74,17 @@ final class IterativeLookup: @unchecked Sendable {
 
     /// Inserts a candidate in distance order; returns its position, or nil if known or dropped.
     private func insert(_ peer: PeerAddress, depth: Int, referred: Bool) -> Int? {
-        if let g = peer.ip.sybilGroup, (groups[g] ?? 0) >= config.maxPerIPGroup { return nil }
+        if let g = peer.ip.sybilGroup, (groups[g] ?? 0) >= config.maxPerIPGroup {
+            // The group's places go to its closest peers, not its first: a peer of the group
+            // closer than the farthest one held, and that one not waiting for a reply, takes
+            // its place. (A client that knows only its seed must still find the seed's
+            // neighbour on the same subnet — the very peer whose id it looks up.) Contacts stay
+            // bounded: each new referred peer counts against `maxReferredContacts`.
+            guard !seen.contains(peer.id), let far = candidates.lastIndex(where: { $0.peer.ip.sybilGroup == g }),
+                  candidates[far].state != .inFlight, candidates[far].state != .slow, (peer.id ^ key) < candidates[far].distance else { return nil }
+            candidates.remove(at: far)
+            groups[g, default: 1] -= 1
+        }
         guard seen.insert(peer.id).inserted else { return nil }
         if let g = peer.ip.sybilGroup { groups[g, default: 0] += 1 }
         let d = peer.id ^ key

@@ -84,11 +84,15 @@ public final class SimulatedNetwork: @unchecked Sendable {
     // MARK: hosts
 
     /// A new host: a public address (unique, spread over the address space like real peers), or
-    /// a private one behind `nat`.
-    public func addHost(behind nat: SimNAT? = nil) -> SimHost {
+    /// a private one behind `nat`, or — `onSubnetOf` — a public one in another host's IPv4 /24
+    /// (two servers of one operator; a Sybil's addresses).
+    public func addHost(behind nat: SimNAT? = nil, onSubnetOf neighbour: SimHost? = nil) -> SimHost {
         let index = hosts.count
         let ip: IPAddress
-        if nat != nil {
+        if nat == nil, let neighbour, case .v4(let base) = neighbour.ip,
+           let free = (1...254).lazy.map({ IPAddress.v4(base & 0xFFFF_FF00 | UInt32($0)) }).first(where: { self.hostsByIP[$0] == nil && self.natsByIP[$0] == nil }) {
+            ip = free
+        } else if nat != nil {
             // Private addresses from 100.64.0.0/10, unique in the simulation.
             privateCount += 1
             ip = .v4(0x6440_0000 | (privateCount & 0x003F_FFFF))
