@@ -120,6 +120,23 @@ struct SimulationTests {
         }
     }
 
+    @Test("a lookup whose only known peer answers slowly (after two suspicion times, within the request timeout) waits for it instead of ending with nobody")
+    func slowOnlyPeer() async throws {
+        let net = SimulatedNetwork(seed: 12, conditions: LinkConditions(latency: .constant(.milliseconds(10))))
+        defer { net.stop() }
+        try await net.run {
+            let t = try await Testnet.start(peers: 10, network: net)
+            let client = try await net.node().flags([.firewalledUDP, .firewalledTCP]).start()
+            try await client.bootstrap(to: [t.nodes[0].address.socket], fill: false)
+            // The network slows down (a busy seed, a congested link): round trips of 1 s, where
+            // the client measured 20 ms and so suspects a peer after its 200-ms floor.
+            net.conditions = LinkConditions(latency: .constant(.milliseconds(500)))
+            let r = try await client.closestPeers(to: Number160(hashing: "anywhere"))
+            #expect(!r.peers.isEmpty, "stopped by \(r.stop) after \(r.messages) messages, \(r.failures) failures")
+            await client.shutdown()
+        }
+    }
+
     @Test("with 20 % of datagrams lost, lookups in 300 peers still find the true closest")
     func lossyLookups() async throws {
         let net = SimulatedNetwork(seed: 21, conditions: LinkConditions(latency: .uniform(.milliseconds(20), .milliseconds(200)), loss: 0.2))

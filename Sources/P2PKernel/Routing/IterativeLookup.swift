@@ -164,13 +164,11 @@ final class IterativeLookup: @unchecked Sendable {
             mark(peer.id, .slow)
             inFlight -= 1
             waitingForSlow += 1
-            // It may still answer within one more suspicion time; the lookup ends without it after.
-            node.eventLoop.scheduleTask(in: suspectAfter) { [self] in
-                guard !finished, state(of: peer.id) == .slow else { return }
-                waitingForSlow -= 1
-                mark(peer.id, .failed)
-                step()
-            }
+            // It may still answer within one more suspicion time; the lookup ends without it after
+            // — unless nobody has answered yet: then it is all the lookup has (a busy seed, the
+            // only peer a one-shot client knows), and its reply is waited for, up to the
+            // request's own timeout, checking again each suspicion time.
+            giveUpWhenOthersAnswered(peer.id, after: suspectAfter)
             step()
         }
         node.kernel.rpc.requestOnLoop(target: peer.socket, expectedID: peer.id, command: node.kernel.commands.neighbors,
@@ -210,6 +208,16 @@ final class IterativeLookup: @unchecked Sendable {
                 }
                 step()
             }
+    }
+
+    private func giveUpWhenOthersAnswered(_ id: Number160, after delay: TimeAmount) {
+        node.eventLoop.scheduleTask(in: delay) { [self] in
+            guard !finished, state(of: id) == .slow else { return }
+            guard answered > 0 else { return giveUpWhenOthersAnswered(id, after: delay) }
+            waitingForSlow -= 1
+            mark(id, .failed)
+            step()
+        }
     }
 
     private func state(of id: Number160) -> State? {
