@@ -68,10 +68,11 @@ struct LookupCommand: AsyncParsableCommand {
 
     func run() async throws {
         let target = try parseKey(key)
-        // A client, as those of put and get: never routed to, it meets the seed and asks.
+        // A client, as those of put and get: never routed to (it would be a dead peer in
+        // every map it entered once it exits).
         let node = try await startNode(try identity.apply(to: Node.builder().host("0.0.0.0").port(0).flags([.firewalledUDP, .firewalledTCP])))
         do {
-            try await node.bootstrap(to: seeds, fill: false)
+            try await node.bootstrap(to: seeds)
             let result = try await node.closestPeers(to: target)
             print("key \(target)")
             for (i, p) in result.peers.enumerated() {

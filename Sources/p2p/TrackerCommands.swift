@@ -101,7 +101,7 @@ struct TrackerGetCLI: AsyncParsableCommand {
         let node = try await startNode(try identity.apply(to: Node.builder().host("0.0.0.0").port(0).flags([.firewalledUDP, .firewalledTCP]).plugins(BuiltInPlugins.client)))
         let result: TrackerGetResult
         do {
-            try await node.bootstrap(to: join.seeds, fill: false)
+            try await node.bootstrap(to: join.seeds)
             result = try await node.tracker.get(location)
             await node.shutdown()
         } catch {

@@ -75,21 +75,24 @@ final class NodeCluster {
 }
 
 /// The three stories of stale reads and resurrections, told with real `p2p node` processes and
-/// the CLI, 20 times each: the reader sees the newest value, or nothing after a remove — never
+/// the CLI, many times each: the reader sees the newest value, or nothing after a remove — never
 /// an older one. Each repetition uses a fresh key on a cluster of 12 that has lost the peers
 /// killed before it (their ids still in the survivors' maps) and taken in as many new ones. The
 /// three stories run side by side, each on a cluster of its own (most of their time is spent
 /// waiting for processes).
 ///
-/// Not in the default run yet (set `P2P_STORIES=1`): one story after another they take ~5 min
-/// on a busy 2-core machine, and side by side some repetitions saw clients whose commands found
-/// 0 peers through a seed that had just joined — a cause still to be found (issue 22).
+/// Not in the default run yet: `P2P_STORIES=N` tells each story N times (20 as issue 22 asks).
+/// Clients through a seed that had just joined used to find 0 peers (the seed still called
+/// itself firewalled, so it never entered their maps; a lookup with an empty map now starts at
+/// the seed it joined through). Still open: in some runs the first story's reads, right after
+/// the 5 closest died, were answered by only 1–3 peers — "not found", and once the older value
+/// (issue 22).
 @Suite("Stories: updates and removes survive deaths", .serialized,
        .enabled(if: ProcessInfo.processInfo.environment["P2P_STORIES"] != nil))
 struct StoryTests {
-    static let repetitions = 20
+    static let repetitions = ProcessInfo.processInfo.environment["P2P_STORIES"].flatMap { Int($0) }.map { max(1, min($0, 100)) } ?? 20
 
-    @Test("overwrite through another node, then kill the 5 closest to the key: a survivor reads the newest value; an entry protected by its owner, written twice and removed by the owner: nothing; put, remove, kill the 3 closest: nothing — 20 times each, side by side")
+    @Test("overwrite through another node, then kill the 5 closest to the key: a survivor reads the newest value; an entry protected by its owner, written twice and removed by the owner: nothing; put, remove, kill the 3 closest: nothing — P2P_STORIES times each (20 unless a number), side by side")
     func stories() throws {
         let alice = temporaryPath("story-alice.key")
         #expect(try P2PTool.run(["keygen", alice]).code == 0)

@@ -137,6 +137,25 @@ struct SimulationTests {
         }
     }
 
+    @Test("a client joined through a seed that still calls itself firewalled (just started, its NAT ladder unfinished) looks up through that seed")
+    func firewalledSeed() async throws {
+        let net = SimulatedNetwork(seed: 13, conditions: LinkConditions(latency: .constant(.milliseconds(10))))
+        defer { net.stop() }
+        try await net.run {
+            let t = try await Testnet.start(peers: 10, network: net)
+            let seed = try await net.node().flags([.firewalledUDP, .firewalledTCP]).start()
+            try await seed.bootstrap(to: t.nodes[0].address.socket)
+            let client = try await net.node().flags([.firewalledUDP, .firewalledTCP]).start()
+            try await client.bootstrap(to: [seed.address.socket], fill: false)
+            #expect(client.peerMap.counts.verified == 0, "a firewalled seed stays out of the map")
+            let key = Number160(hashing: "through the seed")
+            let r = try await client.closestPeers(to: key)
+            #expect(r.peers.count >= 6, "stopped by \(r.stop) with \(r.peers.count) peers")
+            #expect(r.peers.first?.id == t.trueClosest(to: key, count: 1).first)
+            for n in [seed, client] { await n.shutdown() }
+        }
+    }
+
     @Test("with 20 % of datagrams lost, lookups in 300 peers still find the true closest")
     func lossyLookups() async throws {
         let net = SimulatedNetwork(seed: 21, conditions: LinkConditions(latency: .uniform(.milliseconds(20), .milliseconds(200)), loss: 0.2))

@@ -56,6 +56,10 @@ final class Kernel: TransportEvents, @unchecked Sendable {
     var stopping = false
     var maintenanceTask: RepeatedTask?
     var refreshTask: RepeatedTask?
+    /// The seed this node joined through, as it answered. A lookup whose map offers nobody
+    /// starts there: a seed that has just started may still call itself firewalled (its NAT
+    /// ladder has not finished), which keeps it out of our map, yet it answered us.
+    var seed: PeerAddress?
     var metricsTask: RepeatedTask?
 
     init(config: NodeConfig, loop: any EventLoop, clock: NodeClock, random: RandomSource, keyPair: PeerKeyPair, logger: Logger, me: PeerAddress,

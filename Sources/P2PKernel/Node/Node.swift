@@ -312,6 +312,7 @@ public final class Node: @unchecked Sendable {
         for seed in seeds {
             do {
                 let peer = try await ping(seed)
+                try await eventLoop.submit { self.kernel.seed = peer }.get()
                 guard fill else {
                     return BootstrapResult(seed: peer, lookup: nil, refreshLookups: 0, verifiedPeers: peerMap.counts.verified)
                 }

@@ -64,6 +64,10 @@ final class IterativeLookup: @unchecked Sendable {
         for p in node.peerMap.closest(to: key, count: config.resultSize * 2, includeOverflow: true) {
             _ = insert(p, depth: 1, referred: false)
         }
+        // An empty map: the seed we joined through, which answered us whatever its flags say.
+        if candidates.isEmpty, let seed = node.kernel.seed {
+            _ = insert(seed, depth: 1, referred: false)
+        }
         if candidates.isEmpty {
             finish(.noPeers)
         } else {
