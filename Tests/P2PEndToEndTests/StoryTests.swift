@@ -24,8 +24,10 @@ final class NodeCluster {
         let seeds = (0..<count).map { members[$0 % members.count].port }
         var started: [NodeProcess] = []
         for seed in seeds { started.append(try NodeProcess(["--port", "0", "--bootstrap", "127.0.0.1:\(seed)"])) }
+        // A node is in the overlay once it knows it is reachable: until then it calls itself
+        // firewalled, and peers keep it out of their maps.
         for p in started {
-            guard p.waitFor("bootstrapped via", seconds: 30), let m = Self.member(p) else {
+            guard p.waitFor("reachable via", seconds: 30), let m = Self.member(p) else {
                 started.forEach { $0.stop() }
                 throw CLIError("a node did not join: \(p.output)")
             }
@@ -81,18 +83,18 @@ final class NodeCluster {
 /// three stories run side by side, each on a cluster of its own (most of their time is spent
 /// waiting for processes).
 ///
-/// Not in the default run yet: `P2P_STORIES=N` tells each story N times (20 as issue 22 asks).
-/// Clients through a seed that had just joined used to find 0 peers (the seed still called
-/// itself firewalled, so it never entered their maps; a lookup with an empty map now starts at
-/// the seed it joined through). Still open: in some runs the first story's reads, right after
-/// the 5 closest died, were answered by only 1–3 peers — "not found", and once the older value
-/// (issue 22).
-@Suite("Stories: updates and removes survive deaths", .serialized,
-       .enabled(if: ProcessInfo.processInfo.environment["P2P_STORIES"] != nil))
+/// Ten repetitions each in the default run; `P2P_STORIES=N` tells each story N times (20 as
+/// issue 22 asks).
+///
+/// Found by it: peers that joined together through one seed met only the seed (none was in
+/// its map yet) and stayed apart until the periodic refresh — a survivor asked for a key knew
+/// nobody but a dead peer; and a peer whose ladder asked peers that had just died took the
+/// silence for unreachability and went relayed, out of every map.
+@Suite("Stories: updates and removes survive deaths", .serialized)
 struct StoryTests {
-    static let repetitions = ProcessInfo.processInfo.environment["P2P_STORIES"].flatMap { Int($0) }.map { max(1, min($0, 100)) } ?? 20
+    static let repetitions = ProcessInfo.processInfo.environment["P2P_STORIES"].flatMap { Int($0) }.map { max(1, min($0, 100)) } ?? 10
 
-    @Test("overwrite through another node, then kill the 5 closest to the key: a survivor reads the newest value; an entry protected by its owner, written twice and removed by the owner: nothing; put, remove, kill the 3 closest: nothing — P2P_STORIES times each (20 unless a number), side by side")
+    @Test("overwrite through another node, then kill the 5 closest to the key: a survivor reads the newest value; an entry protected by its owner, written twice and removed by the owner: nothing; put, remove, kill the 3 closest: nothing — 10 times each (P2P_STORIES=N: N), side by side")
     func stories() throws {
         let alice = temporaryPath("story-alice.key")
         #expect(try P2PTool.run(["keygen", alice]).code == 0)
@@ -127,10 +129,11 @@ struct StoryTests {
                 let put = try P2PTool.run(["put"] + cluster.via(via) + [key, value])
                 if put.code != 0 { problems.append("\(r): put \(value): \(put.out) \(put.err)") }
             }
+            let order = cluster.closest(to: key, count: 8).map { "\($0.id)".prefix(8) }
             cluster.kill(cluster.closest(to: key, count: 5))
             let got = try P2PTool.run(["get"] + cluster.via(reader) + [key])
             let value = got.out.trimmingCharacters(in: .whitespacesAndNewlines)
-            if got.code != 0 || value != "v2 of \(r)" { problems.append("\(r): read exit \(got.code), \(value.isEmpty ? got.err : value)") }
+            if got.code != 0 || value != "v2 of \(r)" { problems.append("\(r): read exit \(got.code), \(value) \(got.err) order \(order) reader \("\(reader.id)".prefix(8))") }
             try cluster.grow(by: 5)
         }
         return problems
@@ -168,10 +171,10 @@ struct StoryTests {
             let put = try P2PTool.run(["put"] + cluster.via(others[0]) + [key, "gone \(r)"])
             if put.code != 0 { problems.append("\(r): put: \(put.out) \(put.err)") }
             let removed = try P2PTool.run(["remove"] + cluster.via(others[1]) + [key])
-            if removed.code != 0 { problems.append("\(r): remove: \(removed.out) \(removed.err)") }
+            if removed.code != 0 { problems.append("\(r): remove: \(removed.out) \(removed.err) put: \(put.out)") }
             cluster.kill(cluster.closest(to: key, count: 3))
             let got = try P2PTool.run(["get"] + cluster.via(others[2]) + [key])
-            if got.code != 1 { problems.append("\(r): read exit \(got.code), \(got.out)") }
+            if got.code != 1 { problems.append("\(r): read exit \(got.code), \(got.out) \(got.err) put: \(put.out) removed: \(removed.out) \(removed.err)") }
             try cluster.grow(by: 3)
         }
         return problems

@@ -158,4 +158,56 @@ struct SimulatedNATTests {
             }
         }
     }
+
+    @Test("peers that join together through one seed meet one another once they are routable, long before the periodic neighbourhood refresh")
+    func jointJoinersMeet() async throws {
+        let net = SimulatedNetwork(seed: 53, conditions: LinkConditions(latency: .uniform(.milliseconds(20), .milliseconds(120))))
+        defer { net.stop() }
+        try await net.run {
+            var cfg = NATConfig()
+            cfg.mode = .auto
+            let seed = try await net.node().nat(cfg).start()
+            // Ten peers started at once, each firewalled until its ladder says otherwise (as
+            // `p2p node` with --bootstrap), each joining through the seed: none is in the seed's
+            // map yet while the others join, so their joins meet only the seed.
+            var joiners: [Node] = []
+            for _ in 0..<10 { joiners.append(try await net.node().nat(cfg).flags([.firewalledUDP, .firewalledTCP]).start()) }
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for n in joiners { group.addTask { _ = try await n.bootstrap(to: seed.address.socket) } }
+                try await group.waitForAll()
+            }
+            let everyone = Set(([seed] + joiners).map(\.peerID))
+            func missing(_ n: Node) -> Int { everyone.subtracting([n.peerID]).subtracting(n.peerMap.verifiedPeers.map(\.id)).count }
+            // Well within the periodic refresh (60 s): every peer knows every other one.
+            let met = try await SimulatedNATTests.eventually(net, seconds: 20) { joiners.allSatisfy { missing($0) == 0 } }
+            #expect(met, "peers missing from joiners' maps: \(joiners.map(missing))")
+            #expect(joiners.allSatisfy { $0.nat.report?.method == .direct }, "\(joiners.map { $0.nat.report?.summary ?? "no verdict" })")
+            for n in [seed] + joiners { await n.shutdown() }
+        }
+    }
+
+    @Test("a ladder whose probers all fail to answer gives no verdict: a reachable peer stays reachable and takes no relays")
+    func probersThatDoNotAnswer() async throws {
+        let net = SimulatedNetwork(seed: 59, conditions: LinkConditions(latency: .uniform(.milliseconds(20), .milliseconds(120))))
+        defer { net.stop() }
+        try await net.run {
+            // Two peers that answer one probe-back request each, then refuse every other (as if
+            // swamped, or gone between the observation and the probe).
+            let t = try await Testnet.start(peers: 2, network: net, configure: { _, c in
+                c.limits.probesPerSecond = 0
+                c.limits.probeBurst = 1
+            })
+            let n = try await net.node().requestTimeout(.seconds(2)).nat(SimulatedNATTests.natConfig()).start()
+            try await n.bootstrap(to: t.nodes[0].address.socket)
+            let first = try await n.nat.makeReachable()
+            #expect(first.method == .direct, "\(first.summary)")
+            await #expect(throws: NATError.noProbeAnswer) { try await n.nat.makeReachable() }
+            let me = n.address
+            #expect(me.flags.isDisjoint(with: [.firewalledUDP, .firewalledTCP, .relayed]), "flags \(me.flags)")
+            #expect(me.relays.isEmpty)
+            #expect(n.nat.report?.method == .direct)
+            await n.shutdown()
+            await t.shutdown()
+        }
+    }
 }

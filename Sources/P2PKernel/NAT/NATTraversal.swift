@@ -173,6 +173,8 @@ public enum NATError: Error, Sendable, Equatable, CustomStringConvertible {
     case noPeers
     /// No peer answered an observation.
     case noObservation
+    /// No peer answered a request to probe us back: nothing was learnt about our reachability.
+    case noProbeAnswer
     case stopped
     /// An exchange ended without an answer or an error (its connection went away first).
     case abandoned
@@ -181,6 +183,7 @@ public enum NATError: Error, Sendable, Equatable, CustomStringConvertible {
         case .abandoned: "the exchange ended without an answer"
         case .noPeers: "no verified peer to ask how this node is seen: bootstrap first"
         case .noObservation: "no peer said how it sees this node"
+        case .noProbeAnswer: "no peer answered a request to probe this node back"
         case .stopped: "the node stopped"
         }
     }
@@ -309,6 +312,11 @@ public final class NATTraversal: @unchecked Sendable {
         step("probe observed \(c.udpPort)/\(c.tcpPort)", tProbe, direct.outcome)
         let mapping = await mapped
         if mayMap { step("port mapping", tProbe, mapping?.outcome ?? "not tried") }
+        // No prober answered (they left, or are swamped): that says nothing about us. The last
+        // verdict stands and the ladder runs again soon — calling ourselves unreachable here
+        // took healthy peers on loopback out of every map (they went relayed) when the peers
+        // they asked had just died.
+        if direct.answered == 0, mapping?.mapper == nil { throw NATError.noProbeAnswer }
 
         var report = ReachabilityReport(reachable: false, method: .none, external: external, natType: c.type, observations: observations,
                                         mappings: [], relays: [], steps: steps, elapsed: .zero)
@@ -442,6 +450,8 @@ public final class NATTraversal: @unchecked Sendable {
     private struct ProbeOutcome: Sendable {
         var udp = false
         var tcp = false
+        /// Probers that answered (sent their probes, whether or not they arrived).
+        var answered = 0
         var outcome = "no answer"
     }
 
@@ -458,6 +468,7 @@ public final class NATTraversal: @unchecked Sendable {
             for await (p, r) in group {
                 switch r {
                 case .success(let v):
+                    out.answered += 1
                     out.udp = out.udp || v.udp
                     out.tcp = out.tcp || v.tcp
                     notes.append("via \(p.socket.ip)\(v.prober.map { $0.id != p.id ? " (sent by \($0.socket.ip))" : "" } ?? ""): udp \(v.udp ? "arrived" : "lost"), tcp \(v.tcp ? "arrived" : "lost")")
@@ -513,7 +524,10 @@ public final class NATTraversal: @unchecked Sendable {
                 if relays.isEmpty { me.flags.remove(.relayed) } else { me.flags.insert(.relayed) }
             }
             guard me != node.kernel.me else { return }
+            let firewalled: PeerFlags = [.firewalledUDP, .firewalledTCP]
+            let becameRoutable = !node.kernel.me.flags.isDisjoint(with: firewalled) && me.flags.isDisjoint(with: firewalled)
             node.kernel.announce(me)
+            if becameRoutable { node.kernel.becameRoutable() }
             var told = 0
             for peer in node.peerMap.verifiedPeers where told < 64 && (!node.kernel.sessions.enabled || node.kernel.sessions.table.slot(peer: peer.id) != nil) {
                 node.kernel.rpc.sendFireAndForget(to: peer, command: node.kernel.commands.ping)

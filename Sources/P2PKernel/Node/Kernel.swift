@@ -55,7 +55,7 @@ final class Kernel: TransportEvents, @unchecked Sendable {
     var running = true
     var stopping = false
     var maintenanceTask: RepeatedTask?
-    var refreshTask: RepeatedTask?
+    var refreshTask: Scheduled<Void>?
     /// The seed this node joined through, as it answered. A lookup whose map offers nobody
     /// starts there: a seed that has just started may still call itself firewalled (its NAT
     /// ladder has not finished), which keeps it out of our map, yet it answered us.
@@ -158,14 +158,44 @@ final class Kernel: TransportEvents, @unchecked Sendable {
         // nothing else would bring them back, since neither side contacts the other — and
         // peers that joined near us without asking us. Replication decides replica sets from
         // this neighbourhood, so a hole in it makes copies travel back and forth.
-        // (The first one at a random moment of the interval: peers started together spread out.)
         guard let every = config.neighbourhoodRefresh, every > .zero else { return }
-        let period = TimeAmount(every)
+        scheduleRefresh(after: TimeAmount(min(every, Self.firstRefresh)))
+    }
+
+    /// The first look at our neighbourhood after the start, and again after one that changed it
+    /// (doubling up to `NodeConfig.neighbourhoodRefresh`): peers that joined at the same moment
+    /// through one seed each met only the seed; a lookup a moment later, through the seed that
+    /// now knows them all, makes them meet (otherwise not before the next full period — and a
+    /// node whose only peer then died stayed alone with clients asking it).
+    static let firstRefresh = Duration.seconds(2)
+
+    /// We have just become routable (a reachability verdict dropped our firewalled flags): we
+    /// look ourselves up at once, so that the peers near us — which kept us out of their maps
+    /// until now — take us in, and we meet those that became routable before us. On the loop.
+    func becameRoutable() {
+        guard running, config.neighbourhoodRefresh != nil else { return }
+        refreshTask?.cancel()
+        scheduleRefresh(after: .zero)
+    }
+
+    /// Schedules the next neighbourhood refresh `delay` (±25 %, so that peers started together
+    /// spread out) from now. On the loop.
+    private func scheduleRefresh(after delay: TimeAmount) {
+        guard running, let every = config.neighbourhoodRefresh else { return }
         var rng = node.random.generator
-        let first = TimeAmount.nanoseconds(Int64.random(in: 0...max(0, period.nanoseconds), using: &rng))
-        refreshTask = eventLoop.scheduleRepeatedTask(initialDelay: first, delay: period) { [self] _ in
-            guard running, node.peerMap.counts.verified > 0 else { return }
-            _ = node.lookup(node.peerID)
+        let jitter = delay.nanoseconds / 4
+        let at = TimeAmount.nanoseconds(delay.nanoseconds + Int64.random(in: -jitter...jitter, using: &rng))
+        refreshTask = eventLoop.scheduleTask(in: at) { [self] in
+            guard running else { return }
+            let period = TimeAmount(every)
+            let k = config.routing.resultSize
+            guard node.peerMap.counts.verified > 0 || seed != nil else { return scheduleRefresh(after: period) }
+            let before = node.peerMap.closest(to: peerID, count: k).map(\.id)
+            node.lookup(peerID).whenComplete { [self] _ in
+                let after = node.peerMap.closest(to: peerID, count: k).map(\.id)
+                // Changed: look again soon (twice the last wait); settled: the full period.
+                scheduleRefresh(after: after != before ? min(period, max(TimeAmount(Self.firstRefresh), delay * 2)) : period)
+            }
         }
     }
 
