@@ -72,7 +72,7 @@ struct LookupCommand: AsyncParsableCommand {
         // every map it entered once it exits).
         let node = try await startNode(try identity.apply(to: Node.builder().host("0.0.0.0").port(0).flags([.firewalledUDP, .firewalledTCP])))
         do {
-            try await node.bootstrap(to: seeds)
+            try await node.bootstrap(to: seeds, fill: false)
             let result = try await node.closestPeers(to: target)
             print("key \(target)")
             for (i, p) in result.peers.enumerated() {

@@ -47,12 +47,10 @@ struct DHTClientOptions: ParsableArguments {
         // A client is never routed to: it says so, and stays out of peer maps.
         let node = try await startNode(try identity.apply(to: Node.builder().host("0.0.0.0").port(0).flags([.firewalledUDP, .firewalledTCP]).plugins(BuiltInPlugins.client)))
         do {
-            // A full join even for one question: the peers it meets (and the round trips it
-            // measures) are what the command's lookup draws on. Meeting the seed alone was
-            // faster with dead peers about (0.4–0.8 s instead of 1.2–1.6 s through 12 nodes
-            // with 5 dead), but on a busy machine the lookup then heard back from too few of
-            // the living in time, and a get read one or two replicas: stale or nothing.
-            try await node.bootstrap(to: seeds)
+            // One question needs no place in the overlay: the seed answers, and the command's
+            // own lookup starts there (a full join's lookups of our id and of empty buckets
+            // only add waits on whatever dead peers the seed still lists).
+            try await node.bootstrap(to: seeds, fill: false)
             let value = try await body(node)
             await node.shutdown()
             return value
