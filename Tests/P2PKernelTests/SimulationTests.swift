@@ -288,4 +288,34 @@ struct SimulationTests {
         #expect(Set(runs).count == runs.count, "\(runs.count - Set(runs).count) requests were carried out twice")
         #expect(answered >= 228, "only \(answered) of 240 answered")
     }
+
+    @Test("a neighbour that vanished without a word is dropped within seconds by the neighbour watch; at 2 % loss, no living neighbour is dropped in five minutes")
+    func neighbourWatch() async throws {
+        let net = SimulatedNetwork(seed: 61, conditions: LinkConditions(latency: .uniform(.milliseconds(20), .milliseconds(120)), loss: 0.02))
+        defer { net.stop() }
+        try await net.run {
+            let t = try await Testnet.start(peers: 40, network: net, configure: { _, c in c.maintenanceInterval = .seconds(1) })
+            let watcher = t.nodes[0]
+            let clock = NodeClock(loop: net.loop)
+            var dropped: [Number160] = []
+            let near = watcher.peerMap.closest(to: watcher.peerID, count: 12).map(\.id)
+            try #require(near.count == 12)
+            // Five minutes of 2 % loss: every watched neighbour is alive, none may go.
+            for _ in 0..<300 {
+                try await clock.sleep(for: .seconds(1))
+                for id in near where !watcher.peerMap.contains(id) && !dropped.contains(id) { dropped.append(id) }
+            }
+            #expect(dropped.isEmpty, "\(dropped.count) living neighbours dropped")
+            // The closest neighbour vanishes: gone from the map within 10 s (the routine check
+            // of a peer up for five minutes comes after minutes).
+            let victim = try #require(t.nodes.first { $0.peerID == near[0] })
+            net.disconnect(try #require(net.host(at: victim.address.socket.ip)))
+            let start = net.elapsed
+            while watcher.peerMap.contains(victim.peerID), net.elapsed - start < .seconds(60) {
+                try await clock.sleep(for: .milliseconds(100))
+            }
+            #expect(!watcher.peerMap.contains(victim.peerID))
+            #expect(net.elapsed - start <= .seconds(10), "dropped after \(net.elapsed - start)")
+        }
+    }
 }

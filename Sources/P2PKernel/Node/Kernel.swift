@@ -56,6 +56,8 @@ final class Kernel: TransportEvents, @unchecked Sendable {
     var stopping = false
     var maintenanceTask: RepeatedTask?
     var refreshTask: Scheduled<Void>?
+    /// Watched neighbours and when each was last pinged (uptime ns): see `watchNeighbours`.
+    var watched: [Number160: UInt64] = [:]
     /// The seed this node joined through, as it answered. A lookup whose map offers nobody
     /// starts there: a seed that has just started may still call itself firewalled (its NAT
     /// ladder has not finished), which keeps it out of our map, yet it answered us.
@@ -152,6 +154,7 @@ final class Kernel: TransportEvents, @unchecked Sendable {
                 paths.learnRoute(peer)
                 _ = rpc.requestOnLoop(target: peer.socket, expectedID: peer.id, command: commands.ping, payload: [], transport: .udp, timeout: nil)
             }
+            watchNeighbours()
         }
         // The neighbourhood heals by itself: a lookup of our own id now and then meets again
         // the peers near us that a partition or a lossy minute made us (and them) drop —
@@ -160,6 +163,42 @@ final class Kernel: TransportEvents, @unchecked Sendable {
         // this neighbourhood, so a hole in it makes copies travel back and forth.
         guard let every = config.neighbourhoodRefresh, every > .zero else { return }
         scheduleRefresh(after: TimeAmount(min(every, Self.firstRefresh)))
+    }
+
+    /// Pings the `NodeConfig.watchedNeighbours` closest peers not pinged for
+    /// `neighbourWatchInterval`; one that answers none of a ping's resends within
+    /// `neighbourWatchTimeout` is dropped at once (the resends make a lost datagram no reason:
+    /// at 2 % loss all of them are lost once in millions). On the loop.
+    private func watchNeighbours() {
+        guard config.watchedNeighbours > 0 else { watched.removeAll(); return }
+        let now = clock.uptimeNanoseconds
+        let every = UInt64(max(0, TimeAmount(config.neighbourWatchInterval).nanoseconds))
+        let near = node.peerMap.closest(to: peerID, count: config.watchedNeighbours)
+        // Only the current neighbours are remembered: the table stays as small as the watch.
+        var next: [Number160: UInt64] = [:]
+        for peer in near {
+            if let last = watched[peer.id], now &- last < every {
+                next[peer.id] = last
+                continue
+            }
+            next[peer.id] = now
+            paths.learnRoute(peer)
+            rpc.requestOnLoop(target: peer.socket, expectedID: peer.id, command: commands.ping, payload: [], transport: .udp,
+                              timeout: config.neighbourWatchTimeout).whenFailure { [self] error in
+                guard running else { return }
+                switch error {
+                case RPCError.timeout, RPCError.unreachable: break
+                default: return
+                }
+                // The engine counted one failure; a watched neighbour that let every resend go
+                // unanswered is gone (removal bans it from hearsay for a while, not from coming
+                // back by itself).
+                for _ in 0..<config.peerMap.offlineAfterFailures {
+                    if node.peerMap.peerFailed(peer.id) { break }
+                }
+            }
+        }
+        watched = next
     }
 
     /// The first look at our neighbourhood after the start, and again after one that changed it

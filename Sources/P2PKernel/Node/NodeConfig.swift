@@ -47,6 +47,14 @@ public struct NodeConfig: Sendable {
     /// for the bucket that matters most (replica sets are decided there). About 20 messages a
     /// time; nil: never.
     public var neighbourhoodRefresh: Duration? = .seconds(60)
+    /// The closest verified peers maintenance watches (with maintenance on): the peers whose
+    /// replica sets overlap ours. Each is pinged when `neighbourWatchInterval` has passed since
+    /// the last, and one that leaves a ping unanswered through all its resends (`neighbourWatchTimeout`)
+    /// is dropped at once — replication then repairs what it held within seconds instead of at
+    /// its next routine check (minutes for a long-lived peer). 0: none.
+    public var watchedNeighbours = 12
+    public var neighbourWatchInterval: Duration = .seconds(2)
+    public var neighbourWatchTimeout: Duration = .seconds(2)
     /// The event loops the node runs on; every node in a process shares the singleton by default.
     public var eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
     public var logger = Logger(label: "swiftp2p.node")
