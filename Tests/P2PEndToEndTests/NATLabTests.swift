@@ -223,6 +223,23 @@ struct NATLabTests {
         #expect(send.out.contains("\(id) got: again"), "send after the reverse connection: \(send.out) \(send.err)")
     }
 
+    @Test("case 4, found at once: a send from a public client to a freshly relayed peer's id is answered by that peer, not by a neighbour — P2P_NAT_TRIALS times, each a new node")
+    func relayedFoundAtOnce() throws {
+        let world = try World(extra: 3)
+        defer { world.close() }
+        var ms: [Double] = []
+        for i in 0..<NATLabTests.trials {
+            let (node, id, _) = try NATLabTests.natedNode(world, port: UInt16(4200 + i), expect: "relayed via")
+            defer { node.stop() }
+            // The moment the node logged "relayed via": the send starts then.
+            let began = Date()
+            let send = try P2PTool.run(launcher: world.lab.launcher(world.lab.pub), ["send", "--bootstrap", world.seed, "--replicas", "1", id, "hello \(i)"])
+            ms.append(Date().timeIntervalSince(began) * 1000)
+            #expect(send.code == 0 && send.out.contains("\(id) got: hello \(i)"), "trial \(i): answered by \(send.out) \(send.err)")
+        }
+        print(NATLabTests.summary("case 4 send after relayed", ms, of: "'relayed via' to the answer"))
+    }
+
     /// The milliseconds in a node's line `direct path to ID over TRANSPORT by METHOD (ADDRESS…, N ms)`.
     static func pathMilliseconds(_ output: String, _ prefix: String) -> Double? {
         guard let start = output.range(of: prefix) else { return nil }
