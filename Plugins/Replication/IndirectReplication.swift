@@ -183,11 +183,17 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
             case nil:
                 return
             case .peers(let newPeers):
-                // A peer that joined gets at once what it is now a replica (or the root) of.
+                // A peer that joined gets at once what it is now a replica (or the root) of —
+                // from the closest of the set's other members only: every member pushing the
+                // same copy at once sent it up to five times (the timer repairs what that one
+                // misses, and a member found dead makes the others look at once).
                 let fresh = Set(newPeers.map(\.id))
                 for location in node.registry.storageBackend?.storedLocations() ?? [] {
-                    let targets = plan(node, location).targets.filter { fresh.contains($0.id) }
-                    if !targets.isEmpty { await syncAll(location, to: targets, spares: [], node: node) }
+                    let members = plan(node, location).targets
+                    let targets = members.filter { fresh.contains($0.id) }
+                    guard !targets.isEmpty,
+                          !members.contains(where: { !fresh.contains($0.id) && location.isCloser($0.id, than: node.peerID) }) else { continue }
+                    await syncAll(location, to: targets, spares: [], node: node)
                 }
             case .location(let location, let job):
                 await visit(location, job: job, node: node)
