@@ -294,7 +294,10 @@ struct SimulationTests {
         let net = SimulatedNetwork(seed: 61, conditions: LinkConditions(latency: .uniform(.milliseconds(20), .milliseconds(120)), loss: 0.02))
         defer { net.stop() }
         try await net.run {
-            let t = try await Testnet.start(peers: 40, network: net, configure: { _, c in c.maintenanceInterval = .seconds(1) })
+            let t = try await Testnet.start(peers: 40, network: net, configure: { _, c in
+                c.maintenanceInterval = .seconds(1)
+                c.watchedNeighbours = 12
+            })
             let watcher = t.nodes[0]
             let clock = NodeClock(loop: net.loop)
             var dropped: [Number160] = []
