@@ -56,6 +56,8 @@ final class Kernel: TransportEvents, @unchecked Sendable {
     var stopping = false
     var maintenanceTask: RepeatedTask?
     var refreshTask: Scheduled<Void>?
+    /// Counts the refresh chains `becameRoutable` replaced (see there).
+    var refreshChain = 0
     /// Watched neighbours and when each was last pinged (uptime ns): see `watchNeighbours`.
     var watched: [Number160: UInt64] = [:]
     /// The seed this node joined through, as it answered. A lookup whose map offers nobody
@@ -214,6 +216,9 @@ final class Kernel: TransportEvents, @unchecked Sendable {
     func becameRoutable() {
         guard running, config.neighbourhoodRefresh != nil else { return }
         refreshTask?.cancel()
+        // A refresh lookup still running belongs to the chain replaced here: it must not
+        // schedule another (two chains would refresh twice as often, for ever).
+        refreshChain &+= 1
         scheduleRefresh(after: .zero)
     }
 
@@ -224,6 +229,7 @@ final class Kernel: TransportEvents, @unchecked Sendable {
         var rng = node.random.generator
         let jitter = delay.nanoseconds / 4
         let at = TimeAmount.nanoseconds(delay.nanoseconds + Int64.random(in: -jitter...jitter, using: &rng))
+        let chain = refreshChain
         refreshTask = eventLoop.scheduleTask(in: at) { [self] in
             guard running else { return }
             let period = TimeAmount(every)
@@ -231,6 +237,7 @@ final class Kernel: TransportEvents, @unchecked Sendable {
             guard node.peerMap.counts.verified > 0 || seed != nil else { return scheduleRefresh(after: period) }
             let before = node.peerMap.closest(to: peerID, count: k).map(\.id)
             node.lookup(peerID).whenComplete { [self] _ in
+                guard chain == refreshChain else { return }
                 let after = node.peerMap.closest(to: peerID, count: k).map(\.id)
                 // Changed: look again soon (twice the last wait); settled: the full period.
                 scheduleRefresh(after: after != before ? min(period, max(TimeAmount(Self.firstRefresh), delay * 2)) : period)
