@@ -238,14 +238,22 @@ struct ChurnSim {
 
     /// Waits until replication has been quiet for five intervals — longer than a peer waits
     /// before offering a location again to a peer it brought up to date (three rounds), so the
-    /// dead are noticed first — at most 180 s; how long it took.
+    /// dead are noticed first — at most 180 s; how long it took. (`P2P_SETTLE_TRACE` set: what
+    /// replication did, every 10 s.)
     private func settle() async throws -> Double {
         let start = runtime.now()
         var last = policies.sent.activity
         var quietSince = runtime.now()
         let quiet = Double(policies.interval.components.seconds) * 1000 + Double(policies.interval.components.attoseconds) / 1e15
+        let trace = ProcessInfo.processInfo.environment["P2P_SETTLE_TRACE"] != nil
+        var traced = (at: 0.0, stats: policies.total)
         while runtime.milliseconds(since: start) < 180_000 {
             try await runtime.sleep(for: .milliseconds(200))
+            if trace, runtime.milliseconds(since: start) - traced.at >= 10_000 {
+                let t = policies.total, b = traced.stats
+                note("settle +\(Int(runtime.milliseconds(since: start) / 1000)) s: offers \(t.offers - b.offers) keys \(t.keysOffered - b.keysOffered) failed \(t.failedOffers - b.failedOffers) values \(t.valuesSent - b.valuesSent) failedPuts \(t.failedPuts - b.failedPuts) handedOver \(t.handedOver - b.handedOver) lookups \(t.lookups - b.lookups)")
+                traced = (runtime.milliseconds(since: start), t)
+            }
             let now = policies.sent.activity
             if now != last {
                 last = now

@@ -293,11 +293,15 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
         if metrics != nil || routedKind == .udp { pending[id]?.sent = clock.now }
         transmit(plain, to: target, expected: expectedID, over: routedKind, requestID: id)
         if routedKind == .udp {
-            // Re-sent after about a round trip, then at doubling intervals, until the deadline:
-            // datagrams get lost, and so may the FINISH of a fresh session. A re-sent request is
-            // sealed anew, so the peer answers it.
+            // Re-sent after about a round trip, then at doubling intervals up to a quarter of
+            // the timeout, until the deadline: datagrams get lost, and so may the FINISH of a
+            // fresh session. A re-sent request is sealed anew, so the peer answers it. (Four
+            // resends or so fit a timeout: at 2 % loss each way, a request whose three sends
+            // were all lost — one in 16,000 — made a live peer look dead now and then to a node
+            // asking thousands a minute; five sends, one in 10 million.)
             let first = min(rtt.timeout(ceiling: kernel.udpRetryAfter), TimeAmount(total / 2))
-            resend(id, after: first, deadline: clock.now + TimeAmount(total), total: total)
+            let cap = min(TimeAmount(kernel.udpRetryAfter), max(first, TimeAmount(total / 4)))
+            resend(id, after: first, cap: cap, deadline: clock.now + TimeAmount(total), total: total)
         } else {
             pending[id]?.timer = eventLoop.scheduleTask(in: TimeAmount(total)) { [self] in
                 timedOut(id, after: total)
@@ -314,7 +318,7 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
         rtt.timeout(ceiling: kernel.udpRetryAfter)
     }
 
-    private func resend(_ id: UInt32, after interval: TimeAmount, deadline: NIODeadline, total: Duration, attempt: Int = 1) {
+    private func resend(_ id: UInt32, after interval: TimeAmount, cap: TimeAmount, deadline: NIODeadline, total: Duration, attempt: Int = 1) {
         let next = clock.now + interval
         guard next < deadline else {
             pending[id]?.timer = eventLoop.scheduleTask(deadline: deadline) { [self] in timedOut(id, after: total) }
@@ -333,7 +337,7 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
             }
             pending[id]?.resent = true
             transmit(p.plaintext, to: p.target, expected: p.expected, over: .udp, requestID: id)
-            resend(id, after: min(interval * 2, TimeAmount(kernel.udpRetryAfter)), deadline: deadline, total: total, attempt: attempt + 1)
+            resend(id, after: min(interval * 2, cap), cap: cap, deadline: deadline, total: total, attempt: attempt + 1)
         }
     }
 
