@@ -254,33 +254,38 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
     }
 
     /// Syncs a location to its targets at once (a dead target costs one timeout, not one each).
-    /// A target that does not answer the offer is replaced by the next closest spare, so a
-    /// replica set whose members died keeps its copies before the peer map has noticed (which
-    /// takes `offlineAfterFailures` failed requests).
+    /// A target that does not answer the offer is replaced by the next closest spare the moment
+    /// it is given up (not when the slowest of the others is), so a replica set whose members
+    /// died keeps its copies before the peer map has noticed (which takes
+    /// `offlineAfterFailures` failed requests); and a target the map already doubts — it missed
+    /// a request lately — gets the next spare beside it from the start: while peers die, a
+    /// repair that waits out each dead target's timeout in turn loses to the next death.
+    /// (The spares are the next closest peers, within the hand-over rank: their copies stay
+    /// until the set is whole again and closer peers push them out.)
     /// Returns how many peers were brought fully up to date.
     @discardableResult
     private func syncAll(_ location: Number160, to targets: [PeerAddress], spares: [PeerAddress], node: Node) async -> Int {
-        var wave = targets
-        var spares = spares[...]
-        var complete = 0
-        while !wave.isEmpty {
-            let (missed, done) = await withTaskGroup(of: SyncOutcome.self) { group in
-                for t in wave { group.addTask { await self.sync(location, to: t, node: node) } }
-                var missed = 0, done = 0
-                for await outcome in group {
-                    switch outcome {
-                    case .unreachable: missed += 1
-                    case .complete: done += 1
-                    case .partial: break
-                    }
+        let pool = NIOLockedValueBox(spares[...])
+        @Sendable func nextSpare() -> PeerAddress? { pool.withLockedValue { $0.popFirst() } }
+        return await withTaskGroup(of: Int.self) { group in
+            for target in targets {
+                if (node.peerMap.failureCount(target.id) ?? 0) > 0, let beside = nextSpare() {
+                    group.addTask { await self.sync(location, to: beside, node: node) == .complete ? 1 : 0 }
                 }
-                return (missed, done)
+                group.addTask {
+                    var peer: PeerAddress? = target
+                    while let p = peer {
+                        switch await self.sync(location, to: p, node: node) {
+                        case .complete: return 1
+                        case .partial: return 0
+                        case .unreachable: peer = nextSpare()
+                        }
+                    }
+                    return 0
+                }
             }
-            complete += done
-            wave = Array(spares.prefix(missed))
-            spares = spares.dropFirst(wave.count)
+            return await group.reduce(0, +)
         }
-        return complete
     }
 
     /// Whether this peer's map can tell a location's replica set: the location lies closer to
