@@ -235,8 +235,10 @@ struct NativeBoundsTests {
         let host = net.nodes[0], caller = net.nodes[1], pinger = net.nodes[2]
         let slow = (0..<2).map { _ in
             // Over TCP: a UDP request is sent again after a second without a reply, and the copy
-            // would be a call of its own.
-            caller.request(to: host.address, command: CommandID.derive(from: "bounded.sleep"), payload: [.bytes(Array("8000".utf8))], transport: .tcp)
+            // would be a call of its own. (Blocked for 60 s: on a busy machine the twenty pings
+            // below took longer than the 8 s this once slept, and a call that had ended was
+            // missed by the check after them.)
+            caller.request(to: host.address, command: CommandID.derive(from: "bounded.sleep"), payload: [.bytes(Array("60000".utf8))], transport: .tcp)
         }
         #expect(await eventually { executor.runningCalls == 2 })
         // Both plugin threads are blocked in C; the node still answers every ping.
