@@ -33,6 +33,8 @@ final class Kernel: TransportEvents, @unchecked Sendable {
     let punch: HolePuncher
     let prober: Prober
     let commands = KernelCommandIDs()
+    /// Request, lookup and handshake timers: one heap, one loop task armed (see `KernelTimers`).
+    let timers: KernelTimers
     /// Bytes announced by TCP frames still arriving, over all connections.
     package let partialFrames: PartialFrameBudget
     /// What the per-message path reads of the configuration, copied once: `config` is read
@@ -82,6 +84,7 @@ final class Kernel: TransportEvents, @unchecked Sendable {
         self.transport = config.makeTransport?(loop, config, logger)
             ?? SocketTransport(eventLoop: loop, host: config.host, port: config.port, idleTimeout: config.tcpIdleTimeout,
                                limits: config.limits, logger: logger)
+        timers = KernelTimers(loop: loop)
         connections = ConnectionTable()
         paths = PathTable()
         sessions = SessionLayer(config: config, keyPair: keyPair, random: random, clock: clock)
@@ -274,6 +277,7 @@ final class Kernel: TransportEvents, @unchecked Sendable {
             punch.endAllPunches()
             paths.closeAll()
             connections.closeAll()
+            timers.stop()
             return transport.close()
         }
     }

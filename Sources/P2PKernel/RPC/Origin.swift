@@ -32,7 +32,7 @@ enum RelayVia {
 /// A request waiting for its reply.
 struct PendingRequest {
     let promise: EventLoopPromise<Message>
-    var timer: Scheduled<Void>?
+    var timer: KernelTimers.Handle?
     /// The id the reply must come from; zero when we do not know it yet (pinging an address).
     let expected: Number160
     /// The reply must come from here (UDP) or on the connection the request went out on (TCP).

@@ -114,7 +114,7 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
         }
         pending[reply.id] = nil
         releaseIfEmpty()
-        p.timer?.cancel()
+        kernel.timers.cancel(p.timer)
         if reply.type == .retryOverTCP, case .udp = origin {
             retryOverTCP(p)
             return
@@ -303,7 +303,7 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
             let cap = min(TimeAmount(kernel.udpRetryAfter), max(first, TimeAmount(total / 4)))
             resend(id, after: first, cap: cap, deadline: clock.now + TimeAmount(total), total: total)
         } else {
-            pending[id]?.timer = eventLoop.scheduleTask(in: TimeAmount(total)) { [self] in
+            pending[id]?.timer = kernel.timers.schedule(in: TimeAmount(total)) { [self] in
                 timedOut(id, after: total)
             }
         }
@@ -321,10 +321,10 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
     private func resend(_ id: UInt32, after interval: TimeAmount, cap: TimeAmount, deadline: NIODeadline, total: Duration, attempt: Int = 1) {
         let next = clock.now + interval
         guard next < deadline else {
-            pending[id]?.timer = eventLoop.scheduleTask(deadline: deadline) { [self] in timedOut(id, after: total) }
+            pending[id]?.timer = kernel.timers.schedule(at: deadline) { [self] in timedOut(id, after: total) }
             return
         }
-        pending[id]?.timer = eventLoop.scheduleTask(deadline: next) { [self] in
+        pending[id]?.timer = kernel.timers.schedule(at: next) { [self] in
             guard let p = pending[id], running else { return }
             // Through a relay that did not answer: the next one of the peer's relays. A punched
             // path that lost two sends in a row is given up: the relays carry it from now on.
@@ -345,7 +345,7 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
     func failRequest(_ id: UInt32, _ error: RPCError, peerFailed: Bool = false) {
         guard let p = pending.removeValue(forKey: id) else { return }
         releaseIfEmpty()
-        p.timer?.cancel()
+        kernel.timers.cancel(p.timer)
         if peerFailed, p.expected != .zero { peerMap.peerFailed(p.expected) }
         p.promise.fail(error)
     }
@@ -457,7 +457,7 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
         pending.removeAll()
         for id in waiting.keys.sorted() {
             guard let p = waiting[id] else { continue }
-            p.timer?.cancel()
+            kernel.timers.cancel(p.timer)
             p.promise.fail(RPCError.shutDown)
         }
     }

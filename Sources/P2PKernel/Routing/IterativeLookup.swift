@@ -163,7 +163,8 @@ final class IterativeLookup: @unchecked Sendable {
         let referred = candidates[index].referred
         node.kernel.paths.learnRoute(peer)
         let suspectAfter = node.kernel.rpc.suspectAfter()
-        let suspect = node.eventLoop.scheduleTask(in: suspectAfter) { [self] in
+        let timers = node.kernel.timers
+        let suspect = timers.schedule(in: suspectAfter) { [self] in
             guard !finished, state(of: peer.id) == .inFlight else { return }
             mark(peer.id, .slow)
             inFlight -= 1
@@ -178,7 +179,7 @@ final class IterativeLookup: @unchecked Sendable {
         node.kernel.rpc.requestOnLoop(target: peer.socket, expectedID: peer.id, command: node.kernel.commands.neighbors,
                            payload: request, transport: .auto, timeout: nil)
             .whenComplete { [self] result in
-                suspect.cancel()
+                timers.cancel(suspect)
                 switch state(of: peer.id) {
                 case .slow: waitingForSlow -= 1
                 case .failed: break  // given up on after its grace: already counted out
@@ -215,7 +216,7 @@ final class IterativeLookup: @unchecked Sendable {
     }
 
     private func giveUpWhenOthersAnswered(_ id: Number160, after delay: TimeAmount) {
-        node.eventLoop.scheduleTask(in: delay) { [self] in
+        node.kernel.timers.schedule(in: delay) { [self] in
             guard !finished, state(of: id) == .slow else { return }
             guard answered > 0 else { return giveUpWhenOthersAnswered(id, after: delay) }
             waitingForSlow -= 1

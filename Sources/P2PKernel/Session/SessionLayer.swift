@@ -25,8 +25,8 @@ struct OutboundHandshake {
     /// The TCP connection the INIT went out on (the RESPONSE must come back on it).
     let connection: (any PeerConnection)?
     var queue: [QueuedMessage]
-    var retransmit: Scheduled<Void>?
-    var expiry: Scheduled<Void>?
+    var retransmit: KernelTimers.Handle?
+    var expiry: KernelTimers.Handle?
 }
 
 /// The session layer of a node, between the wire codec and the transport: its sessions, the
@@ -68,8 +68,8 @@ final class SessionLayer: KernelPart, @unchecked Sendable {
     func closeAll() {
         for index in Array(handshakes.keys).sorted() {
             if let h = handshakes.removeValue(forKey: index) {
-                h.retransmit?.cancel()
-                h.expiry?.cancel()
+                kernel.timers.cancel(h.retransmit)
+                kernel.timers.cancel(h.expiry)
                 for item in h.queue { item.written?.fail(RPCError.shutDown) }
             }
         }
@@ -156,7 +156,7 @@ final class SessionLayer: KernelPart, @unchecked Sendable {
         handshakeKeys[key] = index
         sendINIT(index, retry: min(kernel.rpc.rtt.timeout(ceiling: kernel.udpRetryAfter), TimeAmount(kernel.requestTimeout / 4)))
         // No RESPONSE within a request's time: the peer did not answer, which counts against it.
-        handshakes[index]?.expiry = eventLoop.scheduleTask(in: TimeAmount(kernel.requestTimeout)) { [self] in
+        handshakes[index]?.expiry = kernel.timers.schedule(in: TimeAmount(kernel.requestTimeout)) { [self] in
             failHandshake(index, .timeout(peer: "\(target)", milliseconds: Int(kernel.requestTimeout.components.seconds * 1000
                 + kernel.requestTimeout.components.attoseconds / 1_000_000_000_000_000)), peerFailed: true)
         }
@@ -171,7 +171,7 @@ final class SessionLayer: KernelPart, @unchecked Sendable {
         case .udp:
             packet.writeBytes(h.crypto.initPacket)
             kernel.paths.emitUDP(packet, to: h.target, peer: h.crypto.expected, promise: nil)
-            handshakes[index]?.retransmit = eventLoop.scheduleTask(in: retry) { [self] in
+            handshakes[index]?.retransmit = kernel.timers.schedule(in: retry) { [self] in
                 sendINIT(index, retry: retry * 2)
             }
         case .tcp:
@@ -183,8 +183,8 @@ final class SessionLayer: KernelPart, @unchecked Sendable {
 
     private func removeHandshake(_ index: UInt64) -> OutboundHandshake? {
         guard let h = handshakes.removeValue(forKey: index) else { return nil }
-        h.retransmit?.cancel()
-        h.expiry?.cancel()
+        kernel.timers.cancel(h.retransmit)
+        kernel.timers.cancel(h.expiry)
         if handshakeKeys[h.key] == index { handshakeKeys[h.key] = nil }
         if handshakes.isEmpty, handshakes.capacity > 4 {
             // As with `kernel.rpc.pending`: bootstrap grows these, and an idle node need not keep the room.
