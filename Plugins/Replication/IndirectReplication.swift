@@ -439,9 +439,8 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
         // at once: about as small, and no second round trip when it differs.)
         let all = Self.allVersions(backend, location, now: now)
         if all.count >= Self.summaryFrom {
-            let reply = try? await node.request(to: peer, command: Self.summaryCommand,
-                                                payload: [.bytes(LocationSummary(all).encode(location: location))],
-                                                timeout: nil).get()
+            let reply = try? await node.requestPromptly(to: peer, command: Self.summaryCommand,
+                                                        payload: [.bytes(LocationSummary(all).encode(location: location))]).get()
             guard let reply, RPCError.from(reply: reply) == nil, case .integer(let differs)? = reply.payload.first else {
                 await noteUnanswered(peer, reply: reply, node: node)
                 return .unreachable
@@ -464,9 +463,11 @@ public final class IndirectReplication: ReplicationPolicy, Sendable {
                 break
             }
             after = last.key
-            let reply = try? await node.request(to: peer, command: Self.offerCommand,
-                                                payload: ReplicationOfferCommand.encode(versions),
-                                                timeout: nil).get()
+            // Asked promptly (a few of the peer's round trips, at least 1 s): a replica that
+            // died is replaced by a spare that much sooner, and a value whose holders die one
+            // after the other is copied before the last goes.
+            let reply = try? await node.requestPromptly(to: peer, command: Self.offerCommand,
+                                                        payload: ReplicationOfferCommand.encode(versions)).get()
             guard let reply, RPCError.from(reply: reply) == nil, case .keys640(let wanted)? = reply.payload.first else {
                 await noteUnanswered(peer, reply: reply, node: node)
                 return .unreachable

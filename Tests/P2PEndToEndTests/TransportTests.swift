@@ -36,6 +36,14 @@ struct Blob: CommandHandler {
     }
 }
 
+/// Answers 20 s later: a live peer that does not answer in time.
+struct Stall: CommandHandler {
+    let name = "test.stall"
+    func handle(_ request: Message, context: CommandContext) -> CommandResult {
+        .future(context.node.eventLoop.scheduleTask(in: .seconds(20)) { Reply() }.futureResult)
+    }
+}
+
 @Suite("Transport and RPC", .serialized)
 struct TransportTests {
     @Test("ping over UDP and over TCP reaches the peer and learns its id")
@@ -83,6 +91,34 @@ struct TransportTests {
         }
         await a.shutdown()
         await silent.close()
+    }
+
+    @Test("a prompt request gives a measured peer up after a few of its round trips; a peer never measured gets the full timeout")
+    func promptRequests() async throws {
+        let b = try await loopbackNode(timeout: .seconds(6)) { $0.command(Stall()) }
+        let a = try await loopbackNode(timeout: .seconds(6))
+        let silent = try await SilentPeer()
+        for _ in 0..<8 { _ = try await a.request(to: b.address, command: a.kernel.commands.ping, transport: .udp).get() }
+        let stall = CommandID.derive(from: Stall().name)
+        // Loopback answers in well under the 200 ms floor, so five round trips are about 1 s;
+        // a busy machine may stretch them, never past the request timeout.
+        let expected = try await a.eventLoop.submit { a.kernel.rpc.promptTimeout(b.peerID, atLeast: .seconds(1), roundTrips: 5) }.get()
+        #expect(expected >= .seconds(1) && expected < .seconds(6))
+        let expectedMs = Int(expected.components.seconds * 1_000 + expected.components.attoseconds / 1_000_000_000_000_000)
+        await #expect {
+            _ = try await a.requestPromptly(to: b.address, command: stall).get()
+        } throws: { error in
+            guard case RPCError.timeout(_, let ms) = error else { return false }
+            return ms == expectedMs
+        }
+        await #expect {
+            _ = try await a.requestPromptly(to: silent.address, command: stall).get()
+        } throws: { error in
+            guard case RPCError.timeout(_, let ms) = error else { return false }
+            return ms == 6_000
+        }
+        await silent.close()
+        await a.shutdown(); await b.shutdown()
     }
 
     @Test("messages of another network are dropped")

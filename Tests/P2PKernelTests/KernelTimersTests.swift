@@ -81,3 +81,29 @@ struct KernelTimersTests {
         try await loop.submit { timers.stop() }.get()
     }
 }
+
+/// Round trips kept per peer: bounded, the first measured forgotten first, and each peer timed
+/// by its own.
+@Suite("Round trips per peer")
+struct PeerRoundTripsTests {
+    @Test("a near and a far peer get their own re-send times; a flood of peers keeps only the bound")
+    func perPeerAndBounded() {
+        var table = PeerRoundTrips(capacity: 100)
+        let near = Number160(hashing: "near"), far = Number160(hashing: "far")
+        for _ in 0..<20 {
+            table.sample(near, .milliseconds(10))
+            table.sample(far, .milliseconds(400))
+        }
+        let ceiling = Duration.seconds(1)
+        // The near one at the floor (200 ms), the far one above its round trip.
+        #expect(table[near]?.timeout(ceiling: ceiling) == .nanoseconds(RTTEstimator.floor))
+        let farTimeout = table[far]?.timeout(ceiling: ceiling).nanoseconds ?? 0
+        #expect(farTimeout >= 400_000_000 && farTimeout < 1_000_000_000)
+        // 10,000 strangers answering once each: the table holds 100, the oldest gone first.
+        for i in 0..<10_000 { table.sample(Number160(hashing: "stranger \(i)"), .milliseconds(50)) }
+        #expect(table.count == 100)
+        #expect(table[near] == nil && table[far] == nil)
+        #expect(table[Number160(hashing: "stranger 9999")] != nil)
+        #expect(table[Number160(hashing: "stranger 9899")] == nil)
+    }
+}

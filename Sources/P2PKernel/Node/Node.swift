@@ -237,6 +237,21 @@ public final class Node: @unchecked Sendable {
         }
     }
 
+    /// `request` to a known peer, given up after a few of the peer's own round trips: `roundTrips`
+    /// times its retransmission time (its smoothed round trip plus four deviations, at least
+    /// 200 ms), at least `atLeast`, at most the request timeout. For checks where learning soon
+    /// that a peer is gone is worth more than a late answer — replication asking a replica
+    /// whether it is up to date — and that are cheap to ask again. A peer this node never
+    /// measured gets the full request timeout. The re-sends inside follow its round trip too.
+    public func requestPromptly(to peer: PeerAddress, command: UInt16, payload: [Payload] = [],
+                                atLeast: Duration = .seconds(1), roundTrips: Int = 5) -> EventLoopFuture<Message> {
+        onLoop { [kernel] in
+            kernel.paths.learnRoute(peer)
+            let timeout = kernel.rpc.promptTimeout(peer.id, atLeast: atLeast, roundTrips: roundTrips)
+            return kernel.rpc.requestOnLoop(target: peer.socket, expectedID: peer.id, command: command, payload: payload, transport: .auto, timeout: timeout)
+        }
+    }
+
     /// Sends a request by command name; the reply's type is checked (`ok` or the matching error).
     public func request(to peer: PeerAddress, command name: String, payload: [Payload] = [],
                         transport: TransportChoice = .auto) async throws -> Message {

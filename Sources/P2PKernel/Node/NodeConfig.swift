@@ -232,6 +232,10 @@ public struct NodeLimits: Sendable {
     /// carried out twice (~100 bytes each, with answers up to 256 bytes). A node that gets more in
     /// 10 s forgets the oldest first: a copy of one of those may run again.
     public var maxRecentRequests = 4_096
+    /// Peers whose round trip a node keeps (~80 bytes each): the first re-send to a peer, and how
+    /// long a lookup waits before it suspects it, follow its own round trip. Past the bound the
+    /// peer measured first is forgotten (it is timed by the node-wide estimate again).
+    public var maxPeerRoundTrips = 2_048
     /// Peer joins and leaves logged per second; the rest are counted and summarised.
     public var peerEventLogsPerSecond = 10.0
 

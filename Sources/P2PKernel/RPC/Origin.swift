@@ -63,7 +63,7 @@ struct PendingRequest {
 struct RTTEstimator {
     private var srtt: Int64 = 0
     private var rttvar: Int64 = 0
-    private var samples = 0
+    private(set) var samples = 0
     /// Never sooner than this: a busy peer (or machine) answers late without anything being lost.
     static let floor: Int64 = 200_000_000
 
@@ -86,6 +86,33 @@ struct RTTEstimator {
         guard samples > 0 else { return .nanoseconds(max(Self.floor, cap / 2)) }
         return .nanoseconds(min(cap, max(Self.floor, srtt + 4 * rttvar)))
     }
+}
+
+/// Round-trip estimates per peer, bounded: a peer 10 ms away is asked again after the floor,
+/// one across the world after its own round trip — where one node-wide estimate re-sends to the
+/// far peers too soon and waits too long for the near ones. Confined to the node's event loop.
+struct PeerRoundTrips {
+    private var table: [Number160: RTTEstimator] = [:]
+    /// Peers in the order they were first measured: the oldest goes when the table is full.
+    private var order = Deque<Number160>()
+    let capacity: Int
+
+    init(capacity: Int) {
+        self.capacity = max(1, capacity)
+    }
+
+    var count: Int { table.count }
+
+    mutating func sample(_ peer: Number160, _ rtt: TimeAmount) {
+        if table[peer] == nil {
+            if table.count >= capacity, let oldest = order.popFirst() { table[oldest] = nil }
+            order.append(peer)
+        }
+        table[peer, default: RTTEstimator()].sample(rtt)
+    }
+
+    /// The peer's estimator, if it was measured.
+    subscript(_ peer: Number160) -> RTTEstimator? { table[peer] }
 }
 
 /// How a request travels.

@@ -18,6 +18,8 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
     var randomIDs: RandomPool
     /// The smoothed round trip of UDP requests: when to send one again.
     var rtt = RTTEstimator()
+    /// The same per peer (bounded): a peer's own round trip times its re-sends when known.
+    var peerRTT: PeerRoundTrips
     /// Handlers answering later (a future): in all, and per peer (by the top of its id).
     var handlersInFlight = 0
     var handlersPerPeer: [UInt64: Int] = [:]
@@ -28,6 +30,7 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
     init(random: RandomSource, limits: NodeLimits) {
         randomIDs = RandomPool(random)
         recent = RecentRequests(capacity: limits.maxRecentRequests)
+        peerRTT = PeerRoundTrips(capacity: limits.maxPeerRoundTrips)
     }
 
     func receivedPlaintext(_ buffer: ByteBuffer, remote: Endpoint, origin: Origin) {
@@ -125,7 +128,12 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
             return
         }
         noteContact(reply.sender)
-        if p.transport == .udp, !p.resent, case .udp = origin { rtt.sample(clock.now - p.sent) }
+        if p.transport == .udp, !p.resent, case .udp = origin {
+            // Karn: a reply to a request sent more than once says nothing of the round trip.
+            let r = clock.now - p.sent
+            rtt.sample(r)
+            if p.expected != .zero { peerRTT.sample(p.expected, r) }
+        }
         if let metrics {
             metrics.series(p.command, registry: registry.commands).latency.recordNanoseconds(Int64(clamping: (clock.now - p.sent).nanoseconds))
         }
@@ -299,7 +307,7 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
             // resends or so fit a timeout: at 2 % loss each way, a request whose three sends
             // were all lost — one in 16,000 — made a live peer look dead now and then to a node
             // asking thousands a minute; five sends, one in 10 million.)
-            let first = min(rtt.timeout(ceiling: kernel.udpRetryAfter), TimeAmount(total / 2))
+            let first = min(retryAfter(expectedID), TimeAmount(total / 2))
             let cap = min(TimeAmount(kernel.udpRetryAfter), max(first, TimeAmount(total / 4)))
             resend(id, after: first, cap: cap, deadline: clock.now + TimeAmount(total), total: total)
         } else {
@@ -316,6 +324,22 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
     /// with its variance as TCP does, between 200 ms and `udpRetryAfter`. On the event loop.
     func suspectAfter() -> TimeAmount {
         rtt.timeout(ceiling: kernel.udpRetryAfter)
+    }
+
+    /// When to send a request to `peer` again, or suspect it: its own retransmission time if
+    /// this node measured it, otherwise the node-wide one. On the event loop.
+    func retryAfter(_ peer: Number160) -> TimeAmount {
+        if peer != .zero, let r = peerRTT[peer] { return r.timeout(ceiling: kernel.udpRetryAfter) }
+        return rtt.timeout(ceiling: kernel.udpRetryAfter)
+    }
+
+    /// How long a prompt request waits for `peer`: `roundTrips` of its retransmission times,
+    /// at least `atLeast`, at most the request timeout — which is also what a peer never
+    /// measured gets (see `Node.requestPromptly`). On the event loop.
+    func promptTimeout(_ peer: Number160, atLeast: Duration, roundTrips: Int) -> Duration {
+        guard peer != .zero, let r = peerRTT[peer] else { return kernel.requestTimeout }
+        let wait = Duration.nanoseconds(r.timeout(ceiling: kernel.udpRetryAfter).nanoseconds) * max(1, roundTrips)
+        return min(kernel.requestTimeout, max(atLeast, wait))
     }
 
     private func resend(_ id: UInt32, after interval: TimeAmount, cap: TimeAmount, deadline: NIODeadline, total: Duration, attempt: Int = 1) {

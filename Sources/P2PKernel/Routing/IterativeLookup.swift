@@ -162,7 +162,7 @@ final class IterativeLookup: @unchecked Sendable {
         let depth = candidates[index].depth
         let referred = candidates[index].referred
         node.kernel.paths.learnRoute(peer)
-        let suspectAfter = node.kernel.rpc.suspectAfter()
+        let suspectAfter = node.kernel.rpc.retryAfter(peer.id)
         let timers = node.kernel.timers
         let suspect = timers.schedule(in: suspectAfter) { [self] in
             guard !finished, state(of: peer.id) == .inFlight else { return }

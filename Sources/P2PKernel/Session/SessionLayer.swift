@@ -154,7 +154,7 @@ final class SessionLayer: KernelPart, @unchecked Sendable {
         let crypto = InitiatorHandshake(network: networkID, index: index, expected: expected, random: random)
         handshakes[index] = OutboundHandshake(crypto: crypto, key: key, target: target, transport: kind, connection: connection, queue: [item])
         handshakeKeys[key] = index
-        sendINIT(index, retry: min(kernel.rpc.rtt.timeout(ceiling: kernel.udpRetryAfter), TimeAmount(kernel.requestTimeout / 4)))
+        sendINIT(index, retry: min(kernel.rpc.retryAfter(expected), TimeAmount(kernel.requestTimeout / 4)))
         // No RESPONSE within a request's time: the peer did not answer, which counts against it.
         handshakes[index]?.expiry = kernel.timers.schedule(in: TimeAmount(kernel.requestTimeout)) { [self] in
             failHandshake(index, .timeout(peer: "\(target)", milliseconds: Int(kernel.requestTimeout.components.seconds * 1000
