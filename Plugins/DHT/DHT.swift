@@ -901,14 +901,14 @@ final class FanOut<T: Sendable>: @unchecked Sendable {
                 // A peer that stays silent past the node's suspicion time frees its slot: the next
                 // candidate is asked at once (its answer still counts should it come), so a dead
                 // peer costs a round trip's worth of waiting, not a request timeout.
-                let suspect = peer.id == node.peerID ? nil : node.eventLoop.scheduleTask(in: node.suspectAfter()) { [self] in
+                let suspect = peer.id == node.peerID ? nil : node.scheduleTimer(in: node.suspectAfter()) { [self] in
                     guard !done, !settled.contains(index) else { return }
                     slow.insert(index)
                     inFlight -= 1
                     pump()
                 }
                 future.hop(to: node.eventLoop).whenComplete { [self] result in
-                    suspect?.cancel()
+                    node.cancelTimer(suspect)
                     settled.insert(index)
                     if slow.remove(index) == nil { inFlight -= 1 }
                     guard !done else { return }

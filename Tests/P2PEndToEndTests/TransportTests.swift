@@ -121,6 +121,26 @@ struct TransportTests {
         await a.shutdown(); await b.shutdown()
     }
 
+    @Test("a node's timers run on its loop once each; a cancelled one never runs; none after the node stops")
+    func nodeTimers() async throws {
+        let a = try await loopbackNode()
+        let ran = NIOLockedValueBox<[String]>([])
+        try await a.eventLoop.submit {
+            a.scheduleTimer(in: .milliseconds(30)) { ran.withLockedValue { $0.append("kept") } }
+            let dropped = a.scheduleTimer(in: .milliseconds(10)) { ran.withLockedValue { $0.append("cancelled") } }
+            a.cancelTimer(dropped)
+            a.scheduleTimer(in: .seconds(600)) { ran.withLockedValue { $0.append("after stop") } }
+        }.get()
+        var waited = 0
+        while ran.withLockedValue({ $0.isEmpty }), waited < 6_000 {
+            try await Task.sleep(for: .milliseconds(10))
+            waited += 1
+        }
+        await a.shutdown()
+        #expect(ran.withLockedValue { $0 } == ["kept"])
+        #expect(try await a.eventLoop.submit { a.kernel.timers.count }.get() == 0)
+    }
+
     @Test("messages of another network are dropped")
     func otherNetworkDropped() async throws {
         let a = try await loopbackNode(timeout: .milliseconds(300), network: 1)

@@ -15,7 +15,7 @@ import NIOCore
 final class KernelTimers: @unchecked Sendable {
     /// A scheduled action; cancel it with `cancel(_:)`.
     struct Handle: Hashable, Sendable {
-        fileprivate let raw: UInt64
+        let raw: UInt64
     }
 
     private struct Entry: Comparable {
@@ -34,7 +34,6 @@ final class KernelTimers: @unchecked Sendable {
     /// find nothing due, and leave).
     private var armed: NIODeadline?
     private var stopped = false
-
     init(loop: any EventLoop) {
         self.loop = loop
     }

@@ -176,6 +176,25 @@ public final class Node: @unchecked Sendable {
     /// node's event loop.
     public func suspectAfter() -> TimeAmount { kernel.rpc.suspectAfter() }
 
+    /// Runs `action` on the node's event loop after `delay`, unless cancelled first: as
+    /// `eventLoop.scheduleTask`, but cheap to cancel — the node's timers share one heap, where
+    /// NIO's loop cancels a task by searching every task scheduled on the loop (hundreds of
+    /// nodes on a few loops, each cancelling a timer per reply, drown in that search). For
+    /// timers that are mostly cancelled: suspicion times, deadlines per request. Call it on the
+    /// node's event loop; nothing runs once the node has stopped.
+    @discardableResult
+    public func scheduleTimer(in delay: TimeAmount, _ action: @escaping () -> Void) -> NodeTimer {
+        eventLoop.assertInEventLoop()
+        return NodeTimer(handle: kernel.timers.schedule(in: delay, action))
+    }
+
+    /// Cancels a timer of `scheduleTimer`; nothing happens if it ran or was cancelled. On the
+    /// node's event loop.
+    public func cancelTimer(_ timer: NodeTimer?) {
+        eventLoop.assertInEventLoop()
+        kernel.timers.cancel(timer?.handle)
+    }
+
     /// Exchanges refused because one side runs insecure mode and the other does not.
     public var securityRefusals: Int { counters.withLockedValue { $0.securityRefusals } }
 
@@ -407,4 +426,9 @@ public final class Node: @unchecked Sendable {
     public func observeTCP(at target: PeerSocketAddress, timeout: Duration = .seconds(2)) async throws -> PeerSocketAddress {
         try await kernel.prober.observeTCP(at: target, timeout: timeout)
     }
+}
+
+/// A timer a node runs on its event loop (`Node.scheduleTimer`).
+public struct NodeTimer: Hashable, Sendable {
+    let handle: KernelTimers.Handle
 }
