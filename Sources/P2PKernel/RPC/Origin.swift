@@ -63,7 +63,7 @@ struct PendingRequest {
 struct RTTEstimator {
     private var srtt: Int64 = 0
     private var rttvar: Int64 = 0
-    private(set) var samples = 0
+    private var samples = 0
     /// Never sooner than this: a busy peer (or machine) answers late without anything being lost.
     static let floor: Int64 = 200_000_000
 

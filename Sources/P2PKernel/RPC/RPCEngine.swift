@@ -323,7 +323,7 @@ final class RPCEngine: KernelPart, @unchecked Sendable {
     /// pending until its own timeout): the measured round trip's retransmission time, smoothed
     /// with its variance as TCP does, between 200 ms and `udpRetryAfter`. On the event loop.
     func suspectAfter() -> TimeAmount {
-        rtt.timeout(ceiling: kernel.udpRetryAfter)
+        retryAfter(.zero)
     }
 
     /// When to send a request to `peer` again, or suspect it: its own retransmission time if
