@@ -10,9 +10,16 @@ import P2PTestSupport
 
 @Suite("Messaging")
 struct MessagingTests {
+    /// Two peers whose requests wait 10 s: these tests check what messaging answers, and phase 1
+    /// of the suite starts a hundred tests at once on two cores (a 2-s timeout failed there).
+    private func patientPair() async throws -> Testnet {
+        try await Testnet.start(peers: 2, routing: .perfect, plugins: { _ in builtIns() },
+                                configure: { _, config in config.requestTimeout = .seconds(10) })
+    }
+
     @Test("a direct message \"hello\" is answered \"world\", over TCP and over UDP")
     func helloWorld() async throws {
-        let net = try await testnet(2)
+        let net = try await patientPair()
         let to = net.nodes[1].address
         let tcp: String = try await net.nodes[0].messaging.send("hello", to: to)
         #expect(tcp == "world")
@@ -44,7 +51,7 @@ struct MessagingTests {
 
     @Test("an object of the wrong shape is a bad request, and the peer keeps answering")
     func wrongShape() async throws {
-        let net = try await testnet(2)
+        let net = try await patientPair()
         await #expect {
             let _: String = try await net.nodes[0].messaging.send(42, to: net.nodes[1].address, typeName: "String")
         } throws: { e in
